@@ -1,0 +1,108 @@
+"""Defaults shared by every config: the paper's settings (SPEC §2–4) on PASCAL VOC 2007.
+
+Other configs import ``get_config`` from here and override a few fields. Any field can be set
+on the command line, e.g. ``--config.optim.learning_rate=3e-5``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data (SPEC §3, §5). name: voc2007 | coco2014 | demo. source: tfds | local | demo.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "voc2007"
+  c.data.source = "tfds"
+  c.data.data_dir = ""  # local: the VOCdevkit/VOC2007 folder or the COCO root; tfds: data_dir
+  c.data.train_split = "trainval"
+  c.data.test_split = "test"
+  c.data.val_split = ""  # "" = a held-out slice of the training split (never the test split)
+  c.data.val_fraction = 0.1
+  c.data.image_size = 512  # N: images are resized to N x N
+  c.data.crop_size = 448  # N - 64: training crops and single-view evaluation
+  c.data.pixel_convention = "caffe"  # caffe (BGR, mean) | torch (RGB /255, mean/std) | unit
+  c.data.num_workers = 2  # parallel decoding threads per host
+  c.data.prefetch = 2  # batches prefetched to the devices
+  c.data.shuffle_buffer = 0  # 0: a full permutation of the split every epoch
+  c.data.max_pixels = 89_478_485  # larger images are refused (decompression bombs)
+  c.data.demo = ml_collections.ConfigDict()
+  c.data.demo.num_train = 2000
+  c.data.demo.num_val = 200
+  c.data.demo.num_test = 500
+  c.data.demo.canvas_size = 96
+
+  # Model (SPEC §1). name: rma | baseline.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "rma"
+  c.model.width = 1
+  c.model.num_regions = 5  # K
+  c.model.sample_size = 7  # S
+  c.model.x_dim = 4096
+  c.model.hidden_dim = 512
+  c.model.z_dim = 512
+  c.model.standard_lstm = False  # True: h = o * tanh(c) instead of the paper's h = o * c
+  c.model.theta_bias = (0.5, 0.5, 0.0, 0.0)
+  c.model.theta_kernel_scale = 0.1
+  c.model.fixed_regions = ""  # "" | "anchors": the fixed-regions control of Table 3
+  c.model.dtype = "float32"  # float32 | bfloat16 (parameters stay float32)
+  c.model.remat = False
+
+  # Loss (SPEC §2). classification: softmax_euclidean (Eq. 7-8) | sigmoid_bce.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.classification = "softmax_euclidean"
+  c.loss.gamma = 0.1
+  c.loss.alpha = 0.5
+  c.loss.beta = 0.1
+  c.loss.lambda_anchor = 0.01
+  c.loss.lambda_positive = 0.1
+  c.loss.use_anchor = True
+  c.loss.use_scale = True
+  c.loss.use_positive = True
+
+  # Optimisation (SPEC §3): Adam, lr 1e-5 divided by 10 after 30 epochs, 45 epochs.
+  c.optim = ml_collections.ConfigDict()
+  c.optim.batch_size = 16  # global batch, over all devices and hosts
+  c.optim.num_epochs = 45
+  c.optim.learning_rate = 1e-5
+  c.optim.schedule = "step"  # step | cosine | constant
+  c.optim.decay_epochs = (30,)
+  c.optim.decay_factor = 0.1
+  c.optim.warmup_steps = 0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip_norm = 0.0  # 0 = off
+  c.optim.trunk_lr_multiplier = 1.0
+  c.optim.grad_accum_steps = 1
+
+  # Initialisation. pretrained: an orbax checkpoint of ImageNet VGG-16 weights
+  # (python -m rma_jax.pretrained). stage1: the paper's two-step recipe inside one command:
+  # with stage1.num_epochs > 0 a baseline is trained first in WORKDIR/stage1 and its trunk
+  # (and fc6 -> W_fx where it has one) initialises the attention model.
+  c.init = ml_collections.ConfigDict()
+  c.init.pretrained = ""
+  c.init.from_checkpoint = ""  # a stage-1 workdir or checkpoint to initialise the trunk from
+  c.stage1 = ml_collections.ConfigDict()
+  c.stage1.num_epochs = 0
+  c.stage1.learning_rate = 1e-5
+  c.stage1.classification = "softmax_euclidean"
+
+  # Evaluation (SPEC §4).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 16
+  c.eval.ten_view = True
+  c.eval.scales = (512,)  # e.g. (512, 640) for the paper's two-scale fusion
+  c.eval.ap_mode = "voc07"  # voc07 (11-point) | all
+  c.eval.top_k = 3
+  c.eval.threshold = 0.5
+  c.eval.score_transform = "softmax"  # softmax | sigmoid | none: applied before metrics
+  c.eval.svm = False
+
+  # Loop.
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 500
+  c.max_to_keep = 2
+  c.max_steps = -1  # > 0: stop after this many steps (tests, smoke runs)
+  return c
