@@ -96,7 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.ap_mode = "voc07"  # voc07 (11-point) | all
   c.eval.top_k = 3
   c.eval.threshold = 0.5
-  c.eval.score_transform = "softmax"  # softmax | sigmoid | none: applied before metrics
+  c.eval.score_transform = "softmax"  # softmax | sigmoid | none: applied before AP
+  # CP…OF1 threshold scale: auto = softmax_max for the softmax-Euclidean loss (a label counts
+  # when it has >= threshold x the top label's probability), sigmoid for sigmoid_bce.
+  c.eval.prf_score_transform = "auto"
   c.eval.svm = False
 
   # Loop.

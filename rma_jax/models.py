@@ -35,6 +35,9 @@ VGG16_STRIDE = 16
 DEFAULT_THETA_BIAS = (0.5, 0.5, 0.0, 0.0)
 
 
+_HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
 def vgg16_layer_names() -> list[str]:
   """``['conv1_1', 'conv1_2', 'conv2_1', …, 'conv5_3']``."""
   return [f"conv{b + 1}_{i + 1}" for b, block in enumerate(VGG16_BLOCKS)
@@ -60,8 +63,10 @@ class VGG16(nn.Module):
     if self.width < 1 or 64 % self.width:
       raise ValueError(f"width must divide 64, got {self.width}")
     for name, channels in zip(vgg16_layer_names(), (c for b in VGG16_BLOCKS for c in b)):
+      # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers when
+      # training from scratch; ImageNet weights replace it otherwise.
       setattr(self, name, nn.Conv(channels // self.width, (3, 3), padding=1, dtype=self.dtype,
-                                  param_dtype=jnp.float32, name=name))
+                                  param_dtype=jnp.float32, kernel_init=_HE_INIT, name=name))
     if self.num_classes is not None:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
                            name="head")

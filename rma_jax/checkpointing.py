@@ -1,0 +1,77 @@
+"""Orbax checkpoints of a run: the latest (for resuming) and the best by validation loss.
+
+Layout of a workdir::
+
+    WORKDIR/checkpoints/latest/<step>/   the train state, saved every few hundred steps
+    WORKDIR/checkpoints/best/<step>/     the train state with the lowest validation loss
+    WORKDIR/config.json                  the config the run was started with
+
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed
+mid-save resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST = "latest"
+BEST = "best"
+
+
+def checkpoint_dir(workdir: str, which: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints", which)
+
+
+def latest_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """Manager of the periodic checkpoints used to resume."""
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir, LATEST),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def best_manager(workdir: str) -> ocp.CheckpointManager:
+  """Manager keeping the single checkpoint with the lowest validation loss (paper §5.1)."""
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir, BEST),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode="min", create=True))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         metrics: dict[str, float] | None = None) -> None:
+  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
+  """Restores ``step`` (default the latest) into the structure and shardings of
+  ``abstract_state`` (e.g. ``jax.eval_shape`` of the state, or the state itself)."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointManager, int]:
+  """The manager and step of the ``which`` ('best' or 'latest') checkpoint of a run.
+
+  Falls back from 'best' to 'latest' when no validation has happened yet.
+  Raises FileNotFoundError naming the folder when there is none.
+  """
+  order = [which] + ([LATEST] if which == BEST else [])
+  for name in order:
+    path = checkpoint_dir(workdir, name)
+    if os.path.isdir(path):
+      manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, save_interval_steps=0))
+      step = manager.best_step() if name == BEST else manager.latest_step()
+      step = manager.latest_step() if step is None else step
+      if step is not None:
+        return manager, step
+  raise FileNotFoundError(
+      f"no checkpoint found under {os.path.join(os.path.abspath(workdir), 'checkpoints')}; "
+      "train first with --mode=train")

@@ -1,0 +1,90 @@
+"""Each loss term of Eq. 7–14 against a hand computation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rma_jax import losses
+
+
+def test_anchor_points_k5_and_k9():
+  np.testing.assert_allclose(losses.anchor_points(5),
+                             [[0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]], atol=1e-6)
+  r = math.sqrt(2) / 2
+  want9 = [[r * math.cos(math.radians(45 + 45 * j)), r * math.sin(math.radians(45 + 45 * j))]
+           for j in range(8)]
+  got9 = losses.anchor_points(9)
+  np.testing.assert_allclose(got9, want9, atol=1e-6)
+  np.testing.assert_allclose(got9[1], [0.0, r], atol=1e-6)  # 90 degrees: straight down
+  assert losses.anchor_points(1).shape == (0, 2)
+  with pytest.raises(ValueError):
+    losses.anchor_points(0)
+
+
+def test_classification_loss_by_hand_and_masking():
+  scores = jnp.asarray([[0.0, math.log(3.0), 0.0], [1.0, 2.0, 3.0], [5.0, 0.0, 0.0]])
+  labels = jnp.asarray([[1, 1, 0], [0, 0, 0], [1, 0, 0]], jnp.float32)
+  # Image 0: p = (1/5, 3/5, 1/5), target (1/2, 1/2, 0): 0.09 + 0.01 + 0.04 = 0.14.
+  # Image 1 has no labels: left out. Image 2: p = (e^5, 1, 1)/(e^5 + 2), target (1, 0, 0).
+  z = math.exp(5) + 2
+  img2 = (math.exp(5) / z - 1) ** 2 + 2 * (1 / z) ** 2
+  got = losses.classification_loss(scores, labels)
+  np.testing.assert_allclose(float(got), (0.14 + img2) / 2, rtol=1e-5)
+  masked = losses.classification_loss(scores, labels, mask=jnp.asarray([1.0, 1.0, 0.0]))
+  np.testing.assert_allclose(float(masked), 0.14, rtol=1e-5)
+  # Invariant to a constant added to an image's scores (why mAP is scored on softmax).
+  np.testing.assert_allclose(float(losses.classification_loss(scores + 7.0, labels)),
+                             float(got), rtol=1e-5)
+
+
+def test_localization_terms_by_hand():
+  # Two regions (K = 2): region 1 has no anchor, region 2's anchor is (0.5, 0.5).
+  theta = jnp.asarray([[[0.8, -0.2, 0.3, 0.1], [0.05, 0.6, 0.1, 0.9]]])
+  t = losses.localization_terms(theta, alpha=0.5, beta=0.1)
+  anchor = 0.5 * ((0.1 - 0.5) ** 2 + (0.9 - 0.5) ** 2)
+  scale = (0.8 - 0.5) ** 2 + 0.0 + 0.0 + (0.6 - 0.5) ** 2  # |sy| = 0.2 and 0.05: under alpha
+  positive = (0.0 + (0.1 + 0.2)) + ((0.1 - 0.05) + 0.0)
+  np.testing.assert_allclose(float(t["anchor"][0]), anchor, rtol=1e-5)
+  np.testing.assert_allclose(float(t["scale"][0]), scale, rtol=1e-5)
+  np.testing.assert_allclose(float(t["positive"][0]), positive, rtol=1e-5)
+  full = losses.localization_loss(theta, lambda_anchor=0.01, lambda_positive=0.1)
+  np.testing.assert_allclose(float(full), scale + 0.01 * anchor + 0.1 * positive, rtol=1e-5)
+  only_anchor = losses.localization_loss(theta, use_scale=False, use_positive=False)
+  np.testing.assert_allclose(float(only_anchor), 0.01 * anchor, rtol=1e-5)
+  none = losses.localization_loss(theta, use_anchor=False, use_scale=False, use_positive=False)
+  assert float(none) == 0.0
+
+
+def test_anchor_term_k5_uses_each_anchor_once():
+  anchors = losses.anchor_points(5)
+  theta = np.zeros((1, 5, 4), np.float32)
+  theta[0, :, :2] = 0.3
+  theta[0, 1:, 2:] = anchors  # regions 2..5 sit exactly on their anchors
+  theta[0, 0, 2:] = (0.9, -0.9)  # region 1 is free
+  assert float(losses.localization_terms(jnp.asarray(theta))["anchor"][0]) == pytest.approx(0)
+  theta[0, 3, 2:] = (0.0, 0.0)  # region 4 off its anchor (-0.5, -0.5)
+  assert float(losses.localization_terms(jnp.asarray(theta))["anchor"][0]) == pytest.approx(
+      0.5 * (0.25 + 0.25))
+
+
+def test_total_loss_and_finite_gradient_for_all_zero_labels():
+  scores = jnp.asarray([[0.3, -0.2], [0.1, 0.4]])
+  labels = jnp.zeros((2, 2))
+  theta = jnp.asarray([[[0.7, 0.7, 0.0, 0.0], [0.2, 0.2, 0.1, 0.1]]] * 2)
+  loss, grads = jax.value_and_grad(
+      lambda s, t: losses.total_loss(s, labels, t, gamma=0.1), argnums=(0, 1))(scores, theta)
+  assert np.isfinite(float(loss))
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  np.testing.assert_allclose(float(loss), 0.1 * float(losses.localization_loss(theta)),
+                             rtol=1e-6)
+  assert float(jnp.abs(grads[0]).sum()) == 0.0  # label-less images: no classification signal
+
+
+def test_sigmoid_cross_entropy_matches_formula():
+  s = jnp.asarray([[2.0, -1.0]])
+  y = jnp.asarray([[1.0, 0.0]])
+  want = -math.log(1 / (1 + math.exp(-2))) - math.log(1 - 1 / (1 + math.exp(1)))
+  np.testing.assert_allclose(float(losses.sigmoid_cross_entropy_loss(s, y)), want, rtol=1e-5)

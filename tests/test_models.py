@@ -1,0 +1,179 @@
+"""VGG-16 structure and the scanned attention module against an explicit loop."""
+
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rma_jax import losses, models, ops
+
+SMALL = dict(num_classes=6, width=16, x_dim=32, hidden_dim=16, z_dim=16, sample_size=3)
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_vgg16_full_width_parameter_count_and_stride():
+  model = models.VGG16()
+  x = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  params = variables["params"]
+  assert list(params) == models.vgg16_layer_names()
+  assert _count(params) == 14_714_688
+  out = jax.eval_shape(model.apply, variables, x)
+  assert out.shape == (1, 64 // 16, 64 // 16, 512)
+  out = jax.eval_shape(model.apply, variables, jnp.zeros((2, 96, 160, 3)))
+  assert out.shape == (2, 6, 10, 512)
+
+
+def test_vgg16_head_and_width():
+  model = models.VGG16(width=8, num_classes=5)
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert variables["params"]["conv5_3"]["kernel"].shape == (3, 3, 64, 64)
+  assert variables["params"]["head"]["kernel"].shape == (64, 5)
+  assert model.apply(variables, x).shape == (2, 5)
+  with pytest.raises(ValueError, match="width"):
+    models.VGG16(width=3).init(jax.random.key(0), x)
+
+
+def _attention_loop(cell_params, features, cfg, num_regions):
+  """The same cell stepped by a Python loop: the reference for nn.scan."""
+  cell = models.AttentionCell(num_classes=cfg["num_classes"], sample_size=cfg["sample_size"],
+                              x_dim=cfg["x_dim"], hidden_dim=cfg["hidden_dim"],
+                              z_dim=cfg["z_dim"])
+  b = features.shape[0]
+  carry = (jnp.zeros((b, cfg["hidden_dim"])), jnp.zeros((b, cfg["hidden_dim"])),
+           jnp.tile(jnp.asarray([[1.0, 1.0, 0.0, 0.0]]), (b, 1)))
+  scores, thetas = [], []
+  for k in range(num_regions + 1):
+    carry, (s, theta, _) = cell.apply({"params": cell_params}, carry, k, features)
+    scores.append(s)
+    thetas.append(theta)
+  return jnp.stack(scores[1:], 1), jnp.stack(thetas, 1)
+
+
+def test_scan_equals_python_loop_and_region0_is_identity():
+  model = models.RMA(num_regions=5, **SMALL)
+  images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  variables = model.init(jax.random.key(0), images)
+  # A bias that moves regions around, so the loop is not trivially the same every step.
+  params = jax.tree.map(lambda x: x, variables["params"])
+  cell = dict(params["attention"]["cell"])
+  cell["zm"] = {"kernel": cell["zm"]["kernel"] * 30.0,
+                "bias": jnp.asarray([0.4, 0.6, 0.2, -0.3])}
+  params["attention"] = {"cell": cell}
+  out = model.apply({"params": params}, images, return_features=True)
+  fmap = model.apply({"params": params}, images, method=models.RMA.features)
+  ref_scores, ref_theta = _attention_loop(cell, fmap, SMALL, 5)
+  np.testing.assert_allclose(out["region_scores"], ref_scores, atol=1e-5)
+  np.testing.assert_allclose(out["theta"], ref_theta, atol=1e-6)
+  np.testing.assert_allclose(out["scores"], ref_scores.max(axis=1), atol=1e-5)
+  np.testing.assert_array_equal(out["theta"][:, 0], np.tile([1.0, 1.0, 0.0, 0.0], (2, 1)))
+  assert out["z"].shape == (2, 5, SMALL["z_dim"])
+  assert float(jnp.std(out["theta"][:, 1:, 2])) > 1e-3  # regions do move
+
+
+def test_later_steps_cannot_change_earlier_scores():
+  images = jax.random.normal(jax.random.key(2), (2, 48, 48, 3))
+  long = models.RMA(num_regions=5, **SMALL)
+  variables = long.init(jax.random.key(0), images)
+  short = models.RMA(num_regions=3, **SMALL)  # same parameters: they are shared over steps
+  a = long.apply(variables, images)["region_scores"]
+  b = short.apply(variables, images)["region_scores"]
+  np.testing.assert_allclose(a[:, :3], b, atol=1e-6)
+  # With given regions: moving region 4 changes score 4 only, never scores 1..3.
+  fixed = models.fixed_region_thetas(5)
+  moved = fixed.copy()
+  moved[4] = (0.3, 0.3, -0.6, 0.5)
+  run = lambda f: models.RMA(num_regions=5, fixed_regions=tuple(map(tuple, f.tolist())),
+                             **SMALL).apply(variables, images)["region_scores"]
+  s0, s1 = run(fixed), run(moved)
+  np.testing.assert_allclose(s0[:, :3], s1[:, :3], atol=1e-6)
+  assert float(jnp.max(jnp.abs(s0[:, 3] - s1[:, 3]))) > 1e-6
+
+
+@pytest.mark.parametrize("standard", [False, True])
+def test_lstm_step_matches_hand_computation(standard):
+  """Eq. 4 by hand: the paper's h = o * c (no tanh) by default, o * tanh(c) behind a flag."""
+  cfg = dict(SMALL, sample_size=2)
+  cell = models.AttentionCell(standard_lstm=standard, **{k: v for k, v in cfg.items()
+                                                          if k != "width"})
+  rng = np.random.default_rng(0)
+  feats = jnp.asarray(rng.normal(size=(2, 4, 4, 5)).astype(np.float32))
+  c0 = jnp.asarray(rng.normal(scale=2.0, size=(2, 16)).astype(np.float32))
+  h0 = jnp.asarray(rng.normal(size=(2, 16)).astype(np.float32))
+  theta = jnp.asarray([[0.5, 0.5, 0.2, -0.1], [1.0, 1.0, 0.0, 0.0]], jnp.float32)
+  params = cell.init(jax.random.key(0), (c0, h0, theta), 0, feats)["params"]
+  (c, h, next_theta), (s, used_theta, z) = cell.apply({"params": params}, (c0, h0, theta), 0,
+                                                      feats)
+  p = jax.tree.map(np.asarray, params)
+  region = np.asarray(ops.sample_regions(feats, theta[:, None], 2))[:, 0].reshape(2, -1)
+  x = np.maximum(region @ p["fc6"]["kernel"] + p["fc6"]["bias"], 0)
+  gates = x @ p["lstm_x"]["kernel"] + p["lstm_x"]["bias"] + np.asarray(h0) @ p["lstm_h"]["kernel"]
+  i, g, o, m = np.split(gates, 4, axis=-1)
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  c_ref = sig(g) * np.asarray(c0) + sig(i) * np.tanh(m)
+  h_ref = sig(o) * (np.tanh(c_ref) if standard else c_ref)
+  z_ref = np.maximum(h_ref @ p["hz"]["kernel"] + p["hz"]["bias"], 0)
+  np.testing.assert_allclose(c, c_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s, z_ref @ p["zs"]["kernel"] + p["zs"]["bias"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(next_theta, z_ref @ p["zm"]["kernel"] + p["zm"]["bias"], rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(used_theta, theta)
+  np.testing.assert_allclose(p["zm"]["bias"], models.DEFAULT_THETA_BIAS)
+
+
+def test_fixed_region_thetas_use_anchors():
+  t = models.fixed_region_thetas(5, scale=0.4)
+  assert t.shape == (6, 4)
+  np.testing.assert_allclose(t[0], ops.IDENTITY_THETA)
+  np.testing.assert_allclose(t[1], [0.4, 0.4, 0.0, 0.0])
+  np.testing.assert_allclose(t[2:, 2:], losses.anchor_points(5), atol=1e-6)
+
+
+def test_jitted_forward_backward_full_model():
+  model = models.RMA(num_classes=4, num_regions=5, width=16, x_dim=64, hidden_dim=32,
+                     z_dim=32, sample_size=7)
+  images = jax.random.normal(jax.random.key(0), (2, 96, 96, 3))
+  labels = jnp.asarray([[1, 0, 1, 0], [0, 0, 0, 0]], jnp.float32)
+  params = model.init(jax.random.key(1), images)["params"]
+
+  @jax.jit
+  def loss_and_grad(p):
+    def loss_fn(p):
+      out = model.apply({"params": p}, images)
+      return losses.total_loss(out["scores"], labels, out["theta"][:, 1:])
+    return jax.value_and_grad(loss_fn)(p)
+
+  loss, grads = loss_and_grad(params)
+  assert np.isfinite(float(loss))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["trunk"]["conv1_1"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["attention"]["cell"]["zm"]["kernel"]).sum()) > 0
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = models.RMA(num_regions=2, dtype=jnp.bfloat16, **SMALL)
+  images = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+  variables = model.init(jax.random.key(1), images)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  out = model.apply(variables, images)
+  ref = models.RMA(num_regions=2, **SMALL).apply(variables, images)
+  assert out["scores"].dtype == jnp.float32
+  np.testing.assert_allclose(out["scores"], ref["scores"], atol=0.05, rtol=0.05)
+
+
+def test_core_modules_do_not_import_tensorflow():
+  code = ("import sys, rma_jax, rma_jax.models, rma_jax.ops, rma_jax.losses, rma_jax.metrics, "
+          "rma_jax.train, rma_jax.checkpointing\n"
+          "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]\n"
+          "assert not bad, bad\n")
+  subprocess.run([sys.executable, "-c", code], check=True)
