@@ -53,9 +53,17 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()  # auto-detected cluster (SLURM, Cloud TPU, env vars)
 
 
+class _DropLibraryChatter:
+  """Keeps Orbax's per-save INFO lines out of the console; warnings still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_DropLibraryChatter())
   _maybe_initialize_distributed()
   _hide_accelerators_from_tf()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),

@@ -53,11 +53,13 @@ class VGG16(nn.Module):
       scores (the baseline of SPEC §1.6); if ``None`` the conv5_3 map is returned.
     dtype: computation dtype (parameters stay float32), e.g. ``jnp.bfloat16``.
     remat: recompute each block's activations in the backward pass to save memory.
+    head_pool: global pooling before the head, 'avg' or 'max'.
   """
   width: int = 1
   num_classes: int | None = None
   dtype: Dtype = jnp.float32
   remat: bool = False
+  head_pool: str = "avg"
 
   def setup(self):
     if self.width < 1 or 64 % self.width:
@@ -96,7 +98,8 @@ class VGG16(nn.Module):
       x = block_fn(self, x, block)
     if self.num_classes is None:
       return x
-    return self.head(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+    pool = jnp.max if self.head_pool == "max" else jnp.mean
+    return self.head(pool(x.astype(jnp.float32), axis=(1, 2)))
 
 
 class AttentionCell(nn.Module):

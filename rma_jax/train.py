@@ -69,6 +69,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.width={m.width} must divide 64")
   if m.dtype not in DTYPES:
     errors.append(f"model.dtype={m.dtype!r}: one of {sorted(DTYPES)}")
+  if m.baseline_pool not in ("avg", "max"):
+    errors.append(f"model.baseline_pool={m.baseline_pool!r}: 'avg' or 'max'")
   if m.fixed_regions not in ("", "anchors"):
     errors.append(f"model.fixed_regions={m.fixed_regions!r}: '' or 'anchors'")
   if config.loss.classification not in ("softmax_euclidean", "sigmoid_bce"):
@@ -96,7 +98,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
   num_classes = NUM_CLASSES[config.data.name] if num_classes is None else num_classes
   dtype = DTYPES[m.dtype]
   if m.name == "baseline":
-    return models.VGG16(width=m.width, num_classes=num_classes, dtype=dtype, remat=m.remat)
+    return models.VGG16(width=m.width, num_classes=num_classes, dtype=dtype, remat=m.remat,
+                        head_pool=m.baseline_pool)
   fixed = None
   if m.fixed_regions == "anchors":
     fixed = tuple(map(tuple, models.fixed_region_thetas(m.num_regions).tolist()))
@@ -253,7 +256,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
   return state, metrics
 
 
-def eval_step(params: Any, apply_fn: Callable, batch: dict[str, jax.Array],
+def eval_step(params: Any, batch: dict[str, jax.Array], apply_fn: Callable,
               loss_cfg: LossConfig) -> dict[str, jax.Array]:
   """Loss and scores on an evaluation batch (padding rows have ``mask`` 0).
 
@@ -311,27 +314,39 @@ def load_params(workdir: str, which: str = checkpointing.BEST) -> tuple[Any, int
 
 
 def _initial_params(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, str]:
-  """Applies ImageNet weights / a stage-1 checkpoint to freshly initialised params."""
+  """Applies ImageNet weights and/or a stage-1 checkpoint to freshly initialised params.
+
+  ImageNet weights go to the trunk (and fc6 -> W_fx when the shapes are the paper's); a
+  stage-1 checkpoint then replaces the trunk (paper §5.1); other layers keep their init.
+  """
   from rma_jax import pretrained
-  fc6 = None
-  note = "from scratch (Xavier / default init)"
+  note = "from scratch (He/Xavier init)"
   if config.init.pretrained:
-    imagenet, convention = pretrained.load_pretrained(config.init.pretrained)
-    if convention != config.data.pixel_convention:
-      raise ValueError(
-          f"{config.init.pretrained} was trained with pixel_convention={convention!r} but "
-          f"data.pixel_convention={config.data.pixel_convention!r}; set them equal")
+    imagenet, _ = pretrained.load_pretrained(
+        config.init.pretrained, pixel_convention=config.data.pixel_convention)
     params = pretrained.init_trunk_from_pretrained(params, imagenet, width=config.model.width)
-    fc6 = imagenet.get("fc6")
     note = f"trunk from ImageNet weights {config.init.pretrained}"
   if config.init.from_checkpoint:
+    _check_pixel_convention(config.init.from_checkpoint, config.data.pixel_convention)
     stage1, step = load_params(config.init.from_checkpoint)
     if config.model.name == "rma":
-      params = pretrained.init_rma_from_baseline(params, stage1, fc6=fc6)
+      params = pretrained.init_rma_from_baseline(params, stage1)
     else:
       params = pretrained.init_trunk_from_pretrained(params, stage1, width=config.model.width)
     note = f"trunk from stage-1 checkpoint {config.init.from_checkpoint} (step {step})"
   return params, note
+
+
+def _check_pixel_convention(workdir: str, convention: str) -> None:
+  """A trunk must be fed pixels the way it was trained: compare with the run's config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    trained = json.load(f).get("data", {}).get("pixel_convention")
+  if trained and trained != convention:
+    raise ValueError(f"{workdir} was trained with data.pixel_convention={trained!r}, this run "
+                     f"uses {convention!r}; set them equal")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -482,14 +497,22 @@ def evaluate_loss(eval_fn: Callable, params: Any, source: Any, config: ml_collec
     w = float(out["weight"])
     total += float(out["loss"]) * w
     weight += w
-    scores.append(np.asarray(jax.device_get(out["scores"])))
-    labels.append(np.asarray(jax.device_get(batch["labels"])))
-    masks.append(np.asarray(jax.device_get(batch["mask"])) > 0)
+    scores.append(to_host(out["scores"]))
+    labels.append(to_host(batch["labels"]))
+    masks.append(to_host(batch["mask"]) > 0)
   keep = np.concatenate(masks)
   s = metrics_lib.score_transform(np.concatenate(scores)[keep], config.eval.score_transform)
   y = np.concatenate(labels)[keep]
   return {"loss": total / max(weight, 1.0),
           "mAP": float(metrics_lib.mean_average_precision(s, y, mode="all"))}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global (possibly multi-host, batch-sharded) array as one NumPy array on every host."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _best_metric(manager) -> float:

@@ -1,0 +1,14 @@
+r"""COCO 2014 at N = 640 (crop 576).
+
+    python -m rma_jax.main --config=configs/coco_640.py --workdir=runs/coco640
+"""
+
+from configs import coco
+
+
+def get_config():
+  c = coco.get_config()
+  c.data.image_size = 640
+  c.data.crop_size = 576
+  c.eval.scales = (640,)
+  return c

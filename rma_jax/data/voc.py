@@ -1,0 +1,143 @@
+"""PASCAL VOC 2007 from a local ``VOCdevkit/VOC2007`` folder in its native layout.
+
+``ImageSets/Main/<split>.txt`` lists the ids; ``Annotations/<id>.xml`` holds one ``<object>``
+per instance with ``<name>``, ``<difficult>`` and ``<bndbox>``; ``JPEGImages/<id>.jpg`` the image.
+Annotations are parsed with ``xml.etree`` when the source is built; images are decoded lazily.
+
+Outcomes for bad data (all logged with the file name and counted in ``source.skipped``):
+missing or malformed XML, an object of an unknown class, or a missing image file: the
+example is skipped at scan time (an unknown class makes the labels untrustworthy, so we do not
+guess); an image without objects is kept with all-zero labels (the loss masks it).
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+from PIL import Image
+
+from rma_jax.data.sources import RecordSource, SkipReport, make_record
+
+# The 20 classes in the data set's own (alphabetical) order, as in TFDS voc/2007.
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+def find_voc_root(data_dir: str) -> str:
+  """Returns the VOC2007 folder: ``data_dir`` itself, or ``data_dir/VOC2007``.
+
+  Raises:
+    FileNotFoundError: naming the path, when neither holds JPEGImages, Annotations and
+      ImageSets/Main.
+  """
+  data_dir = os.path.expanduser(data_dir)
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"data.data_dir {data_dir!r} does not exist or is not a folder")
+  for root in (data_dir, os.path.join(data_dir, "VOC2007")):
+    if all(os.path.isdir(os.path.join(root, sub))
+           for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main"))):
+      return root
+  raise FileNotFoundError(
+      f"{data_dir!r} is not a VOC2007 folder: expected JPEGImages/, Annotations/ and "
+      "ImageSets/Main/ in it (or in its VOC2007/ subfolder)")
+
+
+def parse_voc_xml(path: str) -> dict:
+  """Parses one VOC annotation file.
+
+  Returns:
+    dict with ``size`` (width, height) or None when absent, ``names`` list[str] (lower-case),
+    ``difficult`` list[bool], ``boxes`` (M, 4) float32 pixel (xmin, ymin, xmax, ymax).
+
+  Raises:
+    OSError, ET.ParseError, ValueError: unreadable or malformed file.
+  """
+  root = ET.parse(path).getroot()
+  size = root.find("size")
+  wh = None
+  if size is not None and size.findtext("width") and size.findtext("height"):
+    wh = (float(size.findtext("width")), float(size.findtext("height")))
+    if wh[0] <= 0 or wh[1] <= 0:
+      wh = None
+  names, difficult, boxes = [], [], []
+  for obj in root.findall("object"):
+    name = (obj.findtext("name") or "").strip().lower()
+    names.append(name)
+    difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    bb = obj.find("bndbox")
+    if bb is None:
+      raise ValueError(f"object {name!r} has no <bndbox>")
+    boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+  return dict(size=wh, names=names, difficult=difficult,
+              boxes=np.asarray(boxes, np.float32).reshape(-1, 4))
+
+
+def read_split_ids(root: str, split: str) -> list[str]:
+  """Ids of ``split`` (a file stem under ImageSets/Main, or several joined with '+')."""
+  ids = []
+  for part in split.split("+"):
+    path = os.path.join(root, "ImageSets", "Main", f"{part}.txt")
+    if not os.path.isfile(path):
+      have = sorted(f[:-4] for f in os.listdir(os.path.join(root, "ImageSets", "Main"))
+                    if f.endswith(".txt") and "_" not in f)
+      raise FileNotFoundError(f"split list {path!r} does not exist (split {part!r}); "
+                              f"available: {have}")
+    with open(path) as f:
+      ids.extend(line.split()[0] for line in f if line.strip())
+  return list(dict.fromkeys(ids))  # 'train+val' with a repeated id keeps it once
+
+
+def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
+                   class_names=VOC_CLASSES) -> RecordSource:
+  """Scans the annotations of one split of a VOC2007 folder into a lazily decoding source.
+
+  Args:
+    root: the VOC2007 folder (see :func:`find_voc_root`).
+    split: 'train', 'val', 'trainval', 'test' or any list under ImageSets/Main ('a+b' unions).
+    max_pixels: images above this many pixels are refused at decode time.
+    class_names: the classes in index order (default the 20 VOC classes).
+
+  Returns:
+    A :class:`RecordSource` named ``voc2007:<split>``.
+  """
+  name = f"voc2007:{split}"
+  skipped = SkipReport(name)
+  index = {c: i for i, c in enumerate(class_names)}
+  records = []
+  for id_ in read_split_ids(root, split):
+    xml_path = os.path.join(root, "Annotations", f"{id_}.xml")
+    img_path = os.path.join(root, "JPEGImages", f"{id_}.jpg")
+    if not os.path.isfile(xml_path):
+      skipped.add_scan(xml_path, "annotation file missing")
+      continue
+    try:
+      ann = parse_voc_xml(xml_path)
+    except (OSError, ET.ParseError, ValueError, TypeError) as e:
+      skipped.add_scan(xml_path, f"malformed annotation: {type(e).__name__}: {e}")
+      continue
+    unknown = sorted({n for n in ann["names"] if n not in index})
+    if unknown:
+      skipped.add_scan(xml_path, f"unknown class(es) {unknown}; known: {list(class_names)}")
+      continue
+    if not os.path.isfile(img_path):
+      skipped.add_scan(img_path, "image file missing")
+      continue
+    wh = ann["size"]
+    if wh is None and len(ann["names"]):
+      try:  # Header only: no decoding.
+        with Image.open(img_path) as im:
+          wh = im.size
+      except OSError:
+        wh = (1.0, 1.0)  # The image will fail (and be counted) when it is decoded.
+    boxes = ann["boxes"]
+    if len(boxes):
+      # Same convention as TFDS voc/2007: pixel / size (no -1 for VOC's 1-based pixels).
+      boxes = boxes / np.asarray([wh[0], wh[1], wh[0], wh[1]], np.float32)
+    records.append(make_record(id_, img_path, [index[n] for n in ann["names"]], boxes,
+                               ann["difficult"], len(class_names)))
+  return RecordSource(name, records, class_names, max_pixels=max_pixels, skipped=skipped)

@@ -1,0 +1,212 @@
+"""``--mode=predict``: label images from files or folders and draw their attentional regions.
+
+    python -m rma_jax.main --config=configs/demo.py --workdir=/tmp/rma_demo --mode=predict \\
+        --inputs=photos/,extra.png --out=/tmp/preds
+
+For each image: the top labels are printed, ``predictions.json`` gets its scores per class,
+top labels and the K attentional boxes in pixels of the ORIGINAL image, and
+``<name>.png`` shows the boxes in distinct colours labelled ``<step>: <top class>``.
+
+Images are read with Pillow in any format and mode it knows (converted to RGB). An image
+with more than ``config.data.max_pixels`` pixels is refused from its header, without being
+decoded (decompression bombs); a file that cannot be read is named and skipped. The images
+are resized to the single-view size (``config.data.crop_size``) and scored in fixed-size
+batches by one jitted function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from rma_jax import evaluate, visualize
+
+_DRAW_MAX_SIDE = 1024  # pictures of larger images are drawn on a downscaled copy
+
+
+def class_names_for(config: ml_collections.ConfigDict, num_classes: int | None = None
+                    ) -> tuple[str, ...]:
+  """The class names of ``config.data.name`` in the data set's order (no data is read)."""
+  name = config.data.name
+  if name == "demo":
+    from rma_jax.data.demo import DEMO_CLASSES
+    names = DEMO_CLASSES
+  elif name == "voc2007":
+    from rma_jax.data.voc import VOC_CLASSES
+    names = VOC_CLASSES
+  elif name == "coco2014":
+    from rma_jax.data.coco import COCO_CLASSES
+    names = COCO_CLASSES
+  else:
+    raise ValueError(f"unknown data.name {name!r}")
+  if num_classes is not None and len(names) != num_classes:
+    raise ValueError(f"{name} has {len(names)} classes, the model {num_classes}")
+  return tuple(names)
+
+
+def list_inputs(inputs: Iterable[str]) -> list[str]:
+  """Expands folders (recursively, sorted, files with an image extension Pillow knows) and
+  keeps named files as given (any name: Pillow detects the format from the bytes)."""
+  exts = {e.lower() for e in Image.registered_extensions()}
+  files = []
+  for item in inputs:
+    if os.path.isdir(item):
+      for root, dirs, names in os.walk(item):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in exts]
+    else:
+      files.append(item)
+  return files
+
+
+def _unique_png(out_dir: str, path: str, used: set[str]) -> str:
+  stem = os.path.splitext(os.path.basename(path))[0] or "image"
+  name, i = f"{stem}.png", 1
+  while name in used or name == "predictions.json":
+    name, i = f"{stem}_{i}.png", i + 1
+  used.add(name)
+  return os.path.join(out_dir, name)
+
+
+def _picture(image: np.ndarray, boxes_px: np.ndarray, labels: Sequence[str]) -> Image.Image:
+  h, w = image.shape[:2]
+  scale = min(1.0, _DRAW_MAX_SIDE / max(h, w))
+  pil = Image.fromarray(image)
+  if scale < 1.0:
+    pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+  return visualize.draw_regions(pil, np.asarray(boxes_px) * scale, labels)
+
+
+def predict_arrays(fn: Any, variables: Any, images: Sequence[np.ndarray], *, size: int,
+                   batch_size: int) -> dict[str, np.ndarray]:
+  """Scores decoded RGB uint8 images of any size with a jitted single-view function.
+
+  Every batch is padded to ``batch_size`` so ``fn`` compiles once.
+
+  Returns:
+    host arrays over the images, e.g. ``scores`` (n, C), ``region_scores`` (n, K, C),
+    ``theta`` (n, K+1, 4) for RMA.
+  """
+  from rma_jax.data import preprocess
+  chunks: dict[str, list[np.ndarray]] = {}
+  for start in range(0, len(images), batch_size):
+    part = [preprocess.eval_transform(im, size) for im in images[start:start + batch_size]]
+    batch = np.zeros((batch_size, size, size, 3), np.uint8)
+    batch[:len(part)] = np.stack(part)
+    out = jax.device_get(fn(variables, batch))
+    for k, v in out.items():
+      chunks.setdefault(k, []).append(np.asarray(v)[:len(part)])
+  return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], out_dir: str,
+        *, which: str = "best", top_k: int | None = None, batch_size: int | None = None,
+        params: Any = None) -> dict[str, Any]:
+  """Labels images and draws their attentional regions.
+
+  Args:
+    config: the run's config (model, data.name for the class names, data.crop_size,
+      data.pixel_convention, data.max_pixels, eval.score_transform/top_k/threshold).
+    workdir: the run whose ``which`` checkpoint is loaded (ignored if ``params`` is given).
+    inputs: image files and/or folders.
+    out_dir: receives ``predictions.json`` and one PNG per image.
+    which: 'best' or 'latest'.
+    top_k: labels printed/listed per image (default ``config.eval.top_k`` or 3).
+    batch_size: images per jitted call (default ``config.eval.batch_size``).
+    params: use these parameters instead of loading a checkpoint (tests, notebooks).
+
+  Returns:
+    the dict written to ``predictions.json``: ``images`` (one entry per image read:
+    ``file``, ``width``, ``height``, ``scores`` {class: score after score_transform},
+    ``raw_scores``, ``top`` [[class, score], ...], ``predicted`` (top-k with score >=
+    threshold), ``regions`` [{``step``, ``box`` [x0, y0, x1, y1] in original pixels,
+    ``top_class``, ``score``}], ``picture``) and ``skipped`` [{``file``, ``reason``}].
+  """
+  from rma_jax import metrics, train
+  from rma_jax.data import decode
+
+  step = None
+  if params is None:
+    params, step = train.load_params(workdir, which)
+  names = class_names_for(config)
+  model = train.build_model(config, len(names))
+  size = config.data.crop_size
+  batch_size = batch_size or config.eval.batch_size
+  top_k = top_k or config.eval.get("top_k") or 3
+  transform = config.eval.score_transform
+  max_pixels = config.data.get("max_pixels") or None
+
+  os.makedirs(out_dir, exist_ok=True)
+  result: dict[str, Any] = {
+      "workdir": os.path.abspath(workdir) if workdir else None, "checkpoint_step": step,
+      "model": config.model.name, "class_names": list(names), "score_transform": transform,
+      "input_size": size, "images": [], "skipped": []}
+  fn = evaluate.make_scores_fn(model, crop_size=None,
+                               pixel_convention=config.data.pixel_convention)
+  variables = {"params": params}
+  used: set[str] = set()
+
+  def label(paths: list[str], images: list[np.ndarray]) -> None:
+    out = predict_arrays(fn, variables, images, size=size, batch_size=batch_size)
+    probs = metrics.score_transform(out["scores"], transform)
+    predicted = metrics.predicted_labels(probs, k=top_k, threshold=config.eval.threshold)
+    for i, (path, image) in enumerate(zip(paths, images)):
+      h, w = image.shape[:2]
+      order = np.argsort(-probs[i], kind="stable")[:top_k]
+      entry = {
+          "file": path, "width": int(w), "height": int(h),
+          "scores": {n: float(p) for n, p in zip(names, probs[i])},
+          "raw_scores": [float(s) for s in out["scores"][i]],
+          "top": [[names[c], float(probs[i, c])] for c in order],
+          "predicted": [names[c] for c in np.flatnonzero(predicted[i])],
+          "regions": [],
+      }
+      if "theta" in out:
+        # The model saw a resized copy; the normalised frame is the whole image either way.
+        boxes = visualize.theta_to_pixel_boxes(out["theta"][i, 1:], w, h)
+        region_cls = np.argmax(out["region_scores"][i], axis=-1)
+        for k, (box, c) in enumerate(zip(boxes, region_cls)):
+          entry["regions"].append({"step": k + 1, "box": [float(v) for v in box],
+                                   "top_class": names[c],
+                                   "score": float(out["region_scores"][i, k, c])})
+        picture = _picture(image, boxes, [f"{r['step']}: {r['top_class']}"
+                                          for r in entry["regions"]])
+      else:
+        picture = Image.fromarray(image)
+      png = _unique_png(out_dir, path, used)
+      picture.save(png)
+      entry["picture"] = png
+      result["images"].append(entry)
+      print(f"{path}: " + ", ".join(f"{n} {p:.3f}" for n, p in entry["top"]))
+
+  # Stream: at most one batch of decoded images is held in memory.
+  paths, images = [], []
+  for path in list_inputs(inputs):
+    try:
+      # The size is read from the header and checked against max_pixels before decoding.
+      images.append(decode.decode_image(path, max_pixels=max_pixels))
+      paths.append(path)
+    except decode.BadImageError as e:
+      result["skipped"].append({"file": path, "reason": str(e)})
+      print(f"skipped {path}: {e}")
+    if len(images) == batch_size:
+      label(paths, images)
+      paths, images = [], []
+  if images:
+    label(paths, images)
+  skipped = result["skipped"]
+  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  logging.info("predict: %d images labelled, %d skipped; wrote %s", len(result["images"]),
+               len(skipped), out_dir)
+  if skipped:
+    print(f"{len(skipped)} file(s) could not be read: " + ", ".join(s["file"] for s in skipped))
+  return result

@@ -1,0 +1,258 @@
+"""Preprocessing and the batch iterators: shapes, dtypes, ranges, crop/flip (train only),
+determinism and resume, process sharding, eval coverage and padding, device placement."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rma_jax.data import (BadExampleError, RecordSource, device_put_batches, eval_batches,
+                          eval_transform, normalize, train_batches, train_transform)
+from rma_jax.data.sources import make_record
+
+N, CROP, C = 32, 24, 5
+
+
+def _coord_image(index, size=N):
+  """R = column, G = row, B = the example's index: any crop/flip is readable from pixels."""
+  yy, xx = np.mgrid[:size, :size]
+  return np.stack([xx, yy, np.full_like(xx, index)], -1).astype(np.uint8)
+
+
+def _source(n=22, bad=(), size=N):
+  records = []
+  for i in range(n):
+    labels = [i % C, (i * 3 + 1) % C] if i % 4 else []  # every 4th image has no labels
+    image = _coord_image(i, size) if i not in bad else b"not an image"
+    boxes = np.tile([[0.25, 0.25, 0.75, 0.5]], (len(labels), 1))
+    records.append(make_record(f"id{i}", image, labels, boxes,
+                               [j == 1 for j in range(len(labels))], C))
+  return RecordSource("synthetic", records, [f"c{k}" for k in range(C)])
+
+
+# -------------------------------------------------------------------------------- normalize
+
+def test_normalize_conventions_by_hand():
+  img = np.array([[[[10, 20, 30], [255, 0, 128]]]], np.uint8)  # (1, 1, 2, 3)
+  f = img.astype(np.float64)
+  caffe = np.stack([f[..., 2] - 103.939, f[..., 1] - 116.779, f[..., 0] - 123.68], -1)
+  torch_ = (f / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+  for conv, want in (("caffe", caffe), ("torch", torch_), ("unit", f / 255 - 0.5)):
+    out = jax.jit(normalize, static_argnums=1)(img, conv)
+    assert out.dtype == jnp.float32 and out.shape == img.shape
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-4)
+  assert normalize(img, "unit", jnp.bfloat16).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="convention"):
+    normalize(img, "bgr")
+
+
+# ---------------------------------------------------------------------------- transforms
+
+def test_train_transform_crops_and_flips_and_boxes_follow():
+  img = np.zeros((60, 80, 3), np.uint8)
+  img[15:45, 20:40] = 255  # box (x0, y0, x1, y1) = (0.25, 0.25, 0.5, 0.75)
+  box = np.array([[0.25, 0.25, 0.5, 0.75]], np.float32)
+  flips = set()
+  for s in range(12):
+    out, out_box = train_transform(img, np.random.default_rng(s), 64, 48, boxes=box)
+    assert out.shape == (48, 48, 3) and out.dtype == np.uint8
+    ys, xs = np.nonzero(out[..., 0] > 127)
+    # The white rectangle's extent in the output, in normalised crop coordinates.
+    got = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / 48
+    np.testing.assert_allclose(out_box[0], got, atol=1.5 / 48)
+    flips.add(bool(out_box[0, 0] > 1 - out_box[0, 2]))
+  assert flips == {True, False}
+
+
+def test_train_transform_equals_resize_then_crop_then_flip():
+  """The crop is resized straight from the source; it must equal the paper's order (a flip or
+  a one-pixel shift would change most pixels by far more than 1)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from rma_jax.data.preprocess import sample_crop  # pylint: disable=g-import-not-at-top
+  img = np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8)
+  for s in range(6):
+    out = train_transform(img, np.random.default_rng(s), 96, 80)
+    y0, x0, flip = sample_crop(np.random.default_rng(s), 96, 80)
+    ref = np.asarray(Image.fromarray(img).resize((96, 96), Image.BILINEAR))
+    ref = ref[y0:y0 + 80, x0:x0 + 80]
+    diff = np.abs(out.astype(int) - (ref[:, ::-1] if flip else ref))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.05  # Pillow's fixed-point rounding only
+
+
+def test_eval_transform_resizes_without_crop():
+  img = np.zeros((30, 40, 3), np.uint8)
+  img[:, 20:] = 200  # right half bright
+  out = eval_transform(img, 16)
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  assert (out[:, :7] < 10).all() and (out[:, 9:] > 190).all()
+  np.testing.assert_array_equal(eval_transform(_coord_image(3), N), _coord_image(3))
+
+
+# ------------------------------------------------------------------------------ train batches
+
+def _take(it, k):
+  return [next(it) for _ in range(k)]
+
+
+def test_train_batches_shapes_crops_flips_and_epochs():
+  src = _source(22)
+  it = train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP, seed=0,
+                     num_workers=2, process_index=0, process_count=1)
+  batches = _take(it, 10)  # 5 steps per epoch (22 // 4); 2 examples dropped per epoch
+  seen_flip = set()
+  for b in batches:
+    assert b["image"].shape == (4, CROP, CROP, 3) and b["image"].dtype == np.uint8
+    assert b["labels"].shape == (4, C) and b["labels"].dtype == np.float32
+    assert set(np.unique(b["labels"])) <= {0.0, 1.0}
+    np.testing.assert_array_equal(b["mask"], np.ones(4, np.float32))
+    for img, lab in zip(b["image"], b["labels"]):
+      i = int(img[0, 0, 2])
+      np.testing.assert_array_equal(lab, src.records[i].labels)
+      x, y = img[..., 0].astype(int), img[..., 1].astype(int)
+      # A contiguous crop: rows step +1 down, columns step +1 or -1 (flipped) across.
+      assert (np.diff(y, axis=0) == 1).all() and (np.diff(y, axis=1) == 0).all()
+      dx = np.unique(np.diff(x, axis=1))
+      assert dx.tolist() in ([1], [-1]) and (np.diff(x, axis=0) == 0).all()
+      seen_flip.add(dx[0] == -1)
+      assert 0 <= y[0, 0] <= N - CROP and 0 <= x.min() <= N - CROP
+  assert seen_flip == {True, False}
+  epoch0 = [int(v) for b in batches[:5] for v in b["image"][:, 0, 0, 2]]
+  epoch1 = [int(v) for b in batches[5:] for v in b["image"][:, 0, 0, 2]]
+  assert len(set(epoch0)) == 20 and len(set(epoch1)) == 20  # without replacement
+  assert epoch0 != epoch1  # reshuffled
+  # Label-less images are kept.
+  assert any(b["labels"][r].sum() == 0 for b in batches for r in range(4))
+
+
+def test_train_batches_deterministic_resumable_and_thread_independent():
+  src = _source(22)
+  kw = dict(global_batch_size=4, image_size=N, crop_size=CROP, process_index=0,
+            process_count=1)
+  full = _take(train_batches(src, seed=7, num_workers=2, **kw), 9)
+  again = _take(train_batches(src, seed=7, num_workers=0, **kw), 9)
+  resumed = _take(train_batches(src, seed=7, start_step=4, num_workers=3, **kw), 5)
+  other = _take(train_batches(src, seed=8, num_workers=2, **kw), 9)
+  for a, b in zip(full, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  for a, b in zip(full[4:], resumed):  # across the epoch boundary at step 5
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+  assert any((a["image"] != b["image"]).any() for a, b in zip(full, other))
+
+
+def test_train_batches_processes_read_disjoint_halves():
+  src = _source(22)
+  kw = dict(global_batch_size=4, image_size=N, crop_size=CROP, seed=1, num_workers=0)
+  whole = _take(train_batches(src, process_index=0, process_count=1, **kw), 6)
+  p0 = _take(train_batches(src, process_index=0, process_count=2, **kw), 6)
+  p1 = _take(train_batches(src, process_index=1, process_count=2, **kw), 6)
+  for w, a, b in zip(whole, p0, p1):
+    assert a["image"].shape[0] == 2
+    np.testing.assert_array_equal(w["image"], np.concatenate([a["image"], b["image"]]))
+  with pytest.raises(ValueError, match="multiple"):
+    next(train_batches(src, process_index=0, process_count=3, **kw))
+
+
+def test_train_batches_replace_unreadable_examples_and_count_them():
+  src = _source(12, bad=(3, 7))
+  it = train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP, seed=0,
+                     num_workers=2, process_index=0, process_count=1)
+  seen = {int(v) for b in _take(it, 9) for v in b["image"][:, 0, 0, 2]}
+  assert not seen & {3, 7} and src.skipped.count == 2
+  assert sorted(src.skipped.at_read) == [3, 7]
+  with pytest.raises(BadExampleError):
+    src[3]
+
+
+# ------------------------------------------------------------------------------- eval batches
+
+def test_eval_batches_cover_every_example_once_with_padding():
+  src = _source(11, bad=(5,))
+  batches = list(eval_batches(src, global_batch_size=4, image_size=N, num_workers=2,
+                              max_boxes=3, process_index=0, process_count=1))
+  assert len(batches) == 3
+  idx = np.concatenate([b["index"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  # Example 5 is unreadable: masked like padding (and counted); the last row is padding.
+  np.testing.assert_array_equal(idx, [0, 1, 2, 3, 4, -1, 6, 7, 8, 9, 10, -1])
+  np.testing.assert_array_equal(mask, (idx >= 0).astype(np.float32))
+  assert src.skipped.count == 1
+  for b in batches:
+    assert b["image"].shape == (4, N, N, 3) and b["image"].dtype == np.uint8
+    assert b["difficult"].dtype == bool and b["index"].dtype == np.int32
+    assert b["boxes"].shape == (4, 3, 4) and b["box_labels"].shape == (4, 3)
+    for r, i in enumerate(b["index"]):
+      if i < 0:
+        assert (b["image"][r] == 0).all() and b["labels"][r].sum() == 0
+        assert (b["box_labels"][r] == -1).all() and b["id"][r] == ""
+        continue
+      rec = src.records[i]
+      np.testing.assert_array_equal(b["image"][r], _coord_image(i))  # no crop, no flip
+      np.testing.assert_array_equal(b["labels"][r], rec.labels)
+      np.testing.assert_array_equal(b["difficult"][r], rec.difficult)
+      m = len(rec.box_labels)
+      np.testing.assert_array_equal(b["box_labels"][r, :m], rec.box_labels)
+      assert (b["box_labels"][r, m:] == -1).all()
+      np.testing.assert_allclose(b["boxes"][r, :m], rec.boxes)
+      assert b["id"][r] == f"id{i}"
+
+
+def test_eval_batches_split_over_processes():
+  src = _source(9)
+  parts = [list(eval_batches(src, global_batch_size=4, image_size=16, num_workers=0,
+                             process_index=p, process_count=2)) for p in (0, 1)]
+  assert len(parts[0]) == len(parts[1]) == 3  # same number of steps on every process
+  idx = np.concatenate([np.concatenate([a["index"], b["index"]]) for a, b in zip(*parts)])
+  np.testing.assert_array_equal(idx[idx >= 0], np.arange(9))
+  assert (idx[9:] == -1).all()
+
+
+# ---------------------------------------------------------------------------- device batches
+
+def test_device_put_batches_builds_sharded_global_arrays():
+  devices = np.array(jax.devices())
+  mesh = Mesh(devices, ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  gb = 2 * len(devices)
+  src = _source(gb * 2 + 1)
+  host = list(eval_batches(src, global_batch_size=gb, image_size=8, num_workers=0))
+  out = list(device_put_batches(iter(host), sharding, prefetch=2))
+  assert len(out) == len(host) == 3
+  for h, d in zip(host, out):
+    assert "id" not in d and set(d) == {k for k, v in h.items() if isinstance(v, np.ndarray)}
+    for k, v in d.items():
+      assert isinstance(v, jax.Array) and v.shape == h[k].shape and v.dtype == h[k].dtype
+      assert v.sharding.is_equivalent_to(sharding, v.ndim)
+      np.testing.assert_array_equal(np.asarray(v), h[k])
+
+
+def test_device_put_batches_on_four_host_devices():
+  code = textwrap.dedent("""
+      import jax, numpy as np
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from rma_jax.data import device_put_batches, train_batches
+      from rma_jax.data.demo import make_demo_split
+      assert jax.device_count() == 4, jax.devices()
+      src = make_demo_split("train", 16, canvas_size=32)
+      s = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+      it = train_batches(src, global_batch_size=8, image_size=32, crop_size=24, seed=0)
+      host = train_batches(src, global_batch_size=8, image_size=32, crop_size=24, seed=0)
+      for b, h in zip(device_put_batches(it, s), [next(host) for _ in range(3)]):
+        shards = b["image"].addressable_shards
+        assert len(shards) == 4 and all(x.data.shape == (2, 24, 24, 3) for x in shards)
+        assert sorted(x.index[0].start for x in shards) == [0, 2, 4, 6]
+        np.testing.assert_array_equal(np.asarray(b["image"]), h["image"])
+      print("OK")
+      """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]

@@ -1,0 +1,309 @@
+"""Ten-view / single-view scoring, multi-scale fusion, the SVM head and the end-to-end report.
+
+Every expectation is computed independently: explicit crops and flips in a Python loop,
+symmetric kernels (flip-equivariant trunk) for the flipped views, scikit-learn for the SVMs
+and the APs.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.metrics import average_precision_score
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.svm import LinearSVC
+
+from rma_jax import checkpointing, evaluate, models, train
+from rma_jax.data import preprocess
+
+K = 3
+C = 4
+TOL = dict(rtol=1e-4, atol=1e-5)
+STATIC = dict(static_argnums=0,
+              static_argnames=("crop_size", "pixel_convention", "return_features"))
+ten_view = jax.jit(evaluate.ten_view_scores, **STATIC)
+single_view = jax.jit(evaluate.single_view_scores, static_argnums=0,
+                      static_argnames=("pixel_convention", "return_features"))
+
+
+def fast_params(model, image_size=32, seed=0):
+  """Random variables of ``model`` without compiling its initialisers.
+
+  (Compiling ``model.init`` costs ~1.5 s per layer on CPU because of the random
+  initialisers; the shapes come from ``jax.eval_shape`` and the values from NumPy.)
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, image_size, image_size, 3)))
+  rng = np.random.default_rng(seed)
+
+  def fill(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
+    return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+
+  variables = jax.tree.map(fill, shapes)
+  if "attention" in variables["params"]:
+    # Regions near the centre with half the map's size, as the model's own init.
+    zm = variables["params"]["attention"]["cell"]["zm"]
+    zm["bias"] = jnp.asarray(models.DEFAULT_THETA_BIAS)
+    zm["kernel"] = zm["kernel"] * 0.3
+  return variables
+
+
+def tiny_rma(**kw):
+  return models.RMA(num_classes=C, num_regions=K, width=16, x_dim=32, hidden_dim=32,
+                    z_dim=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def rma_and_vars():
+  model = tiny_rma()
+  return model, fast_params(model)
+
+
+def images(n, size, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, size, size, 3))
+
+
+def test_view_offsets_by_hand():
+  assert evaluate.view_offsets(5, 5, 3, 3) == ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))
+  assert evaluate.view_offsets(4, 6, 4, 2) == ((0, 0), (0, 4), (0, 0), (0, 4), (0, 2))
+  with pytest.raises(ValueError):
+    evaluate.view_offsets(4, 4, 5, 2)
+
+
+def test_ten_views_are_the_crops_and_flips_of_the_map(rma_and_vars):
+  model, variables = rma_and_vars
+  x = images(2, 80)  # conv5_3 5x5; crop 48 -> patches 3x3
+  out = ten_view(model, variables, x, crop_size=48, return_features=True)
+  fmap = np.asarray(jax.jit(evaluate.trunk_features, static_argnums=0)(model, variables, x))
+  corners = [(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)]
+  views = [fmap[:, y:y + 3, x0:x0 + 3] for y, x0 in corners]
+  views += [np.flip(v, axis=2) for v in views]
+  assert out["view_scores"].shape == (2, 10, C)
+  assert out["theta"].shape == (2, 10, K + 1, 4)
+  expected_feats = []
+  attend = jax.jit(lambda v, f: model.apply(v, f, True, method=models.RMA.attend))
+  for v, view in enumerate(views):
+    ref = attend(variables, jnp.asarray(view))
+    np.testing.assert_allclose(out["view_scores"][:, v], ref["scores"], **TOL)
+    np.testing.assert_allclose(out["theta"][:, v], ref["theta"], **TOL)
+    expected_feats.append(np.max(np.asarray(ref["z"]), axis=1))
+  np.testing.assert_allclose(out["scores"], np.mean(out["view_scores"], axis=1), **TOL)
+  np.testing.assert_allclose(out["features"], np.mean(expected_feats, axis=0), **TOL)
+  # The views really differ (otherwise the comparison above would prove little).
+  assert np.abs(np.asarray(out["view_scores"][:, 0] - out["view_scores"][:, 3])).max() > 1e-6
+
+
+def _count_primitives(jaxpr, name):
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      n += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count_primitives(sub, name)
+  return n
+
+
+def test_trunk_runs_once_per_image(rma_and_vars, monkeypatch):
+  model, variables = rma_and_vars
+  calls = []
+  original = models.RMA.features
+
+  def counting_features(module, x):
+    calls.append(x.shape)
+    return original(module, x)
+
+  monkeypatch.setattr(models.RMA, "features", counting_features)
+  x = images(3, 80)
+  fn = lambda v, im: evaluate.ten_view_scores(model, v, im, crop_size=48)
+  jaxpr = jax.make_jaxpr(fn)(variables, x)
+  assert calls == [(3, 80, 80, 3)]  # one trunk call, on the 3 full images
+  # 13 convolutions = one VGG-16 conv stack, each on the batch of 3 (not 30) images.
+  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert _count_primitives(jaxpr.jaxpr, "conv_general_dilated") == 13
+  assert all(e.invars[0].aval.shape[0] == 3 for e in convs)
+
+
+def _symmetrise_kernels(variables):
+  """Makes every conv kernel mirror-symmetric in x, so the trunk commutes with a flip."""
+  def sym(path, leaf):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    if "conv" in name and name.endswith("kernel"):
+      return (leaf + leaf[:, ::-1]) / 2
+    return leaf
+  return jax.tree_util.tree_map_with_path(sym, variables)
+
+
+def test_equals_single_view_when_crop_is_the_whole_image(rma_and_vars):
+  model, variables = rma_and_vars
+  variables = _symmetrise_kernels(variables)
+  x = images(2, 64, seed=1)
+  ten = ten_view(model, variables, x, crop_size=64)
+  single = single_view(model, variables, x)
+  flipped = single_view(model, variables, x[:, :, ::-1])
+  direct = jax.jit(model.apply)(variables, x)
+  np.testing.assert_allclose(single["scores"], direct["scores"], **TOL)
+  for v in range(5):
+    np.testing.assert_allclose(ten["view_scores"][:, v], single["scores"], **TOL)
+    np.testing.assert_allclose(ten["view_scores"][:, 5 + v], flipped["scores"], **TOL)
+  np.testing.assert_allclose(ten["scores"], (single["scores"] + flipped["scores"]) / 2, **TOL)
+
+
+def test_uint8_input_is_normalised_on_device(rma_and_vars):
+  model, variables = rma_and_vars
+  raw = jax.random.randint(jax.random.key(3), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+  a = ten_view(model, variables, raw, crop_size=48, pixel_convention="caffe")
+  b = ten_view(model, variables, preprocess.normalize(raw, "caffe"), crop_size=48)
+  np.testing.assert_allclose(a["scores"], b["scores"], **TOL)
+
+
+def test_baseline_ten_view_matches_a_loop():
+  model = models.VGG16(width=16, num_classes=C)
+  variables = fast_params(model, seed=1)
+  x = images(2, 80, seed=2)
+  out = ten_view(model, variables, x, crop_size=48, return_features=True)
+  assert "theta" not in out
+  fmap = jax.jit(evaluate.trunk_features, static_argnums=0)(model, variables, x)
+  head = variables["params"]["head"]
+  for v, (y, x0) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)] * 2):
+    view = np.asarray(fmap)[:, y:y + 3, x0:x0 + 3]
+    if v >= 5:
+      view = view[:, :, ::-1]
+    pooled = view.mean(axis=(1, 2))
+    np.testing.assert_allclose(out["view_scores"][:, v],
+                               pooled @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
+                               **TOL)
+  # crop == N: the unflipped views are the model's own output.
+  whole = ten_view(model, variables, x, crop_size=80)
+  np.testing.assert_allclose(whole["view_scores"][:, 0], jax.jit(model.apply)(variables, x), **TOL)
+
+
+def test_fuse_scales_is_the_mean():
+  a = {"scores": np.array([[1.0, 2.0]]), "features": np.array([[0.0]]), "theta": 1}
+  b = {"scores": np.array([[3.0, -2.0]]), "features": np.array([[4.0]])}
+  fused = evaluate.fuse_scales([a, b])
+  np.testing.assert_allclose(fused["scores"], [[2.0, 0.0]])
+  np.testing.assert_allclose(fused["features"], [[2.0]])
+  assert "theta" not in fused
+
+
+def test_svm_head_on_separable_features_picks_c_by_validation_map():
+  rng = np.random.default_rng(0)
+  n_classes, dim = 3, 16
+  centres = rng.normal(size=(n_classes, dim)) * 3
+
+  def make(n):
+    y = (rng.random((n, n_classes)) < 0.4).astype(np.float32)
+    y[y.sum(1) == 0, 0] = 1
+    return y @ centres + rng.normal(size=(n, dim)) * 0.5, y
+
+  (xt, yt), (xv, yv), (xs, ys) = make(150), make(60), make(60)
+  Cs = (1e-4, 1e-2, 1.0)
+  head = evaluate.fit_svm_head(xt, yt, xv, yv, Cs=Cs)
+  # Independent: scikit-learn's own one-vs-rest wrapper and AP.
+  l2 = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  val_maps = {}
+  for c in Cs:
+    ovr = OneVsRestClassifier(LinearSVC(C=c, dual="auto", max_iter=5000)).fit(l2(xt), yt)
+    val_maps[c] = np.mean([average_precision_score(yv[:, j], s) for j, s in
+                           enumerate(ovr.decision_function(l2(xv)).T)])
+  assert head.C == max(Cs, key=lambda c: val_maps[c])
+  for c in Cs:
+    assert head.val_map[c] == pytest.approx(val_maps[c], abs=1e-6)
+  ovr = OneVsRestClassifier(LinearSVC(C=head.C, dual="auto", max_iter=5000)).fit(l2(xt), yt)
+  scores = evaluate.svm_scores(head, xs)
+  np.testing.assert_allclose(scores, ovr.decision_function(l2(xs)), rtol=1e-4, atol=1e-4)
+  test_map = np.mean([average_precision_score(ys[:, j], scores[:, j])
+                      for j in range(n_classes)])
+  assert test_map > 0.95 > ys.mean() + 0.3  # far above chance (the positive rate)
+
+
+def test_svm_head_survives_a_class_without_positives():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(30, 5))
+  y = np.stack([(x[:, 0] > 0), np.zeros(30, bool)], axis=1).astype(np.float32)
+  head = evaluate.fit_svm_head(x, y, x, y, Cs=(1.0,))
+  s = evaluate.svm_scores(head, x)
+  assert np.all(s[:, 1] == -1.0) and np.isfinite(s).all()
+
+
+def demo_config(workdir_scales=(64, 80), svm=True):
+  from configs import default
+  config = default.get_config()
+  config.data.name = config.data.source = "demo"
+  config.data.demo.num_train, config.data.demo.num_val, config.data.demo.num_test = 8, 8, 12
+  config.data.demo.canvas_size = 64
+  config.data.image_size, config.data.crop_size = 64, 48
+  config.data.num_workers = 0
+  config.data.pixel_convention = "unit"
+  config.model.width, config.model.num_regions = 16, K
+  config.model.x_dim = config.model.hidden_dim = config.model.z_dim = 32
+  config.eval.batch_size = 8
+  config.eval.scales = workdir_scales
+  config.eval.svm = svm
+  config.eval.ap_mode = "voc07"
+  return config
+
+
+def test_evaluate_and_report_end_to_end(tmp_path):
+  config = demo_config()
+  wd = str(tmp_path)
+  model = train.build_model(config)
+  # The state train.create_train_state makes, with fast_params (its jitted init is slow).
+  state = train.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
+                                  tx=optax.adam(1e-3))
+  manager = checkpointing.latest_manager(wd)
+  checkpointing.save(manager, 0, state)
+  manager.wait_until_finished()
+
+  results = evaluate.evaluate_and_report(config, wd)
+  protocols = results["protocols"]
+  assert set(protocols) == {"single_view@48", "single_view@64", "ten_view@64", "ten_view@80",
+                            "ten_view@64+80", "svm"}
+  assert results["headline"] == "svm" and results["num_images"] == 12
+
+  # Independent single-view mAP: the model on resized images, softmax, sklearn's AP.
+  from rma_jax import data as data_lib
+  test = data_lib.get_sources(config.data, seed=config.seed).test
+  ex = [test[i] for i in range(len(test))]
+  x = np.stack([preprocess.eval_transform(e["image"], 48) for e in ex])
+  y = np.stack([e["labels"] for e in ex])
+  out = jax.jit(model.apply)({"params": jax.device_get(state.params)},
+                             preprocess.normalize(jnp.asarray(x), "unit"))
+  probs = np.asarray(jax.nn.softmax(out["scores"], axis=-1))
+  aps = [average_precision_score(y[:, c], probs[:, c]) for c in range(10) if y[:, c].any()]
+  assert protocols["single_view@48"]["mAP_all"] == pytest.approx(np.mean(aps), abs=1e-5)
+
+  # Attention recall of the fixed anchor boxes, by a loop over the objects.
+  fixed = models.fixed_region_thetas(K)[1:]
+  hits = total = 0
+  for e in ex:
+    for x0, y0, x1, y1 in e["boxes"]:
+      cx, cy = x0 + x1 - 1, y0 + y1 - 1
+      total += 1
+      hits += any(abs(cx - tx) <= sx and abs(cy - ty) <= sy for sx, sy, tx, ty in fixed)
+  assert results["attention_recall"]["fixed_anchor_boxes"] == pytest.approx(hits / total)
+  assert 0.0 <= results["attention_recall"]["model_regions"] <= 1.0
+
+  # Multi-scale fusion = mean of the per-scale ten-view scores.
+  npz = np.load(os.path.join(wd, "report", "scores.npz"))
+  np.testing.assert_allclose(npz["ten_view@64+80/scores"],
+                             (npz["ten_view@64/scores"] + npz["ten_view@80/scores"]) / 2,
+                             rtol=1e-6)
+  np.testing.assert_allclose(npz["single_view@48/scores"], np.asarray(out["scores"]),
+                             rtol=1e-4, atol=1e-5)
+
+  report = json.load(open(os.path.join(wd, "report", "report.json")))
+  assert report["results"]["headline"] == "svm"
+  for name in ("svm", "ten_view@64+80", "single_view@48"):
+    for key in ("mAP", "mAP_all", "mAP_voc07", "CP", "CR", "CF1", "OP", "OR", "OF1", "ap"):
+      assert key in report["results"]["protocols"][name], (name, key)
+  assert report["results"]["protocols"]["single_view@48"]["mAP_all"] == pytest.approx(
+      np.mean(aps), abs=1e-5)
+  assert report["metric_card"]["ap_mode"] == "voc07"
+  md = open(os.path.join(wd, "report", "report.md")).read()
+  assert "Metric card" in md and "attention recall" in md and "C-F1" in md

@@ -1,0 +1,141 @@
+"""predict.run on generated images of several sizes and modes, a corrupt file and an image over
+the pixel limit; theta_to_pixel_boxes and draw_regions by hand."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image, ImageFile
+
+from rma_jax import checkpointing, predict, train, visualize
+from rma_jax.data import preprocess
+from test_evaluate import K, demo_config, fast_params
+
+
+def test_theta_to_pixel_boxes_by_hand():
+  theta = np.array([[1.0, 1.0, 0.0, 0.0],      # the whole image
+                    [0.5, 0.5, 0.0, 0.0],      # the centre half
+                    [-0.25, 0.5, 0.5, -0.5],   # mirrored x: same box as +0.25
+                    [1.0, 1.0, 1.5, 0.0]])     # mostly outside: clipped
+  boxes = visualize.theta_to_pixel_boxes(theta, 100, 60)
+  np.testing.assert_allclose(boxes, [[0, 0, 100, 60], [25, 15, 75, 45],
+                                     [62.5, 0, 87.5, 30], [75, 0, 100, 60]])
+
+
+def test_draw_regions_colours_and_size():
+  image = np.zeros((400, 300, 3), np.uint8)
+  boxes = np.array([[50, 100, 250, 300], [0, 0, 300, 400]], float)
+  out = visualize.draw_regions(image, boxes, ["1: dog", "2: cat"])
+  assert out.size == (384, 512)  # shorter side enlarged to min_side=384: scale 1.28
+  px = np.asarray(out)
+  # The bottom edge of box 1, away from its label, has colour 1; the inside is untouched.
+  y = round(300 * 1.28) - 2
+  np.testing.assert_array_equal(px[y, round(150 * 1.28)], visualize.REGION_COLOURS[0])
+  np.testing.assert_array_equal(px[round(200 * 1.28), round(150 * 1.28)], [0, 0, 0])
+  np.testing.assert_array_equal(px[-1, 150], visualize.REGION_COLOURS[1])
+  with pytest.raises(ValueError):
+    visualize.draw_regions(image, boxes, ["only one"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("predict")
+  inputs = root / "inputs"
+  inputs.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(inputs / "a_rgb.jpg")
+  Image.fromarray(rng.integers(0, 256, (70, 50), dtype=np.uint8), "L").save(inputs / "b_gray.png")
+  Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA").save(
+      inputs / "c_rgba.png")
+  Image.fromarray(rng.integers(0, 256, (40, 200, 3), dtype=np.uint8)).convert(
+      "CMYK").save(inputs / "d_cmyk.jpg")
+  Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)).convert(
+      "P").save(inputs / "e_palette.gif")
+  (inputs / "f_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
+  Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(root / "big.png")
+  (inputs / "notes.txt").write_text("not an image; a folder listing skips it")
+  return root
+
+
+def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
+  config = demo_config()
+  config.data.max_pixels = 250 * 250  # big.png (300 x 300) is over it
+  config.eval.batch_size = 4  # 5 readable images: two batches, the second padded
+  model = train.build_model(config)
+  params = fast_params(model)["params"]
+  wd = str(tmp_path / "run")
+  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+  manager = checkpointing.latest_manager(wd)
+  checkpointing.save(manager, 3, state)
+  manager.wait_until_finished()
+
+  loaded_sizes = []
+  original_load = ImageFile.ImageFile.load
+
+  def spy_load(self):
+    loaded_sizes.append(self.size)
+    return original_load(self)
+
+  monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
+  out_dir = str(tmp_path / "out")
+  inputs = [str(run_dir / "inputs"), str(run_dir / "big.png")]
+  result = predict.run(config, wd, inputs, out_dir)
+  monkeypatch.undo()
+
+  assert result["checkpoint_step"] == 3
+  names = [os.path.basename(e["file"]) for e in result["images"]]
+  assert names == ["a_rgb.jpg", "b_gray.png", "c_rgba.png", "d_cmyk.jpg", "e_palette.gif"]
+  skipped = {os.path.basename(s["file"]): s["reason"] for s in result["skipped"]}
+  assert set(skipped) == {"f_corrupt.jpg", "big.png"}
+  assert "f_corrupt.jpg" in skipped["f_corrupt.jpg"]
+  assert "max_pixels" in skipped["big.png"] and "refused" in skipped["big.png"]
+  assert (300, 300) not in loaded_sizes  # the bomb was never decoded
+
+  with open(os.path.join(out_dir, "predictions.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(result))
+  sizes = {"a_rgb.jpg": (120, 90), "b_gray.png": (50, 70), "c_rgba.png": (64, 64),
+           "d_cmyk.jpg": (200, 40), "e_palette.gif": (47, 33)}
+  for e in result["images"]:
+    w, h = sizes[os.path.basename(e["file"])]
+    assert (e["width"], e["height"]) == (w, h)
+    assert sum(e["scores"].values()) == pytest.approx(1.0, abs=1e-5)  # softmax
+    assert len(e["top"]) == config.eval.top_k
+    assert [r["step"] for r in e["regions"]] == list(range(1, K + 1))
+    for r in e["regions"]:
+      x0, y0, x1, y1 = r["box"]
+      assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+      assert r["top_class"] in e["scores"]
+    with Image.open(e["picture"]) as pic:
+      pic.verify()
+
+  # Independent check of one image: the model on the resized RGB array, boxes by hand.
+  e = result["images"][1]
+  gray = np.asarray(Image.open(e["file"]).convert("RGB"))
+  x = preprocess.normalize(jnp.asarray(preprocess.eval_transform(gray, 48))[None], "unit")
+  ref = jax.jit(model.apply)({"params": params}, x)
+  np.testing.assert_allclose(e["raw_scores"], ref["scores"][0], rtol=1e-4, atol=1e-5)
+  sx, sy, tx, ty = np.asarray(ref["theta"][0, 1])
+  expected = [(tx - abs(sx) + 1) / 2 * 50, (ty - abs(sy) + 1) / 2 * 70,
+              (tx + abs(sx) + 1) / 2 * 50, (ty + abs(sy) + 1) / 2 * 70]
+  expected = np.clip(expected, 0, [50, 70, 50, 70])
+  np.testing.assert_allclose(e["regions"][0]["box"], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_list_inputs_keeps_named_files_and_filters_folders(run_dir):
+  files = predict.list_inputs([str(run_dir / "inputs"), str(run_dir / "inputs" / "notes.txt")])
+  names = [os.path.basename(f) for f in files]
+  assert names[-1] == "notes.txt" and names.count("notes.txt") == 1
+  assert "f_corrupt.jpg" in names and "a_rgb.jpg" in names
+
+
+def test_class_names_for_each_data_set():
+  config = demo_config()
+  assert predict.class_names_for(config) == tuple("0123456789")
+  config.data.name = "voc2007"
+  assert predict.class_names_for(config, 20)[:2] == ("aeroplane", "bicycle")
+  config.data.name = "coco2014"
+  assert len(predict.class_names_for(config)) == 80
