@@ -1,0 +1,137 @@
+"""Smoke tests of the benchmark (shapes, JSON keys, compile counting); no timing thresholds."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rma_jax import bench
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_run_benchmarks_smoke_records():
+  settings = bench.smoke_settings(cases=("train", "latency"), repeats=2,
+                                  torch=bench.torch_available())
+  emitted = []
+  records = bench.run_benchmarks(settings, emit=emitted.append)
+  assert [r["case"] for r in records] == ["train", "latency_single_view", "latency_ten_view"]
+  assert emitted == records
+  for r in records:
+    assert set(r) == set(bench.RECORD_KEYS)
+    json.loads(bench.to_json(r))  # every record is one JSON line
+    assert r["width"] == 16 and r["backend"] == jax.default_backend()
+    assert r["repeats"] == len(r["step_s_all"]) == 2
+    assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+    # No retracing/recompilation once the step is compiled (donated state, fixed shapes).
+    assert r["compiles_after_first_call"] == 0
+    assert r["flops_per_image"] > 0 and r["peak_memory_bytes"] > 0
+    assert r["flops_utilization"] == pytest.approx(
+        r["flops_per_image"] * r["images_per_s"] / (r["peak_flops_per_s"] * r["num_devices"]))
+    if settings.torch:
+      assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
+    else:
+      assert r["ratio"] is None
+  train, single, ten = records
+  assert (train["batch"], single["batch"], ten["batch"]) == (2, 1, 1)
+  assert (train["input_size"], single["input_size"], ten["input_size"]) == (64, 64, 96)
+  assert single["latency_ms"] == pytest.approx(1000.0 * single["step_s"])
+  # Backward ~ 2x forward; ten-view runs the trunk on 96x96 (2.25x the pixels of a 64x64
+  # crop) plus ten attention passes.
+  assert 2.0 * single["flops_per_image"] < train["flops_per_image"]
+  assert 2.25 * single["flops_per_image"] < ten["flops_per_image"]
+
+
+def test_compile_counter_counts_new_shapes():
+  f = jax.jit(lambda x: jnp.sin(x) * 2.0)
+  x3, x4, x5 = (np.ones(n, np.float32) for n in (3, 4, 5))  # host arrays: no jnp compiles
+  f(x3)
+  with bench.CompileCounter() as counter:
+    f(x3)  # cached
+    assert counter.count == 0
+    f(x4)  # new shape -> one compilation
+  assert counter.count == 1
+  f(x5)  # outside the block: not counted
+  assert counter.count == 1
+
+
+def test_cost_flops_of_a_matmul():
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  assert bench.cost_flops(compiled) == 2 * 8 * 16 * 4
+
+
+def test_mesh_for_batch_divides_the_batch():
+  devices = jax.devices()
+  for batch in (1, 2, 3, 4, 6):
+    mesh = bench.mesh_for_batch(batch)
+    assert batch % mesh.size == 0
+    assert mesh.size == max(d for d in range(1, len(devices) + 1) if batch % d == 0)
+
+
+def test_settings_from_config_and_bench_config():
+  config = bench.load_config()
+  s = bench.settings_from_config(config, batch=3, dtype="bfloat16")
+  assert (s.image_size, s.crop_size, s.batch, s.dtype) == (512, 448, 3, "bfloat16")
+  assert s.num_classes == 20 and s.x_dim == 4096
+  c = bench.bench_config(bench.smoke_settings())
+  assert (c.model.width, c.data.crop_size, c.optim.batch_size) == (16, 64, 2)
+
+
+def test_markdown_table_rows_and_ratio():
+  rec = {k: None for k in bench.RECORD_KEYS}
+  rec.update(case="train", input_size=448, batch=2, dtype="float32", images_per_s=3.0,
+             torch_images_per_s=2.0, ratio=1.5, latency_ms=333.3, torch_latency_ms=500.0,
+             compile_s=12.0, compiles_after_first_call=0, flops_per_image=2e11,
+             achieved_flops_per_s=6e11, flops_utilization=0.5, peak_memory_bytes=2**30,
+             torch_peak_memory_bytes=None)
+  table = bench.markdown_table([rec, dict(rec, case="ten_view", ratio=None)]).splitlines()
+  assert len(table) == 4
+  n = table[0].count("|")
+  assert all(line.count("|") == n for line in table)
+  row = [c.strip() for c in table[2].strip("|").split("|")]
+  assert row[:7] == ["train", "448²", "2", "float32", "3", "2", "1.50"]
+  assert row[10] == "200" and row[12] == "50.0" and row[13] == "1024 / –"
+
+
+def test_cli_smoke_writes_json_and_markdown(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out_json, out_md = tmp_path / "b.jsonl", tmp_path / "b.md"
+  proc = subprocess.run(
+      [sys.executable, "-m", "rma_jax.bench", "--smoke", "--cases=ten_view",
+       "--torch=false", f"--json_out={out_json}", f"--markdown_out={out_md}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = out_json.read_text().splitlines()
+  assert len(lines) == 1
+  rec = json.loads(lines[0])
+  assert set(rec) == set(bench.RECORD_KEYS) and rec["case"] == "ten_view"
+  assert rec["torch_images_per_s"] is None
+  assert "| ten_view | 96² | 2 |" in out_md.read_text()
+
+
+def test_gpu_check_smoke_runs_on_cpu():
+  """launch/gpu_check.py --smoke: correctness vs the CPU reference passes, one table."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "launch/gpu_check.py", "--smoke"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+  records = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  cases = [r["case"] for r in records]
+  assert cases[:2] == ["device", "matmul_peak"]
+  checks = [r for r in records if r["case"] == "correctness"]
+  assert [c["dtype"] for c in checks] == ["float32", "bfloat16"]
+  # On CPU the float32 "device" run is the reference itself.
+  assert checks[0]["scores_rel_err"] < 1e-5 and checks[0]["ok"]
+  assert any(r["case"] == "train" and r["batch"] == 2 for r in records)
+  assert any(r["case"] == "ten_view" for r in records)
+  assert "| train | 96 | 2 | bfloat16 |" in proc.stdout
+  assert "TITAN X" in proc.stdout
