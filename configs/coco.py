@@ -16,7 +16,7 @@ def get_config():
   c = default.get_config()
   c.data.name = "coco2014"
   c.data.train_split = "train"
-  c.data.test_split = "validation"
+  c.data.test_split = "val"
   c.eval.ap_mode = "all"
   c.eval.top_k = 3
   c.eval.threshold = 0.5

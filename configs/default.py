@@ -22,10 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.1
   c.data.image_size = 512  # N: images are resized to N x N
   c.data.crop_size = 448  # N - 64: training crops and single-view evaluation
+  c.data.random_flip = True  # random horizontal flips in training (the paper)
   c.data.pixel_convention = "caffe"  # caffe (BGR, mean) | torch (RGB /255, mean/std) | unit
   c.data.num_workers = 2  # parallel decoding threads per host
   c.data.prefetch = 2  # batches prefetched to the devices
-  c.data.shuffle_buffer = 0  # 0: a full permutation of the split every epoch
   c.data.max_pixels = 89_478_485  # larger images are refused (decompression bombs)
   c.data.demo = ml_collections.ConfigDict()
   c.data.demo.num_train = 2000

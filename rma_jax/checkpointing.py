@@ -16,6 +16,8 @@ import os
 from typing import Any
 
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 import orbax.checkpoint as ocp
 
 LATEST = "latest"
@@ -67,7 +69,8 @@ def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointMana
     path = checkpoint_dir(workdir, name)
     if os.path.isdir(path):
       manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, save_interval_steps=0))
+          read_only=True, create=False, save_interval_steps=0),
+          item_handlers=ocp.StandardCheckpointHandler())
       step = manager.best_step() if name == BEST else manager.latest_step()
       step = manager.latest_step() if step is None else step
       if step is not None:
@@ -75,3 +78,12 @@ def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointMana
   raise FileNotFoundError(
       f"no checkpoint found under {os.path.join(os.path.abspath(workdir), 'checkpoints')}; "
       "train first with --mode=train")
+
+
+def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
+  """Restores ``step`` replicated over all devices, whatever topology (number of processes
+  or devices) saved it: the target comes from the checkpoint's own metadata."""
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                        manager.item_metadata(step))
+  return manager.restore(step, args=ocp.args.StandardRestore(target))

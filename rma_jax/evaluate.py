@@ -377,15 +377,24 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
   return out
 
 
+def prf_transform(config: Any) -> str:
+  """The scale CP…OF1 are thresholded on (``config.eval.prf_score_transform``); 'auto':
+  ``softmax_max`` after the softmax-Euclidean loss, ``sigmoid`` after sigmoid_bce."""
+  kind = config.eval.get("prf_score_transform", "auto")
+  if kind != "auto":
+    return kind
+  return "sigmoid" if config.loss.classification == "sigmoid_bce" else "softmax_max"
+
+
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, difficult: np.ndarray | None, *,
                     ap_mode: str, k: int | None, threshold: float,
-                    transform: str) -> dict[str, Any]:
+                    transform: str, prf: str | None = None) -> dict[str, Any]:
   """All numbers of one protocol (``rma_jax.metrics``), VOC difficult pairs ignored."""
   from rma_jax import metrics
   collected = metrics.MultiLabelMetrics.empty().update(
       scores=scores, labels=labels, ignore=difficult)
   out = collected.compute(ap_mode=ap_mode, k=k, threshold=threshold,
-                          score_transform=transform)
+                          score_transform=transform, prf_score_transform=prf)
   return {k_: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
           for k_, v in out.items()}
 
@@ -502,12 +511,14 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
       "workdir": os.path.abspath(workdir), "checkpoint": which, "step": int(step),
       "split": split, "data": config.data.name, "model": config.model.name,
       "class_names": class_names, "num_images": int(first["labels"].shape[0]),
-      "score_transform": ev.score_transform, "ap_mode": ev.ap_mode, "top_k": ev.top_k,
+      "score_transform": ev.score_transform, "prf_score_transform": prf_transform(config),
+      "ap_mode": ev.ap_mode, "top_k": ev.top_k,
       "threshold": ev.threshold, "protocols": {},
   }
   for name, p in passes.items():
     results["protocols"][name] = compute_metrics(
-        p["scores"], p["labels"], p["difficult"], transform=ev.score_transform, **metric_args)
+        p["scores"], p["labels"], p["difficult"], transform=ev.score_transform,
+        prf=prf_transform(config), **metric_args)
 
   if want_features:
     results["svm"], svm_test = _svm_protocol(

@@ -32,6 +32,8 @@ flags.DEFINE_string("out", "", "predict: output folder (default WORKDIR/predicti
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() with "
+                  "auto-detection (Cloud TPU VMs, SLURM, JAX_COORDINATOR_ADDRESS).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,8 +50,8 @@ def _maybe_initialize_distributed() -> None:
   """Connects the processes of a multi-host run; a single process just runs."""
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
-        or "JAX_COORDINATOR_ADDRESS" in os.environ):
+  elif (FLAGS.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or "TPU_WORKER_HOSTNAMES" in os.environ or "JAX_COORDINATOR_ADDRESS" in os.environ):
     jax.distributed.initialize()  # auto-detected cluster (SLURM, Cloud TPU, env vars)
 
 

@@ -383,7 +383,8 @@ class MultiLabelMetrics(
             "ignore": v["ignore"][keep].astype(bool)}
 
   def compute(self, *, ap_mode: str = "voc07", k: int | None = 3, threshold: float = 0.5,
-              score_transform: str = "none") -> dict[str, Any]:
+              score_transform: str = "none",
+              prf_score_transform: str | None = None) -> dict[str, Any]:
     """All metrics over the collected images.
 
     Args:
@@ -391,6 +392,8 @@ class MultiLabelMetrics(
       k, threshold: for ``multilabel_prf``.
       score_transform: applied to the collected scores first (``"none"`` when the eval step
         already transformed them).
+      prf_score_transform: the transform before CP…OF1's threshold, if different (e.g.
+        ``"softmax_max"``: see ``score_transform``); None: the same as for AP.
 
     Returns:
       dict: ``ap`` (C,) and ``mAP`` in ``ap_mode``; ``ap_voc07``, ``mAP_voc07``, ``ap_all``,
@@ -403,15 +406,19 @@ class MultiLabelMetrics(
     a = self.arrays()
     s = _transform(a["scores"], score_transform)
     y, ign = a["labels"], a["ignore"]
+    prf_score_transform = prf_score_transform or score_transform
     out: dict[str, Any] = {"ap_mode": ap_mode, "top_k": k, "threshold": float(threshold),
-                           "score_transform": score_transform}
+                           "score_transform": score_transform,
+                           "prf_score_transform": prf_score_transform}
     for mode in AP_MODES:
       ap = average_precision(s, y, ign, mode=mode)
       out[f"ap_{mode}"] = ap
       out[f"mAP_{mode}"] = _nanmean(ap)
     out["ap"] = out[f"ap_{ap_mode}"]
     out["mAP"] = out[f"mAP_{ap_mode}"]
-    out.update(multilabel_prf(s, y, k=k, threshold=threshold, ignore=ign))
+    s_prf = s if prf_score_transform == score_transform else _transform(
+        a["scores"], prf_score_transform)
+    out.update(multilabel_prf(s_prf, y, k=k, threshold=threshold, ignore=ign))
     out["num_images"] = int(s.shape[0])
     out["num_images_without_labels"] = int((~(np.asarray(y) > 0).any(axis=1)).sum())
     return out

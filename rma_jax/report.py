@@ -101,6 +101,7 @@ _AP_TEXT = {
 def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None = None,
                 images_scored: str | None = None, top_k: int | None = 3,
                 threshold: float = 0.5, score_transform: str = "softmax",
+                prf_score_transform: str | None = None,
                 views: str = "ten-view", scales: Sequence[int] = (512,),
                 num_images: int | None = None,
                 num_images_without_labels: int | None = None,
@@ -114,7 +115,9 @@ def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None =
     images_scored: which images were scored (e.g. COCO images without labels kept or
       dropped); a default sentence is derived from the counts when omitted.
     top_k, threshold: the label-selection rule of CP ... OF1 (``top_k=None``: threshold only).
-    score_transform: ``softmax`` | ``sigmoid`` | ``none``, applied before every metric.
+    score_transform: ``softmax`` | ``sigmoid`` | ``none``, applied before AP.
+    prf_score_transform: the scale CP…OF1's threshold applies to (``softmax_max``: softmax
+      divided by its per-image maximum); None: the same as ``score_transform``.
     views: ``single-view`` or ``ten-view`` (4 corner + centre crops of conv5_3, flipped).
     scales: the input sizes N whose scores were averaged.
     num_images: images scored; num_images_without_labels: of those, with no positive label.
@@ -156,6 +159,7 @@ def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None =
                         "positive = 0; both still count in CP/CR (means over all classes); "
                         "F1 of 0/0 = 0"),
       "score_transform": score_transform,
+      "prf_score_transform": prf_score_transform or score_transform,
       "views": views,
       "scales": [int(s) for s in scales],
       "notes": [str(n) for n in notes],
@@ -403,7 +407,7 @@ def card_for_results(results: Mapping[str, Any], dataset_name: str,
   """
   m, headline = _headline(results)
   kw: dict[str, Any] = {}
-  for key in ("ap_mode", "top_k", "threshold", "score_transform"):
+  for key in ("ap_mode", "top_k", "threshold", "score_transform", "prf_score_transform"):
     if key in m:
       kw[key] = m[key]
   if "top_k" in kw:

@@ -308,7 +308,7 @@ def _stage1_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def load_params(workdir: str, which: str = checkpointing.BEST) -> tuple[Any, int]:
   """The parameters of a run's best (or latest) checkpoint, as host arrays, and its step."""
   manager, step = checkpointing.find_checkpoint(workdir, which)
-  restored = manager.restore(step)
+  restored = checkpointing.restore_replicated(manager, step)
   params = restored["params"] if "params" in restored else restored
   return params, step
 
@@ -427,7 +427,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       data_lib.train_batches(sources.train, global_batch_size=micro_batch,
                              image_size=config.data.image_size, crop_size=crop,
                              seed=config.seed, start_step=start_step,
-                             num_workers=config.data.num_workers),
+                             num_workers=config.data.num_workers,
+                             random_flip=config.data.random_flip),
       sharding, prefetch=config.data.prefetch)
 
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,

@@ -67,8 +67,8 @@ class _Pool:
 
 def train_batches(source: Source, *, global_batch_size: int, image_size: int, crop_size: int,
                   seed: int, start_step: int = 0, num_workers: int = 2, lookahead: int = 2,
-                  process_index: int | None = None, process_count: int | None = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+                  process_index: int | None = None, process_count: int | None = None,
+                  random_flip: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """Infinite stream of this process's part of the training batches.
 
   Epochs are full permutations without replacement; the last ``len(source) % G`` examples of
@@ -86,6 +86,7 @@ def train_batches(source: Source, *, global_batch_size: int, image_size: int, cr
     num_workers: decoding threads (<= 0: decode in the calling thread).
     lookahead: batches decoded ahead of the one being consumed.
     process_index, process_count: override ``jax.process_index()/process_count()`` (tests).
+    random_flip: random horizontal flips (the paper); off for chiral classes (digits).
 
   Yields:
     dict with ``image`` uint8 (b, crop, crop, 3), ``labels`` float32 (b, C), ``mask`` float32
@@ -115,7 +116,9 @@ def train_batches(source: Source, *, global_batch_size: int, image_size: int, cr
       except BadExampleError:
         continue
       rng = np.random.default_rng([seed, epoch, i])
-      return preprocess.train_transform(ex["image"], rng, image_size, crop_size), ex["labels"]
+      image = preprocess.train_transform(ex["image"], rng, image_size, crop_size,
+                                         random_flip=random_flip)
+      return image, ex["labels"]
     raise RuntimeError(f"{source.name}: no readable example at all; {source.skipped.summary()}")
 
   pool = _Pool(num_workers)

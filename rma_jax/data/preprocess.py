@@ -88,7 +88,8 @@ def crop_flip_boxes(boxes: np.ndarray, y0: int, x0: int, flip: bool, image_size:
 
 
 def train_transform(image: np.ndarray, rng: np.random.Generator, image_size: int,
-                    crop_size: int, boxes: np.ndarray | None = None):
+                    crop_size: int, boxes: np.ndarray | None = None, *,
+                    random_flip: bool = True):
   """Training geometry: resize to N x N, random (crop x crop) crop, random horizontal flip.
 
   Args:
@@ -97,11 +98,14 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, image_size: int
     image_size: N.
     crop_size: the crop side, N - 64 in the paper.
     boxes: optional (M, 4) normalised (x0, y0, x1, y1) boxes to move with the image.
+    random_flip: flip half of the images (the paper); off for data whose classes are
+      chiral, such as the demo's digits.
 
   Returns:
     (crop, crop, 3) uint8, or (image, boxes) when ``boxes`` is given.
   """
   y0, x0, flip = sample_crop(rng, image_size, crop_size)
+  flip = flip and random_flip
   image = np.asarray(image, np.uint8)
   h, w = image.shape[:2]
   sx, sy = w / image_size, h / image_size

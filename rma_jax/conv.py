@@ -1,0 +1,228 @@
+"""A 3x3 'SAME' convolution with a matmul kernel gradient, for VGG-16 on CPU.
+
+XLA:CPU lowers the forward convolution and the input gradient of a 3x3 conv to fast
+kernels, but the *kernel* gradient of high-resolution, few-channel layers (VGG blocks 1-2)
+becomes a generic convolution whose window is the whole image, preceded by two full
+transposes: 2-3x slower than PyTorch's oneDNN backward-weights primitive there
+(docs/performance.md). ``conv3x3`` keeps XLA's forward and input gradient (a
+``jax.custom_vjp``) and computes the kernel gradient as a matrix product instead:
+
+    dW[(kh, kw, ci), co] = sum_{b,h,w} xpad[b, h + kh, w + kw, ci] * dy[b, h, w, co]
+                         = patches(x)^T @ dy,
+
+where ``patches(x)`` is the im2col matrix of 9 shifted slices of the zero-padded input in
+HWIO order, so the (9*Cin, Cout) result reshapes straight into the (3, 3, Cin, Cout)
+kernel. It is accumulated over bands of image rows so each band's patch tile stays in
+cache (``kernel_grad``).
+
+``Conv3x3`` is a drop-in replacement for ``nn.Conv(features, (3, 3), padding=1)`` with the
+same parameter names, shapes, initialisers and dtype promotion.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+IMPLS = ("xla", "patches", "auto")
+"""Values of ``impl``: plain lax conv + autodiff, the custom VJP, or a per-shape choice."""
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+_PADDING = ((1, 1), (1, 1))
+
+# The rule behind impl='auto' (measured in docs/performance.md, "A matmul kernel gradient"):
+# the custom VJP's kernel gradient wins from 56x56 pixels up (3-4x at conv2_x of a 448
+# input, where XLA's is a generic convolution with a whole-image window); on 28x28 and 14x14
+# maps the two tie, so XLA keeps them. GPUs and TPUs always keep XLA's (see use_patches).
+AUTO_MIN_PIXELS = 56 * 56
+
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+"""Size of one patch tile of the chunked kernel gradient (fits in this CPU's L2/L3)."""
+
+
+def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The forward convolution, exactly as ``nn.Conv`` calls it (NHWC/HWIO, padding 1)."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), _PADDING,
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _patches_t(xt: jax.Array, rows: int, cols: int) -> jax.Array:
+  """(C, rows+2, cols+2) padded, channels-major tile -> (9*C, rows*cols) patch matrix.
+
+  Row ``(kh*3 + kw)*C + c`` holds ``xt[c, kh:kh+rows, kw:kw+cols]``: HWIO order, so the
+  (9*C, Cout) product with the output gradient reshapes straight into a (3, 3, C, Cout)
+  kernel.
+  """
+  c = xt.shape[0]
+  return jnp.concatenate([xt[:, i:i + rows, j:j + cols] for i in range(3) for j in range(3)],
+                         axis=0).reshape(9 * c, rows * cols)
+
+
+def chunk_rows(height: int, width: int, in_channels: int, itemsize: int = 4,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+  """Rows of the image per band of the chunked kernel gradient.
+
+  Returns:
+    The largest divisor of ``height`` whose (9*in_channels, rows*width) patch tile of
+    ``itemsize``-byte elements fits in ``chunk_bytes``; at least 1.
+  """
+  rows = max(1, min(height, chunk_bytes // (9 * in_channels * itemsize * width)))
+  while height % rows:
+    rows -= 1
+  return rows
+
+
+def kernel_grad(x: jax.Array, dy: jax.Array, method: str = "chunked",
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> jax.Array:
+  """Gradient of ``sum(conv3x3(x, W) * dy)`` in ``W``, as matrix products.
+
+  Args:
+    x: (B, H, W, Cin) input of the convolution.
+    dy: (B, H, W, Cout) cotangent of its output.
+    method: 'chunked' (default): a ``lax.scan`` over bands of ``chunk_rows`` image rows;
+      each step builds the band's (9*Cin, rows*W) patch tile from 9 shifted slices of the
+      padded, channels-major input and adds tile @ dy_band (rows*W, Cout) to the
+      (9*Cin, Cout) accumulator. 'concat': the whole (B*H*W, 9*Cin) patch matrix from 9
+      shifted slices concatenated on the channel axis, one einsum. 'lax_patches': the same
+      with ``jax.lax.conv_general_dilated_patches``. The last two are kept to measure.
+    chunk_bytes: patch-tile size for 'chunked'.
+
+  Under a mesh with the batch axis sharded, 'chunked' is correct but its scan slices across
+  that axis, so XLA gathers ``x`` on every device (fine for CPU tests; ``impl='auto'`` never
+  takes this path on GPU/TPU).
+
+  Returns:
+    (3, 3, Cin, Cout) kernel gradient in ``x.dtype``, accumulated in float32.
+  """
+  b, h, w, cin = x.shape
+  cout = dy.shape[-1]
+  dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  if method == "chunked":
+    # Why chunked and channels-major: XLA:CPU's fastest matmul form is (M, K) @ (K, N) with
+    # row-major operands (a transposed-LHS dot runs at ~60 % of it), and a 9x-inflated patch
+    # matrix of a whole 448x448 image (hundreds of MB) makes building it memory-bound; a
+    # band of a few MB stays in cache between its construction and its matmul. Only x is
+    # transposed (once, fused with the padding); dy bands are contiguous reshapes.
+    rows = chunk_rows(h, w, cin, x.dtype.itemsize, chunk_bytes)
+    bands = h // rows
+    xt = jnp.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (1, 1), (1, 1)))  # B,C,H+2,W+2
+    dy_bands = dy.reshape(b * bands, rows * w, cout)
+
+    def band(acc, inputs):
+      idx, dy_band = inputs
+      tile = jax.lax.dynamic_slice(xt, (idx // bands, 0, (idx % bands) * rows, 0),
+                                   (1, cin, rows + 2, w + 2))[0]
+      return acc + dot("kp,po->ko", _patches_t(tile, rows, w), dy_band), None
+
+    dw, _ = jax.lax.scan(band, jnp.zeros((9 * cin, cout), jnp.float32),
+                         (jnp.arange(b * bands), dy_bands))
+    dw = dw.reshape(3, 3, cin, cout)
+  elif method == "concat":
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
+                              axis=-1)
+    dw = dot("bhwk,bhwo->ko", patches, dy).reshape(3, 3, cin, cout)
+  elif method == "lax_patches":
+    # Its feature order is (Cin, kh, kw): permute to HWIO.
+    p = jax.lax.conv_general_dilated_patches(x, (3, 3), (1, 1), _PADDING,
+                                             dimension_numbers=_DIMENSION_NUMBERS)
+    dw = dot("bhwk,bhwo->ko", p, dy).reshape(cin, 3, 3, cout).transpose(1, 2, 0, 3)
+  else:
+    raise ValueError(f"unknown kernel-gradient method {method!r}")
+  return dw.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv3x3_patches(x, kernel, bias, method):
+  return _conv(x, kernel) + bias
+
+
+def _fwd(x, kernel, bias, method):
+  return _conv(x, kernel) + bias, (x, kernel)
+
+
+def _bwd(method, res, dy):
+  x, kernel = res
+  # Input gradient: the transposed convolution, exactly what autodiff of the forward gives
+  # (XLA already sends it to its fast kernels).
+  (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel), x)(dy)
+  dw = kernel_grad(x, dy, method)
+  db = jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.float32).astype(dy.dtype)
+  return dx, dw, db
+
+
+_conv3x3_patches.defvjp(_fwd, _bwd)
+
+
+def use_patches(in_shape: tuple[int, ...], impl: str) -> bool:
+  """Whether ``impl`` means the custom VJP for an input of ``in_shape`` (B, H, W, Cin)."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    # Only XLA:CPU lowers the kernel gradient badly; cuDNN and the TPU compiler have native
+    # backward-filter convolutions, so off CPU 'auto' keeps XLA's.
+    _, h, w, _ = in_shape
+    return jax.default_backend() == "cpu" and h * w >= AUTO_MIN_PIXELS
+  return impl == "patches"
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "auto",
+            method: str = "chunked") -> jax.Array:
+  """3x3 convolution, stride 1, zero padding 1, plus bias.
+
+  Args:
+    x: (B, H, W, Cin) input.
+    kernel: (3, 3, Cin, Cout), same dtype as ``x``.
+    bias: (Cout,), same dtype as ``x``.
+    impl: 'xla' (``lax.conv_general_dilated`` + autodiff), 'patches' (same forward and
+      input gradient, matmul kernel gradient via ``jax.custom_vjp``) or 'auto' (on the
+      CPU backend, patches where the input has at least ``AUTO_MIN_PIXELS`` pixels and
+      xla below, where the two tie; xla on GPU/TPU).
+    method: how 'patches' builds the kernel gradient (see ``kernel_grad``).
+
+  Returns:
+    (B, H, W, Cout) in ``x.dtype``.
+  """
+  if use_patches(x.shape, impl):
+    return _conv3x3_patches(x, kernel, bias, method)
+  return _conv(x, kernel) + bias
+
+
+class Conv3x3(nn.Module):
+  """Drop-in ``nn.Conv(features, (3, 3), padding=1)`` with a selectable backward pass.
+
+  Parameters ``kernel`` (3, 3, in, features) and ``bias`` (features,), as ``nn.Conv``;
+  inputs, kernel and bias are promoted to ``dtype`` before the convolution, as ``nn.Conv``.
+
+  Attributes:
+    features: output channels.
+    dtype: computation dtype (``None``: inferred from inputs and params, as ``nn.Conv``).
+    param_dtype: parameter dtype.
+    kernel_init: kernel initialiser.
+    bias_init: bias initialiser.
+    impl: 'xla' | 'patches' | 'auto' (see ``conv3x3``).
+  """
+  features: int
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.linear.default_kernel_init
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """(B, H, W, Cin) -> (B, H, W, features)."""
+    if inputs.ndim != 4:
+      raise ValueError(f"Conv3x3 expects (B, H, W, C) inputs, got shape {inputs.shape}")
+    kernel = self.param("kernel", self.kernel_init, (3, 3, inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    return conv3x3(inputs, kernel, bias, impl=self.impl)
+
