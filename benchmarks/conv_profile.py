@@ -10,13 +10,26 @@ input with the output gradient), each as its own jitted function from ``jax.vjp`
 same three through ``torch.ops.aten.convolution_backward``. Medians of ``--repeats``.
 The XLA-vs-torch ratio per pass shows which of the three is slow, and the HLO printed with
 ``--dump_hlo`` shows what XLA lowers each one to.
+
+``--compare`` times, per layer and interleaved round by round, one forward + backward pass
+(gradients in input and kernel, as in a train step) of ``rma_jax.conv.conv3x3`` with
+``impl='xla'`` and ``impl='patches'`` against torch, and the kernel gradient alone by each
+``rma_jax.conv.kernel_grad`` method. ``--train_step`` times the full RMA train step
+(``rma_jax.train``, the benchmark config of ``rma_jax.bench``) with XLA's convolutions, with
+``Conv3x3`` swapped in for every 3x3 ``nn.Conv`` (via ``flax.linen.intercept_methods``, so
+models.py is untouched) and PyTorch's, interleaved step by step:
+
+    python benchmarks/conv_profile.py --compare --size=448 --repeats=3
+    python benchmarks/conv_profile.py --train_step --size=448 --batch=2 --repeats=3
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -24,6 +37,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # rma_jax from here
 
 LAYERS = {  # name: (spatial size at a 224 input, in channels, out channels)
     "conv1_2": (224, 64, 64), "conv2_2": (112, 128, 128), "conv3_2": (56, 256, 256),
@@ -96,6 +111,142 @@ def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layer
   return out
 
 
+def _interleaved_ms(calls, repeats):
+  """Median ms of each zero-argument call, timed round-robin (one warm-up call each)."""
+  for c in calls.values():
+    jax.block_until_ready(c())
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, c in calls.items():
+      t = time.perf_counter()
+      jax.block_until_ready(c())
+      times[k].append(time.perf_counter() - t)
+  return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layers=None,
+            methods=("chunked", "concat", "lax_patches")):
+  """Forward+backward of conv3x3 per impl (and torch), kernel gradient per method."""
+  from rma_jax import conv  # pylint: disable=g-import-not-at-top
+  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  out = []
+  all_layers = dict(LAYERS, conv1_1=(224, 3, 64), conv2_1=(112, 64, 128),
+                    conv3_1=(56, 128, 256), conv4_1=(28, 256, 512))
+  for name in sorted(all_layers):
+    if layers and name not in layers:
+      continue
+    hw, cin, cout = all_layers[name]
+    hw = int(round(hw * size / 224))
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
+    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    g_np = rng.normal(size=(batch, hw, hw, cout)).astype(np.float32)
+    x, w, g = (jnp.asarray(a, dt) for a in (x_np, w_np, g_np))
+    b = jnp.zeros((cout,), dt)
+    calls = {}
+    for impl in ("xla", "patches"):
+      def fb(x, w, b, g, impl=impl):  # the output too, or XLA drops the forward conv
+        y, vjp = jax.vjp(lambda x, w, b: conv.conv3x3(x, w, b, impl=impl), x, w, b)
+        return y, vjp(g)
+      f = jax.jit(fb)
+      calls[f"fb_{impl}"] = functools.partial(f, x, w, b, g)
+    calls["dw_xla"] = functools.partial(
+        jax.jit(lambda x, w, g: jax.vjp(lambda w: _conv(x, w), w)[1](g)[0]), x, w, g)
+    for m in methods:
+      calls[f"dw_{m}"] = functools.partial(
+          jax.jit(lambda x, g, m=m: conv.kernel_grad(x, g, m)), x, g)
+    if use_torch:
+      import torch  # pylint: disable=g-import-not-at-top
+      tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+      cl = torch.channels_last
+      xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
+      wt = torch.from_numpy(w_np).permute(3, 2, 0, 1).contiguous(memory_format=cl).to(tdt)
+      gt = torch.from_numpy(g_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
+      bt = torch.zeros(cout, dtype=tdt)
+
+      def torch_fb():
+        with torch.no_grad():
+          torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+          return torch.ops.aten.convolution_backward(
+              gt, xt, wt, [cout], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+              [True, True, True])
+
+      def torch_dw():
+        with torch.no_grad():
+          return torch.ops.aten.convolution_backward(
+              gt, xt, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+      calls["fb_torch"], calls["dw_torch"] = torch_fb, torch_dw
+    rec = {"layer": name, "hw": hw, "cin": cin, "cout": cout, "batch": batch, "dtype": dtype,
+           "auto_uses_patches": conv.use_patches(x.shape, "auto")}
+    rec.update({f"{k}_ms": v for k, v in _interleaved_ms(calls, repeats).items()})
+    print(json.dumps(rec), flush=True)
+    out.append(rec)
+  return out
+
+
+def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="float32",
+                       impls=("xla", "auto")):
+  """The full RMA train step (rma_jax.train) per conv impl and PyTorch's, interleaved."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from rma_jax import bench, conv, train  # pylint: disable=g-import-not-at-top
+
+  swapped = {}
+
+  def swap_convs(impl):
+    """Runs every 3x3, stride-1, padding-1 nn.Conv as conv.conv3x3(impl=impl) instead."""
+    swapped[impl] = 0
+
+    def interceptor(next_fun, args, kwargs, context):
+      m = context.module
+      if (impl == "xla" or type(m) is not nn.Conv or context.method_name != "__call__"
+          or tuple(m.kernel_size) != (3, 3) or m.padding not in (1, ((1, 1), (1, 1)))
+          or m.strides not in (None, 1, (1, 1)) or not m.has_variable("params", "kernel")):
+        return next_fun(*args, **kwargs)
+      x, k, b = nn.dtypes.promote_dtype(args[0], m.get_variable("params", "kernel"),
+                                        m.get_variable("params", "bias"), dtype=m.dtype)
+      swapped[impl] += conv.use_patches(x.shape, impl)  # traced layers on the custom VJP
+      return conv.conv3x3(x, k, b, impl=impl)
+    return nn.intercept_methods(interceptor)
+
+  settings = bench.BenchSettings(image_size=size + 64, crop_size=size, batch=batch,
+                                 dtype=dtype, torch=use_torch)
+  config = bench.bench_config(settings)
+  model = train.build_model(config, settings.num_classes)
+  loss_cfg = train.LossConfig.from_config(config)
+  mesh = bench.mesh_for_batch(batch)
+  tx = train.make_optimizer(config.optim, train.learning_rate_schedule(
+      config.optim.learning_rate, config.optim, 100, 1000))
+  host_batch = bench._random_batch(np.random.default_rng(0), batch, size,  # pylint: disable=protected-access
+                                   settings.num_classes)
+  data = jax.device_put(host_batch, NamedSharding(mesh, P("data")))
+  calls, compile_s, states = {}, {}, {}
+  for impl in impls:
+    state = train.create_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
+    t = time.perf_counter()
+    with swap_convs(impl):  # the interception happens while tracing
+      step = train.jit_train_step(loss_cfg, mesh).lower(state, data).compile()
+    compile_s[impl] = time.perf_counter() - t
+    states[impl] = state
+
+    def one(impl=impl, step=step):
+      states[impl], metrics = step(states[impl], data)
+      return metrics["loss"]
+    calls[f"jax_{impl}"] = one
+  if use_torch:
+    runner = bench._TorchRunner(settings, jax.device_get(states[impls[0]].params),  # pylint: disable=protected-access
+                                len(os.sched_getaffinity(0)), config.data.pixel_convention)
+    calls["torch"] = runner.train_step_fn(host_batch)
+  ms = _interleaved_ms(calls, repeats)
+  rec = {"case": "train_step", "input_size": size, "batch": batch, "dtype": dtype,
+         "repeats": repeats, **{f"{k}_ms": v for k, v in ms.items()},
+         **{f"compile_s_{k}": v for k, v in compile_s.items()},
+         **{f"custom_vjp_layers_{k}": v for k, v in swapped.items()}}
+  if use_torch:
+    rec.update({f"ratio_{k}": ms["torch"] / v for k, v in ms.items() if k != "torch"})
+  return rec
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", type=int, default=224)
@@ -106,12 +257,38 @@ def main():
   p.add_argument("--torch", default="true", choices=["true", "false"])
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--dump_hlo", action="store_true")
+  p.add_argument("--compare", action="store_true",
+                 help="conv3x3 impl='xla' vs 'patches' vs torch, and kernel_grad methods")
+  p.add_argument("--train_step", action="store_true",
+                 help="full RMA train step: XLA convs vs Conv3x3(impl='auto') vs torch")
   a = p.parse_args()
   if a.torch == "true":
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(a.threads or len(os.sched_getaffinity(0)))
-  recs = profile(a.size, a.batch, a.repeats, a.torch == "true", a.dtype,
-                 [l for l in a.layers.split(",") if l], a.dump_hlo)
+  layers = [l for l in a.layers.split(",") if l]
+  if a.train_step:
+    rec = train_step_compare(a.size, a.batch, a.repeats, a.torch == "true", a.dtype)
+    print(json.dumps(rec))
+    print("\n| train step | batch | jax, XLA convs ms | jax, Conv3x3 auto ms | torch ms |"
+          " torch/jax (XLA, auto) |\n|---|---|---|---|---|---|")
+    t = rec.get("torch_ms")
+    print(f"| {rec['input_size']}² {rec['dtype']} | {rec['batch']} | {rec['jax_xla_ms']:.0f} | "
+          f"{rec['jax_auto_ms']:.0f} | {t:.0f} | {rec['ratio_jax_xla']:.2f}, "
+          f"{rec['ratio_jax_auto']:.2f} |" if t else "")
+    return
+  if a.compare:
+    recs = compare(a.size, a.batch, a.repeats, a.torch == "true", a.dtype, layers)
+    print("\n| layer | HxW | Cin→Cout | fwd+bwd ms: xla / patches / torch | "
+          "dw ms: xla / chunked / concat / lax_patches / torch | auto |")
+    print("|---|---|---|---|---|---|")
+    for r in recs:
+      g = lambda k: f"{r[k]:.0f}" if k in r else "–"
+      print(f"| {r['layer']} | {r['hw']}² | {r['cin']}→{r['cout']} | {g('fb_xla_ms')} / "
+            f"{g('fb_patches_ms')} / {g('fb_torch_ms')} | {g('dw_xla_ms')} / "
+            f"{g('dw_chunked_ms')} / {g('dw_concat_ms')} / {g('dw_lax_patches_ms')} / "
+            f"{g('dw_torch_ms')} | {'patches' if r['auto_uses_patches'] else 'xla'} |")
+    return
+  recs = profile(a.size, a.batch, a.repeats, a.torch == "true", a.dtype, layers, a.dump_hlo)
   for r in recs:
     print(json.dumps(r))
   print("\n| layer | HxW | XLA fwd / dx / dw ms | torch fwd / dx / dw ms | torch/XLA fwd, dx, dw |")

@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.fixed_regions = ""  # "" | "anchors": the fixed-regions control of Table 3
   c.model.dtype = "float32"  # float32 | bfloat16 (parameters stay float32)
   c.model.remat = False
+  # 3x3 conv backward: auto | xla | patches (rma_jax.conv; auto = matmul kernel gradient on
+  # CPU for maps >= 56x56, XLA's elsewhere and on GPU/TPU). Same parameters either way.
+  c.model.conv_impl = "auto"
   c.model.baseline_pool = "avg"  # the baseline's global pooling: avg | max
 
   # Loss (SPEC §2). classification: softmax_euclidean (Eq. 7-8) | sigmoid_bce.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rma_jax import ops
+from rma_jax import conv, ops
 
 Dtype = Any
 
@@ -54,12 +54,16 @@ class VGG16(nn.Module):
     dtype: computation dtype (parameters stay float32), e.g. ``jnp.bfloat16``.
     remat: recompute each block's activations in the backward pass to save memory.
     head_pool: global pooling before the head, 'avg' or 'max'.
+    conv_impl: backward pass of the 3x3 convs (``rma_jax.conv.Conv3x3``): 'xla' | 'patches'
+      | 'auto' (the matmul kernel gradient on CPU for maps >= 56x56; same parameters and
+      results either way).
   """
   width: int = 1
   num_classes: int | None = None
   dtype: Dtype = jnp.float32
   remat: bool = False
   head_pool: str = "avg"
+  conv_impl: str = "auto"
 
   def setup(self):
     if self.width < 1 or 64 % self.width:
@@ -67,8 +71,9 @@ class VGG16(nn.Module):
     for name, channels in zip(vgg16_layer_names(), (c for b in VGG16_BLOCKS for c in b)):
       # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers when
       # training from scratch; ImageNet weights replace it otherwise.
-      setattr(self, name, nn.Conv(channels // self.width, (3, 3), padding=1, dtype=self.dtype,
-                                  param_dtype=jnp.float32, kernel_init=_HE_INIT, name=name))
+      setattr(self, name, conv.Conv3x3(channels // self.width, dtype=self.dtype,
+                                       param_dtype=jnp.float32, kernel_init=_HE_INIT,
+                                       impl=self.conv_impl, name=name))
     if self.num_classes is not None:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
                            name="head")
@@ -210,6 +215,7 @@ class RMA(nn.Module):
     fixed_regions: optional (K+1, 4) transforms used instead of the predicted ones.
     dtype: computation dtype (parameters float32).
     remat: rematerialise the trunk's blocks in the backward pass.
+    conv_impl: the trunk's 3x3 conv backward pass, see ``VGG16.conv_impl``.
   """
   num_classes: int
   num_regions: int = 5
@@ -224,9 +230,11 @@ class RMA(nn.Module):
   fixed_regions: Sequence[Sequence[float]] | None = None
   dtype: Dtype = jnp.float32
   remat: bool = False
+  conv_impl: str = "auto"
 
   def setup(self):
-    self.trunk = VGG16(width=self.width, dtype=self.dtype, remat=self.remat)
+    self.trunk = VGG16(width=self.width, dtype=self.dtype, remat=self.remat,
+                       conv_impl=self.conv_impl)
     self.attention = RecurrentAttention(
         num_classes=self.num_classes, num_regions=self.num_regions,
         sample_size=self.sample_size, x_dim=self.x_dim, hidden_dim=self.hidden_dim,

@@ -69,6 +69,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.width={m.width} must divide 64")
   if m.dtype not in DTYPES:
     errors.append(f"model.dtype={m.dtype!r}: one of {sorted(DTYPES)}")
+  if m.conv_impl not in ("auto", "xla", "patches"):
+    errors.append(f"model.conv_impl={m.conv_impl!r}: 'auto', 'xla' or 'patches'")
   if m.baseline_pool not in ("avg", "max"):
     errors.append(f"model.baseline_pool={m.baseline_pool!r}: 'avg' or 'max'")
   if m.fixed_regions not in ("", "anchors"):
@@ -99,7 +101,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
   dtype = DTYPES[m.dtype]
   if m.name == "baseline":
     return models.VGG16(width=m.width, num_classes=num_classes, dtype=dtype, remat=m.remat,
-                        head_pool=m.baseline_pool)
+                        head_pool=m.baseline_pool, conv_impl=m.conv_impl)
   fixed = None
   if m.fixed_regions == "anchors":
     fixed = tuple(map(tuple, models.fixed_region_thetas(m.num_regions).tolist()))
@@ -107,7 +109,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
       num_classes=num_classes, num_regions=m.num_regions, sample_size=m.sample_size,
       width=m.width, x_dim=m.x_dim, hidden_dim=m.hidden_dim, z_dim=m.z_dim,
       standard_lstm=m.standard_lstm, theta_bias=tuple(m.theta_bias),
-      theta_kernel_scale=m.theta_kernel_scale, fixed_regions=fixed, dtype=dtype, remat=m.remat)
+      theta_kernel_scale=m.theta_kernel_scale, fixed_regions=fixed, dtype=dtype, remat=m.remat,
+      conv_impl=m.conv_impl)
 
 
 @dataclasses.dataclass(frozen=True)
