@@ -49,8 +49,8 @@ def _constraints(name: str) -> dict[str, Any]:
   return {"loss.use_anchor": a, "loss.use_scale": s, "loss.use_positive": p}
 
 
-# Run name -> dotted config overrides. Every attention run starts from the seed's stage-1
-# baseline; the baselines ('baseline_*') are trained from scratch with the stage-1 recipe.
+# Run name -> dotted config overrides. Every run (the baselines 'baseline_*' too) starts from
+# the seed's stage-1 baseline and is trained with the base config's stage-2 recipe.
 RUNS: dict[str, dict[str, Any]] = {
     "rma_ASP_K5": {**_constraints("A+S+P"), "model.num_regions": 5},
     "rma_null_K5": {**_constraints("null"), "model.num_regions": 5},
@@ -250,24 +250,23 @@ def run_config(base: ml_collections.ConfigDict, run: str, *, stage1_dir: str = "
   Args:
     base: the base config (e.g. configs/demo.py).
     run: a key of ``RUNS``.
-    stage1_dir: the stage-1 workdir an attention run initialises its trunk from ("" keeps the
-      base's ``init.from_checkpoint``); stage 1 is then not retrained inside the run.
+    stage1_dir: the stage-1 workdir the run initialises its trunk from ("" keeps the base's
+      ``init.from_checkpoint``); stage 1 is then not retrained inside the run.
     seed: overrides ``base.seed``.
 
   Returns:
-    A new ConfigDict. Baseline runs use the stage-1 recipe (``stage1.learning_rate``,
-    ``stage1.num_epochs``, the same schedule) from scratch, with their own loss.
+    A new ConfigDict. Every run, attention model or baseline, is stage 2 of the two-step
+    recipe: the trunk from the stage-1 baseline, new layers freshly initialised (the
+    baselines get a new head), trained with the base's ``optim`` settings. The baselines of
+    the loss table are thus trained exactly like the attention model, only without it.
   """
   if run not in RUNS:
     raise KeyError(f"unknown run {run!r}; one of {sorted(RUNS)}")
   c = apply_overrides(base, all_protocols_overrides(base))
   if seed is not None:
     c.seed = int(seed)
-  overrides = dict(RUNS[run])
-  if overrides.get("model.name") == "baseline":
-    c = stage1_config(c)
-  c = apply_overrides(c, overrides)
-  if c.model.name == "rma" and stage1_dir:
+  c = apply_overrides(c, RUNS[run])
+  if stage1_dir:
     c.init.from_checkpoint = stage1_dir
     c.stage1.num_epochs = 0
   return c

@@ -17,7 +17,8 @@ def get_config():
   c.data.source = "demo"
   c.data.image_size = 112
   c.data.crop_size = 96
-  c.data.pixel_convention = "unit"
+  c.data.pixel_convention = "torch"
+  c.data.random_flip = False  # digits are chiral: a mirrored 2 is not a 2
   c.data.demo.num_train = 2000
   c.data.demo.num_val = 200
   c.data.demo.num_test = 500
@@ -30,12 +31,12 @@ def get_config():
   c.model.z_dim = 256
 
   c.optim.batch_size = 32
-  c.optim.num_epochs = 20
+  c.optim.num_epochs = 10
   c.optim.learning_rate = 3e-4
   c.optim.schedule = "constant"
   c.optim.grad_clip_norm = 1.0
 
-  c.stage1.num_epochs = 10
+  c.stage1.num_epochs = 18
   c.stage1.learning_rate = 1e-3
   c.stage1.classification = "sigmoid_bce"
 
@@ -44,5 +45,6 @@ def get_config():
   c.eval.ap_mode = "all"
 
   c.log_every_steps = 50
+  c.eval_every_epochs = 2
   c.checkpoint_every_steps = 200
   return c

@@ -68,10 +68,11 @@ def needed_runs(tables: Sequence[Any]) -> list[str]:
   return runs
 
 
-def train_stage1(base: ml_collections.ConfigDict, seed_dir: str, seed: int) -> str:
-  """Trains the seed's stage-1 baseline once (skipped when done); returns its workdir."""
+def train_stage1(base: ml_collections.ConfigDict, parent: str, seed: int) -> str:
+  """Trains a stage-1 baseline in ``parent/stage1`` once (skipped when done); returns that
+  folder."""
   from rma_jax import train
-  stage1_dir = os.path.join(seed_dir, "stage1")
+  stage1_dir = os.path.join(parent, "stage1")
   if os.path.exists(_stage1_done(stage1_dir)):
     logging.info("seed %d: stage 1 already trained in %s", seed, stage1_dir)
     return stage1_dir
@@ -96,20 +97,8 @@ def run_one(base: ml_collections.ConfigDict, run: str, seed_dir: str, seed: int,
     logging.info("seed %d / %s: done already (%s)", seed, run, path)
     return load_results(run_dir)
   config = ablations.run_config(base, run, stage1_dir=stage1_dir, seed=seed)
+  logging.info("seed %d / %s: training in %s", seed, run, run_dir)
   start = time.time()
-  stage1 = ablations.stage1_config(ablations.apply_overrides(base, {"seed": seed}))
-  if (_training_fields(config) == _training_fields(stage1)
-      and os.path.exists(_stage1_done(stage1_dir))):
-    # This baseline *is* the seed's stage-1 model (same loss, recipe and seed): evaluate its
-    # checkpoints instead of training the same thing twice. ``train`` then finds the final
-    # step in place and returns at once.
-    os.makedirs(run_dir, exist_ok=True)
-    link = os.path.join(run_dir, "checkpoints")
-    if not os.path.exists(link):
-      os.symlink(os.path.abspath(os.path.join(stage1_dir, "checkpoints")), link)
-    logging.info("seed %d / %s: same training as stage 1, reusing %s", seed, run, stage1_dir)
-  else:
-    logging.info("seed %d / %s: training in %s", seed, run, run_dir)
   summary = train.train(config, run_dir)
   logging.info("seed %d / %s: trained in %.0f s (%s); evaluating", seed, run,
                time.time() - start, summary)
@@ -120,13 +109,6 @@ def run_one(base: ml_collections.ConfigDict, run: str, seed_dir: str, seed: int,
   return results
 
 
-def _training_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Everything of a config that changes what is trained (all but ``eval``)."""
-  d = config.to_dict()
-  d.pop("eval", None)
-  return d
-
-
 def load_results(run_dir: str) -> dict[str, Any]:
   """The evaluation results of a finished run (``report/report.json``)."""
   with open(_report_path(run_dir), encoding="utf-8") as f:
@@ -134,11 +116,20 @@ def load_results(run_dir: str) -> dict[str, Any]:
 
 
 def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Sequence[Any],
-                    seeds: Sequence[int]) -> dict[Any, dict[str, Any]]:
+                    seeds: Sequence[int], *, share_stage1: bool = False
+                    ) -> dict[Any, dict[str, Any]]:
   """Trains/evaluates every run the tables need for every seed, then writes the tables.
 
   Seeds are the outer loop, so a partial run already has every table for its first seeds.
   The tables are rewritten after each seed.
+
+  Args:
+    base: the base config.
+    workdir: the folder of the runs and tables.
+    tables: keys of ``ablations.TABLES``.
+    seeds: the seeds; seed ``s`` runs in ``workdir/seed<s>``.
+    share_stage1: train stage 1 once (``workdir/stage1``, seed ``seeds[0]``) for all seeds
+      instead of once per seed: cheaper, but the seed spread then covers stage 2 only.
 
   Returns:
     table key -> the table dict (see ``collect_table``) of the last write.
@@ -148,11 +139,11 @@ def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Seque
   written: dict[Any, dict[str, Any]] = {}
   for i, seed in enumerate(seeds):
     seed_dir = os.path.join(workdir, f"seed{seed}")
-    # Every attention run starts from stage 1, and a baseline may be stage 1 itself.
     needs_stage1 = any(not os.path.exists(_report_path(os.path.join(seed_dir, r)))
                        for r in runs)
-    stage1_dir = train_stage1(base, seed_dir, seed) if needs_stage1 else os.path.join(
-        seed_dir, "stage1")
+    stage1_home, stage1_seed = (workdir, seeds[0]) if share_stage1 else (seed_dir, seed)
+    stage1_dir = (train_stage1(base, stage1_home, stage1_seed) if needs_stage1
+                  else os.path.join(stage1_home, "stage1"))
     for run in runs:
       run_one(base, run, seed_dir, seed, stage1_dir)
     written = write_tables(base, workdir, tables, seeds[:i + 1])
@@ -432,7 +423,7 @@ def main(argv: Sequence[str]) -> None:
     return
   if FLAGS.seeds < 1:
     raise app.UsageError("--seeds must be >= 1")
-  run_experiments(base, FLAGS.workdir, tables, seeds)
+  run_experiments(base, FLAGS.workdir, tables, seeds, share_stage1=FLAGS.share_stage1)
 
 
 def _define_flags() -> None:
@@ -443,6 +434,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("table", "all", "3, 4, 5, 6, loss, K, a comma list, or all.")
   flags.DEFINE_integer("seeds", 3, "Number of seeds (first_seed, first_seed + 1, ...).")
   flags.DEFINE_integer("first_seed", 0, "The first seed.")
+  flags.DEFINE_bool("share_stage1", False, "Train stage 1 once for all seeds (the seed "
+                    "spread then covers stage 2 only).")
   flags.DEFINE_bool("write_only", False, "Only (re)write the tables from finished runs.")
   flags.mark_flags_as_required(["config", "workdir"])
 

@@ -253,8 +253,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads)
-  metrics = dict(terms, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(state.params),
+  metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(state.params),
                  nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
   return state, metrics
 

@@ -1,0 +1,160 @@
+"""Training: the sharded step equals the 1-device step, the main job resumes (also after a
+kill), non-finite losses stop the run, and the loss goes down on the demo data."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from rma_jax import checkpointing, train
+from rma_jax import data as data_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.model.width=16", "--config.model.x_dim=32", "--config.model.hidden_dim=16",
+    "--config.model.z_dim=16", "--config.data.image_size=64", "--config.data.crop_size=48",
+    "--config.data.demo.num_train=64", "--config.data.demo.num_val=16",
+    "--config.data.demo.num_test=16", "--config.data.demo.canvas_size=64",
+    "--config.optim.batch_size=8", "--config.eval.batch_size=8", "--config.eval.scales=(64,)",
+    "--config.stage1.num_epochs=0", "--config.log_every_steps=2",
+    "--config.checkpoint_every_steps=2", "--config.eval_every_epochs=100",
+]
+
+
+def tiny_config(**overrides):
+  """configs/demo.py with the TINY overrides (and ``overrides``) applied in-process."""
+  c = demo.get_config()
+  items = [f[len("--config."):].split("=", 1) for f in TINY] + list(overrides.items())
+  for key, value in items:
+    *path, last = key.split(".")
+    target = c
+    for p in path:
+      target = target[p]
+    if isinstance(value, str) and not isinstance(target[last], str):
+      value = eval(value)  # the flag's literal, as ml_collections would parse it
+    target[last] = value
+  return c
+
+
+def _main(workdir, *extra, env=None, **kw):
+  cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py",
+         f"--workdir={workdir}", *TINY, *extra]
+  full_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                  JAX_PLATFORMS="cpu", **(env or {}))
+  return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, **kw)
+
+
+def test_sharded_step_equals_single_device_step():
+  assert jax.device_count() >= 4, "conftest forces 4 host devices"
+  config = tiny_config()
+  sources = data_lib.get_sources(config.data, seed=0)
+  model = train.build_model(config, 10)
+  batches = list(zip(range(3), data_lib.train_batches(
+      sources.train, global_batch_size=8, image_size=64, crop_size=48, seed=0)))
+  loss_cfg = train.LossConfig.from_config(config)
+  finals = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    mesh = train.make_mesh(devices)
+    tx = train.make_optimizer(config.optim, train.learning_rate_schedule(
+        1e-3, config.optim, 8, 3))
+    state = train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+    step = train.jit_train_step(loss_cfg, mesh)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    for _, batch in batches:
+      batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+      state, metrics = step(state, batch)
+    assert len(state.params["trunk"]["conv1_1"]["kernel"].sharding.device_set) == len(devices)
+    finals.append(jax.device_get(state.params))
+  for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), finals[0],
+                                       jax.device_get(train.create_train_state(
+                                           model, tx, jax.random.key(0), (48, 48, 3),
+                                           train.make_mesh(jax.devices()[:1])).params)))
+  assert max(moved) > 1e-4
+
+
+def test_main_job_resumes_and_writes_checkpoints_and_events(tmp_path):
+  wd = str(tmp_path / "run")
+  first = _main(wd, "--config.max_steps=4", timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "Initialised from scratch" in first.stderr
+  assert checkpointing.latest_manager(wd).latest_step() == 4
+  assert glob.glob(os.path.join(wd, "events.out.tfevents.*"))
+  assert os.path.exists(os.path.join(wd, "report", "report.json"))
+  second = _main(wd, "--config.max_steps=8", timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Resumed from" in second.stderr and "at step 4" in second.stderr
+  assert "Initialised" not in second.stderr  # no re-initialisation
+  assert checkpointing.latest_manager(wd).latest_step() == 8
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
+  wd = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py", f"--workdir={wd}",
+         *TINY, "--config.max_steps=400"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(wd, "checkpoints", "latest")
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [d for d in glob.glob(os.path.join(ckpt, "*")) if os.path.basename(d).isdigit()]
+    if len(done) >= 2:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpointing.latest_manager(wd).latest_step()
+  assert killed_at is not None and killed_at < 400
+  resumed = _main(wd, "--config.max_steps=%d" % (killed_at + 6), timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"at step {killed_at}" in resumed.stderr
+  assert checkpointing.latest_manager(wd).latest_step() == killed_at + 6
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path / "nan")
+  result = _main(wd, "--config.max_steps=40", "--config.optim.learning_rate=1e30",
+                 "--config.optim.grad_clip_norm=0", timeout=600)
+  assert result.returncode != 0
+  assert "non-finite loss at step" in result.stderr
+  manager = checkpointing.latest_manager(wd)
+  if manager.latest_step() is not None:  # whatever was saved is finite
+    params, _ = train.load_params(wd, checkpointing.LATEST)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_invalid_config_fails_before_compiling(tmp_path):
+  result = _main(str(tmp_path / "bad"), "--config.data.crop_size=64", timeout=120)
+  assert result.returncode != 0
+  assert "must be smaller than data.image_size" in result.stderr
+  assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_loss_decreases_on_demo_data():
+  config = tiny_config(**{"model.name": "baseline", "loss.classification": "sigmoid_bce"})
+  config.data.demo.num_train = 256
+  sources = data_lib.get_sources(config.data, seed=0)
+  model = train.build_model(config, 10)
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = train.make_optimizer(config.optim, lambda _: 1e-3)
+  state = train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+  step = train.jit_train_step(train.LossConfig.from_config(config), mesh)
+  losses = []
+  it = data_lib.train_batches(sources.train, global_batch_size=8, image_size=64, crop_size=48,
+                              seed=0, random_flip=False)
+  for _, batch in zip(range(200), it):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  first, last = np.mean(losses[:20]), np.mean(losses[-40:])
+  assert last < 0.85 * first, (first, last)
