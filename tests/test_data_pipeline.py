@@ -256,3 +256,17 @@ def test_device_put_batches_on_four_host_devices():
   r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_random_flip_can_be_turned_off():
+  from rma_jax.data import preprocess
+  image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+  flipped_any = False
+  for seed in range(8):
+    with_flip = preprocess.train_transform(image, np.random.default_rng(seed), 48, 32)
+    without = preprocess.train_transform(image, np.random.default_rng(seed), 48, 32,
+                                         random_flip=False)
+    _, _, flip = preprocess.sample_crop(np.random.default_rng(seed), 48, 32)
+    np.testing.assert_array_equal(without, with_flip[:, ::-1] if flip else with_flip)
+    flipped_any |= bool(flip)
+  assert flipped_any
