@@ -103,7 +103,7 @@ def _voc(m: float) -> dict[str, dict[str, float]]:
 
 TABLES: dict[Any, list[Variant]] = {
     3: [Variant("fixed regions (anchor boxes)", "fixed_anchors_K5", SINGLE_N,
-                # The paper's row is 500 EdgeBox proposals, not fixed boxes.
+                # The paper's row uses the top five EdgeBox proposals, not fixed boxes.
                 {"voc2007": {"mAP": 88.6}}),
         Variant("attentional regions", "rma_ASP_K5", SINGLE_N, _voc(90.4))],
     4: [Variant("null", "rma_null_K5", TEN_N, _voc(89.9)),

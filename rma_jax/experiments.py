@@ -142,8 +142,15 @@ def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Seque
     needs_stage1 = any(not os.path.exists(_report_path(os.path.join(seed_dir, r)))
                        for r in runs)
     stage1_home, stage1_seed = (workdir, seeds[0]) if share_stage1 else (seed_dir, seed)
-    stage1_dir = (train_stage1(base, stage1_home, stage1_seed) if needs_stage1
-                  else os.path.join(stage1_home, "stage1"))
+    if base.stage1.num_epochs <= 0:
+      # No stage 1 to train: every run starts from the given checkpoint (or from scratch /
+      # ImageNet weights when there is none), shared by all seeds.
+      stage1_dir = base.init.from_checkpoint
+      logging.info("stage1.num_epochs = 0: runs start from %r", stage1_dir or "scratch")
+    elif needs_stage1:
+      stage1_dir = train_stage1(base, stage1_home, stage1_seed)
+    else:
+      stage1_dir = os.path.join(stage1_home, "stage1")
     for run in runs:
       run_one(base, run, seed_dir, seed, stage1_dir)
     written = write_tables(base, workdir, tables, seeds[:i + 1])
@@ -414,6 +421,11 @@ def main(argv: Sequence[str]) -> None:
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   import jax
+  if FLAGS.compilation_cache:
+    # Seeds (and runs with the same architecture and loss) compile identical programs:
+    # XLA's persistent cache turns every compile after the first into a file read.
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   logging.info("JAX devices: %s", jax.devices())
   base = FLAGS.config
   tables = ablations.parse_table(FLAGS.table)
@@ -436,6 +448,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("first_seed", 0, "The first seed.")
   flags.DEFINE_bool("share_stage1", False, "Train stage 1 once for all seeds (the seed "
                     "spread then covers stage 2 only).")
+  flags.DEFINE_string("compilation_cache", "", "A folder for JAX's persistent compilation "
+                      "cache (shared by the seeds' identical programs); '' = off.")
   flags.DEFINE_bool("write_only", False, "Only (re)write the tables from finished runs.")
   flags.mark_flags_as_required(["config", "workdir"])
 
