@@ -12,6 +12,7 @@ mid-save resumes from the last complete checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -28,19 +29,32 @@ def checkpoint_dir(workdir: str, which: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints", which)
 
 
+def _multiprocessing_options(path: str) -> ocp.options.MultiprocessingOptions:
+  """Barrier keys unique to one checkpoint folder.
+
+  Orbax names its cross-host barriers after the step folder ('3', ...), so the 'best' and
+  'latest' managers saving the same step at the same time would share a barrier and, on
+  several hosts, pair up wrongly and hang. A prefix per folder keeps them apart.
+  """
+  digest = hashlib.sha1(path.encode()).hexdigest()[:12]
+  return ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix=f"{os.path.basename(path)}_{digest}")
+
+
 def latest_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """Manager of the periodic checkpoints used to resume."""
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir, LATEST),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+  path = checkpoint_dir(workdir, LATEST)
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True,
+      multiprocessing_options=_multiprocessing_options(path)))
 
 
 def best_manager(workdir: str) -> ocp.CheckpointManager:
   """Manager keeping the single checkpoint with the lowest validation loss (paper §5.1)."""
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir, BEST),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode="min", create=True))
+  path = checkpoint_dir(workdir, BEST)
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+      max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode="min", create=True,
+      multiprocessing_options=_multiprocessing_options(path)))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -69,7 +83,8 @@ def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointMana
     path = checkpoint_dir(workdir, name)
     if os.path.isdir(path):
       manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, save_interval_steps=0),
+          read_only=True, create=False, save_interval_steps=0,
+          multiprocessing_options=_multiprocessing_options(path)),
           item_handlers=ocp.StandardCheckpointHandler())
       step = manager.best_step() if name == BEST else manager.latest_step()
       step = manager.latest_step() if step is None else step

@@ -479,10 +479,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if step % config.checkpoint_every_steps == 0 or step == total_steps:
       flush_metrics(step)
       checkpointing.save(latest, step, state)
-  latest.wait_until_finished()
   best.wait_until_finished()
+  result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step()}
+  # close() waits for the asynchronous saves on every host, so that no host leaves while
+  # another still waits for it at a checkpoint barrier.
+  latest.close()
+  best.close()
   writer.flush()
-  return {"step": step, "best_val_loss": best_val, "best_step": best.best_step()}
+  return result
 
 
 def evaluate_loss(eval_fn: Callable, params: Any, source: Any, config: ml_collections.ConfigDict,
