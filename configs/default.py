@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   # CPU for maps >= 56x56, XLA's elsewhere and on GPU/TPU). Same parameters either way.
   c.model.conv_impl = "auto"
   c.model.baseline_pool = "avg"  # the baseline's global pooling: avg | max
+  c.model.trunk_init = "he"  # from-scratch conv init: he | dirac (identity where C_in = C_out)
 
   # Loss (SPEC §2). classification: softmax_euclidean (Eq. 7-8) | sigmoid_bce.
   c.loss = ml_collections.ConfigDict()

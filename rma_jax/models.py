@@ -36,6 +36,25 @@ DEFAULT_THETA_BIAS = (0.5, 0.5, 0.0, 0.0)
 
 
 _HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+TRUNK_INITS = ("he", "dirac")
+
+
+def dirac_init(noise: float = 0.1) -> nn.initializers.Initializer:
+  """A 3x3 kernel that starts as the identity map plus ``noise`` times a He-normal draw.
+
+  For the layers of a from-scratch trunk whose input and output channel counts are equal:
+  an identity conv passes a ReLU output (>= 0) through its own ReLU unchanged, so the
+  untrained 13-layer VGG behaves like the 4 layers that change the channel count, which
+  learn quickly; the identity layers learn from there (Dirac init, Zagoruyko & Komodakis
+  2017; cf. VGG's own trick of initialising deep nets from shallow ones).
+  """
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    kh, kw, cin, cout = shape
+    if cin != cout:
+      raise ValueError(f"dirac_init needs equal input and output channels, got {shape}")
+    identity = jnp.zeros(shape, dtype).at[kh // 2, kw // 2].set(jnp.eye(cin, dtype=dtype))
+    return identity + noise * _HE_INIT(key, shape, dtype)
+  return init
 
 
 def vgg16_layer_names() -> list[str]:
@@ -54,6 +73,10 @@ class VGG16(nn.Module):
     dtype: computation dtype (parameters stay float32), e.g. ``jnp.bfloat16``.
     remat: recompute each block's activations in the backward pass to save memory.
     head_pool: global pooling before the head, 'avg' or 'max'.
+    init_scheme: initialisation of the convs when training from scratch: 'he' (He normal, as
+      torchvision) or 'dirac' (:func:`dirac_init` for the 9 layers whose channel count does
+      not change, He for the other 4), which trains a narrow trunk from scratch much
+      more reliably. Irrelevant when ImageNet or stage-1 weights are loaded.
     conv_impl: backward pass of the 3x3 convs (``rma_jax.conv.Conv3x3``): 'xla' | 'patches'
       | 'auto' (the matmul kernel gradient on CPU for maps >= 56x56; same parameters and
       results either way).
@@ -64,16 +87,20 @@ class VGG16(nn.Module):
   remat: bool = False
   head_pool: str = "avg"
   conv_impl: str = "auto"
+  init_scheme: str = "he"
 
   def setup(self):
     if self.width < 1 or 64 % self.width:
       raise ValueError(f"width must divide 64, got {self.width}")
-    for name, channels in zip(vgg16_layer_names(), (c for b in VGG16_BLOCKS for c in b)):
-      # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers when
-      # training from scratch; ImageNet weights replace it otherwise.
-      setattr(self, name, conv.Conv3x3(channels // self.width, dtype=self.dtype,
-                                       param_dtype=jnp.float32, kernel_init=_HE_INIT,
-                                       impl=self.conv_impl, name=name))
+    if self.init_scheme not in TRUNK_INITS:
+      raise ValueError(f"init_scheme must be one of {TRUNK_INITS}, got {self.init_scheme!r}")
+    channels = [c // self.width for b in VGG16_BLOCKS for c in b]
+    for name, cin, cout in zip(vgg16_layer_names(), [3] + channels[:-1], channels):
+      # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers on
+      # average; ImageNet or stage-1 weights replace it.
+      init = dirac_init() if self.init_scheme == "dirac" and cin == cout else _HE_INIT
+      setattr(self, name, conv.Conv3x3(cout, dtype=self.dtype, param_dtype=jnp.float32,
+                                       kernel_init=init, impl=self.conv_impl, name=name))
     if self.num_classes is not None:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
                            name="head")
@@ -216,6 +243,7 @@ class RMA(nn.Module):
     dtype: computation dtype (parameters float32).
     remat: rematerialise the trunk's blocks in the backward pass.
     conv_impl: the trunk's 3x3 conv backward pass, see ``VGG16.conv_impl``.
+    trunk_init: the trunk's from-scratch initialisation, see ``VGG16.init_scheme``.
   """
   num_classes: int
   num_regions: int = 5
@@ -231,10 +259,11 @@ class RMA(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   conv_impl: str = "auto"
+  trunk_init: str = "he"
 
   def setup(self):
     self.trunk = VGG16(width=self.width, dtype=self.dtype, remat=self.remat,
-                       conv_impl=self.conv_impl)
+                       conv_impl=self.conv_impl, init_scheme=self.trunk_init)
     self.attention = RecurrentAttention(
         num_classes=self.num_classes, num_regions=self.num_regions,
         sample_size=self.sample_size, x_dim=self.x_dim, hidden_dim=self.hidden_dim,

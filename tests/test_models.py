@@ -58,6 +58,38 @@ def _attention_loop(cell_params, features, cfg, num_regions):
   return jnp.stack(scores[1:], 1), jnp.stack(thetas, 1)
 
 
+def test_dirac_init_is_identity_conv_plus_he_noise():
+  # Noise-free, the kernel is the identity map: a SAME 3x3 conv returns its input.
+  x = jax.random.normal(jax.random.key(1), (2, 7, 5, 6))
+  kernel = models.dirac_init(0.0)(jax.random.key(2), (3, 3, 6, 6))
+  out = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(out, x, atol=1e-6)
+  with pytest.raises(ValueError, match="equal input and output channels"):
+    models.dirac_init()(jax.random.key(2), (3, 3, 4, 6))
+
+
+def test_vgg16_dirac_scheme_changes_only_equal_width_layers():
+  x = jnp.zeros((1, 32, 32, 3))
+  he = models.VGG16(width=16).init(jax.random.key(0), x)["params"]
+  dirac = models.VGG16(width=16, init_scheme="dirac").init(jax.random.key(0), x)["params"]
+  changed = []
+  for name in models.vgg16_layer_names():
+    k_he, k_dirac = he[name]["kernel"], dirac[name]["kernel"]
+    if k_he.shape[2] == k_he.shape[3]:
+      # The same RNG stream per layer name: dirac = identity + 0.1 * the He draw.
+      identity = np.zeros(k_he.shape, np.float32)
+      identity[1, 1] = np.eye(k_he.shape[2])
+      np.testing.assert_allclose(k_dirac, identity + 0.1 * np.asarray(k_he), atol=1e-6)
+      changed.append(name)
+    else:
+      np.testing.assert_array_equal(k_dirac, k_he)
+  assert changed == ["conv1_2", "conv2_2", "conv3_2", "conv3_3", "conv4_2", "conv4_3",
+                     "conv5_1", "conv5_2", "conv5_3"]
+  with pytest.raises(ValueError, match="init_scheme"):
+    models.VGG16(width=16, init_scheme="xavier").init(jax.random.key(0), x)
+
+
 def test_scan_equals_python_loop_and_region0_is_identity():
   model = models.RMA(num_regions=5, **SMALL)
   images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
