@@ -59,7 +59,7 @@ def make_config(width: int, dims: dict, dtype: str, crop: int, image: int, batch
   c.data = dict(name="voc2007", image_size=image, crop_size=crop, pixel_convention="caffe")
   c.model = dict(name="rma", width=width, num_regions=5, sample_size=7, standard_lstm=False,
                  theta_bias=(0.5, 0.5, 0.0, 0.0), theta_kernel_scale=0.1, fixed_regions="",
-                 dtype=dtype, remat=False, conv_impl="auto", **dims)
+                 dtype=dtype, remat=False, conv_impl="auto", trunk_init="he", **dims)
   c.loss = dict(classification="softmax_euclidean", gamma=0.1, alpha=0.5, beta=0.1,
                 lambda_anchor=0.01, lambda_positive=0.1, use_anchor=True, use_scale=True,
                 use_positive=True)

@@ -73,7 +73,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.conv_impl={m.conv_impl!r}: 'auto', 'xla' or 'patches'")
   if m.baseline_pool not in ("avg", "max"):
     errors.append(f"model.baseline_pool={m.baseline_pool!r}: 'avg' or 'max'")
-  if m.trunk_init not in models.TRUNK_INITS:
+  if m.get("trunk_init", "he") not in models.TRUNK_INITS:
     errors.append(f"model.trunk_init={m.trunk_init!r}: one of {models.TRUNK_INITS}")
   if m.fixed_regions not in ("", "anchors"):
     errors.append(f"model.fixed_regions={m.fixed_regions!r}: '' or 'anchors'")
@@ -104,7 +104,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
   if m.name == "baseline":
     return models.VGG16(width=m.width, num_classes=num_classes, dtype=dtype, remat=m.remat,
                         head_pool=m.baseline_pool, conv_impl=m.conv_impl,
-                        init_scheme=m.trunk_init)
+                        init_scheme=m.get("trunk_init", "he"))
   fixed = None
   if m.fixed_regions == "anchors":
     fixed = tuple(map(tuple, models.fixed_region_thetas(m.num_regions).tolist()))
@@ -113,7 +113,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
       width=m.width, x_dim=m.x_dim, hidden_dim=m.hidden_dim, z_dim=m.z_dim,
       standard_lstm=m.standard_lstm, theta_bias=tuple(m.theta_bias),
       theta_kernel_scale=m.theta_kernel_scale, fixed_regions=fixed, dtype=dtype, remat=m.remat,
-      conv_impl=m.conv_impl, trunk_init=m.trunk_init)
+      conv_impl=m.conv_impl, trunk_init=m.get("trunk_init", "he"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,7 +74,9 @@ def test_sharded_step_equals_single_device_step():
     assert len(state.params["trunk"]["conv1_1"]["kernel"].sharding.device_set) == len(devices)
     finals.append(jax.device_get(state.params))
   for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    # Adam's normalised update turns reduction-order noise in near-zero gradients into
+    # differences of ~1e-6 (a step is up to 1e-3 here).
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), finals[0],
                                        jax.device_get(train.create_train_state(
                                            model, tx, jax.random.key(0), (48, 48, 3),
@@ -141,10 +143,16 @@ def test_invalid_config_fails_before_compiling(tmp_path):
   assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
-def test_loss_decreases_on_demo_data():
+def test_baseline_learns_beyond_the_class_priors():
+  """A real learning signal: the demo's baseline (its Dirac-initialised trunk included) fits
+  32 canvases far below the loss of the best constant predictor, the training priors, which
+  learning the head's biases alone would reach."""
   config = tiny_config(**{"model.name": "baseline", "loss.classification": "sigmoid_bce"})
-  config.data.demo.num_train = 256
+  config.data.demo.num_train = 32
   sources = data_lib.get_sources(config.data, seed=0)
+  labels = np.stack([sources.train[i]["labels"] for i in range(len(sources.train))])
+  prior = labels.mean(0)
+  prior_loss = -np.sum(prior * np.log(prior) + (1 - prior) * np.log(1 - prior))
   model = train.build_model(config, 10)
   mesh = train.make_mesh(jax.devices()[:1])
   tx = train.make_optimizer(config.optim, lambda _: 1e-3)
@@ -153,8 +161,8 @@ def test_loss_decreases_on_demo_data():
   losses = []
   it = data_lib.train_batches(sources.train, global_batch_size=8, image_size=64, crop_size=48,
                               seed=0, random_flip=False)
-  for _, batch in zip(range(200), it):
+  for _, batch in zip(range(280), it):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  first, last = np.mean(losses[:20]), np.mean(losses[-40:])
-  assert last < 0.85 * first, (first, last)
+  last = np.mean(losses[-40:])
+  assert last < 0.8 * prior_loss, (prior_loss, losses[:5], last)
