@@ -50,6 +50,17 @@ def _conv(x, w):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _torch_operands(x_np, w_np, g_np, dtype):
+  """NHWC input, HWIO kernel and NHWC cotangent as channels-last NCHW / OIHW torch tensors."""
+  import torch  # pylint: disable=g-import-not-at-top
+  tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+  cl = torch.channels_last
+  xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
+  wt = torch.from_numpy(w_np).permute(3, 2, 0, 1).contiguous(memory_format=cl).to(tdt)
+  gt = torch.from_numpy(g_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
+  return xt, wt, gt, tdt
+
+
 def _median_ms(fn, repeats):
   jax.block_until_ready(fn())
   times = []
@@ -92,11 +103,7 @@ def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layer
             "transpose" in l or "reverse" in l or "fusion" in l.split("=")[0]), file=sys.stderr)
     if use_torch:
       import torch  # pylint: disable=g-import-not-at-top
-      tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-      cl = torch.channels_last
-      xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
-      wt = torch.from_numpy(w_np).permute(3, 2, 0, 1).contiguous(memory_format=cl).to(tdt)
-      gt = torch.from_numpy(g_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
+      xt, wt, gt, tdt = _torch_operands(x_np, w_np, g_np, dtype)
       with torch.no_grad():
         def bwd(mask):
           return torch.ops.aten.convolution_backward(
@@ -157,11 +164,7 @@ def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layer
           jax.jit(lambda x, g, m=m: conv.kernel_grad(x, g, m)), x, g)
     if use_torch:
       import torch  # pylint: disable=g-import-not-at-top
-      tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-      cl = torch.channels_last
-      xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
-      wt = torch.from_numpy(w_np).permute(3, 2, 0, 1).contiguous(memory_format=cl).to(tdt)
-      gt = torch.from_numpy(g_np).permute(0, 3, 1, 2).contiguous(memory_format=cl).to(tdt)
+      xt, wt, gt, tdt = _torch_operands(x_np, w_np, g_np, dtype)
       bt = torch.zeros(cout, dtype=tdt)
 
       def torch_fb():

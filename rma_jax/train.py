@@ -101,10 +101,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
   m = config.model
   num_classes = NUM_CLASSES[config.data.name] if num_classes is None else num_classes
   dtype = DTYPES[m.dtype]
+  trunk_init = m.get("trunk_init", "he")  # configs saved before the field existed: He
   if m.name == "baseline":
     return models.VGG16(width=m.width, num_classes=num_classes, dtype=dtype, remat=m.remat,
                         head_pool=m.baseline_pool, conv_impl=m.conv_impl,
-                        init_scheme=m.get("trunk_init", "he"))
+                        init_scheme=trunk_init)
   fixed = None
   if m.fixed_regions == "anchors":
     fixed = tuple(map(tuple, models.fixed_region_thetas(m.num_regions).tolist()))
@@ -113,7 +114,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
       width=m.width, x_dim=m.x_dim, hidden_dim=m.hidden_dim, z_dim=m.z_dim,
       standard_lstm=m.standard_lstm, theta_bias=tuple(m.theta_bias),
       theta_kernel_scale=m.theta_kernel_scale, fixed_regions=fixed, dtype=dtype, remat=m.remat,
-      conv_impl=m.conv_impl, trunk_init=m.get("trunk_init", "he"))
+      conv_impl=m.conv_impl, trunk_init=trunk_init)
 
 
 @dataclasses.dataclass(frozen=True)
