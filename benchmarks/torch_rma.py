@@ -185,6 +185,9 @@ def ten_view(model: TorchRMA, images: torch.Tensor, crop_size: int) -> torch.Ten
 
 
 def anchor_points(num_regions: int) -> torch.Tensor:
+  """The paper's four anchors in its order for K = 5; the 45-degree circle otherwise."""
+  if num_regions == 5:
+    return torch.tensor([[0.5, 0.5], [0.5, -0.5], [-0.5, 0.5], [-0.5, -0.5]])
   n = num_regions - 1
   ang = math.pi / 4 + 2 * math.pi * torch.arange(n, dtype=torch.float64) / max(n, 1)
   r = math.sqrt(2.0) / 2

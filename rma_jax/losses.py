@@ -13,12 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
+PAPER_ANCHORS_K5 = ((0.5, 0.5), (0.5, -0.5), (-0.5, 0.5), (-0.5, -0.5))
+"""The paper's anchors of regions 2..5 for K = 5, in its order ("respectively", §4.2)."""
+
+
 def anchor_points(num_regions: int) -> np.ndarray:
   """Anchor centres (cx, cy) for regions 2..K (Eq. 9, Fig. 4).
 
-  K-1 points evenly spaced on the circle of radius sqrt(2)/2 around the map centre,
-  starting at 45 degrees and going counter-clockwise in (x, y) (x right, y down):
-  for K = 5, (0.5, 0.5), (-0.5, 0.5), (-0.5, -0.5), (0.5, -0.5).
+  For K = 5 the paper's four points in the paper's order: (0.5, 0.5), (0.5, -0.5),
+  (-0.5, 0.5), (-0.5, -0.5) for regions 2, 3, 4, 5. For other K (the paper has none),
+  K-1 points evenly spaced on the same circle of radius sqrt(2)/2 around the map centre,
+  starting at 45 degrees and going counter-clockwise in (x, y) (x right, y down).
 
   Args:
     num_regions: K >= 1.
@@ -28,6 +33,8 @@ def anchor_points(num_regions: int) -> np.ndarray:
   """
   if num_regions < 1:
     raise ValueError(f"num_regions (K) must be >= 1, got {num_regions}")
+  if num_regions == 5:
+    return np.asarray(PAPER_ANCHORS_K5, np.float32)
   n = num_regions - 1
   angles = np.pi / 4 + 2 * np.pi * np.arange(n) / max(n, 1)
   radius = np.sqrt(2.0) / 2

@@ -8,7 +8,9 @@ edge pixels. The region covers ``x in [tx - sx, tx + sx]``, ``y in [ty - sy, ty 
 ``(1, 1, 0, 0)`` is the whole map.
 
 Because the transform has no rotation or shear, bilinear sampling is separable: per channel
-``out = A_y @ f @ A_x.T`` with tent-weight matrices ``A[i, p] = max(0, 1 - |src_i - p|)``.
+``out = A_y @ f @ A_x.T`` with tent-weight matrices ``A[i, p] = max(0, 1 - |src_i - p|)``
+(written piecewise, see :func:`interpolation_matrix`, so that the derivative at an exact
+pixel centre is the right-sided one, as in ``grid_sample``).
 Source pixels outside the map have no column in ``A``, which is exactly zero padding. The
 two contractions run on matrix units (MXU / tensor cores) instead of gathers, and the
 result is differentiable in both the features and ``theta``.
@@ -52,7 +54,12 @@ def interpolation_matrix(scale: jax.Array, shift: jax.Array, out_size: int,
   # Normalised -> pixel index: -1 is the left edge of pixel 0, +1 the right edge of the last.
   pix = ((src + 1.0) * in_size - 1.0) / 2.0
   grid = jnp.arange(in_size, dtype=jnp.float32)
-  return jnp.maximum(0.0, 1.0 - jnp.abs(pix[..., :, None] - grid))
+  d = pix[..., :, None] - grid
+  # The tent 1 - |d| on [-1, 1), one linear piece per side. Written out (not as
+  # max(0, 1 - |d|)) so a sample exactly on pixel centre i has the right-sided derivative
+  # f[i+1] - f[i], as torch's grid_sample (floor-based) computes; autodiff of abs and max
+  # would give 0 and half weights there.
+  return jnp.where((d >= -1.0) & (d < 1.0), jnp.where(d >= 0.0, 1.0 - d, 1.0 + d), 0.0)
 
 
 def sample_regions(features: jax.Array, theta: jax.Array, size: int | Sequence[int],

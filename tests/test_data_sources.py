@@ -156,7 +156,9 @@ def test_voc_local_labels_difficult_boxes_and_bad_files(voc_root, caplog):
     np.testing.assert_array_equal(ex["difficult"], difficult)
     assert ex["id"] == id_ and ex["labels"].dtype == np.float32 and ex["difficult"].dtype == bool
     assert ex["image"].dtype == np.uint8 and ex["image"].shape == (H, W, 3)
-    want_boxes = np.asarray([b for _, _, b in objects], np.float32).reshape(-1, 4) / [W, H, W, H]
+    # VOC pixels are 1-based and inclusive: xmin=5..xmax=24 is [4, 24) continuous.
+    want_boxes = np.clip((np.asarray([b for _, _, b in objects], np.float32).reshape(-1, 4)
+                          - [1, 1, 0, 0]) / [W, H, W, H], 0, 1)
     np.testing.assert_allclose(ex["boxes"], want_boxes, atol=1e-6)
     np.testing.assert_array_equal(ex["box_labels"],
                                   [voc.VOC_CLASSES.index(n) for n, _, _ in objects])

@@ -11,8 +11,10 @@ from rma_jax import losses
 
 
 def test_anchor_points_k5_and_k9():
-  np.testing.assert_allclose(losses.anchor_points(5),
-                             [[0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]], atol=1e-6)
+  # K = 5: the paper's list, "(0.5, 0.5), (0.5, -0.5), (-0.5, 0.5), and (-0.5, -0.5),
+  # respectively" for regions 2..5.
+  np.testing.assert_array_equal(losses.anchor_points(5),
+                                [[0.5, 0.5], [0.5, -0.5], [-0.5, 0.5], [-0.5, -0.5]])
   r = math.sqrt(2) / 2
   want9 = [[r * math.cos(math.radians(45 + 45 * j)), r * math.sin(math.radians(45 + 45 * j))]
            for j in range(8)]
@@ -65,7 +67,7 @@ def test_anchor_term_k5_uses_each_anchor_once():
   theta[0, 1:, 2:] = anchors  # regions 2..5 sit exactly on their anchors
   theta[0, 0, 2:] = (0.9, -0.9)  # region 1 is free
   assert float(losses.localization_terms(jnp.asarray(theta))["anchor"][0]) == pytest.approx(0)
-  theta[0, 3, 2:] = (0.0, 0.0)  # region 4 off its anchor (-0.5, -0.5)
+  theta[0, 3, 2:] = (0.0, 0.0)  # region 4 off its anchor (-0.5, 0.5)
   assert float(losses.localization_terms(jnp.asarray(theta))["anchor"][0]) == pytest.approx(
       0.5 * (0.25 + 0.25))
 

@@ -105,3 +105,30 @@ def test_bad_shapes_are_clear_errors():
 def test_theta_to_boxes():
   boxes = ops.theta_to_boxes(jnp.asarray([[0.5, -0.25, 0.1, -0.2]]))
   np.testing.assert_allclose(np.asarray(boxes), [[-0.4, -0.45, 0.6, 0.05]], atol=1e-6)
+
+
+def test_theta_gradient_at_exact_pixel_centres_is_right_sided():
+  """Identity theta with S = H = W samples exactly on pixel centres (pix = j). The sampler
+  is piecewise linear in pix; grid_sample (floor-based) differentiates it from the right:
+  d out[i, j] / d tx = (W / 2) (f[i, j+1] - f[i, j]) with f = 0 outside the map, and
+  d / d sx adds the factor u_j = (2j + 1) / W - 1 of the output sample's position."""
+  rng = np.random.default_rng(3)
+  h, w = 4, 8  # powers of two: every sample position is exact in float32
+  f = rng.normal(size=(1, h, w, 1)).astype(np.float32)
+  probe = rng.normal(size=(1, 1, h, w, 1)).astype(np.float32)  # a linear read-out of out
+
+  def readout(theta):
+    out = ops.sample_regions(jnp.asarray(f), theta, (h, w))
+    return jnp.sum(out * probe)
+
+  g = np.asarray(jax.grad(readout)(jnp.asarray([[[1.0, 1.0, 0.0, 0.0]]], jnp.float32)))[0, 0]
+  fx = np.concatenate([f[0, :, :, 0], np.zeros((h, 1), np.float32)], axis=1)  # f[:, W] = 0
+  fy = np.concatenate([f[0, :, :, 0], np.zeros((1, w), np.float32)], axis=0)
+  dx = fx[:, 1:] - fx[:, :-1]  # right-sided differences along x, (h, w)
+  dy = fy[1:, :] - fy[:-1, :]
+  p = probe[0, 0, :, :, 0]
+  u_x = (2 * np.arange(w) + 1) / w - 1
+  u_y = (2 * np.arange(h) + 1) / h - 1
+  want = [np.sum(p * dx * u_x[None, :]) * w / 2, np.sum(p * dy * u_y[:, None]) * h / 2,
+          np.sum(p * dx) * w / 2, np.sum(p * dy) * h / 2]
+  np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)

@@ -77,6 +77,22 @@ def parse_voc_xml(path: str) -> dict:
               boxes=np.asarray(boxes, np.float32).reshape(-1, 4))
 
 
+def voc_boxes_to_unit(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+  """VOC pixel boxes -> (x0, y0, x1, y1) in [0, 1] of the image.
+
+  VOC coordinates are 1-based and inclusive: ``xmin=5, xmax=24`` covers pixels 4..23
+  (0-based), i.e. [4, 24) in continuous coordinates, so the box is
+  ((xmin - 1) / W, (ymin - 1) / H, xmax / W, ymax / H). (TFDS ``voc/2007`` stores
+  xmin / W, one pixel further right and down.)
+
+  Args:
+    boxes: (M, 4) float (xmin, ymin, xmax, ymax) as written in the annotation.
+    width, height: the image size in pixels.
+  """
+  b = np.asarray(boxes, np.float32).reshape(-1, 4) - np.asarray([1, 1, 0, 0], np.float32)
+  return b / np.asarray([width, height, width, height], np.float32)
+
+
 def read_split_ids(root: str, split: str) -> list[str]:
   """Ids of ``split`` (a file stem under ImageSets/Main, or several joined with '+')."""
   ids = []
@@ -134,10 +150,7 @@ def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
           wh = im.size
       except OSError:
         wh = (1.0, 1.0)  # The image will fail (and be counted) when it is decoded.
-    boxes = ann["boxes"]
-    if len(boxes):
-      # Same convention as TFDS voc/2007: pixel / size (no -1 for VOC's 1-based pixels).
-      boxes = boxes / np.asarray([wh[0], wh[1], wh[0], wh[1]], np.float32)
+    boxes = voc_boxes_to_unit(ann["boxes"], *wh) if len(ann["boxes"]) else ann["boxes"]
     records.append(make_record(id_, img_path, [index[n] for n in ann["names"]], boxes,
                                ann["difficult"], len(class_names)))
   return RecordSource(name, records, class_names, max_pixels=max_pixels, skipped=skipped)
