@@ -112,11 +112,13 @@ def check_usable(source: Source, field: str, max_skip_fraction: float) -> None:
     raise DataError(f"{source.name} ({field}) has no usable examples: {what}. Fix the data, "
                     f"or point {field} at another split.")
   if n_skip > max_skip_fraction * total:
+    enough = round(n_skip / total, 2)
+    enough = enough if enough * total >= n_skip else enough + 0.01
     raise DataError(
         f"{source.name} ({field}): {n_skip} of {total} examples ({n_skip / total:.1%}) were "
         f"skipped while reading it, more than data.max_skip_fraction = {max_skip_fraction}: "
         f"{_skip_details(source)}. Fix the data, or accept the loss with "
-        f"--config.data.max_skip_fraction={min(1.0, round(n_skip / total + 0.005, 2))}.")
+        f"--config.data.max_skip_fraction={min(1.0, round(enough, 2))}.")
 
 
 def _check_fixed(requested: Sequence[str] | None, own: Sequence[str], origin: str,
