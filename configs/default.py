@@ -11,11 +11,15 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Data (SPEC §3, §5). name: voc2007 | coco2014 | demo. source: tfds | local | demo.
+  # Data (SPEC §3, §5; docs/data.md). source: tfds | voc | coco | list | demo | local (detects
+  # voc, coco or list). name: voc2007 | coco2014 with tfds, demo with demo, any name otherwise.
   c.data = ml_collections.ConfigDict()
   c.data.name = "voc2007"
   c.data.source = "tfds"
-  c.data.data_dir = ""  # local: the VOCdevkit/VOC2007 folder or the COCO root; tfds: data_dir
+  c.data.data_dir = ""  # the VOC2007 folder, COCO root or folder of the list files; tfds: data_dir
+  c.data.image_root = ""  # list: relative image paths start here ("" = the list file's folder)
+  c.data.class_names = ""  # "a,b,c": the class list; "" = the data's own (docs/data.md)
+  c.data.max_skip_fraction = 0.05  # a split with more skipped examples stops the run
   c.data.train_split = "trainval"
   c.data.test_split = "test"
   c.data.val_split = ""  # "" = a held-out slice of the training split (never the test split)

@@ -467,7 +467,10 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
 
   ev = config.eval
   params, step = train.load_params(workdir, which)
-  sources = data_lib.get_sources(config.data, seed=config.seed)
+  # The trained run's classes (recorded at training time; None for older workdirs).
+  sources = data_lib.get_sources(
+      config.data, seed=config.seed, class_names=data_lib.load_run_classes(workdir),
+      class_origin=os.path.join(workdir, data_lib.RUN_CLASSES_FILE))
   source = getattr(sources, split)
   class_names = list(sources.class_names)
   model = train.build_model(config, len(class_names))
@@ -515,6 +518,10 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
       "ap_mode": ev.ap_mode, "top_k": ev.top_k,
       "threshold": ev.threshold, "protocols": {},
   }
+  # Classes without a positive (non-difficult) image: out of mAP, in CP/CR/CF1 (recall 0).
+  has_positive = ((first["labels"] > 0) & ~first["difficult"]).any(axis=0)
+  results["classes_without_positives"] = [n for n, p in zip(class_names, has_positive)
+                                          if not p]
   for name, p in passes.items():
     results["protocols"][name] = compute_metrics(
         p["scores"], p["labels"], p["difficult"], transform=ev.score_transform,
@@ -612,6 +619,13 @@ def _write_report(results: dict[str, Any], config: ml_collections.ConfigDict,
                  f"max-pooled region features, C = {results['svm']['C']} chosen by "
                  "validation mAP; scores are decision values (no transform), predicted "
                  "labels use threshold 0 (the SVM boundary)")
+  missing = results.get("classes_without_positives") or []
+  if missing:
+    c = len(results["class_names"])
+    notes.append(f"classes: CP, CR and CF1 average over all {c} classes, {len(missing)} of "
+                 f"which have no positive image in the {results['split']} split "
+                 f"({', '.join(missing)}; their recall counts as 0); mAP averages over the "
+                 f"other {c - len(missing)}")
   if "attention_recall" in results:
     notes.append("attention recall: share of ground-truth objects whose box centre lies in "
                  "at least one of the K regions (single view), beside K fixed boxes of "

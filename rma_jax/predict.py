@@ -27,25 +27,26 @@ import numpy as np
 from PIL import Image
 
 from rma_jax import evaluate, visualize
+from rma_jax.data import classes as data_classes
 
 _DRAW_MAX_SIDE = 1024  # pictures of larger images are drawn on a downscaled copy
 
 
-def class_names_for(config: ml_collections.ConfigDict, num_classes: int | None = None
-                    ) -> tuple[str, ...]:
-  """The class names of ``config.data.name`` in the data set's order (no data is read)."""
+def class_names_for(config: ml_collections.ConfigDict, num_classes: int | None = None,
+                    workdir: str | None = None) -> tuple[str, ...]:
+  """The class names of a trained run, in the model's order (no data is read).
+
+  From ``WORKDIR/classes.json`` (written by training); for workdirs without it (older runs,
+  or none given), the fixed list of ``config.data.name`` (voc2007, coco2014, demo).
+  """
   name = config.data.name
-  if name == "demo":
-    from rma_jax.data.demo import DEMO_CLASSES
-    names = DEMO_CLASSES
-  elif name == "voc2007":
-    from rma_jax.data.voc import VOC_CLASSES
-    names = VOC_CLASSES
-  elif name == "coco2014":
-    from rma_jax.data.coco import COCO_CLASSES
-    names = COCO_CLASSES
-  else:
-    raise ValueError(f"unknown data.name {name!r}")
+  names = data_classes.load_run_classes(workdir)
+  if names is None:
+    if name not in data_classes.BUILTIN_CLASSES:
+      raise ValueError(f"no class list: {workdir or 'no workdir'} has no "
+                       f"{data_classes.RUN_CLASSES_FILE} and data.name={name!r} has no fixed "
+                       "class list; point --workdir at the trained run")
+    names = data_classes.BUILTIN_CLASSES[name]
   if num_classes is not None and len(names) != num_classes:
     raise ValueError(f"{name} has {len(names)} classes, the model {num_classes}")
   return tuple(names)
@@ -136,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   step = None
   if params is None:
     params, step = train.load_params(workdir, which)
-  names = class_names_for(config)
+  names = class_names_for(config, workdir=workdir)
   model = train.build_model(config, len(names))
   size = config.data.crop_size
   batch_size = batch_size or config.eval.batch_size

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rma_jax.data.classes import COCO_CLASSES
+
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
@@ -201,8 +203,10 @@ def _is_voc(dataset_name: str, class_names: Sequence[str]) -> bool:
       tuple(class_names) == VOC_CLASSES)
 
 
-def _is_coco(dataset_name: str) -> bool:
-  return dataset_name.lower() in ("coco2014", "coco/2014", "coco")
+def _is_coco(dataset_name: str, class_names: Sequence[str] | None = None) -> bool:
+  """COCO 2014 itself (a tree of the user's own in COCO format has other classes)."""
+  return dataset_name.lower() in ("coco2014", "coco/2014", "coco") and (
+      class_names is None or tuple(class_names) == COCO_CLASSES)
 
 
 def _is_fraction_key(path: str) -> bool:
@@ -269,7 +273,7 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
   m, headline = _headline(results)
   label = f"**{method_name}**" + (f" ({headline})" if headline else "")
   lines = [f"# Evaluation report: {dataset_name}", ""]
-  voc, coco = _is_voc(dataset_name, class_names), _is_coco(dataset_name)
+  voc, coco = _is_voc(dataset_name, class_names), _is_coco(dataset_name, class_names)
   ap_mode = m.get("ap_mode", card.get("ap_mode", ""))
 
   if "ap" in m:
@@ -352,16 +356,19 @@ def to_jsonable(value: Any) -> Any:
   return value
 
 
-def paper_rows(dataset_name: str) -> dict[str, Any]:
-  """The paper's published numbers for a data set (empty for others), in %."""
-  if dataset_name.lower() in ("voc2007", "voc/2007", "voc07"):
+def paper_rows(dataset_name: str, class_names: Sequence[str] | None = None
+               ) -> dict[str, Any]:
+  """The paper's published numbers for a data set (empty for others, and for trees of the
+  user's own under the same name: ``class_names`` differ), in %."""
+  if dataset_name.lower() in ("voc2007", "voc/2007", "voc07") and (
+      class_names is None or tuple(class_names) == VOC_CLASSES):
     return {"table1_ap": {"classes": list(VOC_CLASSES),
                           "rows": {k: {"ap": list(v["ap"]), "mAP": v["mAP"]}
                                    for k, v in PAPER_VOC2007_AP.items()}},
             "table3_map": dict(PAPER_TABLE3_VOC2007_MAP),
             "table4_map": dict(PAPER_TABLE4_VOC2007_MAP),
             "table6_map": {k: v["voc2007"] for k, v in PAPER_TABLE6_MAP.items()}}
-  if _is_coco(dataset_name):
+  if _is_coco(dataset_name, class_names):
     return {"table2_prf": {k: dict(v) for k, v in PAPER_COCO2014_PRF.items()},
             "table5": {k: dict(v) for k, v in PAPER_TABLE5_COCO2014.items()},
             "table6_map": {k: v["coco2014"] for k, v in PAPER_TABLE6_MAP.items()}}
@@ -460,7 +467,7 @@ def write_report(results: Mapping[str, Any], out_dir: str, *,
       "class_names": list(class_names),
       "results": to_jsonable(results),
       "metric_card": to_jsonable(card),
-      "paper": paper_rows(dataset_name),
+      "paper": paper_rows(dataset_name, class_names),
   }
   json_path = os.path.join(out_dir, "report.json")
   md_path = os.path.join(out_dir, "report.md")

@@ -27,9 +27,11 @@ import numpy as np
 import optax
 
 from rma_jax import checkpointing, losses, models
+from rma_jax import data as data_lib
 
-NUM_CLASSES = {"voc2007": 20, "coco2014": 80, "demo": 10}
-SOURCES = ("tfds", "local", "demo")
+# Data sets with a fixed class list; any other data.name takes its classes from the data.
+NUM_CLASSES = {name: len(names) for name, names in data_lib.BUILTIN_CLASSES.items()}
+SOURCES = data_lib.SOURCES
 PIXEL_CONVENTIONS = ("caffe", "torch", "unit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -43,13 +45,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   """Raises ValueError for config values that cannot work, before anything is compiled."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   d, m, o = config.data, config.model, config.optim
-  errors = []
-  if d.name not in NUM_CLASSES:
-    errors.append(f"data.name={d.name!r}: unknown data set (one of {sorted(NUM_CLASSES)})")
-  if d.source not in SOURCES:
-    errors.append(f"data.source={d.source!r}: one of {SOURCES}")
-  if (d.name == "demo") != (d.source == "demo"):
-    errors.append("data.name='demo' goes with data.source='demo' and only with it")
+  errors = data_lib.config_errors(d)
   if d.crop_size >= d.image_size:
     errors.append(f"data.crop_size={d.crop_size} must be smaller than data.image_size="
                   f"{d.image_size} (the paper crops N-64 from N)")
@@ -99,7 +95,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> nn.Module:
   """The module named by ``config.model.name``: ``RMA`` or the ``VGG16`` baseline."""
   m = config.model
-  num_classes = NUM_CLASSES[config.data.name] if num_classes is None else num_classes
+  if num_classes is None:
+    if config.data.name not in NUM_CLASSES:
+      raise ValueError(f"data.name={config.data.name!r} has no fixed class list: pass "
+                       "num_classes (a run's classes are in WORKDIR/classes.json)")
+    num_classes = NUM_CLASSES[config.data.name]
   dtype = DTYPES[m.dtype]
   trunk_init = m.get("trunk_init", "he")  # configs saved before the field existed: He
   if m.name == "baseline":
@@ -388,9 +388,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  # Mesh and data.
+  # Mesh and data. A workdir keeps the class list of its first run (WORKDIR/classes.json).
   mesh = make_mesh()
-  sources = data_lib.get_sources(config.data, seed=config.seed)
+  recorded = data_lib.load_run_classes(workdir)
+  sources = data_lib.get_sources(
+      config.data, seed=config.seed, class_names=recorded,
+      class_origin=os.path.join(workdir, data_lib.RUN_CLASSES_FILE) + " (this workdir's run)")
+  if is_chief and recorded is None:
+    data_lib.save_run_classes(workdir, sources.class_names, origin=sources.class_origin,
+                              dataset=config.data.name)
   o = config.optim
   micro_batch = o.batch_size // max(1, o.grad_accum_steps)
   steps_per_epoch = max(1, len(sources.train) // micro_batch)

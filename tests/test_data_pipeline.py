@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rma_jax.data import (BadExampleError, RecordSource, device_put_batches, eval_batches,
                           eval_transform, normalize, train_batches, train_transform)
-from rma_jax.data.sources import make_record
+from rma_jax.data.source import make_record
 
 N, CROP, C = 32, 24, 5
 

@@ -112,6 +112,9 @@ def voc_root(tmp_path_factory):
   lists = {"trainval": ids, "train": ids[:5], "val": ids[5:], "test": list(VOC_TEST)}
   for split, split_ids in lists.items():
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
+  for c in voc.VOC_CLASSES:  # A real VOC tree's per-class lists: it has the 20 VOC classes.
+    (root / "ImageSets" / "Main" / f"{c}_trainval.txt").write_text(
+        "".join(f"{i} -1\n" for i in ids))
   return root
 
 
@@ -255,7 +258,9 @@ def test_coco_local_class_order_labels_and_bad_files(coco_root, caplog):
   caplog.set_level(logging.WARNING)
   src = coco.load_coco_split(str(coco_root), "train")
   assert src.class_names == ("person", "car", "train", "toothbrush")  # category-id order
-  assert src.ids() == ["11", "12", "13", "16"]
+  # Ids are the image files (two JSONs may both number their images from 1).
+  assert src.ids() == [str(coco_root / "train2014" / f"COCO_train2014_{i:012d}.jpg")
+                       for i in (11, 12, 13, 16)]
   assert "000000000014.jpg" in caplog.text and "000000000015.jpg" in caplog.text
   ex = src[0]
   np.testing.assert_array_equal(ex["labels"], [1, 1, 0, 0])
@@ -269,7 +274,9 @@ def test_coco_local_class_order_labels_and_bad_files(coco_root, caplog):
     src[3]
   assert src.skipped.count == 3
   val = coco.load_coco_split(str(coco_root), "validation")
-  assert val.ids() == ["21", "22"] and val.class_names == src.class_names
+  assert [os.path.basename(i) for i in val.ids()] == [
+      "COCO_val2014_000000000021.jpg", "COCO_val2014_000000000022.jpg"]
+  assert val.class_names == src.class_names
 
 
 def test_coco_names_match_tfds_order():
@@ -289,6 +296,7 @@ def test_coco_missing_paths(coco_root, tmp_path):
 def _data_config(**kw):
   from configs import default  # pylint: disable=g-import-not-at-top
   c = default.get_config().data
+  c.max_skip_fraction = 1.0  # the trees above hold bad files on purpose
   c.update(kw)
   return c
 
@@ -319,7 +327,7 @@ def test_get_sources_voc_local_val_slice_and_errors(voc_root, tmp_path):
     get_sources(_data_config(source="local", data_dir=str(voc_root), test_split="bogus"), seed=0)
   with pytest.raises(ValueError, match="data.name"):
     get_sources(_data_config(name="imagenet"), seed=0)
-  with pytest.raises(ValueError, match="do not go together"):
+  with pytest.raises(ValueError, match="goes with data.source='demo'"):
     get_sources(_data_config(name="demo", source="local"), seed=0)
 
 
@@ -328,7 +336,8 @@ def test_get_sources_coco_local(coco_root):
                                train_split="train", test_split="val", val_fraction=0.25),
                   seed=0)
   assert s.class_names == ("person", "car", "train", "toothbrush")
-  assert len(s.train) == 3 and len(s.val) == 1 and s.test.ids() == ["21", "22"]
+  assert len(s.train) == 3 and len(s.val) == 1
+  assert [os.path.basename(i)[-6:-4] for i in s.test.ids()] == ["21", "22"]
 
 
 def test_get_sources_tfds_missing_data_is_a_clear_error(tmp_path):
@@ -425,7 +434,10 @@ def test_tfds_records_read_by_offset_and_deserialized_without_download(tmp_path)
     np.testing.assert_array_equal(ex["image"], examples[k]["image"])  # TFDS stores PNG
     assert np.flatnonzero(ex["labels"]).tolist() == [k]
     assert ex["difficult"][k] == (k % 2 == 1)
-    np.testing.assert_allclose(ex["boxes"], [[0.2, 0.1, 0.4, 0.3]])
+    # TFDS stores xmin / W of the 1-based VOC pixel; the source moves the left and top edges
+    # one pixel back to the local reader's 0-based frame (the image is 20 x (30 + k)).
+    np.testing.assert_allclose(ex["boxes"], [[0.2 - 1 / 20, 0.1 - 1 / (30 + k), 0.4, 0.3]],
+                               rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------- demo

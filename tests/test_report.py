@@ -92,7 +92,8 @@ def test_markdown_voc_has_paper_rows_measured_row_and_card():
 
 
 def test_markdown_coco_has_table2_rows_and_long_ap_table():
-  names = [f"class{i}" for i in range(80)]
+  from rma_jax.data.classes import COCO_CLASSES  # pylint: disable=g-import-not-at-top
+  names = list(COCO_CLASSES)
   ap = np.full(80, 0.5)
   res = {"ap": ap, "mAP": 0.5, "CP": 0.1, "CR": 0.2, "CF1": 0.3, "OP": 0.4, "OR": 0.5,
          "OF1": 0.6}
@@ -102,11 +103,15 @@ def test_markdown_coco_has_table2_rows_and_long_ap_table():
   for name, r in report.PAPER_COCO2014_PRF.items():
     assert f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in report.PRF_KEYS) + " |" in md
   assert "| **RMA demo** | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | 60.0 |" in md
-  assert "| class79 | 50.0 |" in md and "| **mAP** | 50.0 |" in md
+  assert "| toothbrush | 50.0 |" in md and "| **mAP** | 50.0 |" in md
   assert "| Paper: two scales + ten-crop | 73.4 |" in md
   assert "CNN-SVM" not in md  # no VOC rows
   assert "48 images without any label were kept" in md
   assert "not applicable" in md  # no difficult labels on COCO
+  # A COCO-format tree of one's own under the same name: its own classes, no paper rows.
+  own = report.markdown_report(res, [f"class{i}" for i in range(80)], "coco2014", card)
+  assert "| class79 | 50.0 |" in own and "Paper:" not in own and "CNN-RNN" not in own
+  assert report.paper_rows("coco2014", names) and not report.paper_rows("coco2014", ["a"])
 
 
 def test_metric_card_fields_and_config():

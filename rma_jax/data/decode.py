@@ -78,3 +78,15 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int | None = No
   if arr.ndim != 3 or arr.shape[-1] != 3:
     raise BadImageError(f"image {name} decoded to an unexpected shape {arr.shape}")
   return arr
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+  """(width, height) of an image file read from its header (nothing is decoded); None when
+  the file cannot be opened as an image (it is then skipped when it is decoded)."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        return img.size
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    return None

@@ -17,9 +17,8 @@ import os
 
 import numpy as np
 
-from rma_jax.data.sources import RecordSource, make_record
-
-DEMO_CLASSES = tuple(str(d) for d in range(10))
+from rma_jax.data.classes import DEMO_CLASSES
+from rma_jax.data.source import RecordSource, make_record
 _SPLIT_FRACTIONS = {"train": (0.0, 0.7), "val": (0.7, 0.8), "test": (0.8, 1.0)}
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 
@@ -141,7 +140,8 @@ def make_demo_split(split: str, num_examples: int, *, canvas_size: int = 96, see
     norm_boxes = np.asarray(boxes, np.float32).reshape(-1, 4) / canvas_size
     records.append(make_record(f"demo-{split}-{i:05d}", image, labels, norm_boxes, None,
                                len(DEMO_CLASSES)))
-  return RecordSource(f"demo:{split}", records, DEMO_CLASSES)
+  return RecordSource(f"demo:{split}", records, DEMO_CLASSES,
+                      class_origin="the 10 digits of the demo data set")
 
 
 def make_demo_splits(*, num_train: int = 2000, num_val: int = 200, num_test: int = 500,

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from rma_jax.data import preprocess
-from rma_jax.data.sources import BadExampleError, Source
+from rma_jax.data.source import BadExampleError, Source
 
 logger = logging.getLogger(__name__)
 

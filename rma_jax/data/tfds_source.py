@@ -7,6 +7,12 @@ built by reading the record headers. Each record is parsed with TFDS's numpy par
 (``deserialize_example_np``, no TensorFlow graph), the image is left encoded and decoded by
 our Pillow decoder, and the features are mapped to the model's inputs by the pure functions
 :func:`voc_example_from_tfds` and :func:`coco_example_from_tfds`.
+
+Boxes: TFDS ``voc/2007`` stores ``xmin / W`` as written in the annotation, but VOC pixels are
+1-based (``xmin = 1`` is the first pixel column), so the local reader uses ``(xmin - 1) / W``.
+The VOC mapper subtracts ``1 / W`` (``1 / H``) from the box's left (top) edge, with the size
+of the decoded image, so both paths give the same boxes. TFDS ``coco/2014`` boxes are
+already 0-based (``x / W``) and are used as stored.
 """
 
 from __future__ import annotations
@@ -17,10 +23,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rma_jax.data.coco import COCO_CLASSES
+from rma_jax.data.classes import COCO_CLASSES, VOC_CLASSES
 from rma_jax.data.decode import decode_image
-from rma_jax.data.sources import Source, SkipReport, make_record
-from rma_jax.data.voc import VOC_CLASSES
+from rma_jax.data.source import Source, SkipReport, make_record
 
 TFDS_NAMES = {"voc2007": "voc/2007", "coco2014": "coco/2014"}
 # Config split names -> TFDS split strings. VOC's trainval is TFDS train + validation.
@@ -52,7 +57,8 @@ def _boxes_yxyx_to_xyxy(bbox) -> np.ndarray:
   return b[:, [1, 0, 3, 2]]
 
 
-def voc_example_from_tfds(example: Mapping[str, Any], num_classes: int = 20) -> dict[str, Any]:
+def voc_example_from_tfds(example: Mapping[str, Any], num_classes: int = 20,
+                          image_wh: tuple[int, int] | None = None) -> dict[str, Any]:
   """Maps one TFDS ``voc/2007`` example (numpy) to the model's example dict.
 
   Args:
@@ -60,6 +66,8 @@ def voc_example_from_tfds(example: Mapping[str, Any], num_classes: int = 20) -> 
       (encoded bytes or a decoded array), ``image/filename``, ``labels`` (all instances),
       ``labels_no_difficult``, ``objects/{label, bbox (ymin, xmin, ymax, xmax), is_difficult}``.
     num_classes: C.
+    image_wh: (W, H) of the image: the boxes' left and top edges move by one pixel to the
+      0-based frame of the local reader (see the module docstring); None: boxes as stored.
 
   Returns:
     dict: ``image`` (unchanged: bytes or array), ``labels`` (C,) float32 multi-hot of
@@ -78,23 +86,29 @@ def voc_example_from_tfds(example: Mapping[str, Any], num_classes: int = 20) -> 
                              bool).reshape(-1)
   easy[box_labels[~obj_difficult]] = True
   fname = _text(_get(example, "image/filename", ""))
+  boxes = _boxes_yxyx_to_xyxy(_get(example, "objects/bbox"))
+  if image_wh is not None:
+    boxes = boxes - np.asarray([1 / image_wh[0], 1 / image_wh[1], 0, 0], np.float32)
   return dict(image=_get(example, "image"), labels=labels, difficult=(labels > 0) & ~easy,
-              boxes=np.clip(_boxes_yxyx_to_xyxy(_get(example, "objects/bbox")), 0.0, 1.0),
-              box_labels=box_labels, id=os.path.splitext(fname)[0])
+              boxes=np.clip(boxes, 0.0, 1.0), box_labels=box_labels,
+              id=os.path.splitext(fname)[0])
 
 
-def coco_example_from_tfds(example: Mapping[str, Any], num_classes: int = 80) -> dict[str, Any]:
+def coco_example_from_tfds(example: Mapping[str, Any], num_classes: int = 80,
+                           image_wh: tuple[int, int] | None = None) -> dict[str, Any]:
   """Maps one TFDS ``coco/2014`` example (numpy) to the model's example dict.
 
   Args:
     example: flat or nested dict with ``image``, ``image/id``,
       ``objects/{label, bbox (ymin, xmin, ymax, xmax), is_crowd}``.
     num_classes: C.
+    image_wh: unused (COCO boxes are 0-based already); the mappers share one signature.
 
   Returns:
     The example dict; ``labels`` = classes of all instances (crowd ones included),
     ``difficult`` all False (COCO has no such notion), ``id`` = str(image/id).
   """
+  del image_wh
   box_labels = np.asarray(_get(example, "objects/label", []), np.int32).reshape(-1)
   rec = make_record(str(int(np.asarray(_get(example, "image/id", -1)))), _get(example, "image"),
                     box_labels, _boxes_yxyx_to_xyxy(_get(example, "objects/bbox")), None,
@@ -154,6 +168,7 @@ class TFRecordIndex:
 
 def _open(path: str):
   if "://" in path:  # gs://, s3://...: through TensorFlow's file system layer.
+    # Lazy: TensorFlow loads only for remote TFDS files, never when this module is imported.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf.io.gfile.GFile(path, "rb")
   return open(path, "rb")
@@ -191,15 +206,19 @@ class TfdsSource(Source):
     raw = self.records[index]
     if isinstance(raw, (bytes, bytearray, memoryview)):
       if self._decoders is None:
+        # Lazy: TFDS loads only when a TFDS source is read (importing the package stays TF-free).
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
         self._decoders = {"image": tfds.decode.SkipDecoding()}
       raw = self.features.deserialize_example_np(raw, decoders=self._decoders)
-    ex = self.mapper(raw, len(self.class_names))
-    if not isinstance(ex["image"], np.ndarray):
-      ex["image"] = decode_image(bytes(ex["image"]), max_pixels=self.max_pixels,
-                                 name=f"{self.name}[{index}] ({ex['id']})")
-    elif ex["image"].ndim == 3 and ex["image"].shape[-1] == 1:
-      ex["image"] = np.repeat(ex["image"], 3, axis=-1)
+    image = _get(raw, "image")
+    if not isinstance(image, np.ndarray):
+      image = decode_image(bytes(image), max_pixels=self.max_pixels,
+                           name=f"{self.name}[{index}] "
+                                f"({_text(_get(raw, 'image/filename', index))})")
+    elif image.ndim == 3 and image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    ex = self.mapper(raw, len(self.class_names), image_wh=(image.shape[1], image.shape[0]))
+    ex["image"] = image
     return ex
 
 
@@ -219,6 +238,7 @@ def load_tfds_split(name: str, split: str, *, data_dir: str | None = None,
     FileNotFoundError: the data set is not prepared under ``data_dir`` (the path is named).
     ValueError: unknown split.
   """
+  # Lazy: TFDS (and TensorFlow) load only when a TFDS source is opened.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds_name = TFDS_NAMES[name]
   tfds_split = _SPLITS[name].get(split, split)
@@ -252,5 +272,7 @@ def load_tfds_split(name: str, split: str, *, data_dir: str | None = None,
   else:
     records = TFRecordIndex(split_info.file_instructions)
     features = builder.info.features
-  return TfdsSource(f"{name}:{tfds_split}", records, features, mapper, class_names,
-                    max_pixels=max_pixels)
+  source = TfdsSource(f"{name}:{tfds_split}", records, features, mapper, class_names,
+                      max_pixels=max_pixels)
+  source.class_origin = f"TFDS {tfds_name}"
+  return source

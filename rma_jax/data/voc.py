@@ -1,8 +1,15 @@
-"""PASCAL VOC 2007 from a local ``VOCdevkit/VOC2007`` folder in its native layout.
+"""PASCAL VOC 2007 from a local ``VOCdevkit/VOC2007`` folder in its native layout, and any
+tree in that layout with classes of its own.
 
 ``ImageSets/Main/<split>.txt`` lists the ids; ``Annotations/<id>.xml`` holds one ``<object>``
 per instance with ``<name>``, ``<difficult>`` and ``<bndbox>``; ``JPEGImages/<id>.jpg`` the image.
 Annotations are parsed with ``xml.etree`` when the source is built; images are decoded lazily.
+
+The class list (:func:`voc_class_list`): a ``classes.txt`` in the VOC2007 folder or beside it
+(one name per line, in index order); else the 20 VOC classes for a real VOC tree, recognised
+by its per-class lists ``ImageSets/Main/<class>_<split>.txt``; else the sorted set of the
+``<name>`` s in the annotations of the split being opened (the training split). Names are
+matched case-insensitively (TFDS lower-cases them too).
 
 Outcomes for bad data (all logged with the file name and counted in ``source.skipped``):
 missing or malformed XML, an object of an unknown class, or a missing image file: the
@@ -13,19 +20,19 @@ guess); an image without objects is kept with all-zero labels (the loss masks it
 from __future__ import annotations
 
 import os
+from typing import Sequence
 import xml.etree.ElementTree as ET
 
 import numpy as np
-from PIL import Image
 
-from rma_jax.data.sources import RecordSource, SkipReport, make_record
+from rma_jax.data import classes as classes_lib
+from rma_jax.data import decode
+from rma_jax.data import files
+from rma_jax.data.classes import VOC_CLASSES
+from rma_jax.data.source import RecordSource, SkipReport, make_record
 
-# The 20 classes in the data set's own (alphabetical) order, as in TFDS voc/2007.
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
+__all__ = ["VOC_CLASSES", "find_voc_root", "load_voc_split", "parse_voc_xml",
+           "read_split_ids", "voc_boxes_to_unit", "voc_class_list"]
 
 
 def find_voc_root(data_dir: str) -> str:
@@ -94,7 +101,12 @@ def voc_boxes_to_unit(boxes: np.ndarray, width: float, height: float) -> np.ndar
 
 
 def read_split_ids(root: str, split: str) -> list[str]:
-  """Ids of ``split`` (a file stem under ImageSets/Main, or several joined with '+')."""
+  """Ids of ``split`` (a file stem under ImageSets/Main, or several joined with '+').
+
+  Raises:
+    FileNotFoundError: a list is missing (the available ones are named).
+    ValueError: a list is not UTF-8 text (names the file and line; a UTF-8 BOM is fine).
+  """
   ids = []
   for part in split.split("+"):
     path = os.path.join(root, "ImageSets", "Main", f"{part}.txt")
@@ -103,54 +115,107 @@ def read_split_ids(root: str, split: str) -> list[str]:
                     if f.endswith(".txt") and "_" not in f)
       raise FileNotFoundError(f"split list {path!r} does not exist (split {part!r}); "
                               f"available: {have}")
-    with open(path) as f:
-      ids.extend(line.split()[0] for line in f if line.strip())
+    ids.extend(line.split()[0] for line in files.read_lines(path) if line.strip())
   return list(dict.fromkeys(ids))  # 'train+val' with a repeated id keeps it once
 
 
+def _has_voc_class_files(root: str) -> bool:
+  """True for a real VOC tree: ImageSets/Main holds ``<class>_<split>.txt`` for all 20."""
+  main = os.path.join(root, "ImageSets", "Main")
+  prefixes = {f.rsplit("_", 1)[0] for f in os.listdir(main) if f.endswith(".txt") and "_" in f}
+  return set(VOC_CLASSES) <= prefixes
+
+
+def voc_class_list(root: str) -> tuple[tuple[str, ...], str] | None:
+  """The class list a VOC-layout tree declares, and where it came from; None if it declares
+  none (then the classes come from the annotations).
+
+  Looked for, in order: ``classes.txt`` in the VOC2007 folder ``root``, or beside it (in
+  ``VOCdevkit/``) when ``root`` is named VOC2007; the 20 VOC classes when ``ImageSets/Main``
+  holds the per-class lists of a real VOC tree.
+  """
+  folders = [root]
+  if os.path.basename(os.path.normpath(root)) == "VOC2007":
+    folders.append(os.path.dirname(os.path.normpath(root)))
+  path = classes_lib.find_class_file(*folders)
+  if path is not None:
+    return classes_lib.read_class_file(path), os.fspath(path)
+  if _has_voc_class_files(root):
+    return VOC_CLASSES, ("the 20 VOC classes (a real VOC tree: ImageSets/Main/<class>_*.txt "
+                         "lists)")
+  return None
+
+
 def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
-                   class_names=VOC_CLASSES) -> RecordSource:
-  """Scans the annotations of one split of a VOC2007 folder into a lazily decoding source.
+                   class_names: Sequence[str] | None = None, dataset: str = "voc2007",
+                   class_origin: str = "") -> RecordSource:
+  """Scans the annotations of one split of a VOC-layout folder into a lazily decoding source.
 
   Args:
     root: the VOC2007 folder (see :func:`find_voc_root`).
     split: 'train', 'val', 'trainval', 'test' or any list under ImageSets/Main ('a+b' unions).
     max_pixels: images above this many pixels are refused at decode time.
-    class_names: the classes in index order (default the 20 VOC classes).
+    class_names: the classes in index order; None: the tree's own list
+      (:func:`voc_class_list`), else the sorted ``<name>`` s of this split's annotations.
+    dataset: names the source (``<dataset>:<split>``) in logs and errors.
+    class_origin: where ``class_names`` came from (recorded on the source).
 
   Returns:
-    A :class:`RecordSource` named ``voc2007:<split>``.
+    A :class:`RecordSource` named ``<dataset>:<split>``; its ``class_origin`` says where the
+    classes came from.
   """
-  name = f"voc2007:{split}"
+  name = f"{dataset}:{split}"
   skipped = SkipReport(name)
-  index = {c: i for i, c in enumerate(class_names)}
-  records = []
+  parsed = []  # (id, xml path, image path, annotation) of every readable annotation
   for id_ in read_split_ids(root, split):
     xml_path = os.path.join(root, "Annotations", f"{id_}.xml")
     img_path = os.path.join(root, "JPEGImages", f"{id_}.jpg")
     if not os.path.isfile(xml_path):
-      skipped.add_scan(xml_path, "annotation file missing")
+      skipped.add_scan(xml_path, "annotation file missing", "annotation file missing")
       continue
     try:
       ann = parse_voc_xml(xml_path)
     except (OSError, ET.ParseError, ValueError, TypeError) as e:
-      skipped.add_scan(xml_path, f"malformed annotation: {type(e).__name__}: {e}")
+      skipped.add_scan(xml_path, f"malformed annotation: {type(e).__name__}: {e}",
+                       "malformed annotation")
       continue
+    parsed.append((id_, xml_path, img_path, ann))
+
+  if class_names is None:
+    declared = voc_class_list(root)
+    if declared is not None:
+      class_names, class_origin = declared
+    else:
+      class_names = sorted({n for *_, ann in parsed for n in ann["names"] if n})
+      class_origin = (f"the <name>s in the annotations of split {split!r} "
+                      f"({os.path.join(root, 'Annotations')})")
+      if not class_names:
+        raise ValueError(f"{name}: no class names: none of the {len(parsed)} readable "
+                         f"annotations in {os.path.join(root, 'Annotations')} has an <object> "
+                         "with a <name>; give the classes in data.class_names or classes.txt")
+  class_names = tuple(class_names)
+  index = {c.lower(): i for i, c in enumerate(class_names)}
+  if len(index) != len(class_names):
+    raise ValueError(f"{name}: class names {list(class_names)} ({class_origin or 'given'}) "
+                     "repeat a name in another case; VOC names are matched case-insensitively")
+
+  records = []
+  for id_, xml_path, img_path, ann in parsed:
     unknown = sorted({n for n in ann["names"] if n not in index})
     if unknown:
-      skipped.add_scan(xml_path, f"unknown class(es) {unknown}; known: {list(class_names)}")
+      skipped.add_scan(xml_path, f"unknown class(es) {unknown}; known: "
+                       f"{classes_lib.describe(class_names)}",
+                       "unknown class")
       continue
     if not os.path.isfile(img_path):
-      skipped.add_scan(img_path, "image file missing")
+      skipped.add_scan(img_path, "image file missing", "image file missing")
       continue
     wh = ann["size"]
     if wh is None and len(ann["names"]):
-      try:  # Header only: no decoding.
-        with Image.open(img_path) as im:
-          wh = im.size
-      except OSError:
-        wh = (1.0, 1.0)  # The image will fail (and be counted) when it is decoded.
+      # Header only; an unreadable image fails (and is counted) when it is decoded.
+      wh = decode.image_size(img_path) or (1.0, 1.0)
     boxes = voc_boxes_to_unit(ann["boxes"], *wh) if len(ann["boxes"]) else ann["boxes"]
     records.append(make_record(id_, img_path, [index[n] for n in ann["names"]], boxes,
                                ann["difficult"], len(class_names)))
-  return RecordSource(name, records, class_names, max_pixels=max_pixels, skipped=skipped)
+  return RecordSource(name, records, class_names, max_pixels=max_pixels, skipped=skipped,
+                      class_origin=class_origin)

@@ -1,4 +1,5 @@
-"""Random-access data sources and the config entry point :func:`get_sources`.
+"""The data layer's types: random-access :class:`Source`, its :class:`Record`, the
+:class:`SkipReport` of what was skipped, and the :class:`Sources` of a data set.
 
 A :class:`Source` knows its examples up front (annotations are scanned when it is built) and
 decodes an image only when ``source[i]`` is read, so the training iterator can shuffle, shard
@@ -14,17 +15,18 @@ Every example is a dict of numpy values::
   id          str
 
 Bad data is never silent: an example that cannot be read is recorded in ``source.skipped``
-(with the file and the reason), logged once as a warning, and ``source[i]`` raises
+(with the file, the reason and a short cause), logged as a warning, and ``source[i]`` raises
 :class:`BadExampleError`; the iterators catch it and report the count at the end of a pass.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import logging
 import threading
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -32,28 +34,64 @@ from rma_jax.data.decode import BadImageError, decode_image
 
 logger = logging.getLogger(__name__)
 
+# Skips logged one by one per source; the rest are counted (and summarised by cause).
+_LOG_LIMIT = 20
+
 
 class BadExampleError(ValueError):
   """``source[i]`` cannot be produced (unreadable image); it has been logged and counted."""
+
+
+class DataError(ValueError):
+  """A data set that cannot be used as configured (raised before training starts)."""
 
 
 class SkipReport:
   """A thread-safe record of the examples a source skipped, with the reason for each.
 
   ``at_scan`` entries were dropped while reading the annotations (they are not in
-  ``len(source)``); ``at_read`` entries are indices of the source whose image failed to decode.
+  ``len(source)``), as (what, reason); ``causes`` holds the short cause of each (e.g.
+  'unknown class'). ``at_read`` entries are indices of the source whose image failed to
+  decode. ``notes`` are problems with part of an example that did not drop it (e.g. a COCO
+  annotation whose box is malformed): logged, kept, not counted as skipped examples.
   """
 
   def __init__(self, name: str):
     self.name = name
     self._lock = threading.Lock()
     self.at_scan: list[tuple[str, str]] = []
+    self.causes: list[str] = []
     self.at_read: dict[int, str] = {}
+    self.notes: list[tuple[str, str]] = []
+    self._logged = 0
 
-  def add_scan(self, what: str, reason: str) -> None:
+  def _log(self, message: str, *args) -> None:
+    # Called with the lock held.
+    self._logged += 1
+    if self._logged <= _LOG_LIMIT:
+      logger.warning(message, *args)
+    elif self._logged == _LOG_LIMIT + 1:
+      logger.warning("%s: more problems; they are counted, not logged one by one (see the "
+                     "summary)", self.name)
+
+  def add_scan(self, what: str, reason: str, cause: str | None = None) -> None:
+    """Records an example dropped while reading the annotations.
+
+    Args:
+      what: the file (or file and entry) that names the example.
+      reason: the full reason.
+      cause: a short category for the summaries (default: ``reason``).
+    """
     with self._lock:
       self.at_scan.append((what, reason))
-    logger.warning("%s: skipping %s: %s", self.name, what, reason)
+      self.causes.append(cause or reason)
+      self._log("%s: skipping %s: %s", self.name, what, reason)
+
+  def add_note(self, what: str, reason: str) -> None:
+    """Records a problem with part of an example that is kept."""
+    with self._lock:
+      self.notes.append((what, reason))
+      self._log("%s: %s: %s", self.name, what, reason)
 
   def add_read(self, index: int, reason: str) -> bool:
     """Records a read failure; returns True the first time ``index`` fails (then it is logged)."""
@@ -61,7 +99,7 @@ class SkipReport:
       if index in self.at_read:
         return False
       self.at_read[index] = reason
-    logger.warning("%s: skipping example %d: %s", self.name, index, reason)
+      self._log("%s: skipping example %d: %s", self.name, index, reason)
     return True
 
   @property
@@ -69,22 +107,39 @@ class SkipReport:
     with self._lock:
       return len(self.at_scan) + len(self.at_read)
 
+  def cause_counts(self) -> dict[str, int]:
+    """Skipped examples per cause, most frequent first (unreadable images as one cause)."""
+    with self._lock:
+      counts = collections.Counter(self.causes)
+      if self.at_read:
+        counts["unreadable image"] += len(self.at_read)
+    return dict(counts.most_common())
+
   def summary(self) -> str:
     with self._lock:
-      n_scan, n_read = len(self.at_scan), len(self.at_read)
-    return (f"{self.name}: {n_scan + n_read} examples skipped "
+      n_scan, n_read, n_notes = len(self.at_scan), len(self.at_read), len(self.notes)
+    text = (f"{self.name}: {n_scan + n_read} examples skipped "
             f"({n_scan} while reading annotations, {n_read} unreadable images)")
+    if n_scan + n_read:
+      text += "; by cause: " + ", ".join(f"{n} {c}" for c, n in self.cause_counts().items())
+    if n_notes:
+      text += f"; {n_notes} partly bad examples kept"
+    return text
 
   def __repr__(self) -> str:
     return f"SkipReport({self.summary()!r})"
 
 
 class Source(abc.ABC):
-  """A random-access sequence of examples (see the module docstring for the dict)."""
+  """A random-access sequence of examples (see the module docstring for the dict).
+
+  ``class_origin`` says where the class list came from (for the logs and the run's record).
+  """
 
   name: str
   class_names: tuple[str, ...]
   skipped: SkipReport
+  class_origin: str = ""
 
   @abc.abstractmethod
   def __len__(self) -> int:
@@ -100,6 +155,10 @@ class Source(abc.ABC):
 
   def ids(self) -> Sequence[str] | None:
     """The example ids in order if they are known without decoding, else None."""
+    return None
+
+  def known_labels(self) -> np.ndarray | None:
+    """(N, C) bool labels if they are known without decoding, else None."""
     return None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -129,7 +188,8 @@ class Record:
 
 
 def make_record(id_: str, image: Any, box_labels: Sequence[int], boxes: np.ndarray,
-                is_difficult: Sequence[bool] | None, num_classes: int) -> Record:
+                is_difficult: Sequence[bool] | None, num_classes: int,
+                image_labels: Sequence[int] = ()) -> Record:
   """Builds a :class:`Record` from per-instance annotations.
 
   Args:
@@ -139,16 +199,21 @@ def make_record(id_: str, image: Any, box_labels: Sequence[int], boxes: np.ndarr
     boxes: (M, 4) (x0, y0, x1, y1) normalised; clipped to [0, 1] here.
     is_difficult: (M,) VOC difficult flags, or None when the data set has none.
     num_classes: C.
+    image_labels: class indices present in the image without a box (list files, COCO
+      annotations whose box is unusable); never difficult.
   """
   box_labels = np.asarray(box_labels, np.int32).reshape(-1)
   boxes = np.clip(np.asarray(boxes, np.float32).reshape(-1, 4), 0.0, 1.0)
   if is_difficult is None:
     is_difficult = np.zeros(box_labels.shape, bool)
   is_difficult = np.asarray(is_difficult, bool).reshape(-1)
+  image_labels = np.asarray(image_labels, np.int64).reshape(-1)
   labels = np.zeros(num_classes, np.float32)
   labels[box_labels] = 1.0
+  labels[image_labels] = 1.0
   easy = np.zeros(num_classes, bool)
   easy[box_labels[~is_difficult]] = True
+  easy[image_labels] = True
   difficult = (labels > 0) & ~easy
   return Record(id_, image, labels, difficult, boxes, box_labels)
 
@@ -157,18 +222,25 @@ class RecordSource(Source):
   """A source over a list of :class:`Record` whose images are decoded on access."""
 
   def __init__(self, name: str, records: Sequence[Record], class_names: Sequence[str], *,
-               max_pixels: int | None = None, skipped: SkipReport | None = None):
+               max_pixels: int | None = None, skipped: SkipReport | None = None,
+               class_origin: str = ""):
     self.name = name
     self.records = list(records)
     self.class_names = tuple(class_names)
     self.max_pixels = max_pixels
     self.skipped = skipped if skipped is not None else SkipReport(name)
+    self.class_origin = class_origin
 
   def __len__(self) -> int:
     return len(self.records)
 
   def ids(self) -> Sequence[str]:
     return [r.id for r in self.records]
+
+  def known_labels(self) -> np.ndarray:
+    if not self.records:
+      return np.zeros((0, self.num_classes), bool)
+    return np.stack([r.labels > 0 for r in self.records])
 
   def _load(self, index: int) -> dict[str, Any]:
     r = self.records[index]
@@ -192,9 +264,12 @@ class SubsetSource(Source):
     self.indices = np.asarray(indices, np.int64)
     self.name = name
     self.class_names = parent.class_names
+    self.class_origin = parent.class_origin
     self.skipped = SkipReport(name)
     if inherit_scan_skips:
       self.skipped.at_scan.extend(parent.skipped.at_scan)
+      self.skipped.causes.extend(parent.skipped.causes)
+      self.skipped.notes.extend(parent.skipped.notes)
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -202,6 +277,10 @@ class SubsetSource(Source):
   def ids(self) -> Sequence[str] | None:
     ids = self.parent.ids()
     return None if ids is None else [ids[i] for i in self.indices]
+
+  def known_labels(self) -> np.ndarray | None:
+    labels = self.parent.known_labels()
+    return None if labels is None else labels[self.indices]
 
   def _load(self, index: int) -> dict[str, Any]:
     return self.parent._load(int(self.indices[index]))  # pylint: disable=protected-access
@@ -229,95 +308,20 @@ def held_out_split(source: Source, fraction: float, seed: int) -> tuple[Source, 
 
 @dataclasses.dataclass(frozen=True)
 class Sources:
-  """The three splits of a data set and its class names (in the data set's own order)."""
+  """The three splits of a data set and its class names (in the data set's own order).
+
+  ``class_origin``: where the class list came from. ``missing_classes``: per split
+  ('train', 'val', 'test'), the classes without any positive example there, where labels
+  are known without decoding (absent for TFDS sources); the class-based CP/CR/CF1 of that
+  split still average over all C classes (see the report's metric card).
+  """
   train: Source
   val: Source
   test: Source
   class_names: tuple[str, ...]
+  class_origin: str = ""
+  missing_classes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
-
-
-_NAMES = ("voc2007", "coco2014", "demo")
-_KINDS = ("tfds", "local", "demo")
-
-
-def get_sources(data_config: Any, *, seed: int) -> Sources:
-  """Builds train/val/test sources from ``config.data`` (configs/default.py), validated.
-
-  Wrong names, paths and splits raise here, before any training starts, with a message that
-  names the path or the value.
-
-  Args:
-    data_config: ``config.data``: name (voc2007 | coco2014 | demo), source (tfds | local |
-      demo), data_dir, train_split, test_split, val_split, val_fraction, max_pixels and demo.*.
-    seed: seeds the held-out validation slice and the demo data set.
-
-  Returns:
-    :class:`Sources`. ``val`` is ``val_split`` when set, else a deterministic ``val_fraction``
-    slice held out of ``train_split`` (and removed from train); it is never the test split.
-  """
-  name, kind = data_config.name, data_config.source
-  if name not in _NAMES:
-    raise ValueError(f"data.name must be one of {_NAMES}, got {name!r}")
-  if kind not in _KINDS:
-    raise ValueError(f"data.source must be one of {_KINDS}, got {kind!r}")
-  if (name == "demo") != (kind == "demo"):
-    raise ValueError(f"data.name={name!r} and data.source={kind!r} do not go together: the "
-                     "demo data set is data.name='demo', data.source='demo'")
-  if name == "demo":
-    from rma_jax.data import demo  # pylint: disable=g-import-not-at-top
-    d = data_config.demo
-    train, val, test = demo.make_demo_splits(
-        num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
-        canvas_size=d.canvas_size, seed=seed)
-    return Sources(train, val, test, train.class_names)
-
-  train_split, test_split = data_config.train_split, data_config.test_split
-  val_split = data_config.get("val_split", "") or ""
-  if not train_split or not test_split:
-    raise ValueError("data.train_split and data.test_split must be set")
-  if val_split and val_split == test_split:
-    raise ValueError(f"data.val_split={val_split!r} is the test split; model selection on the "
-                     "test split is not allowed. Leave val_split empty for a held-out slice of "
-                     "the training split.")
-  max_pixels = data_config.get("max_pixels", None) or None
-  if kind == "local":
-    if not data_config.data_dir:
-      raise ValueError("data.source='local' needs data.data_dir (the VOCdevkit/VOC2007 folder "
-                       "or the COCO root folder)")
-    if name == "voc2007":
-      from rma_jax.data import voc  # pylint: disable=g-import-not-at-top
-      root = voc.find_voc_root(data_config.data_dir)
-      load = lambda split: voc.load_voc_split(root, split, max_pixels=max_pixels)
-    else:
-      from rma_jax.data import coco  # pylint: disable=g-import-not-at-top
-      load = lambda split: coco.load_coco_split(data_config.data_dir, split,
-                                                max_pixels=max_pixels)
-  else:
-    from rma_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    load = lambda split: tfds_source.load_tfds_split(
-        name, split, data_dir=data_config.data_dir or None, max_pixels=max_pixels)
-
-  # Open every split first so that a wrong path or split fails before anything else runs.
-  train = load(train_split)
-  test = load(test_split)
-  if val_split:
-    val = load(val_split)
-    _check_disjoint(train, val, "train_split", "val_split")
-  else:
-    train, val = held_out_split(train, data_config.val_fraction, seed)
-  _check_disjoint(val, test, "val", "test_split")
-  return Sources(train, val, test, train.class_names)
-
-
-def _check_disjoint(a: Source, b: Source, what_a: str, what_b: str) -> None:
-  ids_a, ids_b = a.ids(), b.ids()
-  if ids_a is None or ids_b is None:
-    return
-  common = set(ids_a) & set(ids_b)
-  if common:
-    raise ValueError(f"{what_a} ({a.name}) and {what_b} ({b.name}) share {len(common)} "
-                     f"examples, e.g. {sorted(common)[:3]}; they must be disjoint")
