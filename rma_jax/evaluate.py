@@ -85,22 +85,6 @@ def crop_views(fmap: jax.Array, patch: int | tuple[int, int]) -> jax.Array:
 # --------------------------------------------------------------------------- model pieces
 
 
-def _vgg16_features(module: models.VGG16, images: jax.Array) -> jax.Array:
-  """conv5_3 of a ``VGG16`` that has a head (its ``__call__`` would return class scores)."""
-  x = images.astype(module.dtype)
-  for block in range(len(models.VGG16_BLOCKS)):
-    x = module._block(x, block)  # pylint: disable=protected-access
-  return x
-
-
-def _vgg16_head(module: models.VGG16, pooled: jax.Array) -> jax.Array:
-  return module.head(pooled)
-
-
-def _is_baseline(model: nn.Module) -> bool:
-  return isinstance(model, models.VGG16)
-
-
 def _normalize(images: jax.Array, pixel_convention: str | None) -> jax.Array:
   if pixel_convention is None:
     return images
@@ -109,33 +93,20 @@ def _normalize(images: jax.Array, pixel_convention: str | None) -> jax.Array:
 
 
 def trunk_features(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-  """(B, H, W, 3) normalised images -> (B, H/16, W/16, C') conv5_3 map, RMA or baseline."""
-  if _is_baseline(model):
-    if model.num_classes is None:
-      return model.apply(variables, images)
-    return model.apply(variables, images, method=_vgg16_features)
-  return model.apply(variables, images, method=models.RMA.features)
+  """(B, H, W, 3) normalised images -> (B, H/16, W/16, C') conv5_3 map (``model.features``)."""
+  return model.apply(variables, images, method="features")
 
 
 def head_outputs(model: nn.Module, variables: Any, fmaps: jax.Array,
                  return_features: bool = False) -> dict[str, jax.Array]:
-  """Runs everything after the trunk on (B, h, w, C') maps.
+  """Runs everything after the trunk on (B, h, w, C') maps (``model.classify``).
 
   Returns ``scores`` (B, C); for RMA also ``region_scores`` (B, K, C) and ``theta``
   (B, K+1, 4); with ``return_features`` also ``features`` (B, D): the region features ``z``
-  max-pooled over the K regions (RMA, D = z_dim) or the globally pooled map (baseline,
-  D = C').
+  max-pooled over the K regions (RMA, D = z_dim) or the map pooled as the baseline's head
+  pools it (``model.head_pool``; D = C').
   """
-  if _is_baseline(model):
-    pooled = jnp.mean(fmaps.astype(jnp.float32), axis=(1, 2))
-    out = {"scores": model.apply(variables, pooled, method=_vgg16_head)}
-    if return_features:
-      out["features"] = pooled
-    return out
-  out = dict(model.apply(variables, fmaps, return_features, method=models.RMA.attend))
-  if return_features:
-    out["features"] = jnp.max(out.pop("z"), axis=1)
-  return out
+  return dict(model.apply(variables, fmaps, return_features, method="classify"))
 
 
 def single_view_scores(model: nn.Module, variables: Any, images: jax.Array, *,

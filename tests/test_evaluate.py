@@ -161,25 +161,34 @@ def test_uint8_input_is_normalised_on_device(rma_and_vars):
   np.testing.assert_allclose(a["scores"], b["scores"], **TOL)
 
 
-def test_baseline_ten_view_matches_a_loop():
-  model = models.VGG16(width=16, num_classes=C)
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_baseline_ten_view_matches_a_loop(pool):
+  """Each view pooled as the baseline's own head pools (model.baseline_pool), by a loop;
+  single view and the whole-image view are the model's own forward pass."""
+  model = models.VGG16(width=16, num_classes=C, head_pool=pool)
+  pool_fn = np.max if pool == "max" else np.mean
   variables = fast_params(model, seed=1)
   x = images(2, 80, seed=2)
   out = ten_view(model, variables, x, crop_size=48, return_features=True)
   assert "theta" not in out
   fmap = jax.jit(evaluate.trunk_features, static_argnums=0)(model, variables, x)
   head = variables["params"]["head"]
+  pooled_views = []
   for v, (y, x0) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)] * 2):
     view = np.asarray(fmap)[:, y:y + 3, x0:x0 + 3]
     if v >= 5:
       view = view[:, :, ::-1]
-    pooled = view.mean(axis=(1, 2))
+    pooled = pool_fn(view, axis=(1, 2))
+    pooled_views.append(pooled)
     np.testing.assert_allclose(out["view_scores"][:, v],
                                pooled @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
                                **TOL)
-  # crop == N: the unflipped views are the model's own output.
+  np.testing.assert_allclose(out["features"], np.mean(pooled_views, axis=0), **TOL)
+  # crop == N: the unflipped views are the model's own output; so is the single view.
+  direct = jax.jit(model.apply)(variables, x)
   whole = ten_view(model, variables, x, crop_size=80)
-  np.testing.assert_allclose(whole["view_scores"][:, 0], jax.jit(model.apply)(variables, x), **TOL)
+  np.testing.assert_allclose(whole["view_scores"][:, 0], direct, **TOL)
+  np.testing.assert_allclose(single_view(model, variables, x)["scores"], direct, **TOL)
 
 
 def test_fuse_scales_is_the_mean():
