@@ -68,7 +68,7 @@ def test_forward_and_losses_match_torch(sampler="grid_sample", standard_lstm=Fal
   params = _perturbed_params(model, jax.random.key(0), 64)
   images, labels = _inputs()
   out = model.apply({"params": params}, jnp.asarray(images))
-  loss, terms = train.compute_loss(out, jnp.asarray(labels), None, train.LossConfig())
+  loss, terms = train.LossConfig().total_loss(out, jnp.asarray(labels))
 
   tm = _torch_model(params, standard_lstm=standard_lstm, sampler=sampler)
   with torch.no_grad():
@@ -99,7 +99,7 @@ def test_gradients_match_torch():
 
   def loss_fn(p):
     out = model.apply({"params": p}, jnp.asarray(images))
-    return train.compute_loss(out, jnp.asarray(labels), None, train.LossConfig())[0]
+    return train.LossConfig().total_loss(out, jnp.asarray(labels))[0]
   grads = jax.grad(loss_fn)(params)
 
   tm = _torch_model(params)
