@@ -511,8 +511,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pending: list[dict[str, jax.Array]] = []
   last_good_step = start_step
   step = start_step
-  logging.info("Training %d optimizer steps (%d per epoch, global batch %d in %d "
-               "micro-batches on %d devices) from step %d", total_steps, steps_per_epoch,
+  logging.info("Training %d steps (optimizer steps, %d per epoch; global batch %d in %d "
+               "micro-batch(es) on %d devices) from step %d", total_steps, steps_per_epoch,
                o.batch_size, max(1, o.grad_accum_steps), jax.device_count(), start_step)
 
   def flush_metrics(step: int) -> None:
