@@ -32,6 +32,12 @@ import torch.nn.functional as F
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
+def _float(dtype: torch.dtype) -> torch.dtype:
+  """float32 for float32/bfloat16/float16 tensors, float64 for float64 (``model.double()``
+  runs the whole network, sampler and losses included, in float64)."""
+  return torch.promote_types(dtype, torch.float32)
+
+
 def layer_names() -> list[str]:
   return [f"conv{b + 1}_{i + 1}" for b, block in enumerate(VGG16_BLOCKS)
           for i in range(len(block))]
@@ -61,7 +67,7 @@ class TorchVGG16(nn.Module):
         x = F.max_pool2d(x, 2, 2)
     if self.head is None:
       return x
-    return self.head(x.float().mean(dim=(2, 3)))
+    return self.head(x.to(_float(x.dtype)).mean(dim=(2, 3)))
 
 
 def interpolation_matrix(scale: torch.Tensor, shift: torch.Tensor, out_size: int,
@@ -71,12 +77,14 @@ def interpolation_matrix(scale: torch.Tensor, shift: torch.Tensor, out_size: int
   Output sample i sits at normalised coordinate (2i + 1)/out - 1 of the region; the region
   maps it to ``scale * u + shift`` in the input, whose pixel index (align_corners=False) is
   ``((x + 1) * in_size - 1) / 2``. The weight of input pixel p is ``max(0, 1 - |pix - p|)``;
-  pixels outside the map simply have no column (zero padding).
+  pixels outside the map simply have no column (zero padding). float32, or float64 for
+  float64 ``scale``/``shift``.
   """
-  u = (2.0 * torch.arange(out_size, dtype=torch.float32, device=scale.device) + 1.0) / out_size - 1.0
-  src = scale.float()[..., None] * u + shift.float()[..., None]
+  dtype = _float(torch.promote_types(scale.dtype, shift.dtype))
+  u = (2.0 * torch.arange(out_size, dtype=dtype, device=scale.device) + 1.0) / out_size - 1.0
+  src = scale.to(dtype)[..., None] * u + shift.to(dtype)[..., None]
   pix = ((src + 1.0) * in_size - 1.0) / 2.0
-  grid = torch.arange(in_size, dtype=torch.float32, device=scale.device)
+  grid = torch.arange(in_size, dtype=dtype, device=scale.device)
   return torch.clamp(1.0 - (pix[..., :, None] - grid).abs(), min=0.0)
 
 
@@ -93,7 +101,7 @@ def sample_grid(fmap: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Ten
   """The same sampling with ``F.affine_grid`` + ``F.grid_sample`` (align_corners=False)."""
   b, c, h, w = fmap.shape
   r = theta.shape[1]
-  sx, sy, tx, ty = theta.float().unbind(-1)
+  sx, sy, tx, ty = theta.to(_float(theta.dtype)).unbind(-1)
   zero = torch.zeros_like(sx)
   mats = torch.stack([torch.stack([sx, zero, tx], -1), torch.stack([zero, sy, ty], -1)], -2)
   grid = F.affine_grid(mats.reshape(b * r, 2, 3), [b * r, c, size, size], align_corners=False)
@@ -143,23 +151,24 @@ class TorchRMA(nn.Module):
     """(B, C, h, w) conv5_3 -> scores (B, C'), region_scores (B, K, C'), theta (B, K+1, 4)."""
     b = fmap.shape[0]
     cell = self.cell
-    c = fmap.new_zeros((b, self.hidden_dim), dtype=torch.float32)
+    dtype = _float(fmap.dtype)
+    c = fmap.new_zeros((b, self.hidden_dim), dtype=dtype)
     h = c
-    theta = torch.tensor([1.0, 1.0, 0.0, 0.0], device=fmap.device).expand(b, 4)
+    theta = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=dtype, device=fmap.device).expand(b, 4)
     scores, thetas = [], []
     for _ in range(self.num_regions + 1):
       region = self.sampler(fmap, theta[:, None], self.sample_size)[:, 0]  # B, C, S, S
       # Flatten in (h, w, c) order like the Flax model, so fc6 weights are shared 1:1.
       flat = region.permute(0, 2, 3, 1).reshape(b, -1)
       x = F.relu(cell.fc6(flat))
-      gates = (cell.lstm_x(x) + cell.lstm_h(h.to(x.dtype))).float()
+      gates = (cell.lstm_x(x) + cell.lstm_h(h.to(x.dtype))).to(dtype)
       i, g, o, m = gates.chunk(4, dim=-1)
       c = torch.sigmoid(g) * c + torch.sigmoid(i) * torch.tanh(m)
       h = torch.sigmoid(o) * (torch.tanh(c) if self.standard_lstm else c)
       z = F.relu(cell.hz(h))
-      scores.append(cell.zs(z).float())
+      scores.append(cell.zs(z).to(dtype))
       thetas.append(theta)
-      theta = cell.zm(z).float()
+      theta = cell.zm(z).to(dtype)
     region_scores = torch.stack(scores[1:], dim=1)  # step 0's score is dropped
     return {"scores": region_scores.amax(dim=1), "region_scores": region_scores,
             "theta": torch.stack(thetas, dim=1)}
@@ -196,18 +205,19 @@ def anchor_points(num_regions: int) -> torch.Tensor:
 
 def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
   """Eq. 7–8, mean over images with at least one positive label."""
-  labels = labels.float()
+  scores = scores.to(_float(scores.dtype))
+  labels = labels.to(scores.dtype)
   num_pos = labels.sum(-1)
   target = labels / num_pos.clamp(min=1.0)[:, None]
-  per = ((torch.softmax(scores.float(), -1) - target) ** 2).sum(-1)
-  keep = (num_pos > 0).float()
+  per = ((torch.softmax(scores, -1) - target) ** 2).sum(-1)
+  keep = (num_pos > 0).to(scores.dtype)
   return (per * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 def localization_loss(theta: torch.Tensor, alpha: float = 0.5, beta: float = 0.1,
                       lambda_anchor: float = 0.01, lambda_positive: float = 0.1) -> torch.Tensor:
   """Eq. 9–13 on (B, K, 4) transforms of regions 1..K; summed over regions, batch mean."""
-  sx, sy, tx, ty = theta.float().unbind(-1)
+  sx, sy, tx, ty = theta.to(_float(theta.dtype)).unbind(-1)
   anchors = anchor_points(theta.shape[1]).to(theta.device)
   anchor = 0.5 * ((tx[:, 1:] - anchors[:, 0]) ** 2 + (ty[:, 1:] - anchors[:, 1]) ** 2)
   scale = F.relu(sx.abs() - alpha) ** 2 + F.relu(sy.abs() - alpha) ** 2

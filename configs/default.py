@@ -78,11 +78,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "step"  # step | cosine | constant
   c.optim.decay_epochs = (30,)
   c.optim.decay_factor = 0.1
-  c.optim.warmup_steps = 0
+  c.optim.warmup_steps = 0  # in optimizer steps (one global batch each)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.grad_clip_norm = 0.0  # 0 = off
   c.optim.trunk_lr_multiplier = 1.0
+  # Micro-batches per optimizer step: the jitted step splits each global batch into this many
+  # and sums their gradients. Every step count here (schedule, warmup_steps, max_steps,
+  # log_every_steps, checkpoint_every_steps) counts optimizer steps, not micro-batches.
   c.optim.grad_accum_steps = 1
 
   # Initialisation. pretrained: an orbax checkpoint of ImageNet VGG-16 weights
@@ -112,9 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.svm = False
 
   # Loop.
-  c.log_every_steps = 50
+  c.log_every_steps = 50  # optimizer steps
   c.eval_every_epochs = 1
-  c.checkpoint_every_steps = 500
+  c.checkpoint_every_steps = 500  # optimizer steps
   c.max_to_keep = 2
-  c.max_steps = -1  # > 0: stop after this many steps (tests, smoke runs)
+  c.max_steps = -1  # > 0: stop after this many optimizer steps (tests, smoke runs)
   return c

@@ -2,7 +2,12 @@ r"""VOC 2007 at the paper's second scale, N = 640 (crop 576).
 
     python -m rma_jax.main --config=configs/voc_640.py --workdir=runs/voc640
 
-Two-scale fusion (Table 6): evaluate either run with ``--config.eval.scales='(512, 640)'``.
+Two-scale fusion as in the paper (§5.1, Table 6), with the N = 512 run of configs/voc.py:
+
+    python -m rma_jax.main --mode=fuse --fuse_workdirs=runs/voc512,runs/voc640 \
+        --workdir=runs/fused
+
+(``--config.eval.scales='(512, 640)'`` instead evaluates one checkpoint at both sizes.)
 """
 
 from configs import voc

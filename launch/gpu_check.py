@@ -115,7 +115,7 @@ def correctness(args, dims, device) -> list[dict]:
 
     def f(p, x, y):
       out = model.apply({"params": p}, x)
-      return out, train.compute_loss(out, y, None, loss_cfg)[0]
+      return out, loss_cfg.total_loss(out, y)[0]
     return jax.jit(f)  # compiled per device of its inputs (once when both are the CPU)
   fns = {jnp.float32: forward(jnp.float32), jnp.bfloat16: forward(jnp.bfloat16)}
 

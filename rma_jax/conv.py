@@ -98,11 +98,13 @@ def kernel_grad(x: jax.Array, dy: jax.Array, method: str = "chunked",
   takes this path on GPU/TPU).
 
   Returns:
-    (3, 3, Cin, Cout) kernel gradient in ``x.dtype``, accumulated in float32.
+    (3, 3, Cin, Cout) kernel gradient in ``x.dtype``, accumulated in float32 (float64 for
+    float64 inputs).
   """
   b, h, w, cin = x.shape
   cout = dy.shape[-1]
-  dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  dot = functools.partial(jnp.einsum, preferred_element_type=acc_dtype)
   if method == "chunked":
     # Why chunked and channels-major: XLA:CPU's fastest matmul form is (M, K) @ (K, N) with
     # row-major operands (a transposed-LHS dot runs at ~60 % of it), and a 9x-inflated patch
@@ -120,7 +122,7 @@ def kernel_grad(x: jax.Array, dy: jax.Array, method: str = "chunked",
                                    (1, cin, rows + 2, w + 2))[0]
       return acc + dot("kp,po->ko", _patches_t(tile, rows, w), dy_band), None
 
-    dw, _ = jax.lax.scan(band, jnp.zeros((9 * cin, cout), jnp.float32),
+    dw, _ = jax.lax.scan(band, jnp.zeros((9 * cin, cout), acc_dtype),
                          (jnp.arange(b * bands), dy_bands))
     dw = dw.reshape(3, 3, cin, cout)
   elif method == "concat":
@@ -153,7 +155,8 @@ def _bwd(method, res, dy):
   # (XLA already sends it to its fast kernels).
   (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel), x)(dy)
   dw = kernel_grad(x, dy, method)
-  db = jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.float32).astype(dy.dtype)
+  db = jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.promote_types(dy.dtype, jnp.float32)
+               ).astype(dy.dtype)
   return dx, dw, db
 
 

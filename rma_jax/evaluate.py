@@ -85,22 +85,6 @@ def crop_views(fmap: jax.Array, patch: int | tuple[int, int]) -> jax.Array:
 # --------------------------------------------------------------------------- model pieces
 
 
-def _vgg16_features(module: models.VGG16, images: jax.Array) -> jax.Array:
-  """conv5_3 of a ``VGG16`` that has a head (its ``__call__`` would return class scores)."""
-  x = images.astype(module.dtype)
-  for block in range(len(models.VGG16_BLOCKS)):
-    x = module._block(x, block)  # pylint: disable=protected-access
-  return x
-
-
-def _vgg16_head(module: models.VGG16, pooled: jax.Array) -> jax.Array:
-  return module.head(pooled)
-
-
-def _is_baseline(model: nn.Module) -> bool:
-  return isinstance(model, models.VGG16)
-
-
 def _normalize(images: jax.Array, pixel_convention: str | None) -> jax.Array:
   if pixel_convention is None:
     return images
@@ -109,33 +93,20 @@ def _normalize(images: jax.Array, pixel_convention: str | None) -> jax.Array:
 
 
 def trunk_features(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-  """(B, H, W, 3) normalised images -> (B, H/16, W/16, C') conv5_3 map, RMA or baseline."""
-  if _is_baseline(model):
-    if model.num_classes is None:
-      return model.apply(variables, images)
-    return model.apply(variables, images, method=_vgg16_features)
-  return model.apply(variables, images, method=models.RMA.features)
+  """(B, H, W, 3) normalised images -> (B, H/16, W/16, C') conv5_3 map (``model.features``)."""
+  return model.apply(variables, images, method="features")
 
 
 def head_outputs(model: nn.Module, variables: Any, fmaps: jax.Array,
                  return_features: bool = False) -> dict[str, jax.Array]:
-  """Runs everything after the trunk on (B, h, w, C') maps.
+  """Runs everything after the trunk on (B, h, w, C') maps (``model.classify``).
 
   Returns ``scores`` (B, C); for RMA also ``region_scores`` (B, K, C) and ``theta``
   (B, K+1, 4); with ``return_features`` also ``features`` (B, D): the region features ``z``
-  max-pooled over the K regions (RMA, D = z_dim) or the globally pooled map (baseline,
-  D = C').
+  max-pooled over the K regions (RMA, D = z_dim) or the map pooled as the baseline's head
+  pools it (``model.head_pool``; D = C').
   """
-  if _is_baseline(model):
-    pooled = jnp.mean(fmaps.astype(jnp.float32), axis=(1, 2))
-    out = {"scores": model.apply(variables, pooled, method=_vgg16_head)}
-    if return_features:
-      out["features"] = pooled
-    return out
-  out = dict(model.apply(variables, fmaps, return_features, method=models.RMA.attend))
-  if return_features:
-    out["features"] = jnp.max(out.pop("z"), axis=1)
-  return out
+  return dict(model.apply(variables, fmaps, return_features, method="classify"))
 
 
 def single_view_scores(model: nn.Module, variables: Any, images: jax.Array, *,
@@ -309,6 +280,27 @@ def svm_scores(head: SVMHead, feats: Any) -> np.ndarray:
 
 # --------------------------------------------------------------------------- data passes
 
+ID_BYTES = 256
+
+
+def encode_ids(ids: Sequence[str]) -> np.ndarray:
+  """Example ids as a (b, ID_BYTES) uint8 array (UTF-8, zero-padded), so that they travel
+  with the other per-image arrays, across processes too."""
+  out = np.zeros((len(ids), ID_BYTES), np.uint8)
+  for i, s in enumerate(ids):
+    raw = str(s).encode("utf-8")
+    if len(raw) > ID_BYTES:
+      raise ValueError(f"example id {str(s)[:40]!r}... is {len(raw)} bytes long; "
+                       f"evaluation keeps ids of up to {ID_BYTES} bytes")
+    out[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+  return out
+
+
+def decode_ids(encoded: np.ndarray) -> np.ndarray:
+  """Inverse of ``encode_ids``: (b,) str array."""
+  return np.asarray([bytes(row).rstrip(b"\0").decode("utf-8") for row in encoded], dtype=str)
+
+
 
 def _to_host(x: Any) -> np.ndarray:
   if jax.process_count() > 1:
@@ -325,7 +317,8 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
   Returns host arrays over the real (unpadded) images, in split order: the model outputs
   (``scores``, ``theta``, ``features``, ... as produced) and ``labels`` (N, C),
   ``difficult`` (N, C) bool, ``boxes`` (N, M, 4) and ``box_mask`` (N, M) when the batches
-  carry boxes, ``index`` (N,).
+  carry boxes, ``index`` (N,) (the position in ``source``) and ``id`` (N,) str, the
+  examples' ids.
   """
   from rma_jax import data as data_lib
   sharding = NamedSharding(mesh, P("data"))
@@ -335,8 +328,9 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
     # Only pixels go to the devices; labels and boxes stay on the host, in order (FIFO).
     for batch in data_lib.eval_batches(source, global_batch_size=batch_size,
                                        image_size=image_size, num_workers=num_workers):
-      # ``id`` (a list of str) stays behind: only arrays are gathered across processes.
-      meta.append({k: np.asarray(v) for k, v in batch.items() if k not in ("image", "id")})
+      # ``id`` (a list of str) travels as bytes: only arrays are gathered across processes.
+      m = {k: np.asarray(v) for k, v in batch.items() if k not in ("image", "id")}
+      meta.append(dict(m, id=encode_ids(batch["id"])))
       yield {"image": batch["image"]}
 
   total = math.ceil(len(source) / batch_size)
@@ -360,6 +354,7 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
     chunks.setdefault("labels", []).append(np.asarray(m["labels"])[keep])
     chunks.setdefault("difficult", []).append(np.asarray(m["difficult"]).astype(bool)[keep])
     chunks.setdefault("index", []).append(np.asarray(m["index"])[keep])
+    chunks.setdefault("id", []).append(decode_ids(np.asarray(m["id"])[keep]))
     if "boxes" in m and "box_labels" in m:
       chunks.setdefault("boxes", []).append(np.asarray(m["boxes"])[keep])
       chunks.setdefault("box_mask", []).append(np.asarray(m["box_labels"])[keep] >= 0)
@@ -505,7 +500,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   if ev.ten_view and len(scales) > 1:
     name = "ten_view@" + "+".join(str(n) for n, _ in scales)
     fused = fuse_scales([passes[f"ten_view@{n}"] for n, _ in scales])
-    passes[name] = dict(fused, labels=first["labels"], difficult=first["difficult"])
+    passes[name] = dict(fused, labels=first["labels"], difficult=first["difficult"],
+                        id=first["id"])
   headline = list(passes)[-1] if ev.ten_view else f"single_view@{scales[0][1]}"
 
   metric_args = dict(ap_mode=ev.ap_mode, k=(ev.top_k if ev.top_k else None),
@@ -530,7 +526,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   if want_features:
     results["svm"], svm_test = _svm_protocol(
         config, sources, scales, headline, passes[headline], run_protocol)
-    passes["svm"] = dict(scores=svm_test, labels=first["labels"], difficult=first["difficult"])
+    passes["svm"] = dict(scores=svm_test, labels=first["labels"], difficult=first["difficult"],
+                         id=first["id"])
     results["protocols"]["svm"] = compute_metrics(
         svm_test, first["labels"], first["difficult"], transform="none",
         **dict(metric_args, threshold=0.0))
@@ -548,7 +545,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
     np.savez_compressed(
         os.path.join(report_dir, "scores.npz"),
         **{f"{name}/{k}": v for name, p in passes.items() for k, v in p.items()
-           if k in ("scores", "labels", "difficult", "index")})
+           if k in ("scores", "labels", "difficult", "index", "id")})
     _write_report(results, config, report_dir, scales)
   h = results["protocols"][headline]
   logging.info("%s %s: mAP %.4f (%s), mAP_all %.4f, CF1 %.4f, OF1 %.4f", split, headline,
@@ -630,12 +627,14 @@ def _write_report(results: dict[str, Any], config: ml_collections.ConfigDict,
     notes.append("attention recall: share of ground-truth objects whose box centre lies in "
                  "at least one of the K regions (single view), beside K fixed boxes of "
                  "half-size 0.5 at the centre and the anchor points")
+  # The transforms as recorded by the metrics of the headline protocol: what was computed.
+  svm_scores_text = "none (SVM decision values)"
   card = report.metric_card_from_config(
       config, views="ten-view" if ten else "single-view", scales=tuple(used),
       num_images=h.get("num_images"),
       num_images_without_labels=h.get("num_images_without_labels"),
-      score_transform="none (SVM decision values)" if headline == "svm"
-      else config.eval.score_transform,
+      score_transform=svm_scores_text if headline == "svm" else h["score_transform"],
+      prf_score_transform=svm_scores_text if headline == "svm" else h["prf_score_transform"],
       threshold=0.0 if headline == "svm" else config.eval.threshold,
       dataset=f"{config.data.name} ({results['split']} split)", notes=notes)
   # The tables show the headline protocol; every protocol, the SVM's C and the attention

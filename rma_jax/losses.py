@@ -8,6 +8,8 @@ Anchor ``j`` (0-based) of ``anchor_points(K)`` is the anchor of region ``j + 2``
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,14 +43,62 @@ def anchor_points(num_regions: int) -> np.ndarray:
   return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=-1).astype(np.float32)
 
 
-def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-  """Weighted mean that is 0 (with zero gradient) when all weights are 0."""
-  total = jnp.sum(weights)
+CLASSIFICATION_LOSSES = ("softmax_euclidean", "sigmoid_bce")
+
+
+def _float(x: jax.Array) -> jax.Array:
+  """float32, or float64 for float64 input (under ``jax_enable_x64``)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _masked_mean(values: jax.Array, weights: jax.Array,
+                 total: jax.Array | None = None) -> jax.Array:
+  """``sum(values * weights) / total`` (default ``total = sum(weights)``), 0 (with zero
+  gradient) when the total is 0."""
+  total = jnp.sum(weights) if total is None else total
   return jnp.sum(values * weights) / jnp.maximum(total, 1.0)
 
 
 def _batch_mask(mask: jax.Array | None, batch: int) -> jax.Array:
   return jnp.ones((batch,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
+def _softmax_euclidean_per_image(scores: jax.Array, labels: jax.Array) -> jax.Array:
+  scores = _float(scores)
+  labels = labels.astype(scores.dtype)
+  num_pos = jnp.sum(labels, axis=-1)
+  target = labels / jnp.maximum(num_pos, 1.0)[:, None]
+  return jnp.sum(jnp.square(jax.nn.softmax(scores, axis=-1) - target), axis=-1)
+
+
+def _sigmoid_cross_entropy_per_image(scores: jax.Array, labels: jax.Array) -> jax.Array:
+  scores = _float(scores)
+  labels = labels.astype(scores.dtype)
+  per_class = jnp.maximum(scores, 0) - scores * labels + jnp.log1p(jnp.exp(-jnp.abs(scores)))
+  return jnp.sum(per_class, axis=-1)
+
+
+def loss_weights(labels: jax.Array, mask: jax.Array | None = None,
+                 classification: str = "softmax_euclidean") -> dict[str, jax.Array]:
+  """The per-image weights of the two batch means in Eq. 14.
+
+  Args:
+    labels: (B, C) multi-hot.
+    mask: optional (B,) weights; padding examples get 0.
+    classification: 'softmax_euclidean' (Eq. 8) or 'sigmoid_bce'.
+
+  Returns:
+    ``cls`` (B,): the weights of the classification mean; for 'softmax_euclidean' images
+    without a positive label get 0 (their normalised label vector is undefined).
+    ``loc`` (B,): the weights of the localisation mean (every real image).
+  """
+  if classification not in CLASSIFICATION_LOSSES:
+    raise ValueError(f"classification must be one of {CLASSIFICATION_LOSSES}, "
+                     f"got {classification!r}")
+  mask = _batch_mask(mask, labels.shape[0])
+  cls = mask * (jnp.sum(labels, axis=-1) > 0) if classification == "softmax_euclidean" else mask
+  return {"cls": cls, "loc": mask}
 
 
 def classification_loss(scores: jax.Array, labels: jax.Array,
@@ -65,13 +115,8 @@ def classification_loss(scores: jax.Array, labels: jax.Array,
     ``sum_c (softmax(s)_c - y_c / |y|_1)^2``. Label-less images are left out of the mean,
     and a batch with none left gives 0.
   """
-  scores = scores.astype(jnp.float32)
-  labels = labels.astype(jnp.float32)
-  num_pos = jnp.sum(labels, axis=-1)
-  target = labels / jnp.maximum(num_pos, 1.0)[:, None]
-  per_image = jnp.sum(jnp.square(jax.nn.softmax(scores, axis=-1) - target), axis=-1)
-  weights = _batch_mask(mask, scores.shape[0]) * (num_pos > 0)
-  return _masked_mean(per_image, weights)
+  return _masked_mean(_softmax_euclidean_per_image(scores, labels),
+                      loss_weights(labels, mask, "softmax_euclidean")["cls"])
 
 
 def sigmoid_cross_entropy_loss(scores: jax.Array, labels: jax.Array,
@@ -81,10 +126,8 @@ def sigmoid_cross_entropy_loss(scores: jax.Array, labels: jax.Array,
   The standard multi-label loss of today's codebases, offered for comparison with Eq. 8.
   Args and returns as ``classification_loss``; label-less images count (all negatives).
   """
-  scores = scores.astype(jnp.float32)
-  labels = labels.astype(jnp.float32)
-  per_class = jnp.maximum(scores, 0) - scores * labels + jnp.log1p(jnp.exp(-jnp.abs(scores)))
-  return _masked_mean(jnp.sum(per_class, axis=-1), _batch_mask(mask, scores.shape[0]))
+  return _masked_mean(_sigmoid_cross_entropy_per_image(scores, labels),
+                      _batch_mask(mask, scores.shape[0]))
 
 
 def localization_terms(theta: jax.Array, *, alpha: float = 0.5,
@@ -100,7 +143,7 @@ def localization_terms(theta: jax.Array, *, alpha: float = 0.5,
     Dict of (B,) arrays: ``anchor`` (Eq. 9, regions 2..K), ``scale`` (Eq. 10–11),
     ``positive`` (Eq. 12).
   """
-  theta = theta.astype(jnp.float32)
+  theta = _float(theta)
   sx, sy, tx, ty = (theta[..., i] for i in range(4))
   anchors = jnp.asarray(anchor_points(theta.shape[1]))  # (K-1, 2)
   anchor = 0.5 * (jnp.square(tx[:, 1:] - anchors[:, 0]) + jnp.square(ty[:, 1:] - anchors[:, 1]))
@@ -109,6 +152,21 @@ def localization_terms(theta: jax.Array, *, alpha: float = 0.5,
   positive = jnp.maximum(0.0, beta - sx) + jnp.maximum(0.0, beta - sy)
   return {"anchor": jnp.sum(anchor, axis=1), "scale": jnp.sum(scale, axis=1),
           "positive": jnp.sum(positive, axis=1)}
+
+
+def _localization_per_image(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1,
+                            lambda_anchor: float = 0.01, lambda_positive: float = 0.1,
+                            use_anchor: bool = True, use_scale: bool = True,
+                            use_positive: bool = True) -> jax.Array:
+  terms = localization_terms(theta, alpha=alpha, beta=beta)
+  per_image = jnp.zeros(theta.shape[:1], terms["scale"].dtype)
+  if use_scale:
+    per_image += terms["scale"]
+  if use_anchor:
+    per_image += lambda_anchor * terms["anchor"]
+  if use_positive:
+    per_image += lambda_positive * terms["positive"]
+  return per_image
 
 
 def localization_loss(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1,
@@ -127,35 +185,52 @@ def localization_loss(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1
   Returns:
     Scalar loss.
   """
-  terms = localization_terms(theta, alpha=alpha, beta=beta)
-  per_image = jnp.zeros(theta.shape[:1], jnp.float32)
-  if use_scale:
-    per_image += terms["scale"]
-  if use_anchor:
-    per_image += lambda_anchor * terms["anchor"]
-  if use_positive:
-    per_image += lambda_positive * terms["positive"]
+  per_image = _localization_per_image(
+      theta, alpha=alpha, beta=beta, lambda_anchor=lambda_anchor,
+      lambda_positive=lambda_positive, use_anchor=use_anchor, use_scale=use_scale,
+      use_positive=use_positive)
   return _masked_mean(per_image, _batch_mask(mask, theta.shape[0]))
 
 
 def total_loss(scores: jax.Array, labels: jax.Array, theta: jax.Array | None = None, *,
-               gamma: float = 0.1, mask: jax.Array | None = None,
-               **localization_kwargs) -> jax.Array:
-  """``L = L_cls + gamma L_loc`` (Eq. 14).
+               classification: str = "softmax_euclidean", gamma: float = 0.1,
+               mask: jax.Array | None = None,
+               denominators: Mapping[str, jax.Array] | None = None,
+               return_terms: bool = False,
+               **localization_kwargs) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+  """``L = L_cls + gamma L_loc`` (Eq. 14): the loss the train step differentiates.
 
   Args:
     scores: (B, C) raw scores.
     labels: (B, C) multi-hot.
     theta: (B, K, 4) transforms of regions 1..K, or None (no localisation term, e.g. for
       the baseline).
+    classification: 'softmax_euclidean' (Eq. 7–8, ``classification_loss``) or
+      'sigmoid_bce' (``sigmoid_cross_entropy_loss``).
     gamma: weight of the localisation loss.
     mask: optional (B,) example weights.
+    denominators: ``{'cls': ..., 'loc': ...}``, the totals the two means divide by; default
+      this batch's own (``loss_weights`` summed). For one micro-batch of a larger batch pass
+      the larger batch's totals: the micro-batch losses (and their gradients) then add up
+      exactly to the larger batch's, whatever the number of label-less images in each.
+    return_terms: also return ``{'loss', 'cls_loss', 'loc_loss'}`` (each with the same
+      denominators, so the terms of micro-batches add up too).
     **localization_kwargs: passed to ``localization_loss`` (alpha, beta, lambdas, use_*).
 
   Returns:
-    Scalar loss.
+    The scalar loss, or (loss, terms) with ``return_terms``.
   """
-  loss = classification_loss(scores, labels, mask)
-  if theta is not None and gamma:
-    loss += gamma * localization_loss(theta, mask=mask, **localization_kwargs)
+  weights = loss_weights(labels, mask, classification)
+  if denominators is None:
+    denominators = {k: jnp.sum(w) for k, w in weights.items()}
+  per_image = (_softmax_euclidean_per_image if classification == "softmax_euclidean"
+               else _sigmoid_cross_entropy_per_image)(scores, labels)
+  cls = _masked_mean(per_image, weights["cls"], denominators["cls"])
+  loc = jnp.zeros((), cls.dtype)
+  if theta is not None:
+    loc = _masked_mean(_localization_per_image(theta, **localization_kwargs), weights["loc"],
+                       denominators["loc"])
+  loss = cls + gamma * loc
+  if return_terms:
+    return loss, {"loss": loss, "cls_loss": cls, "loc_loss": loc}
   return loss

@@ -5,6 +5,8 @@ r"""The main job: train, evaluate, or predict with a config.
     python -m rma_jax.main --config=configs/voc.py --workdir=runs/voc --mode=evaluate
     python -m rma_jax.main --config=configs/voc.py --workdir=runs/voc --mode=predict \
         --inputs=photos/ --out=predictions/
+    python -m rma_jax.main --mode=fuse --fuse_workdirs=runs/voc512,runs/voc640 \
+        --workdir=runs/fused    # the paper's two-model fusion (rma_jax.fuse); no --config
 
 Multi-host: start the same command on every host. With --coordinator_address (and
 --num_processes, --process_id) or on Cloud TPU / SLURM, ``jax.distributed.initialize()``
@@ -26,15 +28,17 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "fuse"], "What to do.")
 flags.DEFINE_list("inputs", [], "predict: image files and/or folders.")
 flags.DEFINE_string("out", "", "predict: output folder (default WORKDIR/predictions).")
+flags.DEFINE_list("fuse_workdirs", [], "fuse: evaluated workdirs whose headline scores are "
+                  "averaged (the paper's two-scale fusion); the report goes to WORKDIR/report.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() with "
                   "auto-detection (Cloud TPU VMs, SLURM, JAX_COORDINATOR_ADDRESS).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])  # --config too, except for --mode=fuse
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -70,7 +74,15 @@ def main(argv):
   _hide_accelerators_from_tf()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  if FLAGS.mode == "fuse":
+    from rma_jax import fuse  # pylint: disable=g-import-not-at-top
+    if len(FLAGS.fuse_workdirs) < 2:
+      raise app.UsageError("--mode=fuse needs --fuse_workdirs=WORKDIR1,WORKDIR2[,...]")
+    fuse.fuse_workdirs(FLAGS.fuse_workdirs, FLAGS.workdir)
+    return
   config = FLAGS.config
+  if config is None:
+    raise app.UsageError(f"--mode={FLAGS.mode} needs --config=CONFIG_FILE")
   from rma_jax import train  # pylint: disable=g-import-not-at-top
   train.validate_config(config)
   if FLAGS.mode == "train":

@@ -39,6 +39,13 @@ _HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 TRUNK_INITS = ("he", "dirac")
 
 
+def output_dtype(dtype: Dtype) -> jnp.dtype:
+  """The dtype of scores, theta, the LSTM state and pooled features for a compute ``dtype``:
+  float32 for float32 and bfloat16 compute, float64 for float64 (under ``jax_enable_x64``,
+  as the float64 cross-checks use)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def dirac_init(noise: float = 0.1) -> nn.initializers.Initializer:
   """A 3x3 kernel that starts as the identity map plus ``noise`` times a He-normal draw.
 
@@ -66,10 +73,13 @@ def vgg16_layer_names() -> list[str]:
 class VGG16(nn.Module):
   """VGG-16 convolutions conv1_1 … conv5_3 (stride 16, no pool5), optional baseline head.
 
+  The forward pass is ``classify(features(images))``, the same two methods as ``RMA``, so
+  evaluation (ten views of one conv5_3 map, SVM features) runs either model the same way.
+
   Attributes:
     width: divisor of every channel count (1 = real VGG-16, 14,714,688 conv parameters).
-    num_classes: if set, global average pooling + a linear layer ``head`` give class
-      scores (the baseline of SPEC §1.6); if ``None`` the conv5_3 map is returned.
+    num_classes: if set, global pooling (``head_pool``) + a linear layer ``head`` give
+      class scores (the baseline of SPEC §1.6); if ``None`` the conv5_3 map is returned.
     dtype: computation dtype (parameters stay float32), e.g. ``jnp.bfloat16``.
     remat: recompute each block's activations in the backward pass to save memory.
     head_pool: global pooling before the head, 'avg' or 'max'.
@@ -122,16 +132,37 @@ class VGG16(nn.Module):
       (B, H/16, W/16, 512/width) conv5_3 features in ``dtype``, or (B, num_classes)
       float32 scores when ``num_classes`` is set.
     """
+    fmap = self.features(images)
+    if self.num_classes is None:
+      return fmap
+    return self.classify(fmap)["scores"]
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) normalised images -> (B, H/16, W/16, 512/width) conv5_3 map in ``dtype``."""
     block_fn = type(self)._block
     if self.remat:
       block_fn = nn.remat(block_fn, static_argnums=(2,))
     x = images.astype(self.dtype)
     for block in range(len(VGG16_BLOCKS)):
       x = block_fn(self, x, block)
+    return x
+
+  def classify(self, fmap: jax.Array, return_features: bool = False) -> dict[str, jax.Array]:
+    """The baseline's head on (B, h, w, C') conv5_3 maps: global ``head_pool`` pooling, then
+    the linear layer.
+
+    Returns:
+      ``scores`` (B, num_classes) float32; with ``return_features`` also ``features``
+      (B, C'), the pooled map (the SVM head's input).
+    """
     if self.num_classes is None:
-      return x
+      raise ValueError("VGG16.classify needs a head: build the VGG16 with num_classes")
     pool = jnp.max if self.head_pool == "max" else jnp.mean
-    return self.head(pool(x.astype(jnp.float32), axis=(1, 2)))
+    pooled = pool(fmap.astype(output_dtype(self.dtype)), axis=(1, 2))
+    out = {"scores": self.head(pooled)}
+    if return_features:
+      out["features"] = pooled
+    return out
 
 
 class AttentionCell(nn.Module):
@@ -155,9 +186,10 @@ class AttentionCell(nn.Module):
   @nn.compact
   def __call__(self, carry, step, features):
     c, h, theta = carry
+    out_dtype = output_dtype(self.dtype)
     if self.fixed_regions is not None:
       # Control of the paper's Table 3: the same module, regions given instead of predicted.
-      fixed = jnp.asarray(self.fixed_regions, jnp.float32)
+      fixed = jnp.asarray(self.fixed_regions, out_dtype)
       theta = jnp.broadcast_to(fixed[step], theta.shape)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
                               kernel_init=nn.initializers.xavier_uniform())
@@ -165,19 +197,19 @@ class AttentionCell(nn.Module):
     x = nn.relu(dense(self.x_dim, name="fc6")(region.reshape(region.shape[0], -1)))
     gates = dense(4 * self.hidden_dim, name="lstm_x")(x) + dense(
         4 * self.hidden_dim, use_bias=False, name="lstm_h")(h.astype(self.dtype))
-    i, g, o, m = jnp.split(gates.astype(jnp.float32), 4, axis=-1)
+    i, g, o, m = jnp.split(gates.astype(out_dtype), 4, axis=-1)
     c = jax.nn.sigmoid(g) * c + jax.nn.sigmoid(i) * jnp.tanh(m)
     # Eq. 4 has no tanh on the cell (h = o * c); the standard LSTM is behind a flag.
     h = jax.nn.sigmoid(o) * (jnp.tanh(c) if self.standard_lstm else c)
     z = nn.relu(dense(self.z_dim, name="hz")(h))
-    s = dense(self.num_classes, name="zs")(z).astype(jnp.float32)
+    s = dense(self.num_classes, name="zs")(z).astype(out_dtype)
     xavier = nn.initializers.xavier_uniform()
     next_theta = dense(
         4, name="zm",
         kernel_init=lambda *a: self.theta_kernel_scale * xavier(*a),
         bias_init=lambda _, shape, dtype=jnp.float32: jnp.asarray(self.theta_bias, dtype).reshape(shape),
-    )(z).astype(jnp.float32)
-    return (c, h, next_theta), (s, theta, z.astype(jnp.float32))
+    )(z).astype(out_dtype)
+    return (c, h, next_theta), (s, theta, z.astype(out_dtype))
 
 
 class RecurrentAttention(nn.Module):
@@ -211,8 +243,9 @@ class RecurrentAttention(nn.Module):
                 fixed_regions=(None if self.fixed_regions is None else
                                tuple(tuple(r) for r in self.fixed_regions)),
                 dtype=self.dtype, name="cell")
-    zeros = jnp.zeros((batch, self.hidden_dim), jnp.float32)
-    theta0 = jnp.broadcast_to(jnp.asarray(ops.IDENTITY_THETA, jnp.float32), (batch, 4))
+    out_dtype = output_dtype(self.dtype)
+    zeros = jnp.zeros((batch, self.hidden_dim), out_dtype)
+    theta0 = jnp.broadcast_to(jnp.asarray(ops.IDENTITY_THETA, out_dtype), (batch, 4))
     _, (s, theta, z) = cell((zeros, zeros, theta0), jnp.arange(self.num_regions + 1), features)
     # Step 0 only looks at the whole map to place region 1; its score is dropped (Eq. 5).
     region_scores = jnp.swapaxes(s[1:], 0, 1)  # (B, K, C)
@@ -272,7 +305,7 @@ class RMA(nn.Module):
         dtype=self.dtype)
 
   def __call__(self, images: jax.Array, return_features: bool = False) -> dict[str, jax.Array]:
-    """Scores a batch of images.
+    """Scores a batch of images: ``attend(features(images))``.
 
     Args:
       images: (B, H, W, 3) normalised images; H and W multiples of 16.
@@ -287,11 +320,24 @@ class RMA(nn.Module):
 
   def features(self, images: jax.Array) -> jax.Array:
     """(B, H, W, 3) images -> (B, H/16, W/16, 512/width) conv5_3 map."""
-    return self.trunk(images)
+    return self.trunk.features(images)
 
   def attend(self, features: jax.Array, return_features: bool = False) -> dict[str, jax.Array]:
     """Runs the attention module on (B, h, w, C) conv5_3 maps; returns as ``__call__``."""
     return self.attention(features, return_features)
+
+  def classify(self, fmap: jax.Array, return_features: bool = False) -> dict[str, jax.Array]:
+    """Everything after the trunk, with the interface of ``VGG16.classify``.
+
+    Returns:
+      ``scores`` (B, C), ``region_scores`` (B, K, C), ``theta`` (B, K+1, 4); with
+      ``return_features`` also ``features`` (B, z_dim): the region features ``z``
+      max-pooled over the K regions (the SVM head's input).
+    """
+    out = dict(self.attend(fmap, return_features))
+    if return_features:
+      out["features"] = jnp.max(out.pop("z"), axis=1)
+    return out
 
 
 def fixed_region_thetas(num_regions: int, scale: float = 0.5) -> np.ndarray:

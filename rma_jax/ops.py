@@ -44,16 +44,18 @@ def interpolation_matrix(scale: jax.Array, shift: jax.Array, out_size: int,
     in_size: number of input pixels along the axis.
 
   Returns:
-    (..., out_size, in_size) float32 weights; row i interpolates output sample i.
+    (..., out_size, in_size) weights, float32 (float64 for float64 ``scale``/``shift``
+    under ``jax_enable_x64``); row i interpolates output sample i.
   """
-  scale = jnp.asarray(scale, jnp.float32)[..., None]
-  shift = jnp.asarray(shift, jnp.float32)[..., None]
+  dtype = jnp.result_type(scale, shift, jnp.float32)
+  scale = jnp.asarray(scale, dtype)[..., None]
+  shift = jnp.asarray(shift, dtype)[..., None]
   # Output sample centres in [-1, 1] (align_corners=False), mapped into the input.
-  out = (2.0 * jnp.arange(out_size, dtype=jnp.float32) + 1.0) / out_size - 1.0
+  out = (2.0 * jnp.arange(out_size, dtype=dtype) + 1.0) / out_size - 1.0
   src = scale * out + shift
   # Normalised -> pixel index: -1 is the left edge of pixel 0, +1 the right edge of the last.
   pix = ((src + 1.0) * in_size - 1.0) / 2.0
-  grid = jnp.arange(in_size, dtype=jnp.float32)
+  grid = jnp.arange(in_size, dtype=dtype)
   d = pix[..., :, None] - grid
   # The tent 1 - |d| on [-1, 1), one linear piece per side. Written out (not as
   # max(0, 1 - |d|)) so a sample exactly on pixel centre i has the right-sided derivative

@@ -250,7 +250,8 @@ def _extra_lines(d: Mapping[str, Any], skip: Sequence[str], prefix: str = "") ->
 
 
 def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], dataset_name: str,
-                    card: Mapping[str, Any], *, method_name: str = "This run") -> str:
+                    card: Mapping[str, Any], *, method_name: str = "This run",
+                    sections: Sequence[str] = ()) -> str:
   """Renders results as Markdown tables in the layout of the paper's Tables 1 and 2.
 
   Args:
@@ -264,6 +265,7 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
       ``coco2014`` the Table 2 rows; both add the matching column of Table 6.
     card: the metric card (``metric_card``), rendered as a list.
     method_name: the label of the measured row.
+    sections: extra Markdown lines placed right after the title (e.g. a fusion table).
 
   Returns:
     The Markdown text. Numbers are in % with one decimal; '–' marks a class without
@@ -272,7 +274,7 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
   """
   m, headline = _headline(results)
   label = f"**{method_name}**" + (f" ({headline})" if headline else "")
-  lines = [f"# Evaluation report: {dataset_name}", ""]
+  lines = [f"# Evaluation report: {dataset_name}", "", *sections]
   voc, coco = _is_voc(dataset_name, class_names), _is_coco(dataset_name, class_names)
   ap_mode = m.get("ap_mode", card.get("ap_mode", ""))
 
@@ -434,7 +436,8 @@ def card_for_results(results: Mapping[str, Any], dataset_name: str,
 def write_report(results: Mapping[str, Any], out_dir: str, *,
                  class_names: Sequence[str] | None = None, dataset_name: str | None = None,
                  card: Mapping[str, Any] | None = None, config: Any = None,
-                 method_name: str = "This run") -> tuple[str, str]:
+                 method_name: str = "This run", sections: Sequence[str] = ()
+                 ) -> tuple[str, str]:
   """Writes ``report.json`` and ``report.md`` into ``out_dir``, each atomically.
 
   Call it from one process only (``jax.process_index() == 0``) on multi-host runs.
@@ -448,6 +451,7 @@ def write_report(results: Mapping[str, Any], out_dir: str, *,
     card: default ``card_for_results(results, dataset_name, config)``.
     config: the run config, used for the defaults above.
     method_name: the label of the measured rows.
+    sections: extra Markdown lines after the title of report.md (see ``markdown_report``).
 
   Returns:
     (path of report.json, path of report.md).
@@ -473,7 +477,7 @@ def write_report(results: Mapping[str, Any], out_dir: str, *,
   md_path = os.path.join(out_dir, "report.md")
   _write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
   _write_atomic(md_path, markdown_report(results, class_names, dataset_name, card,
-                                         method_name=method_name))
+                                         method_name=method_name, sections=sections))
   return json_path, md_path
 
 

@@ -137,6 +137,28 @@ class LossConfig:
     return cls(pixel_convention=config.data.pixel_convention,
                **{k: config.loss[k] for k in names})
 
+  def total_loss(self, outputs: dict[str, jax.Array], labels: jax.Array,
+                 mask: jax.Array | None = None,
+                 denominators: dict[str, jax.Array] | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eq. 14 (``losses.total_loss``) with these settings on the model's outputs.
+
+    Args:
+      outputs: ``scores`` (B, C) and, for RMA, ``theta`` (B, K+1, 4) (index 0, the
+        identity of step 0, is not a region and is left out).
+      labels: (B, C); mask: optional (B,).
+      denominators: see ``losses.total_loss`` (micro-batches of a larger batch).
+
+    Returns:
+      (loss, {'loss', 'cls_loss', 'loc_loss'}).
+    """
+    theta = outputs.get("theta")
+    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name != "pixel_convention"}
+    return losses.total_loss(outputs["scores"], labels,
+                             None if theta is None else theta[:, 1:], mask=mask,
+                             denominators=denominators, return_terms=True, **kwargs)
+
 
 def model_outputs(params: Any, apply_fn: Callable, images: jax.Array,
                   pixel_convention: str, **kwargs) -> dict[str, jax.Array]:
@@ -146,30 +168,18 @@ def model_outputs(params: Any, apply_fn: Callable, images: jax.Array,
   return out if isinstance(out, dict) else {"scores": out}
 
 
-def compute_loss(outputs: dict[str, jax.Array], labels: jax.Array, mask: jax.Array | None,
-                 cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Eq. 14 (or sigmoid cross-entropy + gamma L_loc). Returns (loss, its terms)."""
-  if cfg.classification == "sigmoid_bce":
-    cls = losses.sigmoid_cross_entropy_loss(outputs["scores"], labels, mask)
-  else:
-    cls = losses.classification_loss(outputs["scores"], labels, mask)
-  loc = jnp.zeros((), jnp.float32)
-  if "theta" in outputs:
-    loc = losses.localization_loss(
-        outputs["theta"][:, 1:], alpha=cfg.alpha, beta=cfg.beta,
-        lambda_anchor=cfg.lambda_anchor, lambda_positive=cfg.lambda_positive,
-        use_anchor=cfg.use_anchor, use_scale=cfg.use_scale, use_positive=cfg.use_positive,
-        mask=mask)
-  loss = cls + cfg.gamma * loc
-  return loss, {"loss": loss, "cls_loss": cls, "loc_loss": loc}
-
-
 # --------------------------------------------------------------------------- optimizer/state
 
 
 def learning_rate_schedule(lr: float, optim: ml_collections.ConfigDict,
                            steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """Step decay (the paper: /10 after 30 epochs), cosine, or constant; optional warm-up."""
+  """Step decay (the paper: /10 after 30 epochs), cosine, or constant; optional warm-up.
+
+  The schedule's argument, ``steps_per_epoch``, ``total_steps`` and ``optim.warmup_steps``
+  count optimizer steps (one global batch each, whatever ``optim.grad_accum_steps``): a decay
+  at epoch e applies from optimizer step ``e * steps_per_epoch`` (0-based), the first step
+  of epoch e.
+  """
   if optim.schedule == "step":
     boundaries = {int(e * steps_per_epoch): optim.decay_factor for e in optim.decay_epochs}
     main = optax.piecewise_constant_schedule(lr, boundaries)
@@ -190,23 +200,36 @@ def _is_trunk(path: tuple[Any, ...]) -> bool:
 
 def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  """Adam (b1, b2) with optional global-norm clipping, a trunk learning-rate multiplier
-  and gradient accumulation over ``grad_accum_steps`` micro-batches."""
-  def adam(scale: float) -> optax.GradientTransformation:
-    return optax.adam(lambda step: scale * schedule(step), b1=optim.b1, b2=optim.b2)
+  """Adam (b1, b2) with optional global-norm clipping and a trunk learning-rate multiplier.
 
-  if optim.trunk_lr_multiplier != 1.0:
-    tx = optax.multi_transform(
-        {"trunk": adam(optim.trunk_lr_multiplier), "head": adam(1.0)},
-        lambda params: jax.tree_util.tree_map_with_path(
-            lambda p, _: "trunk" if _is_trunk(p) else "head", params))
-  else:
-    tx = adam(1.0)
-  if optim.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
-  if optim.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum_steps)
-  return tx
+  The learning rate is ``schedule(count)``, ``count`` the number of optimizer steps before
+  this one; ``optax.inject_hyperparams`` keeps the rate of the latest update in the state,
+  ``opt_state.hyperparams['learning_rate']`` (see ``applied_learning_rate``). Gradient
+  accumulation happens inside the train step (``train_step``), so every step this optimizer
+  takes is one optimizer step of the schedule.
+  """
+  def adam_with_options(learning_rate: jax.Array) -> optax.GradientTransformation:
+    def adam(scale: float) -> optax.GradientTransformation:
+      return optax.adam(scale * learning_rate, b1=optim.b1, b2=optim.b2)
+
+    if optim.trunk_lr_multiplier != 1.0:
+      tx = optax.multi_transform(
+          {"trunk": adam(optim.trunk_lr_multiplier), "head": adam(1.0)},
+          lambda params: jax.tree_util.tree_map_with_path(
+              lambda p, _: "trunk" if _is_trunk(p) else "head", params))
+    else:
+      tx = adam(1.0)
+    if optim.grad_clip_norm > 0:
+      tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+    return tx
+
+  return optax.inject_hyperparams(adam_with_options)(learning_rate=schedule)
+
+
+def applied_learning_rate(opt_state: Any) -> jax.Array:
+  """The learning rate of the latest update (the trunk's is ``trunk_lr_multiplier`` times
+  it), read from the state of ``make_optimizer``'s optimizer."""
+  return opt_state.hyperparams["learning_rate"]
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
@@ -238,27 +261,65 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 # --------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossConfig
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def _micro_batches(x: jax.Array, num: int) -> jax.Array:
+  """(B, ...) -> (num, B / num, ...): micro-batch j holds rows j, j + num, j + 2 num, ...
+
+  Interleaved rather than contiguous so that, with the batch axis sharded over devices,
+  every micro-batch keeps an equal share of rows on every device (no data moves)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossConfig,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch.
+
+  With ``grad_accum_steps`` = n > 1 the batch is split into n micro-batches that run one
+  after the other (``lax.scan``: activations of one micro-batch at a time) and their
+  gradients are summed. Each micro-batch's loss divides by the whole batch's counts of
+  images (``losses.total_loss(denominators=...)``), so the sum is exactly the gradient of
+  the whole batch's loss, also when the label-less images are unevenly spread.
 
   Args:
     state: the train state (replicated).
     batch: ``image`` uint8 (B, h, w, 3), ``labels`` (B, C), ``mask`` (B,) (sharded on B).
     loss_cfg: static loss settings.
+    grad_accum_steps: n, micro-batches per step (static; B / n a multiple of the devices).
 
   Returns:
-    The new state and scalar metrics (loss terms, gradient and parameter norms, and
-    ``nonfinite`` = 1 if the loss was not finite).
+    The new state and scalar metrics: the loss terms of the whole batch, gradient and
+    parameter norms, ``learning_rate`` (the rate this update applied) and ``nonfinite``
+    (1 if the loss was not finite).
   """
-  def loss_fn(params):
-    outputs = model_outputs(params, state.apply_fn, batch["image"], loss_cfg.pixel_convention)
-    return compute_loss(outputs, batch["labels"], batch.get("mask"), loss_cfg)
+  labels = batch["labels"]
+  mask = batch.get("mask")
+  if mask is None:
+    mask = jnp.ones(labels.shape[:1], jnp.float32)
+  batch = {"image": batch["image"], "labels": labels, "mask": mask}
+  denominators = {k: jnp.sum(w) for k, w in losses.loss_weights(
+      labels, mask, loss_cfg.classification).items()}
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def loss_fn(params, micro):
+    outputs = model_outputs(params, state.apply_fn, micro["image"], loss_cfg.pixel_convention)
+    return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps <= 1:
+    (loss, terms), grads = grad_fn(state.params, batch)
+  else:
+    def accumulate(carry, micro):
+      (_, terms), grads = grad_fn(state.params, micro)
+      return jax.tree.map(jnp.add, carry, (grads, terms)), None
+
+    micro = jax.tree.map(lambda x: _micro_batches(x, grad_accum_steps), batch)
+    (_, terms_shape), grads_shape = jax.eval_shape(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, terms_shape))
+    (grads, terms), _ = jax.lax.scan(accumulate, zeros, micro)
+    loss = terms["loss"]
   state = state.apply_gradients(grads=grads)
   metrics = dict(terms, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(state.params),
+                 learning_rate=applied_learning_rate(state.opt_state),
                  nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
   return state, metrics
 
@@ -272,19 +333,17 @@ def eval_step(params: Any, batch: dict[str, jax.Array], apply_fn: Callable,
   """
   outputs = model_outputs(params, apply_fn, batch["image"], loss_cfg.pixel_convention)
   mask = batch["mask"]
-  loss, _ = compute_loss(outputs, batch["labels"], mask, loss_cfg)
-  if loss_cfg.classification == "softmax_euclidean":
-    weight = jnp.sum(mask * (jnp.sum(batch["labels"], -1) > 0))
-  else:
-    weight = jnp.sum(mask)
+  loss, _ = loss_cfg.total_loss(outputs, batch["labels"], mask)
+  weight = jnp.sum(losses.loss_weights(batch["labels"], mask, loss_cfg.classification)["cls"])
   return {"loss": loss, "weight": weight, "scores": outputs["scores"]}
 
 
-def jit_train_step(loss_cfg: LossConfig, mesh: Mesh) -> Callable:
+def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1) -> Callable:
   """``train_step`` jitted over ``mesh``: batch sharded on ``data``, state replicated and
   donated (updated in place)."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(functools.partial(train_step, loss_cfg=loss_cfg),
+  return jax.jit(functools.partial(train_step, loss_cfg=loss_cfg,
+                                   grad_accum_steps=max(1, grad_accum_steps)),
                  in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                  donate_argnums=(0,))
 
@@ -398,8 +457,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_lib.save_run_classes(workdir, sources.class_names, origin=sources.class_origin,
                               dataset=config.data.name)
   o = config.optim
-  micro_batch = o.batch_size // max(1, o.grad_accum_steps)
-  steps_per_epoch = max(1, len(sources.train) // micro_batch)
+  # Every step count (schedule, warm-up, max_steps, logging, checkpoints, the ETA) is in
+  # optimizer steps: one global batch, however many micro-batches the step accumulates.
+  steps_per_epoch = max(1, len(sources.train) // o.batch_size)
   total_steps = int(o.num_epochs * steps_per_epoch)
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
@@ -415,7 +475,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   latest = checkpointing.latest_manager(workdir, config.max_to_keep)
   best = checkpointing.best_manager(workdir)
   if latest.latest_step() is not None:
-    state = checkpointing.restore(latest, state)
+    try:
+      state = checkpointing.restore(latest, state)
+    except ValueError as e:
+      raise ValueError(
+          f"cannot resume from {latest.directory}: its train state does not match this "
+          "run's (another model config, or a checkpoint written before gradient accumulation "
+          "moved into the train step, whose optimizer state has another layout). Evaluate it "
+          "with --mode=evaluate (which reads only the parameters) or train in a new "
+          f"workdir. Orbax says: {e}") from e
     logging.info("Resumed from %s at step %d", latest.directory, int(state.step))
   else:
     params, note = _initial_params(config, jax.device_get(state.params))
@@ -433,11 +501,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           if isinstance(v, (int, float, str, bool))})
 
   loss_cfg = LossConfig.from_config(config)
-  step_fn = jit_train_step(loss_cfg, mesh)
+  step_fn = jit_train_step(loss_cfg, mesh, o.grad_accum_steps)
   eval_fn = jit_eval_step(model.apply, loss_cfg, mesh)
   sharding = NamedSharding(mesh, P("data"))
   batches = data_lib.device_put_batches(
-      data_lib.train_batches(sources.train, global_batch_size=micro_batch,
+      data_lib.train_batches(sources.train, global_batch_size=o.batch_size,
                              image_size=config.data.image_size, crop_size=crop,
                              seed=config.seed, start_step=start_step,
                              num_workers=config.data.num_workers,
@@ -449,8 +517,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pending: list[dict[str, jax.Array]] = []
   last_good_step = start_step
   step = start_step
-  logging.info("Training %d steps (%d per epoch, global batch %d on %d devices) from step %d",
-               total_steps, steps_per_epoch, o.batch_size, jax.device_count(), start_step)
+  logging.info("Training %d steps (optimizer steps, %d per epoch; global batch %d in %d "
+               "micro-batch(es) on %d devices) from step %d", total_steps, steps_per_epoch,
+               o.batch_size, max(1, o.grad_accum_steps), jax.device_count(), start_step)
 
   def flush_metrics(step: int) -> None:
     nonlocal last_good_step
@@ -466,7 +535,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "optim.learning_rate or set optim.grad_clip_norm.")
     last_good_step = step
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "nonfinite"}
-    means["learning_rate"] = float(schedule(step // max(1, o.grad_accum_steps)))
+    means["learning_rate"] = float(fetched[-1]["learning_rate"])  # as applied, from opt state
     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
 
   while step < total_steps:

@@ -161,25 +161,34 @@ def test_uint8_input_is_normalised_on_device(rma_and_vars):
   np.testing.assert_allclose(a["scores"], b["scores"], **TOL)
 
 
-def test_baseline_ten_view_matches_a_loop():
-  model = models.VGG16(width=16, num_classes=C)
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_baseline_ten_view_matches_a_loop(pool):
+  """Each view pooled as the baseline's own head pools (model.baseline_pool), by a loop;
+  single view and the whole-image view are the model's own forward pass."""
+  model = models.VGG16(width=16, num_classes=C, head_pool=pool)
+  pool_fn = np.max if pool == "max" else np.mean
   variables = fast_params(model, seed=1)
   x = images(2, 80, seed=2)
   out = ten_view(model, variables, x, crop_size=48, return_features=True)
   assert "theta" not in out
   fmap = jax.jit(evaluate.trunk_features, static_argnums=0)(model, variables, x)
   head = variables["params"]["head"]
+  pooled_views = []
   for v, (y, x0) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)] * 2):
     view = np.asarray(fmap)[:, y:y + 3, x0:x0 + 3]
     if v >= 5:
       view = view[:, :, ::-1]
-    pooled = view.mean(axis=(1, 2))
+    pooled = pool_fn(view, axis=(1, 2))
+    pooled_views.append(pooled)
     np.testing.assert_allclose(out["view_scores"][:, v],
                                pooled @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
                                **TOL)
-  # crop == N: the unflipped views are the model's own output.
+  np.testing.assert_allclose(out["features"], np.mean(pooled_views, axis=0), **TOL)
+  # crop == N: the unflipped views are the model's own output; so is the single view.
+  direct = jax.jit(model.apply)(variables, x)
   whole = ten_view(model, variables, x, crop_size=80)
-  np.testing.assert_allclose(whole["view_scores"][:, 0], jax.jit(model.apply)(variables, x), **TOL)
+  np.testing.assert_allclose(whole["view_scores"][:, 0], direct, **TOL)
+  np.testing.assert_allclose(single_view(model, variables, x)["scores"], direct, **TOL)
 
 
 def test_fuse_scales_is_the_mean():
@@ -307,3 +316,122 @@ def test_evaluate_and_report_end_to_end(tmp_path):
   assert report["metric_card"]["ap_mode"] == "voc07"
   md = open(os.path.join(wd, "report", "report.md")).read()
   assert "Metric card" in md and "attention recall" in md and "C-F1" in md
+
+
+def test_metric_card_states_the_transforms_that_were_computed(tmp_path):
+  """After the softmax-Euclidean loss CP…OF1 threshold softmax/max: the card must say
+  softmax_max (as the headline's metrics record it), not the AP transform 'softmax'."""
+  config = demo_config(workdir_scales=(64,), svm=False)
+  assert evaluate.prf_transform(config) == "softmax_max"
+  rng = np.random.default_rng(0)
+  scores, labels = rng.normal(size=(12, 10)), (rng.random((12, 10)) < 0.3).astype(np.float32)
+  metrics = evaluate.compute_metrics(scores, labels, None, ap_mode="all", k=3, threshold=0.5,
+                                     transform="softmax", prf=evaluate.prf_transform(config))
+  results = {"headline": "ten_view@64", "protocols": {"ten_view@64": metrics},
+             "split": "test", "checkpoint": "best", "step": 3,
+             "class_names": [str(c) for c in range(10)], "num_images": 12}
+  evaluate._write_report(results, config, str(tmp_path), [(64, 48)])
+  card = json.load(open(tmp_path / "report.json"))["metric_card"]
+  assert card["score_transform"] == "softmax"
+  assert card["prf_score_transform"] == metrics["prf_score_transform"] == "softmax_max"
+  md = open(tmp_path / "report.md").read()
+  assert "- **prf_score_transform**: softmax_max" in md
+
+
+# --------------------------------------------------------------------------- fusion of runs
+
+
+@pytest.fixture(scope="module")
+def two_evaluated_runs(tmp_path_factory):
+  """Two evaluated demo workdirs: two seeds of parameters stand in for models trained at two
+  scales, each evaluated (ten-view headline) on the same 12 test images."""
+  config = demo_config(workdir_scales=(64,), svm=False)
+  model = train.build_model(config)
+  workdirs = []
+  for seed in (0, 1):
+    wd = str(tmp_path_factory.mktemp(f"seed{seed}"))
+    state = train.TrainState.create(apply_fn=model.apply,
+                                    params=fast_params(model, seed=seed)["params"],
+                                    tx=optax.adam(1e-3))
+    manager = checkpointing.latest_manager(wd)
+    checkpointing.save(manager, 0, state)
+    manager.wait_until_finished()
+    assert evaluate.evaluate_and_report(config, wd)["headline"] == "ten_view@64"
+    workdirs.append(wd)
+  return workdirs
+
+
+def _cli(*args):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, "-m", "rma_jax.main", *args], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_fusing_two_runs_reports_the_map_of_their_mean_raw_scores(two_evaluated_runs, tmp_path):
+  a, b = two_evaluated_runs
+  out = str(tmp_path / "fused")
+  result = _cli("--mode=fuse", f"--fuse_workdirs={a},{b}", f"--workdir={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Recomputed here: the mean of both runs' raw ten-view scores, softmax, sklearn's AP.
+  npz = [np.load(os.path.join(w, "report", "scores.npz")) for w in (a, b)]
+  np.testing.assert_array_equal(npz[0]["ten_view@64/id"], npz[1]["ten_view@64/id"])
+  assert len(set(npz[0]["ten_view@64/id"].tolist())) == 12
+  y = npz[0]["ten_view@64/labels"]
+  mean = (npz[0]["ten_view@64/scores"] + npz[1]["ten_view@64/scores"]) / 2
+  probs = np.asarray(jax.nn.softmax(mean, axis=-1))
+  aps = [average_precision_score(y[:, c], probs[:, c]) for c in range(10) if y[:, c].any()]
+  from rma_jax import metrics
+  payload = json.load(open(os.path.join(out, "report", "report.json")))
+  fused = payload["results"]["protocols"]["fused"]
+  assert payload["results"]["headline"] == "fused"
+  assert fused["mAP_all"] == pytest.approx(np.mean(aps), abs=1e-6)
+  assert fused["mAP"] == pytest.approx(metrics.mean_average_precision(probs, y, mode="voc07"),
+                                       abs=1e-6)
+  # Each input's row is its own evaluation's headline; the two differ from the fusion.
+  for w in (a, b):
+    own = json.load(open(os.path.join(w, "report", "report.json")))["results"]
+    row = payload["results"]["protocols"][f"{w}:ten_view@64"]
+    assert row["mAP_all"] == pytest.approx(own["protocols"]["ten_view@64"]["mAP_all"], abs=1e-9)
+    assert row["mAP_all"] != pytest.approx(fused["mAP_all"], abs=1e-6)
+  assert payload["metric_card"]["prf_score_transform"] == "softmax_max"
+  assert payload["results"]["paper_table6_two_scales_ten_crop"]["voc2007"] == 91.9
+  md = open(os.path.join(out, "report", "report.md")).read()
+  assert f"| {a} | ten_view@64 |" in md and f"| {b} | ten_view@64 |" in md
+  assert "| **fused** |" in md and "| Paper: two scales + ten-crop (VOC 2007" in md
+  assert "91.9" in md
+  saved = np.load(os.path.join(out, "report", "scores.npz"))
+  np.testing.assert_allclose(saved["fused/scores"], mean, rtol=1e-6)
+
+
+def test_fusion_needs_the_same_images(two_evaluated_runs, tmp_path):
+  import shutil
+  from rma_jax import fuse
+  a, b = two_evaluated_runs
+  # The same images in another order: aligned by id, the same fused numbers.
+  shuffled = str(tmp_path / "shuffled")
+  shutil.copytree(b, shuffled)
+  path = os.path.join(shuffled, "report", "scores.npz")
+  arrays = dict(np.load(path))
+  order = np.random.default_rng(0).permutation(12)
+  np.savez(path, **{k: v[order] for k, v in arrays.items()})
+  same = fuse.fuse_workdirs([a, b], str(tmp_path / "ab"))["protocols"]["fused"]
+  again = fuse.fuse_workdirs([a, shuffled], str(tmp_path / "ab2"))["protocols"]["fused"]
+  assert again["mAP_all"] == pytest.approx(same["mAP_all"], abs=1e-9)
+  # Different images: a clear error naming both workdirs and the ids that differ.
+  arrays["ten_view@64/id"] = arrays["ten_view@64/id"].copy()
+  arrays["ten_view@64/id"][[3, 5]] = ["not_in_a_1", "not_in_a_2"]
+  np.savez(path, **arrays)
+  result = _cli("--mode=fuse", f"--fuse_workdirs={a},{shuffled}",
+                f"--workdir={tmp_path / 'bad'}")
+  assert result.returncode != 0
+  assert "cannot fuse runs evaluated on different images" in result.stderr
+  assert a in result.stderr and shuffled in result.stderr and "not_in_a_1" in result.stderr
+  assert not os.path.exists(tmp_path / "bad" / "report" / "report.json")
+  # scores.npz of an older version, without ids.
+  np.savez(path, **{k: v for k, v in arrays.items() if not k.endswith("/id")})
+  with pytest.raises(ValueError, match="no test-image ids"):
+    fuse.fuse_workdirs([a, shuffled], str(tmp_path / "old"))

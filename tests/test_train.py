@@ -1,5 +1,6 @@
 """Training: the sharded step equals the 1-device step, the main job resumes (also after a
-kill), non-finite losses stop the run, and the loss goes down on the demo data."""
+kill), non-finite losses stop the run, the loss goes down on the demo data, the step's loss
+is Eq. 14 by hand, and gradient accumulation is exact and counts optimizer steps."""
 
 import glob
 import os
@@ -8,13 +9,16 @@ import subprocess
 import sys
 import time
 
+from clu import metric_writers
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import demo
-from rma_jax import checkpointing, train
+from rma_jax import checkpointing, losses, train
 from rma_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,3 +170,176 @@ def test_baseline_learns_beyond_the_class_priors():
     losses.append(float(metrics["loss"]))
   last = np.mean(losses[-40:])
   assert last < 0.8 * prior_loss, (prior_loss, losses[:5], last)
+
+
+# --------------------------------------------------------------------------- loss and accumulation
+
+NUM_REGIONS = 5
+# The paper's anchors of regions 2..5 (§4.2), typed from the paper for the hand computation.
+PAPER_ANCHORS = np.array([(0.5, 0.5), (0.5, -0.5), (-0.5, 0.5), (-0.5, -0.5)])
+
+
+class _ScoresAndTheta(nn.Module):
+  """A conv and two linear layers giving scores and K+1 transforms: the train step treats it
+  like RMA, and it compiles in a fraction of the time. The transforms start far outside the
+  constraints (sx > alpha, sy < beta, off the anchors), so L_loc is large."""
+
+  @nn.compact
+  def __call__(self, images):
+    x = jnp.mean(nn.relu(nn.Conv(4, (3, 3), strides=2)(images)), axis=(1, 2))
+    bias = jnp.tile(jnp.asarray([0.9, 0.05, 0.3, -0.2]), NUM_REGIONS + 1)
+    theta = nn.Dense(4 * (NUM_REGIONS + 1), bias_init=lambda *_: bias)(x)
+    return {"scores": nn.Dense(10)(x), "theta": theta.reshape(-1, NUM_REGIONS + 1, 4)}
+
+
+def _uneven_batch():
+  """8 uint8 images; rows 0, 2, 3 have no label and row 6 is padding (mask 0), so any split
+  into two halves gives micro-batches with different numbers of counted images."""
+  rng = np.random.default_rng(0)
+  labels = (rng.random((8, 10)) < 0.3).astype(np.float32)
+  labels[:, 7] = 1.0
+  labels[[0, 2, 3]] = 0.0
+  mask = np.ones(8, np.float32)
+  mask[6] = 0.0
+  return {"image": rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), "labels": labels,
+          "mask": mask}
+
+
+def _eq14_by_hand(scores, theta, labels, mask, gamma, alpha=0.5, beta=0.1, lambda1=0.01,
+                  lambda2=0.1):
+  """Eq. 7-14 written out from the paper (jnp, so that it can be differentiated too)."""
+  num_pos = labels.sum(-1)
+  counted = mask * (num_pos > 0)
+  p = jax.nn.softmax(scores, axis=-1)
+  per_cls = jnp.sum((p - labels / jnp.maximum(num_pos, 1)[:, None]) ** 2, axis=-1)
+  l_cls = jnp.sum(per_cls * counted) / jnp.sum(counted)
+  sx, sy, tx, ty = (theta[:, 1:, i] for i in range(4))  # regions 1..K
+  l_s = jnp.sum(jnp.maximum(jnp.abs(sx) - alpha, 0) ** 2
+                + jnp.maximum(jnp.abs(sy) - alpha, 0) ** 2, 1)
+  l_a = 0.5 * jnp.sum((tx[:, 1:] - PAPER_ANCHORS[:, 0]) ** 2
+                      + (ty[:, 1:] - PAPER_ANCHORS[:, 1]) ** 2, 1)  # regions 2..K
+  l_p = jnp.sum(jnp.maximum(beta - sx, 0) + jnp.maximum(beta - sy, 0), 1)
+  l_loc = jnp.sum((l_s + lambda1 * l_a + lambda2 * l_p) * mask) / jnp.sum(mask)
+  return l_cls + gamma * l_loc, l_cls, l_loc
+
+
+def _sgd_state(model, mesh):
+  """SGD with rate 1: the parameter update of a step is minus the gradient it used."""
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  return train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
+
+
+def test_train_step_loss_and_gradient_are_eq14_by_hand():
+  """The value the jitted train step reports and the gradient it applies are those of
+  L_cls + gamma L_loc computed by hand (no torch): dropping gamma or L_loc would fail."""
+  config = tiny_config(**{"loss.gamma": 0.5, "data.pixel_convention": "unit"})
+  loss_cfg = train.LossConfig.from_config(config)
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = _ScoresAndTheta()
+  state = _sgd_state(model, mesh)
+  params = jax.device_get(state.params)
+  batch = _uneven_batch()
+  new_state, metrics = train.jit_train_step(loss_cfg, mesh)(state, batch)
+  new_params = jax.device_get(new_state.params)
+
+  def hand(p):
+    out = model.apply({"params": p}, data_lib.normalize(jnp.asarray(batch["image"]), "unit"))
+    return _eq14_by_hand(out["scores"], out["theta"], jnp.asarray(batch["labels"]),
+                         jnp.asarray(batch["mask"]), gamma=0.5)
+
+  loss, l_cls, l_loc = jax.jit(hand)(params)
+  assert float(l_loc) > 0.5 and float(l_cls) > 0.01  # both terms matter
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["cls_loss"]), float(l_cls), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loc_loss"]), float(l_loc), rtol=1e-5)
+  grads = jax.jit(jax.grad(lambda p: hand(p)[0]))(params)
+  for g, p0, p1 in zip(jax.tree.leaves(grads), jax.tree.leaves(params),
+                       jax.tree.leaves(new_params)):
+    np.testing.assert_allclose(p0 - p1, g, rtol=1e-4, atol=1e-6)
+
+
+def test_accumulated_gradient_equals_the_full_batch_gradient():
+  """grad_accum_steps=2 on 4 devices gives the full-batch gradient and loss terms, though
+  the two halves count different numbers of labelled and real images (a mean of the two
+  halves' means would not). Clipping and Adam come after the accumulation, so they see the
+  full-batch gradient."""
+  config = tiny_config(**{"data.pixel_convention": "unit"})
+  loss_cfg = train.LossConfig.from_config(config)
+  mesh = train.make_mesh(jax.devices()[:4])
+  model = _ScoresAndTheta()
+  batch = _uneven_batch()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  init = jax.device_get(_sgd_state(model, mesh).params)
+  results = {}
+  for accum in (1, 2):
+    state, metrics = train.jit_train_step(loss_cfg, mesh, accum)(_sgd_state(model, mesh), batch)
+    grads = jax.tree.map(lambda a, b: a - b, init, jax.device_get(state.params))
+    results[accum] = grads, jax.device_get(metrics)
+  (g1, m1), (g2, m2) = results[1], results[2]
+  for key in ("loss", "cls_loss", "loc_loss", "grad_norm"):
+    # float32 sums of the same terms in another order: relative differences ~1e-7.
+    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+    assert np.linalg.norm(b) > 0
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+
+
+class _RecordingWriter(metric_writers.LoggingWriter):
+  """The run's metric writer, keeping every scalar it is given."""
+
+  def __init__(self):
+    super().__init__()
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    for k, v in scalars.items():
+      self.scalars.setdefault(k, {})[int(step)] = float(v)
+
+
+def test_accumulated_run_decays_at_the_first_optimizer_step_of_the_epoch(tmp_path, monkeypatch):
+  """grad_accum_steps=2, a step decay at epoch 3: 32 images in global batches of 8 are 4
+  optimizer steps per epoch, so the learning rate the optimizer applied (logged from its
+  state) is 1e-3 for steps 1..12 and 1e-4 from step 13, the first of epoch 3; max_steps and
+  the checkpoints count optimizer steps too."""
+  writer = _RecordingWriter()
+  monkeypatch.setattr(metric_writers, "create_default_writer", lambda *a, **k: writer)
+  config = tiny_config(**{"model.name": "baseline", "loss.classification": "sigmoid_bce"})
+  config.data.demo.num_train = 32
+  config.optim.update(grad_accum_steps=2, schedule="step", decay_epochs=(3,),
+                      decay_factor=0.1, learning_rate=1e-3, num_epochs=10)
+  config.update(max_steps=14, log_every_steps=1, checkpoint_every_steps=1000)
+  wd = str(tmp_path / "accum")
+  result = train.train(config, wd)
+  assert result["step"] == 14
+  assert checkpointing.latest_manager(wd).latest_step() == 14
+  lr = writer.scalars["train/learning_rate"]
+  assert sorted(lr) == list(range(1, 15))
+  np.testing.assert_allclose([lr[s] for s in range(1, 13)], 1e-3, rtol=1e-6)
+  np.testing.assert_allclose([lr[13], lr[14]], 1e-4, rtol=1e-6)
+  # The latest checkpoint's optimizer state holds the rate of its last update.
+  restored = checkpointing.restore_replicated(*checkpointing.find_checkpoint(
+      wd, checkpointing.LATEST))
+  np.testing.assert_allclose(
+      float(restored["opt_state"]["hyperparams"]["learning_rate"]), 1e-4, rtol=1e-6)
+
+
+def test_train_step_differentiates_losses_total_loss(monkeypatch):
+  """One Eq. 14: the loss the train step reports and differentiates is losses.total_loss
+  (a change there, here a factor 3, reaches the step)."""
+  config = tiny_config(**{"data.pixel_convention": "unit"})
+  loss_cfg = train.LossConfig.from_config(config)
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = _ScoresAndTheta()
+  batch = _uneven_batch()
+  plain = jax.device_get(train.jit_train_step(loss_cfg, mesh)(_sgd_state(model, mesh), batch)[1])
+  original = losses.total_loss
+
+  def tripled(*args, **kwargs):
+    loss, terms = original(*args, **kwargs)
+    return 3 * loss, dict(terms, loss=3 * loss)
+
+  monkeypatch.setattr(losses, "total_loss", tripled)
+  scaled = jax.device_get(train.jit_train_step(loss_cfg, mesh)(_sgd_state(model, mesh), batch)[1])
+  np.testing.assert_allclose(scaled["loss"], 3 * plain["loss"], rtol=1e-6)
+  np.testing.assert_allclose(scaled["grad_norm"], 3 * plain["grad_norm"], rtol=1e-5)

@@ -1,0 +1,262 @@
+r"""The paper's multi-scale fusion (§5.1): average the ten-view scores of separately trained
+models (one trained at N = 512, one at N = 640) and report the fused numbers.
+
+    python -m rma_jax.main --mode=fuse --fuse_workdirs=runs/voc512,runs/voc640 --workdir=runs/fused
+    python -m rma_jax.fuse --workdirs=runs/voc512,runs/voc640 --out=runs/fused
+
+Each input is a workdir that has been evaluated (``--mode=train`` ends with the evaluation,
+``--mode=evaluate`` runs it): ``WORKDIR/report/scores.npz`` holds the raw per-image scores
+and the test images' ids of every protocol, ``WORKDIR/report/report.json`` names the
+headline protocol and how its metrics were computed. For each input the headline protocol
+is fused (the ten-view one behind an SVM headline; it is ``ten_view@N``, or
+``ten_view@N1+N2`` with ``eval.scales``). The raw scores are averaged over the inputs and
+the inputs' ``score_transform`` is applied to the mean, exactly as ``eval.scales`` fuses the
+scales of one checkpoint (which stays the option for one model at several input sizes).
+
+Every input must have scored the same images (the same ids; the order may differ) with
+the same classes and the same metric settings. ``OUT/report/`` gets ``report.json`` and
+``report.md`` (the fused row beside each input's row, recomputed from its scores, and the
+paper's Table 6 numbers, 91.9 for two scales on VOC 2007) and ``scores.npz`` (the fused
+scores, under the protocol name ``fused``, so a fused folder can itself be an input).
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+
+FUSED = "fused"
+# Metric settings every input must share (recorded by rma_jax.metrics for each protocol).
+_SETTINGS = ("score_transform", "prf_score_transform", "ap_mode", "top_k", "threshold")
+
+
+@dataclasses.dataclass
+class Evaluated:
+  """One evaluated workdir: the fused protocol's per-image arrays and its report."""
+  workdir: str
+  protocol: str
+  scores: np.ndarray  # (N, C) raw scores
+  labels: np.ndarray  # (N, C)
+  difficult: np.ndarray  # (N, C) bool
+  ids: np.ndarray  # (N,) str
+  results: dict[str, Any]  # report.json's "results"
+  dataset: str
+
+
+def _headline_scores_protocol(results: dict[str, Any]) -> str:
+  headline = results.get("headline")
+  if headline == "svm":  # SVM decision values are not scores to average: its features' protocol
+    headline = results.get("svm", {}).get("features_of")
+  return headline
+
+
+def load_evaluated(workdir: str) -> Evaluated:
+  """Reads ``workdir/report/{report.json, scores.npz}``; clear errors when they are missing."""
+  report_dir = os.path.join(workdir, "report")
+  json_path, npz_path = (os.path.join(report_dir, f) for f in ("report.json", "scores.npz"))
+  for path in (json_path, npz_path):
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"{workdir}: no {os.path.relpath(path, workdir)}; evaluate the run first "
+          f"(python -m rma_jax.main --config=... --workdir={workdir} --mode=evaluate)")
+  with open(json_path, encoding="utf-8") as f:
+    payload = json.load(f)
+  results = payload["results"]
+  protocol = _headline_scores_protocol(results)
+  with np.load(npz_path) as npz:
+    keys = set(npz.files)
+    if f"{protocol}/scores" not in keys:
+      raise ValueError(f"{npz_path} has no scores of the headline protocol {protocol!r} "
+                       f"(it has {sorted(k.split('/')[0] for k in keys)}); re-run "
+                       "--mode=evaluate on this workdir")
+    if f"{protocol}/id" not in keys:
+      raise ValueError(f"{npz_path} has no test-image ids (written by an older version); "
+                       f"re-run --mode=evaluate on {workdir} to write them")
+    arrays = {k: npz[f"{protocol}/{k}"] for k in ("scores", "labels", "difficult", "id")}
+  return Evaluated(workdir=workdir, protocol=protocol, scores=arrays["scores"],
+                   labels=arrays["labels"], difficult=arrays["difficult"].astype(bool),
+                   ids=arrays["id"].astype(str), results=results,
+                   dataset=str(payload.get("dataset", results.get("data", ""))))
+
+
+def _align(reference: Evaluated, other: Evaluated) -> Evaluated:
+  """``other`` with its rows in the order of ``reference``'s ids, or a ValueError that names
+  both workdirs and a few of the ids that differ."""
+  if np.array_equal(reference.ids, other.ids):
+    return other
+  ref_set, other_set = set(reference.ids.tolist()), set(other.ids.tolist())
+  if ref_set != other_set or len(ref_set) != len(reference.ids) or len(other_set) != len(
+      other.ids):
+    only_ref = sorted(ref_set - other_set)
+    only_other = sorted(other_set - ref_set)
+    parts = [f"{reference.workdir} scored {len(reference.ids)} images and {other.workdir} "
+             f"{len(other.ids)}"]
+    if only_ref:
+      parts.append(f"{len(only_ref)} ids only in {reference.workdir} (e.g. {only_ref[:5]})")
+    if only_other:
+      parts.append(f"{len(only_other)} ids only in {other.workdir} (e.g. {only_other[:5]})")
+    if not (only_ref or only_other):
+      parts.append("some ids occur more than once")
+    raise ValueError("cannot fuse runs evaluated on different images: " + "; ".join(parts) +
+                     ". Evaluate every run on the same split.")
+  row = {i: r for r, i in enumerate(other.ids.tolist())}
+  order = np.asarray([row[i] for i in reference.ids.tolist()])
+  return dataclasses.replace(other, scores=other.scores[order], labels=other.labels[order],
+                             difficult=other.difficult[order], ids=other.ids[order])
+
+
+def _check_compatible(runs: Sequence[Evaluated]) -> dict[str, Any]:
+  """The shared metric settings of the runs' fused protocols; ValueError on a mismatch."""
+  first = runs[0]
+  settings = {k: first.results["protocols"][first.protocol].get(k) for k in _SETTINGS}
+  for run in runs[1:]:
+    if run.results.get("class_names") != first.results.get("class_names"):
+      raise ValueError(f"{first.workdir} and {run.workdir} have different classes")
+    if run.dataset != first.dataset:
+      raise ValueError(f"{first.workdir} is {first.dataset!r} and {run.workdir} "
+                       f"{run.dataset!r}: fuse runs of one data set")
+    theirs = run.results["protocols"][run.protocol]
+    for key, value in settings.items():
+      if theirs.get(key) != value:
+        raise ValueError(f"{first.workdir} and {run.workdir} were evaluated with different "
+                         f"{key} ({value!r} vs {theirs.get(key)!r}); evaluate them with the "
+                         f"same eval.* settings")
+    if not (np.array_equal(run.labels, first.labels)
+            and np.array_equal(run.difficult, first.difficult)):
+      raise ValueError(f"{first.workdir} and {run.workdir} scored the same image ids with "
+                       "different labels: they were not evaluated on the same data")
+  return settings
+
+
+def _scales(protocol: str) -> list[int]:
+  """'ten_view@512+640' -> [512, 640]; [] without that pattern."""
+  try:
+    return [int(n) for n in protocol.split("@", 1)[1].split("+")]
+  except (IndexError, ValueError):
+    return []
+
+
+def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
+  """Fuses the evaluated ``workdirs`` into ``out_dir/report/``; returns the results dict.
+
+  Args:
+    workdirs: two or more evaluated run folders.
+    out_dir: where ``report/`` is written (created if missing).
+
+  Returns:
+    ``protocols`` (one metrics dict per input, named ``WORKDIR:PROTOCOL``, recomputed from its
+    scores, and ``fused``), ``headline`` ('fused'), ``inputs`` and the shared settings.
+  """
+  from rma_jax import evaluate, report  # pylint: disable=g-import-not-at-top
+  workdirs = [w for w in workdirs if w]
+  if len(workdirs) < 2:
+    raise ValueError(f"fusion needs two or more evaluated workdirs, got {list(workdirs)}")
+  if len({os.path.abspath(w) for w in workdirs}) < len(workdirs):
+    raise ValueError(f"a workdir is given more than once: {list(workdirs)}")
+  runs = [load_evaluated(w) for w in workdirs]
+  runs = [runs[0]] + [_align(runs[0], r) for r in runs[1:]]
+  settings = _check_compatible(runs)
+  first = runs[0]
+  metric_args = dict(ap_mode=settings["ap_mode"], k=settings["top_k"] or None,
+                     threshold=settings["threshold"], transform=settings["score_transform"],
+                     prf=settings["prf_score_transform"])
+  fused_scores = np.mean([r.scores.astype(np.float64) for r in runs], axis=0)
+
+  protocols: dict[str, Any] = {}
+  for r in runs:
+    protocols[f"{r.workdir}:{r.protocol}"] = evaluate.compute_metrics(
+        r.scores, r.labels, r.difficult, **metric_args)
+  protocols[FUSED] = evaluate.compute_metrics(fused_scores, first.labels, first.difficult,
+                                              **metric_args)
+  paper = report.PAPER_TABLE6_MAP["two scales + ten-crop"]
+  results: dict[str, Any] = {
+      "workdir": os.path.abspath(out_dir), "data": first.dataset,
+      "split": first.results.get("split"), "class_names": first.results.get("class_names"),
+      "num_images": int(first.labels.shape[0]),
+      "inputs": [{"workdir": os.path.abspath(r.workdir), "protocol": r.protocol,
+                  "checkpoint": r.results.get("checkpoint"), "step": r.results.get("step")}
+                 for r in runs],
+      **settings,
+      "paper_table6_two_scales_ten_crop": dict(paper),  # %, the paper's fused number
+      "protocols": protocols, "headline": FUSED,
+  }
+  report_dir = os.path.join(out_dir, "report")
+  os.makedirs(report_dir, exist_ok=True)
+  np.savez_compressed(os.path.join(report_dir, "scores.npz"), **{
+      f"{FUSED}/scores": fused_scores, f"{FUSED}/labels": first.labels,
+      f"{FUSED}/difficult": first.difficult, f"{FUSED}/id": first.ids})
+  scales = [n for r in runs for n in _scales(r.protocol)]
+  ten = all(r.protocol.startswith("ten_view") for r in runs)
+  h = protocols[FUSED]
+  card = report.metric_card(
+      dataset=f"{first.dataset} ({results['split']} split)", ap_mode=settings["ap_mode"],
+      top_k=settings["top_k"] or None, threshold=settings["threshold"],
+      score_transform=settings["score_transform"],
+      prf_score_transform=settings["prf_score_transform"],
+      views="ten-view" if ten else "single-view", scales=scales,
+      num_images=h["num_images"], num_images_without_labels=h["num_images_without_labels"],
+      notes=[f"fusion of {len(runs)} separately trained runs (paper §5.1): the mean of their "
+             "raw scores of " + ", ".join(f"{r.protocol} ({r.workdir})" for r in runs) +
+             ", then score_transform; each input's row is recomputed from its scores.npz",
+             "the same images in every input, matched by id"])
+  report.write_report(results, report_dir, class_names=results["class_names"],
+                      dataset_name=first.dataset, card=card,
+                      method_name=f"Fusion of {len(runs)} runs",
+                      sections=_fusion_section(runs, protocols, first.dataset,
+                                               settings["ap_mode"]))
+  logging.info("fused %d runs (%s): mAP %.4f (%s), report in %s", len(runs),
+               ", ".join(r.workdir for r in runs), h["mAP"], settings["ap_mode"], report_dir)
+  return results
+
+
+def _fusion_section(runs: Sequence[Evaluated], protocols: dict[str, Any], dataset: str,
+                    ap_mode: str) -> list[str]:
+  """The fused row beside each input's row and the paper's Table 6 rows, as Markdown."""
+  from rma_jax import report  # pylint: disable=g-import-not-at-top
+  pct = report._pct  # pylint: disable=protected-access
+  lines = [f"## Fusion of {len(runs)} runs (paper §5.1), %", "",
+           f"| Run | protocol | checkpoint | mAP ({ap_mode}) | mAP (all-point) | C-F1 | O-F1 |",
+           "|---|---|---|---|---|---|---|"]
+
+  def row(name, protocol, checkpoint, m):
+    return (f"| {name} | {protocol} | {checkpoint} | {pct(m['mAP'])} | {pct(m['mAP_all'])} "
+            f"| {pct(m['CF1'])} | {pct(m['OF1'])} |")
+
+  for r in runs:
+    lines.append(row(r.workdir, r.protocol,
+                     f"{r.results.get('checkpoint')} (step {r.results.get('step')})",
+                     protocols[f"{r.workdir}:{r.protocol}"]))
+  lines.append(row("**fused**", "mean of the raw scores above", "", protocols[FUSED]))
+  column = "coco2014" if report._is_coco(dataset) else "voc2007"  # pylint: disable=protected-access
+  where = {"voc2007": "VOC 2007", "coco2014": "MS-COCO"}[column]
+  if dataset.lower() not in ("voc2007", "voc/2007", "voc07") and column == "voc2007":
+    where += ", not this data set"
+  for setting in ("s=512 + ten-crop", "s=640 + ten-crop", "two scales + ten-crop"):
+    lines.append(f"| Paper: {setting} ({where}) | | | "
+                 f"{report.PAPER_TABLE6_MAP[setting][column]:.1f} | | | |")
+  return lines + [""]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdirs", required=True,
+                      help="comma-separated evaluated workdirs (two or more)")
+  parser.add_argument("--out", required=True, help="output folder (OUT/report/ is written)")
+  args = parser.parse_args(argv)
+  results = fuse_workdirs(args.workdirs.split(","), args.out)
+  fused = results["protocols"][FUSED]
+  print(f"fused {len(results['inputs'])} runs: mAP {100 * fused['mAP']:.1f} "
+        f"({results['ap_mode']}); report in {os.path.join(args.out, 'report')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
