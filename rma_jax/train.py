@@ -430,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """One training run; returns {'step', 'best_val_loss', 'best_step'}."""
+  """One training run; returns {'step', 'best_val_loss', 'best_step', 'start_step'} (the
+  step it started or resumed from)."""
   # Imported here so that importing rma_jax.train never pulls in TensorFlow.
   from clu import metric_writers, parameter_overview, periodic_actions
   from rma_jax import data as data_lib
@@ -543,7 +544,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       flush_metrics(step)
       checkpointing.save(latest, step, state)
   best.wait_until_finished()
-  result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step()}
+  result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
+            "start_step": start_step}
   # close() waits for the asynchronous saves on every host, so that no host leaves while
   # another still waits for it at a checkpoint barrier.
   latest.close()
