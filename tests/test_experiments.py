@@ -533,3 +533,12 @@ def _check_protocols_of_one_checkpoint(base, run_dir, stage1_dir):
       every["attention_recall"]["model_regions"])
   assert experiments.metric_value(every, "", "pointing") == (
       every["pointing"]["model_regions"]["hit_rate"])
+
+
+def test_docs_ablations_page_follows_from_the_committed_json():
+  """Every number in docs/ablations.md's tables is in docs/ablations/'s JSON, and every
+  table JSON there follows from the per-run records. Regenerate both with the command at
+  the top of docs/ablations.md (or only the page: the same command with --write_only)."""
+  problems = experiments.check_page(os.path.join(ROOT, "docs", "ablations.md"),
+                                    os.path.join(ROOT, "docs", "ablations"))
+  assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)"
