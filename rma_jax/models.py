@@ -182,7 +182,7 @@ class AttentionCell(nn.Module):
       # A learned per-step bias (a step embedding added to b_m): step k places region k+1.
       step_bias = self.param(
           "zm_step", lambda _: jnp.asarray(self.step_theta_init, jnp.float32))
-      next_theta = next_theta + step_bias[step]
+      next_theta = next_theta + jnp.asarray(step_bias)[step]  # params may be NumPy
     return (c, h, next_theta), (s, theta, z.astype(jnp.float32))
 
 

@@ -191,7 +191,7 @@ def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   model = train.build_model(config)
   variables = model.init(jax.random.key(0), images)
   np.testing.assert_allclose(variables["params"]["attention"]["cell"]["zm_step"], offsets)
-  out = model.apply(variables, images)
+  out = model.apply(jax.device_get(variables), images)  # host (NumPy) parameters work too
   want = np.broadcast_to(models.fixed_region_thetas(5), (2, 6, 4))
   np.testing.assert_allclose(out["theta"], want, atol=1e-6)
   # Other sizes of b_m are kept: only the centres move.

@@ -121,6 +121,13 @@ def test_anchor_weight_schedule_and_the_step_that_takes_it():
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def test_training_loop_with_the_anchor_schedule(tmp_path):
+  """The loop feeds the scheduled weight to the step (the run completes and resumes)."""
+  config = tiny_config(**{"loss.anchor_schedule_epochs": 1, "loss.lambda_anchor_start": 1.0,
+                          "max_steps": 2})
+  assert train.train(config, str(tmp_path))["step"] == 2
+
+
 def test_main_job_resumes_and_writes_checkpoints_and_events(tmp_path):
   wd = str(tmp_path / "run")
   first = _main(wd, "--config.max_steps=4", timeout=600)
