@@ -110,7 +110,8 @@ def test_anchor_weight_schedule_and_the_step_that_takes_it():
   cfg = train.LossConfig.from_config(config)
   scheduled = train.jit_train_step(cfg, mesh, scheduled_anchor=True)
   fixed = train.jit_train_step(dataclasses.replace(cfg, lambda_anchor=1.0), mesh)
-  new_state = lambda: train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+  first = train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+  new_state = lambda: jax.tree.map(jnp.copy, first)  # the steps donate their input state
   a_state, a = scheduled(new_state(), batch, np.float32(1.0))
   b_state, b = fixed(new_state(), batch)
   _, c = scheduled(new_state(), batch, np.float32(0.01))
