@@ -477,7 +477,9 @@ def table_markdown(table: Mapping[str, Any]) -> str:
   header = [table.get("row_header", "variant")]
   header += [f"{METRIC_LABELS.get(m, m)}" for m in metrics]
   header += [f"{METRIC_LABELS.get(m, m)} per seed" for m in per_seed]
-  paper_cols = [(d, m) for d in paper_sets for m in metrics if m in ("mAP", "CF1", "OF1")]
+  # The paper's columns: the metrics it published for this table (any row) on each set.
+  paper_cols = [(d, m) for d in paper_sets for m in metrics
+                if any(m in r["paper"].get(d, {}) for r in table["rows"])]
   header += [f"paper {METRIC_LABELS.get(m, m)} ({d})" for d, m in paper_cols]
   header += ["protocol"]
   status = ""

@@ -183,9 +183,6 @@ def test_every_training_run_takes_one_step_from_the_shared_stage1(stage1, demo_b
     assert train.build_model(config) == train.build_model(s1)
     assert config.seed == s1.seed and config.init == s1.init
     assert config.optim.learning_rate == s1.optim.learning_rate
-    lr = config.optim.learning_rate
-    tx = train.make_optimizer(config.optim, lambda _: lr)
-    state = train.create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
     state, metrics = train.jit_train_step(train.LossConfig.from_config(config), mesh)(
         state, batch)
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])), run
