@@ -17,13 +17,31 @@ The second evaluation scale is ``base.eval.scales[1]`` when the base config has 
 
 Tables (keys of ``TABLES``):
   3: fixed regions (K boxes at the centre and the anchors, the stand-in for the paper's
-     object proposals) vs attentional regions; single view at N; with attention recall.
+     object proposals) vs attentional regions; single view at N; with the pointing game of
+     both (and its chance control) and attention recall.
   4: localisation constraints null / S+P / A+S / A+P / A+S+P; ten views at N.
   5: constraints null vs A+S+P with C-F1, O-F1 and mAP (the paper's MS-COCO table).
   6: single crop vs ten crops at N and at the second scale, and both scales fused.
   'loss': the global-pooling baseline (SPEC §1.6) with the paper's softmax-Euclidean loss and
      with per-class sigmoid cross-entropy, beside the attention model; ten views at N.
+  'budget': the same total number of epochs for every row: the stage-1 baseline alone,
+     the pooled baseline trained in one go for stage-1 + stage-2 epochs (both losses), and
+     the attention model (stage 1 + stage 2); ten views at N.
   'K': the number of regions K = 1, 3, 5, 9; ten views at N.
+  'regions': attempts to make the learned regions find the labelled objects, each one
+     option of the paper's A+S+P, K = 5 model (default off), judged by the pointing game;
+     single view at N.
+
+Every row reports mAP, C-F1, O-F1, the pointing hit rate of the run's regions and of its
+chance control (``rma_jax.metrics.pointing_chance``), and the run's wall time.
+
+Runs come in three kinds (``run_kind``): the seed's stage-1 baseline itself (``STAGE1``);
+stage-2 runs, initialised from the seed's stage 1 (``RUNS``, all but the two below); and the
+equal-budget baselines (``BUDGET_RUNS``), which do not use stage 1: they start from the same
+initialisation as stage 1 (same seed, same ``init``) and train with the stage-1 recipe
+(``train._stage1_config``: ``stage1.learning_rate``, constant or cosine schedule) for
+``stage1.num_epochs + optim.num_epochs`` epochs in one go. The schedule stretches over the
+longer run: a constant rate stays constant (the demo), a cosine decays over all the epochs.
 """
 
 from __future__ import annotations
@@ -68,7 +86,46 @@ RUNS: dict[str, dict[str, Any]] = {
                          "eval.score_transform": "softmax"},
     "baseline_sigmoid": {"model.name": "baseline", "loss.classification": "sigmoid_bce",
                          "eval.score_transform": "sigmoid"},
+    # The equal-budget baselines (BUDGET_RUNS): see run_config.
+    "baseline_sigmoid_budget": {"model.name": "baseline", "loss.classification": "sigmoid_bce",
+                                "eval.score_transform": "sigmoid"},
+    "baseline_softmax_budget": {"model.name": "baseline",
+                                "loss.classification": "softmax_euclidean",
+                                "eval.score_transform": "softmax"},
+    # Attempts to make the regions point at the objects (table 'regions'), each one option
+    # on top of the paper's A+S+P, K = 5 model:
+    # (a) lambda_anchor 1.0 in epoch 0, decaying geometrically to the paper's 0.01 at epoch 4;
+    "rma_ASP_K5_anchor_schedule": {**_constraints("A+S+P"), "model.num_regions": 5,
+                                   "loss.anchor_schedule_epochs": 4,
+                                   "loss.lambda_anchor_start": 1.0},
+    # (b) half-sizes |s| >= 0.25 (a quarter of the map per side; the demo's digits span
+    # 20-40 px of 96, half-sizes 0.21-0.42);
+    "rma_ASP_K5_min_scale": {**_constraints("A+S+P"), "model.num_regions": 5,
+                             "loss.min_scale": 0.25},
+    # (c) a learned per-step theta bias starting region 1 at the centre, region k at anchor k;
+    "rma_ASP_K5_region_init": {**_constraints("A+S+P"), "model.num_regions": 5,
+                               "model.region_init": "anchors"},
+    # (d) a larger sampled grid S: twice the base config's.
+    "rma_ASP_K5_S2x": {**_constraints("A+S+P"), "model.num_regions": 5},
 }
+
+STAGE1 = "stage1"
+"""The seed's stage-1 baseline as a row (evaluated like every run)."""
+
+BUDGET_RUNS = ("baseline_sigmoid_budget", "baseline_softmax_budget")
+"""Runs trained from the stage-1 initialisation with the stage-1 recipe for
+``stage1.num_epochs + optim.num_epochs`` epochs (no stage 2)."""
+
+
+def run_kind(run: str) -> str:
+  """'stage1' (the seed's stage 1), 'budget' (``BUDGET_RUNS``) or 'stage2' (from stage 1)."""
+  if run == STAGE1:
+    return "stage1"
+  if run in BUDGET_RUNS:
+    return "budget"
+  if run not in RUNS:
+    raise KeyError(f"unknown run {run!r}; one of {sorted(RUNS) + [STAGE1]}")
+  return "stage2"
 
 # --------------------------------------------------------------------------- protocols
 
@@ -128,18 +185,41 @@ TABLES: dict[Any, list[Variant]] = {
     "loss": [Variant("baseline, softmax-Euclidean (paper)", "baseline_softmax", TEN_N),
              Variant("baseline, sigmoid cross-entropy", "baseline_sigmoid", TEN_N),
              Variant("attention A+S+P, softmax-Euclidean", "rma_ASP_K5", TEN_N)],
+    "budget": [Variant("baseline, stage 1 only ({e1} epochs)", STAGE1, TEN_N),
+               Variant("baseline, sigmoid cross-entropy, {e12} epochs in one go",
+                       "baseline_sigmoid_budget", TEN_N),
+               Variant("baseline, softmax-Euclidean, {e12} epochs in one go",
+                       "baseline_softmax_budget", TEN_N),
+               Variant("attention A+S+P, stage 1 ({e1}) + stage 2 ({e2}) epochs",
+                       "rma_ASP_K5", TEN_N)],
     "K": [Variant("K=1", "rma_ASP_K1", TEN_N),
           Variant("K=3", "rma_ASP_K3", TEN_N),
           Variant("K=5", "rma_ASP_K5", TEN_N),
           Variant("K=9", "rma_ASP_K9", TEN_N)],
+    "regions": [Variant("the paper's A+S+P (lambda_anchor 0.01)", "rma_ASP_K5", SINGLE_N),
+                Variant("(a) lambda_anchor 1.0 -> 0.01 over 4 epochs",
+                        "rma_ASP_K5_anchor_schedule", SINGLE_N),
+                Variant("(b) region half-sizes at least 0.25", "rma_ASP_K5_min_scale", SINGLE_N),
+                Variant("(c) per-step theta bias from the anchors", "rma_ASP_K5_region_init",
+                        SINGLE_N),
+                Variant("(d) S = {s2x} (twice the base S)", "rma_ASP_K5_S2x", SINGLE_N),
+                Variant("fixed regions (anchor boxes)", "fixed_anchors_K5", SINGLE_N)],
 }
 
-# Which metrics each table shows (keys of a protocol's results; 'attention_recall' is the
-# run's single-view attention recall of its K regions).
+# Which metrics each table shows: a protocol's metrics (mAP, CF1, OF1) or a run-level one:
+# 'pointing' / 'pointing_chance' / 'pointing_iou' (the single-view pointing game of the run's
+# regions: hit rate, its chance control's hit rate, the mean IoU of the pointed region),
+# 'attention_recall' (single view) and 'wall_min' (training + evaluation wall time of the run
+# itself, minutes). Rows without regions (the baselines) show '—' for the region metrics.
+COMMON_METRICS = ("mAP", "CF1", "OF1", "pointing", "pointing_chance", "wall_min")
+REGION_METRICS = COMMON_METRICS[:5] + ("pointing_iou", "attention_recall", "wall_min")
 TABLE_METRICS: dict[Any, tuple[str, ...]] = {
-    3: ("mAP", "attention_recall"), 4: ("mAP",), 5: ("CF1", "OF1", "mAP"), 6: ("mAP",),
-    "loss": ("mAP", "CF1", "OF1"), "K": ("mAP", "attention_recall"),
+    3: REGION_METRICS, 4: COMMON_METRICS, 5: COMMON_METRICS, 6: COMMON_METRICS,
+    "loss": COMMON_METRICS, "budget": COMMON_METRICS + ("wall_min_total",),
+    "K": REGION_METRICS, "regions": REGION_METRICS,
 }
+# Metrics whose per-seed values get their own column (the JSON has every metric per seed).
+PER_SEED_METRICS = ("mAP", "pointing")
 
 TABLE_TITLES: dict[Any, str] = {
     3: "Table 3: attentional regions vs fixed regions (single crop at N)",
@@ -148,19 +228,23 @@ TABLE_TITLES: dict[Any, str] = {
     6: "Table 6: test-time scales and crops",
     "loss": "Loss: the baseline with the paper's softmax-Euclidean loss vs sigmoid "
             "cross-entropy (ten crops at N)",
+    "budget": "Equal training budget: baselines trained as long as stage 1 + stage 2 "
+              "(ten crops at N)",
     "K": "Number of regions K (ten crops at N)",
+    "regions": "Making the regions find the objects: the pointing game of each attempt "
+               "(single crop at N)",
 }
 
 # The data set whose published numbers each table carries.
 TABLE_PAPER_DATASETS: dict[Any, tuple[str, ...]] = {
     3: ("voc2007",), 4: ("voc2007",), 5: ("coco2014",), 6: ("voc2007", "coco2014"),
-    "loss": (), "K": (),
+    "loss": (), "budget": (), "K": (), "regions": (),
 }
 
 
 def table_keys() -> list[Any]:
   """Every table key, in a fixed order (the cheap, shared runs first)."""
-  return [3, 4, 5, 6, "loss", "K"]
+  return [3, 4, 5, 6, "loss", "budget", "K", "regions"]
 
 
 def parse_table(value: str) -> list[Any]:
@@ -249,23 +333,36 @@ def run_config(base: ml_collections.ConfigDict, run: str, *, stage1_dir: str = "
 
   Args:
     base: the base config (e.g. configs/demo.py).
-    run: a key of ``RUNS``.
-    stage1_dir: the stage-1 workdir the run initialises its trunk from ("" keeps the base's
-      ``init.from_checkpoint``); stage 1 is then not retrained inside the run.
+    run: a key of ``RUNS`` or ``STAGE1``.
+    stage1_dir: the stage-1 workdir a stage-2 run initialises its trunk from ("" keeps the
+      base's ``init.from_checkpoint``); stage 1 is then not retrained inside the run.
+      Ignored by the stage-1 and equal-budget runs.
     seed: overrides ``base.seed``.
 
   Returns:
-    A new ConfigDict. Every run, attention model or baseline, is stage 2 of the two-step
-    recipe: the trunk from the stage-1 baseline, new layers freshly initialised (the
-    baselines get a new head), trained with the base's ``optim`` settings. The baselines of
-    the loss table are thus trained exactly like the attention model, only without it.
+    A new ConfigDict. A stage-2 run, attention model or baseline, is stage 2 of the
+    two-step recipe: the trunk from the stage-1 baseline, new layers freshly initialised
+    (the baselines get a new head), trained with the base's ``optim`` settings; the
+    baselines of the loss table are thus trained exactly like the attention model, only
+    without it. ``STAGE1`` is the stage-1 config itself; the ``BUDGET_RUNS`` are the
+    stage-1 config with ``stage1.num_epochs + optim.num_epochs`` epochs and their loss.
   """
-  if run not in RUNS:
-    raise KeyError(f"unknown run {run!r}; one of {sorted(RUNS)}")
-  c = apply_overrides(base, all_protocols_overrides(base))
+  kind = run_kind(run)
   if seed is not None:
-    c.seed = int(seed)
+    base = apply_overrides(base, {"seed": int(seed)})
+  if kind != "stage2":
+    c = stage1_config(base)  # the stage-1 recipe and initialisation
+    if kind == "budget":
+      c.optim.num_epochs = base.stage1.num_epochs + base.optim.num_epochs
+      c = apply_overrides(c, RUNS[run])
+    else:
+      c.eval.score_transform = (
+          "sigmoid" if base.stage1.classification == "sigmoid_bce" else "softmax")
+    return apply_overrides(c, all_protocols_overrides(base))
+  c = apply_overrides(base, all_protocols_overrides(base))
   c = apply_overrides(c, RUNS[run])
+  if run == "rma_ASP_K5_S2x":
+    c.model.sample_size = 2 * base.model.sample_size
   if stage1_dir:
     c.init.from_checkpoint = stage1_dir
     c.stage1.num_epochs = 0

@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.theta_bias = (0.5, 0.5, 0.0, 0.0)
   c.model.theta_kernel_scale = 0.1
   c.model.fixed_regions = ""  # "" | "anchors": the fixed-regions control of Table 3
+  # "" (the paper) | "anchors": a learned per-step theta bias added to b_m, initialised so
+  # region 1 starts at the centre box and region k at its anchor (docs/ablations.md).
+  c.model.region_init = ""
   c.model.dtype = "float32"  # float32 | bfloat16 (parameters stay float32)
   c.model.remat = False
   # 3x3 conv backward: auto | xla | patches (rma_jax.conv; auto = matmul kernel gradient on
@@ -69,6 +72,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.use_anchor = True
   c.loss.use_scale = True
   c.loss.use_positive = True
+  # Options tried to make the regions find the objects (docs/ablations.md), off by default:
+  # a lower bound on the region half-sizes, a squared hinge max(0, min_scale - |s|)^2 added
+  # to l_S for both axes (0 = off);
+  c.loss.min_scale = 0.0
+  # an anchor-weight schedule: lambda_anchor decays geometrically, epoch by epoch, from
+  # lambda_anchor_start to lambda_anchor over the first anchor_schedule_epochs (0 = off).
+  c.loss.anchor_schedule_epochs = 0
+  c.loss.lambda_anchor_start = 1.0
 
   # Optimisation (SPEC §3): Adam, lr 1e-5 divided by 10 after 30 epochs, 45 epochs.
   c.optim = ml_collections.ConfigDict()

@@ -1,25 +1,44 @@
-r"""The paper's ablations (Tables 3–6), reproducible: train, evaluate, tabulate, plot.
+r"""The paper's ablations (Tables 3–6 and more), reproducible: train, evaluate, tabulate, plot.
 
-    python -m rma_jax.experiments --config=configs/demo.py --table=4 --seeds=3 --workdir=DIR
-    python -m rma_jax.experiments --config=configs/voc.py --table=all --seeds=1 --workdir=DIR
+    python -m rma_jax.experiments --config=configs/demo.py --table=all --seeds=3 \
+        --workdir=runs/ablations_demo --results_dir=docs/ablations --page=docs/ablations.md
+    python -m rma_jax.experiments --config=configs/demo.py --table=all --seeds=3 \
+        --results_dir=docs/ablations --page=docs/ablations.md --write_only
 
 For each seed ``s`` the stage-1 baseline (the first step of the paper's two-step recipe) is
-trained once in ``DIR/seed<s>/stage1``; every attention run of that seed starts from it
-(``init.from_checkpoint``) and lives in ``DIR/seed<s>/<run>`` (runs are listed in
-``configs/ablations.py``). A run is trained, then evaluated once under every protocol (single
-view and ten views, at both scales, fused); each table row reads its protocol from that
-report. Everything resumes: a run whose ``report/report.json`` exists is skipped, an
-interrupted one resumes from its last checkpoint. Then, per table:
+trained in ``WORKDIR/seed<s>/stage1`` and evaluated; every stage-2 run of that seed starts
+from it (``init.from_checkpoint``) and lives in ``WORKDIR/seed<s>/<run>``; the equal-budget
+baselines start from stage 1's initialisation instead (runs and their kinds are in
+``configs/ablations.py``). A run is trained, then evaluated once under every protocol
+(single view and ten views, at both scales, fused); each table row reads its protocol.
 
-* ``DIR/table_<t>.md``: the table in the paper's layout, mean ± sample std (ddof = 1) over the
-  seeds in %, the per-seed values and the paper's published numbers beside ("—" where the
-  data set is neither VOC 2007 nor MS-COCO 2014 or the paper has no such row);
-* ``DIR/table_<t>.json``: the same numbers (fractions) and the protocol behind each row;
-* ``DIR/table_<t>.png``: bars with ± std error bars and the per-seed points.
+**Results to commit.** Every finished run writes one compact JSON,
+``RESULTS_DIR/seed<s>/<run>.json`` (``stage1.json`` for stage 1): the metrics of every
+protocol, the pointing game and its chance control, attention recall, the wall and CPU
+time of training and of evaluation, the load average at start and end, the git commit and
+the full run config (``run_record``). It is written atomically (a temporary file renamed
+over it), and only when the run is finished, so a file that exists is final.
 
-``DIR/attention_recall.png`` compares the attention recall of the model's regions with that of
-the fixed anchor boxes for every attention run (the figure of the evaluation report), and
-``DIR/summary.md`` collects every table written so far.
+**Resuming.** A run whose JSON exists is skipped. An interrupted run resumes from its last
+checkpoint in WORKDIR; a run whose training had finished is only evaluated again (its
+training time was saved in ``WORKDIR/seed<s>/<run>/train_timing.json``). A run resumed in
+the middle of training records ``resumed_from_step`` and ``timing.comparable = false``: its
+wall time covers the last session only.
+
+**Wall times** are measured with one training at a time (this runner never runs two at
+once); the load average at the start and end of each run says whether anything else shared
+the machine.
+
+**Tables** are built only from the JSONs in RESULTS_DIR (``write_tables``), after each seed
+and with ``--write_only``: ``RESULTS_DIR/table_<t>.md`` (the paper's layout, mean ± sample
+std over seeds, the per-seed values, the paper's published numbers beside where the data
+set is VOC 2007 / MS-COCO 2014), ``table_<t>.json`` (the same numbers, fractions, and each
+row's run and protocol), ``table_<t>.png``, ``pointing.png`` / ``attention_recall.png`` and
+``summary.md``. A table with fewer finished seeds than asked for is marked partial (with
+the seeds it has). ``--page=docs/ablations.md`` rewrites the generated section of that page
+(between ``GENERATED_BEGIN`` and ``GENERATED_END``) from the same files, and
+``check_page`` (``--check``) verifies that every number in the page's tables is one of the
+committed JSON numbers and that every table JSON follows from the per-run JSONs.
 
 Any config field can be overridden as for ``rma_jax.main``: ``--config.optim.num_epochs=6``.
 Nothing here imports TensorFlow (the input pipeline does, lazily, when a run starts).
@@ -27,11 +46,14 @@ Nothing here imports TensorFlow (the input pipeline does, lazily, when a run sta
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import re
+import subprocess
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -43,23 +65,144 @@ from configs import ablations
 
 PAPER_DATASETS = ("voc2007", "coco2014")
 METRIC_LABELS = {"mAP": "mAP", "CF1": "C-F1", "OF1": "O-F1",
-                 "attention_recall": "attention recall"}
+                 "attention_recall": "attention recall", "pointing": "pointing",
+                 "pointing_chance": "pointing, chance", "pointing_iou": "IoU of pointed region",
+                 "wall_min": "wall time (min)",
+                 "wall_min_total": "wall time incl. stage 1 (min)"}
+# Metrics that are not fractions: shown as they are (minutes), not in %.
+PLAIN_METRICS = ("wall_min", "wall_min_total")
+PLOT_METRICS = ("mAP", "CF1", "OF1", "pointing", "attention_recall")
 DASH = "—"
+RECORD_FORMAT = 1
+GENERATED_BEGIN = "<!-- BEGIN GENERATED by rma_jax.experiments --write_only --page; do not edit -->"
+GENERATED_END = "<!-- END GENERATED -->"
+
+
+# --------------------------------------------------------------------------- records
+
+
+def record_path(results_dir: str, seed: int, run: str) -> str:
+  """``RESULTS_DIR/seed<s>/<run>.json``: the committed result of one run of one seed."""
+  return os.path.join(results_dir, f"seed{seed}", f"{run}.json")
+
+
+def _write_json(path: str, payload: Any) -> None:
+  """Strict JSON (NaN -> null), written atomically: a reader sees the old file or the new."""
+  from rma_jax import report
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  report._write_atomic(  # pylint: disable=protected-access
+      path, json.dumps(report.to_jsonable(payload), indent=1, allow_nan=False) + "\n")
+
+
+def load_record(path: str) -> dict[str, Any]:
+  """A run's record; raises ValueError naming the file if it is not a finished record."""
+  with open(path, encoding="utf-8") as f:
+    rec = json.load(f)
+  if rec.get("status") != "complete" or "protocols" not in rec:
+    raise ValueError(f"{path} is not a finished run record (status "
+                     f"{rec.get('status')!r}); delete it to rerun the run")
+  return rec
+
+
+def git_state() -> dict[str, Any]:
+  """The commit of the code that ran (and whether tracked files differed from it)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args: str) -> str | None:
+    try:
+      out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+  commit = git("rev-parse", "HEAD")
+  status = git("status", "--porcelain", "--untracked-files=no")
+  return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def _host() -> dict[str, Any]:
+  import jax
+  return {"jax": jax.__version__, "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+          "compilation_cache": bool(jax.config.jax_compilation_cache_dir)}
+
+
+def _loadavg() -> list[float] | None:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+  """Runs ``fn()``; returns its result and the wall time, this process's CPU time (user +
+  system, every thread) and the load average before and after."""
+  load0, wall0, cpu0 = _loadavg(), time.perf_counter(), time.process_time()
+  out = fn()
+  return out, {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
+               "loadavg_start": load0, "loadavg_end": _loadavg()}
+
+
+def run_record(*, run: str, seed: int, config: ml_collections.ConfigDict,
+               results: Mapping[str, Any], train_timing: Mapping[str, Any],
+               eval_timing: Mapping[str, Any]) -> dict[str, Any]:
+  """The compact, committable record of one finished run.
+
+  Args:
+    run: the run name (``ablations.RUNS`` key or ``ablations.STAGE1``).
+    seed: its seed.
+    config: the run's full config.
+    results: ``evaluate.evaluate_and_report``'s results.
+    train_timing: ``timed`` of the training plus ``summary`` (``train.train``'s return).
+    eval_timing: ``timed`` of the evaluation.
+
+  Returns:
+    A JSON-ready dict: ``status`` 'complete', ``run``, ``seed``, ``kind``, ``protocols``
+    (every protocol's metrics), ``headline``, ``class_names``, ``num_images``,
+    ``pointing`` and ``attention_recall`` (RMA runs on data with boxes), ``train`` (the
+    training summary), ``timing`` (training and evaluation wall/CPU seconds, their sums,
+    load averages, ``resumed_from_step``, ``comparable``), ``git``, ``host`` and
+    ``config``.
+  """
+  summary = dict(train_timing.get("summary", {}))
+  resumed = int(summary.get("start_step", 0) or 0)
+  timing = {
+      "train_wall_s": train_timing["wall_s"], "train_cpu_s": train_timing["cpu_s"],
+      "eval_wall_s": eval_timing["wall_s"], "eval_cpu_s": eval_timing["cpu_s"],
+      "wall_s": train_timing["wall_s"] + eval_timing["wall_s"],
+      "cpu_s": train_timing["cpu_s"] + eval_timing["cpu_s"],
+      "loadavg_start": train_timing.get("loadavg_start"),
+      "loadavg_train_end": train_timing.get("loadavg_end"),
+      "loadavg_end": eval_timing.get("loadavg_end"),
+      "resumed_from_step": resumed,
+      # A run resumed mid-training measured its last session only.
+      "comparable": resumed == 0,
+      "concurrent_trainings": 1,
+  }
+  keep = ("headline", "class_names", "num_images", "step", "checkpoint", "split", "data",
+          "model", "score_transform", "prf_score_transform", "ap_mode", "top_k", "threshold",
+          "svm")
+  rec: dict[str, Any] = {"format": RECORD_FORMAT, "status": "complete", "run": run,
+                         "seed": int(seed), "kind": ablations.run_kind(run)}
+  rec.update({k: results[k] for k in keep if k in results})
+  rec["protocols"] = results["protocols"]
+  for k in ("pointing", "attention_recall"):
+    if k in results:
+      rec[k] = results[k]
+  rec.update(train=summary, timing=timing, git=git_state(), host=_host(),
+             written=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                 timespec="seconds"),
+             config=config.to_dict())
+  return rec
 
 
 # --------------------------------------------------------------------------- running
 
 
-def _report_path(run_dir: str) -> str:
-  return os.path.join(run_dir, "report", "report.json")
-
-
-def _stage1_done(stage1_dir: str) -> str:
-  return os.path.join(stage1_dir, "stage1_done.json")
-
-
 def needed_runs(tables: Sequence[Any]) -> list[str]:
-  """The runs the tables need, each once, in first-use order."""
+  """The runs the tables need, each once, in first-use order (``ablations.STAGE1`` too
+  when a table has the stage-1 baseline as a row)."""
   runs: list[str] = []
   for t in tables:
     for v in ablations.TABLES[t]:
@@ -68,92 +211,141 @@ def needed_runs(tables: Sequence[Any]) -> list[str]:
   return runs
 
 
-def train_stage1(base: ml_collections.ConfigDict, parent: str, seed: int) -> str:
-  """Trains a stage-1 baseline in ``parent/stage1`` once (skipped when done); returns that
-  folder."""
-  from rma_jax import train
-  stage1_dir = os.path.join(parent, "stage1")
-  if os.path.exists(_stage1_done(stage1_dir)):
-    logging.info("seed %d: stage 1 already trained in %s", seed, stage1_dir)
-    return stage1_dir
-  config = ablations.stage1_config(ablations.apply_overrides(base, {"seed": seed}))
-  logging.info("seed %d: training stage 1 (baseline, %s epochs) in %s", seed,
-               config.optim.num_epochs, stage1_dir)
-  start = time.time()
-  summary = train.train(config, stage1_dir)
-  with open(_stage1_done(stage1_dir), "w") as f:
-    json.dump(dict(summary, seconds=time.time() - start), f)
-  logging.info("seed %d: stage 1 done in %.0f s: %s", seed, time.time() - start, summary)
-  return stage1_dir
+def _config_drift(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """Dotted keys whose value in a record's config differs from ``config``."""
+  from rma_jax import report
+  now = report.to_jsonable(_flatten(config.to_dict()))
+  then = _flatten(saved)
+  return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
 
 
-def run_one(base: ml_collections.ConfigDict, run: str, seed_dir: str, seed: int,
-            stage1_dir: str) -> dict[str, Any]:
-  """Trains and evaluates one run of one seed unless its report exists; returns the results."""
-  from rma_jax import evaluate, train
-  run_dir = os.path.join(seed_dir, run)
-  path = _report_path(run_dir)
-  if os.path.exists(path):
-    logging.info("seed %d / %s: done already (%s)", seed, run, path)
-    return load_results(run_dir)
-  config = ablations.run_config(base, run, stage1_dir=stage1_dir, seed=seed)
-  logging.info("seed %d / %s: training in %s", seed, run, run_dir)
-  start = time.time()
-  summary = train.train(config, run_dir)
-  logging.info("seed %d / %s: trained in %.0f s (%s); evaluating", seed, run,
-               time.time() - start, summary)
-  results = evaluate.evaluate_and_report(config, run_dir)
-  logging.info("seed %d / %s: finished in %.0f s, headline %s mAP %.4f", seed, run,
-               time.time() - start, results["headline"],
-               results["protocols"][results["headline"]]["mAP"])
-  return results
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
 
 
-def load_results(run_dir: str) -> dict[str, Any]:
-  """The evaluation results of a finished run (``report/report.json``)."""
-  with open(_report_path(run_dir), encoding="utf-8") as f:
-    return json.load(f)["results"]
+def run_one(base: ml_collections.ConfigDict, run: str, run_dir: str, results_dir: str,
+            seed: int, stage1_dir: str = "") -> dict[str, Any]:
+  """Trains and evaluates one run of one seed unless its record exists; returns the record.
 
-
-def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Sequence[Any],
-                    seeds: Sequence[int], *, share_stage1: bool = False
-                    ) -> dict[Any, dict[str, Any]]:
-  """Trains/evaluates every run the tables need for every seed, then writes the tables.
-
-  Seeds are the outer loop, so a partial run already has every table for its first seeds.
-  The tables are rewritten after each seed.
+  The run trains in ``run_dir`` (resuming from a checkpoint there), its training time is
+  kept in ``run_dir/train_timing.json`` (so a run interrupted during evaluation is neither
+  trained nor timed again), and its record goes to ``record_path(results_dir, seed, run)``.
 
   Args:
     base: the base config.
-    workdir: the folder of the runs and tables.
+    run: a key of ``ablations.RUNS`` or ``ablations.STAGE1``.
+    run_dir: the run's working folder (checkpoints, report).
+    results_dir: the records' folder.
+    seed: the seed.
+    stage1_dir: the stage-1 folder a stage-2 run starts from.
+  """
+  from rma_jax import evaluate, train
+  path = record_path(results_dir, seed, run)
+  config = ablations.run_config(base, run, stage1_dir=stage1_dir, seed=seed)
+  if os.path.exists(path):
+    rec = load_record(path)
+    drift = [k for k in _config_drift(rec.get("config", {}), config)
+             if k != "init.from_checkpoint"]  # a path: the workdir may have moved
+    if drift:
+      logging.warning("seed %d / %s: the record %s was made with a different config (%s); "
+                      "kept (delete it to rerun)", seed, run, path, ", ".join(drift[:8]))
+    logging.info("seed %d / %s: done already (%s)", seed, run, path)
+    return rec
+  timing_path = os.path.join(run_dir, "train_timing.json")
+  if os.path.exists(timing_path):
+    with open(timing_path, encoding="utf-8") as f:
+      train_timing = json.load(f)
+    logging.info("seed %d / %s: trained already (%s); evaluating", seed, run, timing_path)
+  else:
+    logging.info("seed %d / %s: training in %s", seed, run, run_dir)
+    summary, train_timing = timed(lambda: train.train(config, run_dir))
+    train_timing["summary"] = summary
+    _write_json(timing_path, train_timing)
+    logging.info("seed %d / %s: trained in %.0f s (%s); evaluating", seed, run,
+                 train_timing["wall_s"], summary)
+  results, eval_timing = timed(lambda: evaluate.evaluate_and_report(config, run_dir))
+  rec = run_record(run=run, seed=seed, config=config, results=results,
+                   train_timing=train_timing, eval_timing=eval_timing)
+  _write_json(path, rec)
+  logging.info("seed %d / %s: finished (training %.0f s, evaluation %.0f s), %s mAP %.4f; "
+               "wrote %s", seed, run, train_timing["wall_s"], eval_timing["wall_s"],
+               results["headline"], results["protocols"][results["headline"]]["mAP"], path)
+  return rec
+
+
+def ensure_stage1(base: ml_collections.ConfigDict, stage1_dir: str, results_dir: str,
+                  seed: int, *, need_checkpoint: bool) -> None:
+  """Stage 1 of a seed: trained, evaluated and recorded (``run_one``), and with
+  ``need_checkpoint`` its checkpoint present in ``stage1_dir`` for the stage-2 runs.
+
+  When the record exists but the checkpoint does not (committed records, a fresh WORKDIR)
+  and stage-2 runs still need it, stage 1 is trained again and the record kept."""
+  from rma_jax import train
+  run_one(base, ablations.STAGE1, stage1_dir, results_dir, seed)
+  if need_checkpoint and not os.path.exists(os.path.join(stage1_dir, "train_timing.json")):
+    logging.warning("seed %d: stage 1 has a record but no checkpoint in %s; training it "
+                    "again for the stage-2 runs (the record is kept)", seed, stage1_dir)
+    config = ablations.run_config(base, ablations.STAGE1, seed=seed)
+    summary, t = timed(lambda: train.train(config, stage1_dir))
+    _write_json(os.path.join(stage1_dir, "train_timing.json"), dict(t, summary=summary))
+
+
+def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Sequence[Any],
+                    seeds: Sequence[int], *, results_dir: str | None = None,
+                    share_stage1: bool = False, page: str = ""
+                    ) -> dict[Any, dict[str, Any]]:
+  """Trains/evaluates every run the tables need for every seed, one at a time, then writes
+  the tables from the records.
+
+  Seeds are the outer loop, so a partial run already has every table for its first seeds
+  (marked partial); the tables (and ``page``, if given) are rewritten after each seed.
+
+  Args:
+    base: the base config.
+    workdir: the folder of the runs' checkpoints and reports.
     tables: keys of ``ablations.TABLES``.
     seeds: the seeds; seed ``s`` runs in ``workdir/seed<s>``.
-    share_stage1: train stage 1 once (``workdir/stage1``, seed ``seeds[0]``) for all seeds
-      instead of once per seed: cheaper, but the seed spread then covers stage 2 only.
+    results_dir: where the records and tables go (default ``workdir/results``).
+    share_stage1: train stage 1 once (``workdir/stage1``, seed ``seeds[0]``, recorded as
+      that seed's) for all seeds instead of once per seed: cheaper, but the seed spread
+      then covers stage 2 only, and the stage-1 row of the budget table has one seed.
+    page: a Markdown page whose generated section is rewritten (``update_page``).
 
   Returns:
     table key -> the table dict (see ``collect_table``) of the last write.
   """
+  results_dir = results_dir or os.path.join(workdir, "results")
   runs = needed_runs(tables)
-  logging.info("tables %s need runs %s for seeds %s", list(tables), runs, list(seeds))
+  stage2 = [r for r in runs if ablations.run_kind(r) == "stage2"]
+  budget = [r for r in runs if ablations.run_kind(r) == "budget"]
+  logging.info("tables %s need runs %s for seeds %s; records in %s", list(tables), runs,
+               list(seeds), results_dir)
   written: dict[Any, dict[str, Any]] = {}
-  for i, seed in enumerate(seeds):
+  for seed in seeds:
     seed_dir = os.path.join(workdir, f"seed{seed}")
-    needs_stage1 = any(not os.path.exists(_report_path(os.path.join(seed_dir, r)))
-                       for r in runs)
-    stage1_home, stage1_seed = (workdir, seeds[0]) if share_stage1 else (seed_dir, seed)
     if base.stage1.num_epochs <= 0:
       # No stage 1 to train: every run starts from the given checkpoint (or from scratch /
       # ImageNet weights when there is none), shared by all seeds.
       stage1_dir = base.init.from_checkpoint
       logging.info("stage1.num_epochs = 0: runs start from %r", stage1_dir or "scratch")
-    elif needs_stage1:
-      stage1_dir = train_stage1(base, stage1_home, stage1_seed)
     else:
-      stage1_dir = os.path.join(stage1_home, "stage1")
-    for run in runs:
-      run_one(base, run, seed_dir, seed, stage1_dir)
-    written = write_tables(base, workdir, tables, seeds[:i + 1])
+      s1_seed, stage1_dir = ((seeds[0], os.path.join(workdir, ablations.STAGE1))
+                             if share_stage1 else
+                             (seed, os.path.join(seed_dir, ablations.STAGE1)))
+      todo = [r for r in stage2 if not os.path.exists(record_path(results_dir, seed, r))]
+      if todo or (ablations.STAGE1 in runs and s1_seed == seed):
+        ensure_stage1(base, stage1_dir, results_dir, s1_seed, need_checkpoint=bool(todo))
+    for run in stage2:
+      run_one(base, run, os.path.join(seed_dir, run), results_dir, seed, stage1_dir)
+    for run in budget:
+      run_one(base, run, os.path.join(seed_dir, run), results_dir, seed)
+    written = write_tables(base, results_dir, tables, seeds, page=page)
   return written
 
 
@@ -161,10 +353,20 @@ def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Seque
 
 
 def metric_value(results: Mapping[str, Any], protocol: str, metric: str) -> float:
-  """One number of a run's results: a protocol's metric, or the run's attention recall of
-  its K regions (single view); NaN when absent (e.g. the baseline has no regions)."""
+  """One number of a run's record (or evaluation results): a protocol's metric, or a
+  run-level one (``ablations.TABLE_METRICS``); NaN when absent (e.g. the baselines have no
+  regions)."""
   if metric == "attention_recall":
     value = results.get("attention_recall", {}).get("model_regions")
+  elif metric in ("pointing", "pointing_chance", "pointing_iou"):
+    which = "chance" if metric == "pointing_chance" else "model_regions"
+    key = "mean_iou" if metric == "pointing_iou" else "hit_rate"
+    value = results.get("pointing", {}).get(which, {}).get(key)
+  elif metric == "wall_min":
+    value = results.get("timing", {}).get("wall_s")
+    value = None if value is None else value / 60.0
+  elif metric == "wall_min_total":
+    raise ValueError("wall_min_total needs the seed's stage-1 record: use collect_table")
   else:
     value = results["protocols"][protocol].get(metric)
   return float("nan") if value is None else float(value)
@@ -178,76 +380,123 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
+def row_values(run: str, protocol: str, metric: str, seeds: Sequence[int],
+               per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[float]:
+  """A row's per-seed values of one metric. ``wall_min_total`` adds the seed's stage-1
+  wall time to a stage-2 run's own (the wall-clock cost of the whole two-step recipe)."""
+  out = []
+  for s in seeds:
+    rec = per_seed[s][run]
+    if metric != "wall_min_total":
+      out.append(metric_value(rec, protocol, metric))
+      continue
+    own = metric_value(rec, protocol, "wall_min")
+    if ablations.run_kind(run) == "stage2":
+      s1 = per_seed[s].get(ablations.STAGE1)
+      own = own + metric_value(s1, protocol, "wall_min") if s1 else float("nan")
+    out.append(own)
+  return out
+
+
+def _row_name(base: ml_collections.ConfigDict, name: str) -> str:
+  n, n2 = ablations.scales(base)
+  e1, e2 = base.stage1.num_epochs, base.optim.num_epochs
+  name = name.replace("s=N2", f"s={n2}").replace("s=N", f"s={n}")
+  return name.format(e1=e1, e2=e2, e12=e1 + e2, s2x=2 * base.model.sample_size)
+
+
 def collect_table(base: ml_collections.ConfigDict, table: Any,
-                  per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
-  """Assembles a table from the results of its runs.
+                  per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], *,
+                  seeds_requested: Sequence[int] | None = None) -> dict[str, Any]:
+  """Assembles a table from the records of its runs.
 
   Args:
-    base: the base config (data set name, scales).
+    base: the base config (data set name, scales, epochs for the row names).
     table: a key of ``ablations.TABLES``.
-    per_seed: seed -> run name -> that run's evaluation results (``evaluate_and_report``).
+    per_seed: seed -> run name -> that run's record (``run_record``; evaluation results
+      work too for the protocol metrics).
+    seeds_requested: the seeds asked for; the table is ``partial`` when it has fewer.
 
   Returns:
     A JSON-ready dict: ``table``, ``title``, ``dataset``, ``ap_mode``, ``seeds``,
-    ``metrics``, ``paper_datasets`` and ``rows``: per row ``name``, ``run``, ``protocol``
-    (the report key), ``values`` (metric -> per-seed fractions), ``mean``/``std`` (metric ->
-    fraction) and ``paper`` (data set -> metric -> % as published).
+    ``seeds_requested``, ``partial``, ``metrics``, ``paper_datasets`` and ``rows``: per row
+    ``name``, ``run``, ``protocol`` (the report key), ``values`` (metric -> per-seed
+    values: fractions, minutes for the wall times), ``mean``/``std`` (metric -> value) and
+    ``paper`` (data set -> metric -> % as published).
   """
   metrics = ablations.TABLE_METRICS[table]
   seeds = sorted(per_seed)
+  requested = sorted(seeds_requested) if seeds_requested is not None else seeds
   rows = []
   for v in ablations.TABLES[table]:
     protocol = ablations.protocol_name(base, v.protocol)
-    values = {m: [metric_value(per_seed[s][v.run], protocol, m) for s in seeds]
-              for m in metrics}
+    values = {m: row_values(v.run, protocol, m, seeds, per_seed) for m in metrics}
     stats = {m: mean_std(values[m]) for m in metrics}
-    n, n2 = ablations.scales(base)
-    name = v.name.replace("s=N2", f"s={n2}").replace("s=N", f"s={n}")
-    rows.append({"name": name, "run": v.run, "protocol": protocol, "values": values,
-                 "mean": {m: stats[m][0] for m in metrics},
+    rows.append({"name": _row_name(base, v.name), "run": v.run, "protocol": protocol,
+                 "values": values, "mean": {m: stats[m][0] for m in metrics},
                  "std": {m: stats[m][1] for m in metrics},
                  "paper": {d: dict(p) for d, p in v.paper.items()}})
   return {"table": table, "title": ablations.TABLE_TITLES[table],
           "dataset": base.data.name, "ap_mode": base.eval.ap_mode, "seeds": seeds,
-          "metrics": list(metrics), "paper_datasets": list(ablations.TABLE_PAPER_DATASETS[table]),
-          "rows": rows}
+          "seeds_requested": requested, "partial": len(seeds) < len(requested),
+          "metrics": list(metrics),
+          "paper_datasets": list(ablations.TABLE_PAPER_DATASETS[table]), "rows": rows}
+
+
+def _fmt(x: float | None, metric: str) -> str:
+  """A value as shown: % with one decimal, minutes with one decimal; '—' without one."""
+  if x is None or math.isnan(x):
+    return DASH
+  return f"{x:.1f}" if metric in PLAIN_METRICS else f"{100 * x:.1f}"
 
 
 def _pct(x: float | None) -> str:
-  return DASH if x is None or math.isnan(x) else f"{100 * x:.1f}"
+  return _fmt(x, "")
 
 
-def format_mean_std(mean: float, std: float) -> str:
-  """'87.3 ± 1.2' in %; the mean alone when the std is undefined; '—' without a value."""
+def format_mean_std(mean: float, std: float, metric: str = "") -> str:
+  """'87.3 ± 1.2' (in %, or minutes for the wall times); the mean alone when the std is
+  undefined; '—' without a value."""
   if mean is None or math.isnan(mean):
     return DASH
   if std is None or math.isnan(std):
-    return _pct(mean)
-  return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return _fmt(mean, metric)
+  return f"{_fmt(mean, metric)} ± {_fmt(std, metric)}"
 
 
 def table_markdown(table: Mapping[str, Any]) -> str:
   """The table in the paper's layout: one row per variant, the measured metrics as
-  mean ± std (%) over seeds, the per-seed values, and the paper's numbers for the data set
-  the table was published on ("—" when this run's data set is another one)."""
+  mean ± std over seeds, the per-seed values of ``ablations.PER_SEED_METRICS``, and the
+  paper's numbers for the data set the table was published on ("—" when this run's data
+  set is another one). Fractions are in %, wall times in minutes."""
   metrics = table["metrics"]
   dataset = table["dataset"]
-  paper_sets = [d for d in table["paper_datasets"]]
+  paper_sets = list(table["paper_datasets"])
   n = len(table["seeds"])
+  per_seed = [m for m in metrics if m in ablations.PER_SEED_METRICS]
   header = [table.get("row_header", "variant")]
-  header += [f"{METRIC_LABELS.get(m, m)} (mean ± std, %)" for m in metrics]
-  header += [f"{METRIC_LABELS.get(m, m)} per seed" for m in metrics]
-  paper_cols = [(d, m) for d in paper_sets for m in metrics if m != "attention_recall"]
+  header += [f"{METRIC_LABELS.get(m, m)}" for m in metrics]
+  header += [f"{METRIC_LABELS.get(m, m)} per seed" for m in per_seed]
+  # The paper's columns: the metrics it published for this table (any row) on each set.
+  paper_cols = [(d, m) for d in paper_sets for m in metrics
+                if any(m in r["paper"].get(d, {}) for r in table["rows"])]
   header += [f"paper {METRIC_LABELS.get(m, m)} ({d})" for d, m in paper_cols]
   header += ["protocol"]
+  status = ""
+  if table.get("partial"):
+    status = (f"**Partial: {n} of {len(table['seeds_requested'])} seeds finished** "
+              f"(seeds {table['seeds']} of {table['seeds_requested']}). ")
   lines = [f"### {table['title']}", "",
-           f"Data set: {dataset}; {n} seed(s) {table['seeds']}; AP: {table['ap_mode']}; "
-           "numbers in %.", "",
+           f"{status}Data set: {dataset}; {n} seed(s) {table['seeds']}; AP: "
+           f"{table['ap_mode']}; mean ± sample std over seeds, in % (wall times in "
+           "minutes, the run's own training and evaluation); pointing: the single-view "
+           "pointing game of the run's regions, and of random boxes of the same sizes "
+           "(chance).", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in table["rows"]:
     cells = [row["name"]]
-    cells += [format_mean_std(row["mean"][m], row["std"][m]) for m in metrics]
-    cells += [", ".join(_pct(x) for x in row["values"][m]) for m in metrics]
+    cells += [format_mean_std(row["mean"][m], row["std"][m], m) for m in metrics]
+    cells += [", ".join(_fmt(x, m) for x in row["values"][m]) for m in per_seed]
     for d, m in paper_cols:
       published = row["paper"].get(d, {}).get(m)
       cells.append(f"{published:.1f}" if published is not None and dataset == d else DASH)
@@ -261,12 +510,13 @@ def table_markdown(table: Mapping[str, Any]) -> str:
 
 def plot_table(table: Mapping[str, Any], path: str) -> None:
   """Bars (mean over seeds, error bars ± std) with the per-seed values as dots, one panel
-  per metric, saved as a small PNG."""
+  per metric of ``PLOT_METRICS`` the table has (the pointing panel marks the chance control
+  of each row with a black line), saved as a small PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  metrics = table["metrics"]
+  metrics = [m for m in table["metrics"] if m in PLOT_METRICS]
   names = [r["name"] for r in table["rows"]]
   fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 + 1.1 * len(names) * len(metrics),
                                                      3.6), squeeze=False)
@@ -281,6 +531,12 @@ def plot_table(table: Mapping[str, Any], path: str) -> None:
       pts = [100 * p for p in r["values"][m] if not math.isnan(p)]
       ax.plot([i] * len(pts), pts, "k.", markersize=4)
     finite = [100 * p for r in table["rows"] for p in r["values"][m] if not math.isnan(p)]
+    if m == "pointing" and "pointing_chance" in table["metrics"]:
+      chance = [100 * r["mean"]["pointing_chance"] for r in table["rows"]]
+      ax.hlines(chance, x - 0.4, x + 0.4, colors="black", linewidth=1.5, label="chance")
+      finite += [c for c in chance if not math.isnan(c)]
+      if any(not math.isnan(c) for c in chance):
+        ax.legend(fontsize=7, loc="lower right")
     if finite:  # zoom in on the values: the differences are what the table is about
       lo, hi = min(finite), max(finite)
       pad = max(1.0, 0.25 * (hi - lo))
@@ -289,8 +545,9 @@ def plot_table(table: Mapping[str, Any], path: str) -> None:
     ax.set_xticklabels([_wrap(n) for n in names], fontsize=7, rotation=20, ha="right")
     ax.set_ylabel(f"{METRIC_LABELS.get(m, m)} (%)")
     ax.grid(axis="y", alpha=0.3)
+  partial = " (partial)" if table.get("partial") else ""
   fig.suptitle(f"{table['title']}\n{table['dataset']}, mean ± std over "
-               f"{len(table['seeds'])} seed(s)", fontsize=8)
+               f"{len(table['seeds'])} seed(s){partial}", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -313,51 +570,66 @@ def write_table(table: Mapping[str, Any], out_dir: str) -> dict[str, str]:
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, f"table_{table['table']}")
   paths = {"md": stem + ".md", "json": stem + ".json", "png": stem + ".png"}
-  with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write(table_markdown(table))
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(report.to_jsonable(table), f, indent=2, allow_nan=False)
-    f.write("\n")
+  report._write_atomic(paths["md"], table_markdown(table))  # pylint: disable=protected-access
+  _write_json(paths["json"], table)
   plot_table(table, paths["png"])
   return paths
+
+
+def region_rows(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], key: str,
+                model_key: str, control_key: str) -> list[dict[str, Any]]:
+  """Per run with regions, per seed: ``results[key][model_key]`` beside the control
+  ``results[key][control_key]`` (hit rates for the pointing game, recalls for attention
+  recall)."""
+  def value(entry: Any) -> float:
+    return float(entry["hit_rate"] if isinstance(entry, Mapping) else entry)
+
+  rows = []
+  runs = sorted({r for res in per_seed.values() for r in res})
+  for run in runs:
+    model, control = [], []
+    for s in sorted(per_seed):
+      rec = per_seed[s].get(run, {}).get(key)
+      if rec:
+        model.append(value(rec[model_key]))
+        control.append(value(rec[control_key]))
+    if model:
+      rows.append({"run": run, model_key: model, control_key: control})
+  return rows
 
 
 def recall_rows(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]]
                 ) -> list[dict[str, Any]]:
   """Attention recall per attention run: its regions and the fixed anchor boxes (same K),
   per seed."""
-  rows = []
-  runs = sorted({r for res in per_seed.values() for r in res})
-  for run in runs:
-    model, fixed = [], []
-    for s in sorted(per_seed):
-      rec = per_seed[s].get(run, {}).get("attention_recall")
-      if rec:
-        model.append(float(rec["model_regions"]))
-        fixed.append(float(rec["fixed_anchor_boxes"]))
-    if model:
-      rows.append({"run": run, "model_regions": model, "fixed_anchor_boxes": fixed})
-  return rows
+  return region_rows(per_seed, "attention_recall", "model_regions", "fixed_anchor_boxes")
 
 
-def plot_attention_recall(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
-  """Grouped bars: attention recall of each run's regions beside K fixed anchor boxes."""
+def pointing_rows(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]]
+                  ) -> list[dict[str, Any]]:
+  """Pointing hit rate per attention run: its regions and the chance control, per seed."""
+  return region_rows(per_seed, "pointing", "model_regions", "chance")
+
+
+def plot_region_bars(rows: Sequence[Mapping[str, Any]], path: str, title: str, *,
+                     model_key: str, control_key: str, control_label: str,
+                     ylabel: str) -> None:
+  """Grouped bars: each run's regions beside a control (mean ± std over seeds)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(1.0 + 1.2 * len(rows), 3.4))
   x = np.arange(len(rows))
-  for offset, key, colour, label in ((-0.2, "model_regions", "#E69F00", "the run's K regions"),
-                                     (0.2, "fixed_anchor_boxes", "#999999",
-                                      "K fixed anchor boxes")):
+  for offset, key, colour, label in ((-0.2, model_key, "#E69F00", "the run's K regions"),
+                                     (0.2, control_key, "#999999", control_label)):
     means = [100 * mean_std(r[key])[0] for r in rows]
     stds = [100 * np.nan_to_num(mean_std(r[key])[1]) for r in rows]
     ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, color=colour, edgecolor="black",
            linewidth=0.5, label=label)
   ax.set_xticks(x)
   ax.set_xticklabels([r["run"] for r in rows], fontsize=7, rotation=25, ha="right")
-  ax.set_ylabel("attention recall (%)")
+  ax.set_ylabel(ylabel)
   ax.set_ylim(0, 105)
   ax.legend(fontsize=7, loc="lower right")
   ax.set_title(title, fontsize=8)
@@ -367,49 +639,216 @@ def plot_attention_recall(rows: Sequence[Mapping[str, Any]], path: str, title: s
   plt.close(fig)
 
 
-def gather_results(base: ml_collections.ConfigDict, workdir: str, runs: Sequence[str],
-                   seeds: Sequence[int]) -> dict[int, dict[str, Any]]:
-  """seed -> run -> results, for the finished runs found under ``workdir``."""
+def gather_records(results_dir: str, runs: Sequence[str], seeds: Sequence[int]
+                   ) -> dict[int, dict[str, Any]]:
+  """seed -> run -> record, for the records found under ``results_dir``."""
   out: dict[int, dict[str, Any]] = {}
   for s in seeds:
     for run in runs:
-      run_dir = os.path.join(workdir, f"seed{s}", run)
-      if os.path.exists(_report_path(run_dir)):
-        out.setdefault(s, {})[run] = load_results(run_dir)
+      path = record_path(results_dir, s, run)
+      if os.path.exists(path):
+        out.setdefault(s, {})[run] = load_record(path)
   return out
 
 
-def write_tables(base: ml_collections.ConfigDict, workdir: str, tables: Sequence[Any],
-                 seeds: Sequence[int]) -> dict[Any, dict[str, Any]]:
-  """Writes every table whose runs are finished for all of ``seeds`` (plus the attention
-  recall figure and summary.md) from the reports under ``workdir``."""
+def write_tables(base: ml_collections.ConfigDict, results_dir: str, tables: Sequence[Any],
+                 seeds: Sequence[int], *, page: str = "") -> dict[Any, dict[str, Any]]:
+  """Writes every table from the records in ``results_dir`` (only from them), plus the
+  pointing and attention-recall figures and summary.md, and with ``page`` the generated
+  section of that Markdown page.
+
+  A table uses the seeds that have every run it needs; with fewer than ``seeds`` it is
+  marked partial. A table no seed is complete for is left out.
+  """
   written = {}
-  every_run = needed_runs(ablations.table_keys())
-  found = gather_results(base, workdir, every_run, seeds)
+  found = gather_records(results_dir, needed_runs(ablations.table_keys()), seeds)
   for t in tables:
     need = {v.run for v in ablations.TABLES[t]}
+    if "wall_min_total" in ablations.TABLE_METRICS[t] and base.stage1.num_epochs > 0:
+      need.add(ablations.STAGE1)
     complete = [s for s in seeds if need <= set(found.get(s, {}))]
     if not complete:
       logging.info("table %s: no seed has all its runs yet", t)
       continue
-    table = collect_table(base, t, {s: found[s] for s in complete})
-    paths = write_table(table, workdir)
-    logging.info("table %s (%d seeds) written: %s", t, len(complete), paths["md"])
+    table = collect_table(base, t, {s: found[s] for s in complete}, seeds_requested=seeds)
+    paths = write_table(table, results_dir)
+    logging.info("table %s (%d of %d seeds) written: %s", t, len(complete), len(seeds),
+                 paths["md"])
     written[t] = table
+  figures = []
+  rows = pointing_rows(found)
+  if rows:
+    plot_region_bars(rows, os.path.join(results_dir, "pointing.png"),
+                     f"Pointing game on {base.data.name} (test split, single view)",
+                     model_key="model_regions", control_key="chance",
+                     control_label="chance: same sizes, random places",
+                     ylabel="pointing hit rate (%)")
+    figures.append(("pointing", "pointing.png"))
   rows = recall_rows(found)
   if rows:
-    plot_attention_recall(rows, os.path.join(workdir, "attention_recall.png"),
-                          f"Attention recall on {base.data.name} (test split, single view)")
-  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(f"# Ablations on {base.data.name}\n\n")
-    for t in ablations.table_keys():
-      path = os.path.join(workdir, f"table_{t}.md")
-      if os.path.exists(path):
-        with open(path, encoding="utf-8") as g:
-          f.write(g.read() + f"\n![table {t}](table_{t}.png)\n\n")
-    if rows:
-      f.write("![attention recall](attention_recall.png)\n")
+    plot_region_bars(rows, os.path.join(results_dir, "attention_recall.png"),
+                     f"Attention recall on {base.data.name} (test split, single view)",
+                     model_key="model_regions", control_key="fixed_anchor_boxes",
+                     control_label="K fixed anchor boxes", ylabel="attention recall (%)")
+    figures.append(("attention recall", "attention_recall.png"))
+  summary = summary_markdown(base, written, figures)
+  from rma_jax import report
+  os.makedirs(results_dir, exist_ok=True)
+  report._write_atomic(os.path.join(results_dir, "summary.md"),  # pylint: disable=protected-access
+                       f"# Ablations on {base.data.name}\n\n" + summary)
+  if page:
+    update_page(page, summary_markdown(base, written, figures,
+                                       image_dir=os.path.relpath(
+                                           results_dir, os.path.dirname(os.path.abspath(
+                                               page)) or ".")))
   return written
+
+
+def summary_markdown(base: ml_collections.ConfigDict, tables: Mapping[Any, Mapping[str, Any]],
+                     figures: Sequence[tuple[str, str]], image_dir: str = "") -> str:
+  """Every written table (in ``ablations.table_keys()`` order) with its figure, then the
+  pointing / attention-recall figures; image paths relative to ``image_dir``."""
+  def img(name: str) -> str:
+    return f"{image_dir}/{name}" if image_dir and image_dir != "." else name
+
+  parts = []
+  for t in ablations.table_keys():
+    if t in tables:
+      parts.append(table_markdown(tables[t]) + f"\n![table {t}]({img(f'table_{t}.png')})\n")
+  for label, name in figures:
+    parts.append(f"![{label}]({img(name)})\n")
+  if not parts:
+    parts.append(f"No finished runs yet on {base.data.name}.\n")
+  return "\n".join(parts)
+
+
+def update_page(page: str, generated: str) -> None:
+  """Replaces the text between ``GENERATED_BEGIN`` and ``GENERATED_END`` of a Markdown page
+  (appending both markers at the end when the page has none), atomically."""
+  from rma_jax import report
+  text = open(page, encoding="utf-8").read() if os.path.exists(page) else ""
+  block = f"{GENERATED_BEGIN}\n\n{generated.rstrip()}\n\n{GENERATED_END}"
+  if GENERATED_BEGIN in text and GENERATED_END in text:
+    head, rest = text.split(GENERATED_BEGIN, 1)
+    _, tail = rest.split(GENERATED_END, 1)
+    text = head + block + tail
+  else:
+    text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+  report._write_atomic(page, text)  # pylint: disable=protected-access
+
+
+# --------------------------------------------------------------------------- checking a page
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
+
+
+def table_numbers(markdown: str) -> list[tuple[int, str]]:
+  """(line number, number as written) of every number in the data rows of the page's
+  Markdown tables, leaving out each row's first cell (the row label) and code spans
+  (protocol names)."""
+  out = []
+  lines = markdown.splitlines()
+  for i, line in enumerate(lines):
+    if not line.lstrip().startswith("|") or re.fullmatch(r"\s*\|[\s:|-]*", line):
+      continue
+    nxt = lines[i + 1] if i + 1 < len(lines) else ""
+    if re.fullmatch(r"\s*\|[\s:|-]*-[\s:|-]*", nxt):
+      continue  # a header row
+    cells = line.strip().strip("|").split("|")[1:]
+    for cell in cells:
+      cell = re.sub(r"`[^`]*`", "", cell)
+      out += [(i + 1, m.group(0)) for m in _NUMBER.finditer(cell)]
+  return out
+
+
+def _numbers(x: Any) -> Iterable[float]:
+  if isinstance(x, Mapping):
+    for v in x.values():
+      yield from _numbers(v)
+  elif isinstance(x, (list, tuple)):
+    for v in x:
+      yield from _numbers(v)
+  elif isinstance(x, (int, float)) and not isinstance(x, bool):
+    yield float(x)
+
+
+def _renderings(x: float) -> set[str]:
+  """The ways a table shows a JSON number: a fraction in %, or as is (minutes, the paper's
+  published %), with one decimal."""
+  if math.isnan(x):
+    return set()
+  return {f"{100 * x:.1f}", f"{x:.1f}"}
+
+
+def check_page(page: str, results_dir: str) -> list[str]:
+  """Problems that keep a page's tables from being reproduced from the committed JSON.
+
+  1. Every table JSON (``results_dir/table_<t>.json``) must follow from the per-run
+     records: each row's per-seed values are recomputed from
+     ``results_dir/seed<s>/<run>.json`` and its mean and std from those.
+  2. Every number in the page's Markdown tables (``table_numbers``) must be a number of a
+     table JSON as the tables show it (``_renderings``).
+
+  Args:
+    page: the Markdown file (e.g. docs/ablations.md).
+    results_dir: the committed records and tables (e.g. docs/ablations).
+
+  Returns:
+    Human-readable problems; empty when the page checks out.
+  """
+  problems = []
+  tables = sorted(f for f in os.listdir(results_dir)
+                  if re.fullmatch(r"table_.+\.json", f)) if os.path.isdir(results_dir) else []
+  shown: set[str] = set()
+  for name in tables:
+    with open(os.path.join(results_dir, name), encoding="utf-8") as f:
+      table = json.load(f)
+    for x in _numbers({k: [r[k] for r in table["rows"]] for k in ("values", "mean", "std",
+                                                                 "paper")}):
+      shown |= _renderings(x)
+    problems += _check_table(table, results_dir, name)
+  if not tables:
+    problems.append(f"{results_dir}: no table_<t>.json")
+  with open(page, encoding="utf-8") as f:
+    text = f.read()
+  for line, number in table_numbers(text):
+    if number not in shown:
+      problems.append(f"{page}:{line}: {number} is in no table JSON of {results_dir}")
+  return problems
+
+
+def _check_table(table: Mapping[str, Any], results_dir: str, name: str) -> list[str]:
+  problems = []
+  seeds = table["seeds"]
+  per_seed: dict[int, dict[str, Any]] = {}
+  runs = {r["run"] for r in table["rows"]} | {ablations.STAGE1}
+  for s in seeds:
+    for run in runs:
+      path = record_path(results_dir, s, run)
+      if os.path.exists(path):
+        per_seed.setdefault(s, {})[run] = load_record(path)
+  for row in table["rows"]:
+    missing = [s for s in seeds if row["run"] not in per_seed.get(s, {})]
+    if missing:
+      problems.append(f"{name}: row {row['name']!r}: no record of {row['run']} for seeds "
+                      f"{missing}")
+      continue
+    for m, values in row["values"].items():
+      want = row_values(row["run"], row["protocol"], m, seeds, per_seed)
+      mean, std = mean_std(want)
+      got = [float("nan") if v is None else v for v in values]
+      ok = np.allclose(got, want, rtol=1e-9, atol=1e-12, equal_nan=True) and all(
+          np.isclose(_nan(row[k][m]), v, rtol=1e-9, atol=1e-12, equal_nan=True)
+          for k, v in (("mean", mean), ("std", std)))
+      if not ok:
+        problems.append(f"{name}: row {row['name']!r}, {m}: {values} / mean {row['mean'][m]}"
+                        f" / std {row['std'][m]} do not follow from the records ({want})")
+  return problems
+
+
+def _nan(x: Any) -> float:
+  return float("nan") if x is None else float(x)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -429,29 +868,53 @@ def main(argv: Sequence[str]) -> None:
   logging.info("JAX devices: %s", jax.devices())
   base = FLAGS.config
   tables = ablations.parse_table(FLAGS.table)
-  seeds = list(range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds))
-  if FLAGS.write_only:
-    write_tables(base, FLAGS.workdir, tables, seeds)
-    return
   if FLAGS.seeds < 1:
     raise app.UsageError("--seeds must be >= 1")
-  run_experiments(base, FLAGS.workdir, tables, seeds, share_stage1=FLAGS.share_stage1)
+  seeds = list(range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds))
+  if not (FLAGS.results_dir or FLAGS.workdir):
+    raise app.UsageError("give --results_dir (and --workdir to train)")
+  results_dir = FLAGS.results_dir or os.path.join(FLAGS.workdir, "results")
+  if FLAGS.check:
+    problems = check_page(FLAGS.page, results_dir)
+    for p in problems:
+      print(p)
+    if problems:
+      raise SystemExit(f"{len(problems)} problem(s): {FLAGS.page} does not follow from "
+                       f"{results_dir}")
+    print(f"{FLAGS.page}: every table number follows from {results_dir}")
+    return
+  if FLAGS.write_only:
+    write_tables(base, results_dir, tables, seeds, page=FLAGS.page)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required to train (or pass --write_only)")
+  run_experiments(base, FLAGS.workdir, tables, seeds, results_dir=results_dir,
+                  share_stage1=FLAGS.share_stage1, page=FLAGS.page)
 
 
 def _define_flags() -> None:
   from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Folder of the runs and tables.")
-  flags.DEFINE_string("table", "all", "3, 4, 5, 6, loss, K, a comma list, or all.")
+  flags.DEFINE_string("workdir", None, "Folder of the runs' checkpoints and reports.")
+  flags.DEFINE_string("results_dir", "", "Folder of the per-run records and the tables "
+                      "(meant to be committed, e.g. docs/ablations); default "
+                      "WORKDIR/results.")
+  flags.DEFINE_string("page", "", "A Markdown page (e.g. docs/ablations.md) whose generated "
+                      "section is rewritten from the tables; with --check, the page checked.")
+  flags.DEFINE_string("table", "all", "3, 4, 5, 6, loss, budget, K, regions, a comma list, "
+                      "or all.")
   flags.DEFINE_integer("seeds", 3, "Number of seeds (first_seed, first_seed + 1, ...).")
   flags.DEFINE_integer("first_seed", 0, "The first seed.")
   flags.DEFINE_bool("share_stage1", False, "Train stage 1 once for all seeds (the seed "
                     "spread then covers stage 2 only).")
   flags.DEFINE_string("compilation_cache", "", "A folder for JAX's persistent compilation "
                       "cache (shared by the seeds' identical programs); '' = off.")
-  flags.DEFINE_bool("write_only", False, "Only (re)write the tables from finished runs.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_bool("write_only", False, "Only (re)write the tables (and --page) from the "
+                    "records in --results_dir.")
+  flags.DEFINE_bool("check", False, "Only check that every number in --page's tables "
+                    "follows from the JSON in --results_dir (exit 1 if not).")
+  flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":

@@ -130,18 +130,21 @@ def sigmoid_cross_entropy_loss(scores: jax.Array, labels: jax.Array,
                       _batch_mask(mask, scores.shape[0]))
 
 
-def localization_terms(theta: jax.Array, *, alpha: float = 0.5,
-                       beta: float = 0.1) -> dict[str, jax.Array]:
+def localization_terms(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1,
+                       min_scale: float = 0.0) -> dict[str, jax.Array]:
   """The three constraints per image, summed over regions (unweighted).
 
   Args:
     theta: (B, K, 4) transforms of regions 1..K.
     alpha: scale threshold of Eq. 11.
     beta: positive threshold of Eq. 12.
+    min_scale: lower bound of the ``min_scale`` term (not in the paper).
 
   Returns:
     Dict of (B,) arrays: ``anchor`` (Eq. 9, regions 2..K), ``scale`` (Eq. 10–11),
-    ``positive`` (Eq. 12).
+    ``positive`` (Eq. 12), and ``min_scale``: ``max(0, min_scale - |sx|)^2 +
+    max(0, min_scale - |sy|)^2``, the lower-bound counterpart of Eq. 11 (0 for
+    ``min_scale = 0``).
   """
   theta = _float(theta)
   sx, sy, tx, ty = (theta[..., i] for i in range(4))
@@ -150,15 +153,17 @@ def localization_terms(theta: jax.Array, *, alpha: float = 0.5,
   scale = (jnp.square(jnp.maximum(jnp.abs(sx) - alpha, 0.0))
            + jnp.square(jnp.maximum(jnp.abs(sy) - alpha, 0.0)))
   positive = jnp.maximum(0.0, beta - sx) + jnp.maximum(0.0, beta - sy)
+  small = (jnp.square(jnp.maximum(min_scale - jnp.abs(sx), 0.0))
+           + jnp.square(jnp.maximum(min_scale - jnp.abs(sy), 0.0)))
   return {"anchor": jnp.sum(anchor, axis=1), "scale": jnp.sum(scale, axis=1),
-          "positive": jnp.sum(positive, axis=1)}
+          "positive": jnp.sum(positive, axis=1), "min_scale": jnp.sum(small, axis=1)}
 
 
 def _localization_per_image(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1,
                             lambda_anchor: float = 0.01, lambda_positive: float = 0.1,
                             use_anchor: bool = True, use_scale: bool = True,
-                            use_positive: bool = True) -> jax.Array:
-  terms = localization_terms(theta, alpha=alpha, beta=beta)
+                            use_positive: bool = True, min_scale: float = 0.0) -> jax.Array:
+  terms = localization_terms(theta, alpha=alpha, beta=beta, min_scale=min_scale)
   per_image = jnp.zeros(theta.shape[:1], terms["scale"].dtype)
   if use_scale:
     per_image += terms["scale"]
@@ -166,20 +171,27 @@ def _localization_per_image(theta: jax.Array, *, alpha: float = 0.5, beta: float
     per_image += lambda_anchor * terms["anchor"]
   if use_positive:
     per_image += lambda_positive * terms["positive"]
+  if min_scale > 0:
+    per_image += terms["min_scale"]
   return per_image
 
 
 def localization_loss(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1,
                       lambda_anchor: float = 0.01, lambda_positive: float = 0.1,
                       use_anchor: bool = True, use_scale: bool = True,
-                      use_positive: bool = True, mask: jax.Array | None = None) -> jax.Array:
+                      use_positive: bool = True, min_scale: float = 0.0,
+                      mask: jax.Array | None = None) -> jax.Array:
   """``L_loc = l_S + lambda1 l_A + lambda2 l_P`` (Eq. 13), summed over regions, mean over batch.
 
   Args:
     theta: (B, K, 4) transforms of regions 1..K (not the identity of step 0).
     alpha, beta: thresholds of Eq. 11 and 12.
-    lambda_anchor, lambda_positive: lambda1 and lambda2 of Eq. 13.
+    lambda_anchor, lambda_positive: lambda1 and lambda2 of Eq. 13 (``lambda_anchor`` may
+      be a traced scalar, e.g. from a schedule).
     use_anchor, use_scale, use_positive: switch each constraint (Tables 4–5).
+    min_scale: > 0 adds the lower bound on the region half-sizes
+      ``max(0, min_scale - |s|)^2`` (both axes, weight 1 like l_S; not in the paper);
+      0 (default) leaves Eq. 13 as published.
     mask: optional (B,) weights; padding examples get 0.
 
   Returns:
@@ -188,7 +200,7 @@ def localization_loss(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1
   per_image = _localization_per_image(
       theta, alpha=alpha, beta=beta, lambda_anchor=lambda_anchor,
       lambda_positive=lambda_positive, use_anchor=use_anchor, use_scale=use_scale,
-      use_positive=use_positive)
+      use_positive=use_positive, min_scale=min_scale)
   return _masked_mean(per_image, _batch_mask(mask, theta.shape[0]))
 
 

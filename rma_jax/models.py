@@ -181,6 +181,7 @@ class AttentionCell(nn.Module):
   theta_bias: Sequence[float] = DEFAULT_THETA_BIAS
   theta_kernel_scale: float = 0.1
   fixed_regions: Sequence[Sequence[float]] | None = None
+  step_theta_init: Sequence[Sequence[float]] | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -209,6 +210,11 @@ class AttentionCell(nn.Module):
         kernel_init=lambda *a: self.theta_kernel_scale * xavier(*a),
         bias_init=lambda _, shape, dtype=jnp.float32: jnp.asarray(self.theta_bias, dtype).reshape(shape),
     )(z).astype(out_dtype)
+    if self.step_theta_init is not None:
+      # A learned per-step bias (a step embedding added to b_m): step k places region k+1.
+      step_bias = self.param(
+          "zm_step", lambda _: jnp.asarray(self.step_theta_init, jnp.float32))
+      next_theta = next_theta + jnp.asarray(step_bias, out_dtype)[step]  # params may be NumPy
     return (c, h, next_theta), (s, theta, z.astype(out_dtype))
 
 
@@ -227,6 +233,7 @@ class RecurrentAttention(nn.Module):
   theta_bias: Sequence[float] = DEFAULT_THETA_BIAS
   theta_kernel_scale: float = 0.1
   fixed_regions: Sequence[Sequence[float]] | None = None
+  step_theta_init: Sequence[Sequence[float]] | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -242,6 +249,8 @@ class RecurrentAttention(nn.Module):
                 theta_bias=tuple(self.theta_bias), theta_kernel_scale=self.theta_kernel_scale,
                 fixed_regions=(None if self.fixed_regions is None else
                                tuple(tuple(r) for r in self.fixed_regions)),
+                step_theta_init=(None if self.step_theta_init is None else
+                                 tuple(tuple(r) for r in self.step_theta_init)),
                 dtype=self.dtype, name="cell")
     out_dtype = output_dtype(self.dtype)
     zeros = jnp.zeros((batch, self.hidden_dim), out_dtype)
@@ -273,6 +282,11 @@ class RMA(nn.Module):
     theta_kernel_scale: multiplies the Xavier init of ``W_zm`` so early regions stay near
       ``theta_bias`` instead of jumping around while the LSTM is untrained.
     fixed_regions: optional (K+1, 4) transforms used instead of the predicted ones.
+    step_theta_init: optional (K+1, 4) initial value of a learned per-step bias
+      ``attention/cell/zm_step`` added to ``b_m`` at each step (a step embedding of the
+      region transform): row k is added when step k predicts region k+1 (the last row is
+      unused). ``anchor_step_offsets`` starts region 1 at the centre box and region k at
+      its anchor. ``None`` (default, the paper): one ``b_m`` for every step.
     dtype: computation dtype (parameters float32).
     remat: rematerialise the trunk's blocks in the backward pass.
     conv_impl: the trunk's 3x3 conv backward pass, see ``VGG16.conv_impl``.
@@ -289,6 +303,7 @@ class RMA(nn.Module):
   theta_bias: Sequence[float] = DEFAULT_THETA_BIAS
   theta_kernel_scale: float = 0.1
   fixed_regions: Sequence[Sequence[float]] | None = None
+  step_theta_init: Sequence[Sequence[float]] | None = None
   dtype: Dtype = jnp.float32
   remat: bool = False
   conv_impl: str = "auto"
@@ -302,7 +317,7 @@ class RMA(nn.Module):
         sample_size=self.sample_size, x_dim=self.x_dim, hidden_dim=self.hidden_dim,
         z_dim=self.z_dim, standard_lstm=self.standard_lstm, theta_bias=self.theta_bias,
         theta_kernel_scale=self.theta_kernel_scale, fixed_regions=self.fixed_regions,
-        dtype=self.dtype)
+        step_theta_init=self.step_theta_init, dtype=self.dtype)
 
   def __call__(self, images: jax.Array, return_features: bool = False) -> dict[str, jax.Array]:
     """Scores a batch of images: ``attend(features(images))``.
@@ -347,3 +362,16 @@ def fixed_region_thetas(num_regions: int, scale: float = 0.5) -> np.ndarray:
   centres = np.concatenate([np.zeros((1, 2)), np.asarray(anchor_points(num_regions))], axis=0)
   thetas = [ops.IDENTITY_THETA] + [(scale, scale, float(cx), float(cy)) for cx, cy in centres]
   return np.asarray(thetas, np.float32)
+
+
+def anchor_step_offsets(num_regions: int,
+                        theta_bias: Sequence[float] = DEFAULT_THETA_BIAS) -> np.ndarray:
+  """(K+1, 4) initial per-step biases (``RMA.step_theta_init``) that start each region at
+  its place in the fixed-regions layout: with ``W_zm z`` near 0, step 0 predicts region 1
+  at the centre and step k-1 region k at anchor k (``losses.anchor_points``), all with the
+  half-sizes of ``theta_bias``. Row k is ``target_{k+1} - theta_bias``; the last row (step
+  K predicts nothing that is used) is 0."""
+  bias = np.asarray(theta_bias, np.float32)
+  targets = fixed_region_thetas(num_regions)[1:].copy()  # regions 1..K
+  targets[:, :2] = bias[:2]
+  return np.concatenate([targets - bias, np.zeros((1, 4), np.float32)], axis=0)

@@ -4,8 +4,11 @@
         --inputs=photos/,extra.png --out=/tmp/preds
 
 For each image: the top labels are printed, ``predictions.json`` gets its scores per class,
-top labels and the K attentional boxes in pixels of the ORIGINAL image, and
-``<name>.png`` shows the boxes in distinct colours labelled ``<step>: <top class>``.
+top labels, the K attentional boxes in pixels of the ORIGINAL image and, for each predicted
+label, the region that gave it (``k* = argmax_k s_k^c``, the region whose score the
+category-wise max pooling kept; ``rma_jax.metrics.pointing_regions``), and ``<name>.png``
+shows the boxes in distinct colours, each labelled ``<step>: <the predicted labels it gave>``
+(``<step>: (<its top class>)`` in parentheses when it gave none).
 
 Images are read with Pillow in any format and mode it knows (converted to RGB). An image
 with more than ``config.data.max_pixels`` pixels is refused from its header, without being
@@ -128,8 +131,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
     the dict written to ``predictions.json``: ``images`` (one entry per image read:
     ``file``, ``width``, ``height``, ``scores`` {class: score after score_transform},
     ``raw_scores``, ``top`` [[class, score], ...], ``predicted`` (top-k with score >=
-    threshold), ``regions`` [{``step``, ``box`` [x0, y0, x1, y1] in original pixels,
-    ``top_class``, ``score``}], ``picture``) and ``skipped`` [{``file``, ``reason``}].
+    threshold), RMA only: ``label_regions`` {class: step of the region that gave its score}
+    for every class in ``top`` or ``predicted``, ``regions`` [{``step``, ``box`` [x0, y0,
+    x1, y1] in original pixels, ``top_class``, ``score``, ``gave`` (the predicted labels
+    whose score is this region's)}], and ``picture``) and ``skipped`` [{``file``,
+    ``reason``}].
   """
   from rma_jax import metrics, train
   from rma_jax.data import decode
@@ -174,12 +180,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
         # The model saw a resized copy; the normalised frame is the whole image either way.
         boxes = visualize.theta_to_pixel_boxes(out["theta"][i, 1:], w, h)
         region_cls = np.argmax(out["region_scores"][i], axis=-1)
+        kstar = metrics.pointing_regions(out["region_scores"][i:i + 1])[0]  # (C,)
+        shown = sorted(set(order.tolist()) | set(np.flatnonzero(predicted[i]).tolist()))
+        entry["label_regions"] = {names[c]: int(kstar[c]) + 1 for c in shown}
         for k, (box, c) in enumerate(zip(boxes, region_cls)):
-          entry["regions"].append({"step": k + 1, "box": [float(v) for v in box],
-                                   "top_class": names[c],
-                                   "score": float(out["region_scores"][i, k, c])})
-        picture = _picture(image, boxes, [f"{r['step']}: {r['top_class']}"
-                                          for r in entry["regions"]])
+          entry["regions"].append({
+              "step": k + 1, "box": [float(v) for v in box], "top_class": names[c],
+              "score": float(out["region_scores"][i, k, c]),
+              "gave": [n for n in entry["predicted"] if entry["label_regions"][n] == k + 1]})
+        picture = _picture(image, boxes, [
+            f"{r['step']}: " + (", ".join(r["gave"]) if r["gave"] else f"({r['top_class']})")
+            for r in entry["regions"]])
       else:
         picture = Image.fromarray(image)
       png = _unique_png(out_dir, path, used)

@@ -316,6 +316,9 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
     lines += _table(["Methods", *PRF_HEADERS], rows)
     lines.append("")
 
+  if isinstance(results.get("pointing"), Mapping):
+    lines += _pointing_lines(results["pointing"], class_names)
+
   if headline is not None:
     lines += ["## All protocols, %", ""]
     rows = [[name + (" (headline)" if name == headline else ""), _pct(p.get("mAP")),
@@ -323,7 +326,7 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
             for name, p in results["protocols"].items()]
     lines += _table(["Protocol", f"mAP ({ap_mode})", "mAP (all-point)", "C-F1", "O-F1"], rows)
     lines.append("")
-    extra = _extra_lines(results, ("protocols", "headline", "class_names"))
+    extra = _extra_lines(results, ("protocols", "headline", "class_names", "pointing"))
   else:
     extra = _extra_lines(m, ("ap", "mAP", "ap_mode", *PRF_KEYS))
   if extra:
@@ -336,6 +339,37 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
     lines.append(f"- **{k}**: {v}")
   lines.append("")
   return "\n".join(lines)
+
+
+POINTING_ROWS = (("model_regions", "the model's regions"),
+                 ("chance", "chance: same sizes, random places"))
+
+
+def _pointing_lines(pointing: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:
+  """The pointing game (``rma_jax.metrics.pointing_game``) of the model and its controls."""
+  rows = [(label, pointing[key]) for key, label in POINTING_ROWS if key in pointing]
+  if not rows:
+    return []
+  lines = ["## Pointing game (single view), %", "",
+           "Per (image, class present): is the centre of an object of that class inside "
+           "the region whose score the max pooling kept? (metric card: notes)", ""]
+  lines += _table(["Regions", "hit rate", "mean per-class hit rate", "mean IoU of k*",
+                   "pairs"],
+                  [[label, _pct(p.get("hit_rate")), _pct(p.get("mean_class_hit_rate")),
+                    _pct(p.get("mean_iou")), str(p.get("num_pairs", "–"))]
+                   for label, p in rows])
+  per_class = [(label, p.get("hit_rate_per_class")) for label, p in rows]
+  if all(v is not None and len(v) == len(class_names) for _, v in per_class):
+    lines += ["", "Hit rate per class, %:", ""]
+    if len(class_names) <= 20:
+      lines += _table(["Regions", *class_names],
+                      [[label, *map(_pct, v)] for label, v in per_class])
+    else:
+      lines += _table(["Class", *(label for label, _ in per_class)],
+                      [[name, *(_pct(v[i]) for _, v in per_class)]
+                       for i, name in enumerate(class_names)])
+  lines.append("")
+  return lines
 
 
 def to_jsonable(value: Any) -> Any:

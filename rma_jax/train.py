@@ -73,6 +73,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.trunk_init={m.trunk_init!r}: one of {models.TRUNK_INITS}")
   if m.fixed_regions not in ("", "anchors"):
     errors.append(f"model.fixed_regions={m.fixed_regions!r}: '' or 'anchors'")
+  if m.get("region_init", "") not in ("", "anchors"):
+    errors.append(f"model.region_init={m.region_init!r}: '' or 'anchors'")
+  lo = config.loss
+  if lo.get("min_scale", 0.0) < 0 or lo.get("min_scale", 0.0) >= lo.alpha:
+    errors.append(f"loss.min_scale={lo.min_scale} must be in [0, loss.alpha={lo.alpha})")
+  if lo.get("anchor_schedule_epochs", 0) < 0:
+    errors.append(f"loss.anchor_schedule_epochs={lo.anchor_schedule_epochs} must be >= 0")
+  if lo.get("anchor_schedule_epochs", 0) > 0 and not (
+      lo.get("lambda_anchor_start", 0.0) > 0 and lo.lambda_anchor > 0):
+    errors.append("loss.anchor_schedule_epochs > 0 needs loss.lambda_anchor_start > 0 and "
+                  "loss.lambda_anchor > 0 (the decay is geometric)")
   if config.loss.classification not in ("softmax_euclidean", "sigmoid_bce"):
     errors.append(f"loss.classification={config.loss.classification!r}: "
                   "'softmax_euclidean' or 'sigmoid_bce'")
@@ -106,15 +117,18 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
     return models.VGG16(width=m.width, num_classes=num_classes, dtype=dtype, remat=m.remat,
                         head_pool=m.baseline_pool, conv_impl=m.conv_impl,
                         init_scheme=trunk_init)
-  fixed = None
+  fixed = step_init = None
   if m.fixed_regions == "anchors":
     fixed = tuple(map(tuple, models.fixed_region_thetas(m.num_regions).tolist()))
+  if m.get("region_init", "") == "anchors":
+    step_init = tuple(map(tuple, models.anchor_step_offsets(
+        m.num_regions, tuple(m.theta_bias)).tolist()))
   return models.RMA(
       num_classes=num_classes, num_regions=m.num_regions, sample_size=m.sample_size,
       width=m.width, x_dim=m.x_dim, hidden_dim=m.hidden_dim, z_dim=m.z_dim,
       standard_lstm=m.standard_lstm, theta_bias=tuple(m.theta_bias),
-      theta_kernel_scale=m.theta_kernel_scale, fixed_regions=fixed, dtype=dtype, remat=m.remat,
-      conv_impl=m.conv_impl, trunk_init=trunk_init)
+      theta_kernel_scale=m.theta_kernel_scale, fixed_regions=fixed, step_theta_init=step_init,
+      dtype=dtype, remat=m.remat, conv_impl=m.conv_impl, trunk_init=trunk_init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +143,21 @@ class LossConfig:
   use_anchor: bool = True
   use_scale: bool = True
   use_positive: bool = True
+  min_scale: float = 0.0
   pixel_convention: str = "caffe"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
-    names = {f.name for f in dataclasses.fields(cls)} - {"pixel_convention"}
+    # Fields missing from an older config keep their defaults (the paper's setting).
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    del fields["pixel_convention"]
     return cls(pixel_convention=config.data.pixel_convention,
-               **{k: config.loss[k] for k in names})
+               **{k: config.loss.get(k, d) for k, d in fields.items()})
 
   def total_loss(self, outputs: dict[str, jax.Array], labels: jax.Array,
                  mask: jax.Array | None = None,
-                 denominators: dict[str, jax.Array] | None = None
+                 denominators: dict[str, jax.Array] | None = None,
+                 lambda_anchor: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 14 (``losses.total_loss``) with these settings on the model's outputs.
 
@@ -148,6 +166,8 @@ class LossConfig:
         identity of step 0, is not a region and is left out).
       labels: (B, C); mask: optional (B,).
       denominators: see ``losses.total_loss`` (micro-batches of a larger batch).
+      lambda_anchor: a scalar (e.g. ``anchor_weight_schedule(step)``, may be traced) that
+        replaces ``self.lambda_anchor``; None keeps it.
 
     Returns:
       (loss, {'loss', 'cls_loss', 'loc_loss'}).
@@ -155,6 +175,8 @@ class LossConfig:
     theta = outputs.get("theta")
     kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name != "pixel_convention"}
+    if lambda_anchor is not None:
+      kwargs["lambda_anchor"] = lambda_anchor
     return losses.total_loss(outputs["scores"], labels,
                              None if theta is None else theta[:, 1:], mask=mask,
                              denominators=denominators, return_terms=True, **kwargs)
@@ -191,6 +213,28 @@ def learning_rate_schedule(lr: float, optim: ml_collections.ConfigDict,
     return main
   warmup = optax.linear_schedule(0.0, lr, optim.warmup_steps)
   return optax.join_schedules([warmup, main], [optim.warmup_steps])
+
+
+def anchor_weight_schedule(loss: ml_collections.ConfigDict, steps_per_epoch: int
+                           ) -> Callable[[int], float] | None:
+  """The anchor weight lambda1 by step, or None when ``loss.anchor_schedule_epochs`` is 0.
+
+  Epoch ``e = step // steps_per_epoch`` uses
+  ``lambda_anchor_start * (lambda_anchor / lambda_anchor_start) ** (e / E)`` for
+  ``e < E = anchor_schedule_epochs``, then ``lambda_anchor`` (the paper's 0.01): a strong
+  pull towards the anchors while the regions are placed, decaying geometrically, one value
+  per epoch, to the paper's weight.
+  """
+  epochs = int(loss.get("anchor_schedule_epochs", 0))
+  if epochs <= 0:
+    return None
+  start, final = float(loss.lambda_anchor_start), float(loss.lambda_anchor)
+  spe = max(1, int(steps_per_epoch))
+
+  def weight(step: int) -> float:
+    e = int(step) // spe
+    return final if e >= epochs else start * (final / start) ** (e / epochs)
+  return weight
 
 
 def _is_trunk(path: tuple[Any, ...]) -> bool:
@@ -270,7 +314,8 @@ def _micro_batches(x: jax.Array, num: int) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossConfig,
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1, lambda_anchor: jax.Array | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch.
 
   With ``grad_accum_steps`` = n > 1 the batch is split into n micro-batches that run one
@@ -284,6 +329,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
     batch: ``image`` uint8 (B, h, w, 3), ``labels`` (B, C), ``mask`` (B,) (sharded on B).
     loss_cfg: static loss settings.
     grad_accum_steps: n, micro-batches per step (static; B / n a multiple of the devices).
+    lambda_anchor: optional scalar anchor weight of this step (``anchor_weight_schedule``);
+      None uses ``loss_cfg.lambda_anchor``.
 
   Returns:
     The new state and scalar metrics: the loss terms of the whole batch, gradient and
@@ -300,7 +347,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
 
   def loss_fn(params, micro):
     outputs = model_outputs(params, state.apply_fn, micro["image"], loss_cfg.pixel_convention)
-    return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators)
+    return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators,
+                               lambda_anchor=lambda_anchor)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps <= 1:
@@ -321,6 +369,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
                  param_norm=optax.tree.norm(state.params),
                  learning_rate=applied_learning_rate(state.opt_state),
                  nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
+  if lambda_anchor is not None:
+    metrics["lambda_anchor"] = jnp.asarray(lambda_anchor, jnp.float32)
   return state, metrics
 
 
@@ -338,13 +388,18 @@ def eval_step(params: Any, batch: dict[str, jax.Array], apply_fn: Callable,
   return {"loss": loss, "weight": weight, "scores": outputs["scores"]}
 
 
-def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1) -> Callable:
+def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1, *,
+                   scheduled_anchor: bool = False) -> Callable:
   """``train_step`` jitted over ``mesh``: batch sharded on ``data``, state replicated and
-  donated (updated in place)."""
+  donated (updated in place). With ``scheduled_anchor`` the step takes a third argument,
+  the scalar anchor weight of the step (``fn(state, batch, lambda_anchor)``)."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(functools.partial(train_step, loss_cfg=loss_cfg,
-                                   grad_accum_steps=max(1, grad_accum_steps)),
-                 in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+  in_shardings = (replicated, sharded) + ((replicated,) if scheduled_anchor else ())
+  accum = max(1, grad_accum_steps)
+
+  def step(state, batch, *lambda_anchor):
+    return train_step(state, batch, loss_cfg, accum, *lambda_anchor)
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(replicated, replicated),
                  donate_argnums=(0,))
 
 
@@ -434,7 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """One training run; returns {'step', 'best_val_loss', 'best_step'}."""
+  """One training run; returns {'step', 'best_val_loss', 'best_step', 'start_step'} (the
+  step it started or resumed from)."""
   # Imported here so that importing rma_jax.train never pulls in TensorFlow.
   from clu import metric_writers, parameter_overview, periodic_actions
   from rma_jax import data as data_lib
@@ -501,7 +557,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           if isinstance(v, (int, float, str, bool))})
 
   loss_cfg = LossConfig.from_config(config)
-  step_fn = jit_train_step(loss_cfg, mesh, o.grad_accum_steps)
+  anchor_weight = anchor_weight_schedule(config.loss, steps_per_epoch)
+  step_fn = jit_train_step(loss_cfg, mesh, o.grad_accum_steps,
+                           scheduled_anchor=anchor_weight is not None)
   eval_fn = jit_eval_step(model.apply, loss_cfg, mesh)
   sharding = NamedSharding(mesh, P("data"))
   batches = data_lib.device_put_batches(
@@ -540,7 +598,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   while step < total_steps:
     batch = next(batches)
-    state, metrics = step_fn(state, batch)
+    if anchor_weight is None:
+      state, metrics = step_fn(state, batch)
+    else:  # the validation loss keeps the final weight: one objective for model selection
+      state, metrics = step_fn(state, batch, np.float32(anchor_weight(step)))
     step += 1
     pending.append(metrics)
     report(step)
@@ -559,7 +620,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       flush_metrics(step)
       checkpointing.save(latest, step, state)
   best.wait_until_finished()
-  result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step()}
+  result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
+            "start_step": start_step}
   # close() waits for the asynchronous saves on every host, so that no host leaves while
   # another still waits for it at a checkpoint barrier.
   latest.close()

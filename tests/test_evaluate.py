@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.svm import LinearSVC
 
-from rma_jax import checkpointing, evaluate, models, train
+from rma_jax import checkpointing, evaluate, metrics, models, train
 from rma_jax.data import preprocess
 
 K = 3
@@ -298,6 +298,24 @@ def test_evaluate_and_report_end_to_end(tmp_path):
   assert results["attention_recall"]["fixed_anchor_boxes"] == pytest.approx(hits / total)
   assert 0.0 <= results["attention_recall"]["model_regions"] <= 1.0
 
+  # The pointing game on the model's own single-view outputs and the examples' boxes (the
+  # metric itself is checked against a loop in test_metrics): the report wires the region
+  # scores, regions 1..K and every box with its class.
+  m_max = max(len(e["boxes"]) for e in ex)
+  boxes = np.zeros((len(ex), m_max, 4))
+  box_labels = np.full((len(ex), m_max), -1)
+  for i, e in enumerate(ex):
+    boxes[i, :len(e["boxes"])] = e["boxes"]
+    box_labels[i, :len(e["boxes"])] = e["box_labels"]
+  want = metrics.pointing_game(np.asarray(out["region_scores"]), np.asarray(out["theta"])[:, 1:],
+                               y, boxes, box_labels)
+  got = results["pointing"]["model_regions"]
+  assert got["num_pairs"] == want["num_pairs"] == int(y.sum())
+  assert got["hit_rate"] == pytest.approx(want["hit_rate"])
+  assert got["mean_iou"] == pytest.approx(want["mean_iou"], abs=1e-5)
+  chance = results["pointing"]["chance"]
+  assert chance["num_draws"] == evaluate.POINTING_CHANCE_DRAWS and 0 <= chance["hit_rate"] <= 1
+
   # Multi-scale fusion = mean of the per-scale ten-view scores.
   npz = np.load(os.path.join(wd, "report", "scores.npz"))
   np.testing.assert_allclose(npz["ten_view@64+80/scores"],
@@ -316,6 +334,9 @@ def test_evaluate_and_report_end_to_end(tmp_path):
   assert report["metric_card"]["ap_mode"] == "voc07"
   md = open(os.path.join(wd, "report", "report.md")).read()
   assert "Metric card" in md and "attention recall" in md and "C-F1" in md
+  assert "## Pointing game" in md and "100 % by construction" in md
+  assert f"| the model's regions | {100 * got['hit_rate']:.1f} |" in md
+  assert report["results"]["pointing"]["chance"]["seed"] == evaluate.POINTING_CHANCE_SEED
 
 
 def test_metric_card_states_the_transforms_that_were_computed(tmp_path):

@@ -60,6 +60,26 @@ def test_localization_terms_by_hand():
   assert float(none) == 0.0
 
 
+def test_min_scale_lower_bound_by_hand():
+  # |s| = 0.8, 0.2 (region 1) and 0.05, 0.6 (region 2); bound 0.3: only 0.2 and 0.05 are under.
+  theta = jnp.asarray([[[0.8, -0.2, 0.3, 0.1], [0.05, 0.6, 0.1, 0.9]]])
+  t = losses.localization_terms(theta, alpha=0.5, beta=0.1, min_scale=0.3)
+  small = (0.3 - 0.2) ** 2 + (0.3 - 0.05) ** 2
+  np.testing.assert_allclose(float(t["min_scale"][0]), small, rtol=1e-5)
+  paper = losses.localization_loss(theta)
+  bounded = losses.localization_loss(theta, min_scale=0.3)
+  np.testing.assert_allclose(float(bounded), float(paper) + small, rtol=1e-5)
+  # Off by default: min_scale = 0 adds nothing, and the term is 0 there.
+  assert float(losses.localization_terms(theta)["min_scale"][0]) == 0.0
+  assert float(losses.localization_loss(theta, min_scale=0.0)) == float(paper)
+  # Its gradient pushes a small scale up (the loss falls as |sy| of region 1 grows).
+  g = jax.grad(lambda th: losses.localization_loss(th, min_scale=0.3, use_anchor=False,
+                                                   use_scale=False, use_positive=False))(theta)
+  np.testing.assert_allclose(float(g[0, 0, 1]), 2 * (0.3 - 0.2), rtol=1e-5)  # sy < 0: d|sy|=-1
+  np.testing.assert_allclose(float(g[0, 1, 0]), -2 * (0.3 - 0.05), rtol=1e-5)
+  assert float(g[0, 0, 0]) == 0.0 and float(g[0, 1, 1]) == 0.0
+
+
 def test_anchor_term_k5_uses_each_anchor_once():
   anchors = losses.anchor_points(5)
   theta = np.zeros((1, 5, 4), np.float32)

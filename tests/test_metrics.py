@@ -297,6 +297,180 @@ def test_attention_recall_matches_theta_to_boxes_loop():
   assert 0 < hit < total  # the random case exercises both outcomes
 
 
+# --------------------------------------------------------------------------- pointing game
+
+
+def _pointing_loop(region_scores, theta, labels, boxes, box_labels, ignore):
+  """The pointing game written out pair by pair (the reference): hits, pairs, IoU sums."""
+  n, k, c = region_scores.shape
+  hits, pairs, iou = np.zeros(c), np.zeros(c), np.zeros(c)
+  for i in range(n):
+    for cls in range(c):
+      if not labels[i, cls] or ignore[i, cls]:
+        continue
+      own = [m for m in range(boxes.shape[1]) if box_labels[i, m] == cls]
+      if not own:
+        continue
+      kstar = max(range(k), key=lambda r: (region_scores[i, r, cls], -r))  # first of ties
+      sx, sy, tx, ty = theta[i, kstar]
+      rx0, rx1 = tx - abs(sx), tx + abs(sx)
+      ry0, ry1 = ty - abs(sy), ty + abs(sy)
+      pairs[cls] += 1
+      hit, best = False, 0.0
+      for m in own:
+        x0, y0, x1, y1 = (2 * v - 1 for v in boxes[i, m])
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        hit |= rx0 <= cx <= rx1 and ry0 <= cy <= ry1
+        cx0, cy0, cx1, cy1 = max(rx0, -1), max(ry0, -1), min(rx1, 1), min(ry1, 1)
+        inter = max(0, min(cx1, x1) - max(cx0, x0)) * max(0, min(cy1, y1) - max(cy0, y0))
+        union = (cx1 - cx0) * (cy1 - cy0) + (x1 - x0) * (y1 - y0) - inter
+        best = max(best, inter / union if union > 0 else 0.0)
+      hits[cls] += hit
+      iou[cls] += best
+  return hits, pairs, iou
+
+
+def _pointing_hand_case():
+  # Region 1: the centre box [0.25, 0.75]^2 of the image; region 2: the corner [0, 0.2]^2.
+  theta = np.array([[[0.5, 0.5, 0.0, 0.0], [0.2, 0.2, -0.8, -0.8]]] * 2)
+  labels = np.array([[1, 1, 0], [1, 1, 1]])
+  ignore = np.array([[False] * 3, [True, False, False]])  # image 1: class 0 difficult-only
+  boxes = np.array([[[0.4, 0.4, 0.6, 0.6],    # class 0, centre (.5, .5): in region 1
+                     [0.0, 0.0, 0.2, 0.2],    # class 1, centre (.1, .1): in region 2 only
+                     [0.0, 0.0, 0.0, 0.0]],   # padding
+                    [[0.8, 0.8, 1.0, 1.0],    # class 2, centre (.9, .9): in neither
+                     [0.0, 0.0, 0.2, 0.2],    # class 2, centre (.1, .1): in region 2
+                     [0.4, 0.4, 0.6, 0.6]]])  # class 0 (ignored in this image)
+  box_labels = np.array([[0, 1, -1], [2, 2, 0]])  # image 1's class 1 has no box
+  scores = np.zeros((2, 2, 3))
+  scores[0, 0, 0] = 1.0  # class 0 -> region 1: hit
+  scores[0, 0, 1] = 1.0  # class 1 -> region 1: miss (its object is in region 2)
+  scores[1, 1, 2] = 1.0  # class 2 -> region 2: hit through the second box
+  scores[1, 1, 0] = 1.0  # class 0 -> region 2: a miss, but the pair is ignored
+  return scores, theta, labels, boxes, box_labels, ignore
+
+
+def test_pointing_game_hand_example():
+  scores, theta, labels, boxes, box_labels, ignore = _pointing_hand_case()
+  got = metrics.pointing_game(scores, theta, labels, boxes, box_labels, ignore)
+  assert got["num_pairs"] == 3 and got["num_pairs_without_box"] == 1
+  assert got["hit_rate"] == pytest.approx(2 / 3)
+  np.testing.assert_allclose(got["hit_rate_per_class"], [1.0, 0.0, 1.0])
+  np.testing.assert_array_equal(got["num_pairs_per_class"], [1, 1, 1])
+  assert got["mean_class_hit_rate"] == pytest.approx(2 / 3)
+  # IoU: region 1 ([-.5, .5]^2, area 1) with the class-0 box ([-.2, .2]^2, area .16): .16;
+  # region 1 with the class-1 box: 0; region 2 with the second class-2 box: identical, 1.
+  np.testing.assert_allclose(got["mean_iou_per_class"], [0.16, 0.0, 1.0], atol=1e-12)
+  assert got["mean_iou"] == pytest.approx(1.16 / 3)
+  # Attention recall of the same regions ignores which region gave which label: the
+  # class-1 object lies in region 2, so every object of image 0 is "covered".
+  assert metrics.attention_recall(theta[:1], boxes[:1], box_labels[:1] >= 0) == 1.0
+  # Without the ignore mask the difficult-only pair counts (and misses).
+  assert metrics.pointing_game(scores, theta, labels, boxes, box_labels)["hit_rate"] == (
+      pytest.approx(2 / 4))
+  # Mirrored regions (negative scales) are the same boxes; one image at a time, too.
+  mirrored = metrics.pointing_game(scores, theta * np.array([-1, -1, 1, 1]), labels, boxes,
+                                   box_labels, ignore, chunk=1)
+  assert mirrored["hit_rate"] == got["hit_rate"] and mirrored["mean_iou"] == got["mean_iou"]
+  assert np.isnan(metrics.pointing_game(scores, theta, np.zeros_like(labels), boxes,
+                                        box_labels)["hit_rate"])
+
+
+def test_tiling_boxes_have_full_attention_recall_and_zero_pointing():
+  """The K = 5 fixed boxes cover the whole image, so every object is 'recalled'; when each
+  label's score comes from the region on the opposite side, not one label is pointed at."""
+  from rma_jax import models
+  fixed = models.fixed_region_thetas(5)[1:]  # centre, then anchors (.5,.5) (.5,-.5) ...
+  # One object per image near each corner, in [0, 1]: (x, y) centres and the fixed region
+  # on the opposite side of the image (regions 2..5 are indices 1..4).
+  corners = [((0.85, 0.85), 4), ((0.85, 0.15), 3), ((0.15, 0.85), 2), ((0.15, 0.15), 1),
+             ((0.45, 0.45), 1)]  # near the centre: region 2 ([0, 1]^2 in map units) misses it
+  n = len(corners)
+  theta = np.broadcast_to(fixed, (n, 5, 4))
+  boxes = np.array([[[x - 0.05, y - 0.05, x + 0.05, y + 0.05]] for (x, y), _ in corners])
+  box_labels = np.arange(n)[:, None] % 3
+  labels = np.zeros((n, 3))
+  labels[np.arange(n), box_labels[:, 0]] = 1
+  scores = np.zeros((n, 5, 3))
+  for i, (_, wrong) in enumerate(corners):
+    scores[i, wrong, box_labels[i, 0]] = 1.0
+  assert metrics.attention_recall(theta, boxes, np.ones((n, 1), bool)) == 1.0
+  got = metrics.pointing_game(scores, theta, labels, boxes, box_labels)
+  assert got["num_pairs"] == n and got["hit_rate"] == 0.0
+  # The right regions instead: every label is pointed at.
+  right = np.zeros_like(scores)
+  for i, (x, y) in enumerate(xy for xy, _ in corners):
+    k = 0 if (x, y) == (0.45, 0.45) else 1 + [(.85, .85), (.85, .15), (.15, .85),
+                                            (.15, .15)].index((x, y))
+    right[i, k, box_labels[i, 0]] = 1.0
+  assert metrics.pointing_game(right, theta, labels, boxes, box_labels)["hit_rate"] == 1.0
+
+
+def test_pointing_game_matches_a_loop_on_random_cases():
+  rng = np.random.default_rng(1)
+  n, k, c, m = 12, 3, 4, 5
+  scores = rng.normal(size=(n, k, c))
+  scores[0, :, 0] = 0.5  # ties: the first region wins
+  theta = np.concatenate([rng.uniform(-0.7, 0.7, (n, k, 2)), rng.uniform(-1.2, 1.2, (n, k, 2))],
+                         -1)
+  xy0 = rng.uniform(0, 0.7, (n, m, 2))
+  boxes = np.concatenate([xy0, xy0 + rng.uniform(0.05, 0.3, (n, m, 2))], -1)
+  box_labels = np.where(rng.random((n, m)) < 0.8, rng.integers(0, c, (n, m)), -1)
+  labels = np.zeros((n, c), int)
+  for i in range(n):
+    labels[i, box_labels[i][box_labels[i] >= 0]] = 1
+  labels[1, :] = 1  # classes without boxes in image 1
+  ignore = rng.random((n, c)) < 0.15
+  hits, pairs, iou = _pointing_loop(scores, theta, labels, boxes, box_labels, ignore)
+  got = metrics.pointing_game(scores, theta, labels, boxes, box_labels, ignore, chunk=5)
+  assert got["num_pairs"] == pairs.sum() and 0 < hits.sum() < pairs.sum()
+  assert got["hit_rate"] == pytest.approx(hits.sum() / pairs.sum())
+  np.testing.assert_allclose(got["hit_rate_per_class"], hits / pairs)
+  assert got["mean_iou"] == pytest.approx(iou.sum() / pairs.sum(), abs=1e-12)
+  np.testing.assert_allclose(got["mean_iou_per_class"], iou / pairs, atol=1e-12)
+  assert 0 < got["mean_iou"] < 1
+  np.testing.assert_array_equal(metrics.pointing_regions(scores)[0, 0], 0)
+
+
+def test_pointing_chance_is_deterministic_and_draws_what_it_says():
+  scores, theta, labels, boxes, box_labels, ignore = _pointing_hand_case()
+  args = (scores, theta, labels, boxes, box_labels, ignore)
+  a = metrics.pointing_chance(*args, seed=3, num_draws=5)
+  b = metrics.pointing_chance(*args, seed=3, num_draws=5)
+  assert a["hit_rate"] == b["hit_rate"] and a["mean_iou"] == b["mean_iou"]
+  np.testing.assert_array_equal(a["hit_rate_per_class"], b["hit_rate_per_class"])
+  assert a["seed"] == 3 and a["num_draws"] == 5 and a["num_pairs"] == 3
+  draws = metrics.random_region_thetas(theta, seed=3, num_draws=5)
+  again = metrics.random_region_thetas(theta, seed=3, num_draws=5)
+  np.testing.assert_array_equal(draws, again)
+  assert not np.array_equal(draws, metrics.random_region_thetas(theta, seed=4, num_draws=5))
+  # The mean over draws is the mean of pointing_game on each draw.
+  per_draw = [metrics.pointing_game(scores, t, labels, boxes, box_labels, ignore)["hit_rate"]
+              for t in draws]
+  assert a["hit_rate"] == pytest.approx(np.mean(per_draw))
+  # Same sizes as the model's regions, every box inside the image.
+  np.testing.assert_array_equal(draws[..., :2], np.broadcast_to(np.abs(theta[..., :2]),
+                                                                draws[..., :2].shape))
+  box = metrics.region_boxes(draws)
+  assert box.min() >= -1.0 and box.max() <= 1.0
+  # A box larger than the image keeps containing it.
+  big = metrics.region_boxes(metrics.random_region_thetas(
+      np.array([[[1.5, 1.2, 0.0, 0.0]]]), seed=0, num_draws=50))
+  assert (big[..., :2] <= -1.0).all() and (big[..., 2:] >= 1.0).all()
+
+
+def test_pointing_chance_matches_the_uniform_centre_probability():
+  # One region of half-size 0.5 and one object centred at x = 0.9 (map units), y = 0: the
+  # random centre tx ~ U[-0.5, 0.5] puts the object inside iff tx >= 0.4 (probability
+  # 0.1); in y it is always inside. The IoU by hand is not needed: the hit rate is.
+  scores = np.ones((1, 1, 1))
+  theta = np.array([[[0.5, 0.5, -0.7, 0.3]]])
+  boxes = np.array([[[0.9, 0.45, 1.0, 0.55]]])  # centre (0.95, 0.5) -> (0.9, 0.0)
+  got = metrics.pointing_chance(scores, theta, np.ones((1, 1)), boxes, np.zeros((1, 1)),
+                                seed=0, num_draws=4000)
+  assert got["hit_rate"] == pytest.approx(0.1, abs=0.02)
+
+
 def test_streaming_equals_one_shot_with_padding():
   rng = np.random.default_rng(3)
   scores, labels, ignore = _random_case(rng, n=70, c=5)

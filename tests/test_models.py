@@ -171,6 +171,41 @@ def test_fixed_region_thetas_use_anchors():
   np.testing.assert_allclose(t[2:, 2:], losses.anchor_points(5), atol=1e-6)
 
 
+def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
+  """model.region_init='anchors': with W_zm = 0 the initial regions are exactly the
+  fixed-regions layout (centre box, then the anchors), at the sizes of b_m."""
+  from configs import default
+  from rma_jax import train
+  images = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
+  offsets = models.anchor_step_offsets(5)
+  np.testing.assert_allclose(offsets[0], 0.0)  # region 1: b_m itself, the centre box
+  np.testing.assert_allclose(offsets[1:5, 2:], losses.anchor_points(5))
+  np.testing.assert_allclose(offsets[5], 0.0)
+  config = default.get_config()
+  config.data.name = "demo"
+  config.model.region_init = "anchors"
+  config.model.theta_kernel_scale = 0.0
+  for key, value in SMALL.items():
+    if key != "num_classes":
+      config.model[key] = value
+  model = train.build_model(config)
+  variables = model.init(jax.random.key(0), images)
+  np.testing.assert_allclose(variables["params"]["attention"]["cell"]["zm_step"], offsets)
+  out = model.apply(jax.device_get(variables), images)  # host (NumPy) parameters work too
+  want = np.broadcast_to(models.fixed_region_thetas(5), (2, 6, 4))
+  np.testing.assert_allclose(out["theta"], want, atol=1e-6)
+  # Other sizes of b_m are kept: only the centres move.
+  bias = (0.3, 0.4, 0.1, -0.2)
+  off = models.anchor_step_offsets(3, bias)
+  np.testing.assert_allclose(off[:3, :2], 0.0)
+  np.testing.assert_allclose(off[0, 2:] + bias[2:], 0.0, atol=1e-7)
+  np.testing.assert_allclose(off[1:3, 2:] + bias[2:], losses.anchor_points(3), atol=1e-6)
+  # Default: no per-step parameter (the paper's single b_m).
+  config.model.region_init = ""
+  assert "zm_step" not in train.build_model(config).init(
+      jax.random.key(0), images)["params"]["attention"]["cell"]
+
+
 def test_jitted_forward_backward_full_model():
   model = models.RMA(num_classes=4, num_regions=5, width=16, x_dim=64, hidden_dim=32,
                      z_dim=32, sample_size=7)

@@ -123,6 +123,15 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
               (tx + abs(sx) + 1) / 2 * 50, (ty + abs(sy) + 1) / 2 * 70]
   expected = np.clip(expected, 0, [50, 70, 50, 70])
   np.testing.assert_allclose(e["regions"][0]["box"], expected, rtol=1e-4, atol=1e-3)
+  # Which region gave each listed label: the argmax over regions of that class's score.
+  names = list(e["scores"])
+  listed = {n for n, _ in e["top"]} | set(e["predicted"])
+  assert set(e["label_regions"]) == listed
+  for n in listed:
+    assert e["label_regions"][n] == 1 + int(np.argmax(np.asarray(ref["region_scores"])[
+        0, :, names.index(n)]))
+  for r in e["regions"]:
+    assert r["gave"] == [n for n in e["predicted"] if e["label_regions"][n] == r["step"]]
 
 
 def test_list_inputs_keeps_named_files_and_filters_folders(run_dir):

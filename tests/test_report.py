@@ -190,3 +190,21 @@ def test_write_report_nested_protocols_with_config(tmp_path):
   assert "| ten_view@512+640 (headline) |" in md
   assert "- attention_recall.model_regions: 62.5 %" in md and "- step: 7" in md
   assert "| Ours | 98.6 |" in md
+
+
+def test_markdown_report_pointing_section():
+  from rma_jax import metrics
+  rng = np.random.default_rng(0)
+  scores, labels = rng.normal(size=(6, 3)), np.eye(3)[[0, 1, 2, 0, 1, 2]]
+  acc = metrics.MultiLabelMetrics.empty().update(scores=scores, labels=labels)
+  model = {"hit_rate": 0.625, "mean_class_hit_rate": 0.5, "mean_iou": 0.25, "num_pairs": 8,
+           "hit_rate_per_class": [1.0, 0.25, float("nan")]}
+  chance = dict(model, hit_rate=0.125, hit_rate_per_class=[0.0, 0.5, float("nan")])
+  results = {"protocols": {"single_view@96": acc.compute()}, "headline": "single_view@96",
+             "pointing": {"model_regions": model, "chance": chance}}
+  md = report.markdown_report(results, ["a", "b", "c"], "demo", report.metric_card(
+      dataset="demo"))
+  assert "| the model's regions | 62.5 | 50.0 | 25.0 | 8 |" in md
+  assert "| chance: same sizes, random places | 12.5 |" in md
+  assert "| the model's regions | 100.0 | 25.0 | – |" in md  # per class
+  assert "pointing." not in md  # not repeated among the other measurements

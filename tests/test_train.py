@@ -88,6 +88,51 @@ def test_sharded_step_equals_single_device_step():
   assert max(moved) > 1e-4
 
 
+def test_anchor_weight_schedule_and_the_step_that_takes_it():
+  import dataclasses
+  config = tiny_config()
+  assert train.anchor_weight_schedule(config.loss, 10) is None  # off by default
+  config.loss.anchor_schedule_epochs = 2
+  config.loss.lambda_anchor_start = 1.0
+  config.loss.lambda_anchor = 0.01
+  weight = train.anchor_weight_schedule(config.loss, 10)
+  # Geometric, one value per epoch: 1 for epoch 0, sqrt(1 * 0.01) for epoch 1, then 0.01.
+  assert [weight(s) for s in (0, 9, 10, 19, 20, 500)] == pytest.approx(
+      [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+  train.validate_config(config, num_devices=1)
+  config.loss.lambda_anchor_start = 0.0
+  with pytest.raises(ValueError, match="lambda_anchor_start"):
+    train.validate_config(config, num_devices=1)
+
+  # The step's lambda_anchor argument is the config's lambda_anchor, step by step.
+  model = train.build_model(config, 10)
+  mesh = train.make_mesh(jax.devices()[:1])
+  tx = train.make_optimizer(config.optim, lambda _: 1e-3)
+  batch = next(data_lib.train_batches(data_lib.get_sources(config.data, seed=0).train,
+                                      global_batch_size=8, image_size=64, crop_size=48,
+                                      seed=0))
+  cfg = train.LossConfig.from_config(config)
+  scheduled = train.jit_train_step(cfg, mesh, scheduled_anchor=True)
+  fixed = train.jit_train_step(dataclasses.replace(cfg, lambda_anchor=1.0), mesh)
+  first = train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+  new_state = lambda: jax.tree.map(jnp.copy, first)  # the steps donate their input state
+  a_state, a = scheduled(new_state(), batch, np.float32(1.0))
+  b_state, b = fixed(new_state(), batch)
+  _, c = scheduled(new_state(), batch, np.float32(0.01))
+  assert float(a["loc_loss"]) == pytest.approx(float(b["loc_loss"]), rel=1e-6)
+  assert float(a["loc_loss"]) > float(c["loc_loss"]) > 0  # regions start off their anchors
+  assert float(a["lambda_anchor"]) == 1.0 and "lambda_anchor" not in b
+  for x, y in zip(jax.tree.leaves(a_state.params), jax.tree.leaves(b_state.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_training_loop_with_the_anchor_schedule(tmp_path):
+  """The loop feeds the scheduled weight to the step (the run completes and resumes)."""
+  config = tiny_config(**{"loss.anchor_schedule_epochs": 1, "loss.lambda_anchor_start": 1.0,
+                          "max_steps": 2})
+  assert train.train(config, str(tmp_path))["step"] == 2
+
+
 def test_main_job_resumes_and_writes_checkpoints_and_events(tmp_path):
   wd = str(tmp_path / "run")
   first = _main(wd, "--config.max_steps=4", timeout=600)
