@@ -287,11 +287,13 @@ def test_invalid_config_fails_before_compiling(tmp_path):
   result = _main(str(tmp_path / "bad"), "--config.data.crop_size=64",
                  "--config.checkpoint_every_steps=0", "--config.log_every_steps=0",
                  "--config.optim.learning_rate=-0.001", "--config.stage1.learning_rate=inf",
+                 "--config.eval_every_epochs=0", "--config.max_to_keep=0",
                  "--config.data.name=voc2007", "--config.data.source=local",
                  "--config.data.val_fraction=0", timeout=120)
   assert result.returncode != 0
   for message in ("must be smaller than data.image_size", "checkpoint_every_steps=0 must be",
-                  "log_every_steps=0 must be", "optim.learning_rate=-0.001 must be a finite",
+                  "log_every_steps=0 must be", "eval_every_epochs=0 must be > 0",
+                  "max_to_keep=0 must be", "optim.learning_rate=-0.001 must be a finite",
                   "stage1.learning_rate=inf must be a finite",
                   "data.val_fraction=0 without a data.val_split"):
     assert message in result.stderr
