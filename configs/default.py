@@ -124,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   # when it has >= threshold x the top label's probability), sigmoid for sigmoid_bce.
   c.eval.prf_score_transform = "auto"
   c.eval.svm = False
+  c.eval.allow_small_val = False  # True: accept a validation split smaller than one eval batch
 
   # Loop.
   c.log_every_steps = 50  # optimizer steps
@@ -131,4 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500  # optimizer steps
   c.max_to_keep = 2
   c.max_steps = -1  # > 0: stop after this many optimizer steps (tests, smoke runs)
+  # Resuming with another seed, batch size, learning rate... (rma_jax.workdir) is refused
+  # unless this is True; the change is then recorded in WORKDIR/config_history.jsonl.
+  c.allow_config_change = False
   return c

@@ -4,18 +4,23 @@ Layout of a workdir::
 
     WORKDIR/checkpoints/latest/<step>/   the train state, saved every few hundred steps
     WORKDIR/checkpoints/best/<step>/     the train state with the lowest validation loss
-    WORKDIR/config.json                  the config the run was started with
+    WORKDIR/checkpoints/unusable/        steps a resume could not restore, set aside
+    WORKDIR/config.json, config_history.jsonl, run.lock   see ``rma_jax.workdir``
 
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-mid-save resumes from the last complete checkpoint.
+mid-save resumes from the last complete checkpoint. A step damaged afterwards (a truncated or
+deleted array file, missing metadata, an empty step folder) is skipped by ``restore_newest``:
+the resume falls back to the newest step that restores, and the bad one is moved to
+``checkpoints/unusable/`` (never deleted) with a warning that says how to delete it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import Any, Callable
 
+from absl import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
@@ -23,6 +28,15 @@ import orbax.checkpoint as ocp
 
 LATEST = "latest"
 BEST = "best"
+UNUSABLE = "unusable"
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint holds other arrays (names or shapes) than the state it is restored into."""
+
+
+class CorruptCheckpointError(RuntimeError):
+  """No step of a checkpoint folder can be restored."""
 
 
 def checkpoint_dir(workdir: str, which: str) -> str:
@@ -46,7 +60,8 @@ def latest_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   path = checkpoint_dir(workdir, LATEST)
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
-      multiprocessing_options=_multiprocessing_options(path)))
+      multiprocessing_options=_multiprocessing_options(path)),
+      item_handlers=ocp.StandardCheckpointHandler())
 
 
 def best_manager(workdir: str) -> ocp.CheckpointManager:
@@ -54,7 +69,14 @@ def best_manager(workdir: str) -> ocp.CheckpointManager:
   path = checkpoint_dir(workdir, BEST)
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
       max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode="min", create=True,
-      multiprocessing_options=_multiprocessing_options(path)))
+      multiprocessing_options=_multiprocessing_options(path)),
+      item_handlers=ocp.StandardCheckpointHandler())
+
+
+def has_steps(workdir: str, which: str = LATEST) -> bool:
+  """Whether WORKDIR/checkpoints/<which> holds a step folder (complete or not); cheap."""
+  path = checkpoint_dir(workdir, which)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -70,6 +92,115 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
   return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _check_same_arrays(metadata: Any, target: Any, path: str) -> None:
+  """Raises CheckpointMismatchError unless the checkpoint's arrays are the target's."""
+  def shapes(tree):
+    return {"/".join(k): tuple(getattr(v, "shape", ()) or ())
+            for k, v in ocp.tree.to_flat_dict(tree).items() if v is not None}
+  saved, wanted = shapes(metadata), shapes(target)
+  if saved == wanted:
+    return
+  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params"), k))  # noqa: E731
+  problems = [f"{k} missing from the checkpoint" for k in order(wanted.keys() - saved.keys())]
+  problems += [f"{k} not in this config's state" for k in order(saved.keys() - wanted.keys())]
+  problems += [f"{k} {saved[k]} in the checkpoint vs {wanted[k]} here"
+               for k in order(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+  raise CheckpointMismatchError(
+      f"{path} holds another model or optimizer than this config builds "
+      f"({len(problems)} arrays differ, e.g. {'; '.join(problems[:3])}): resume with the "
+      "config it was trained with, or use another --workdir")
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   check: Callable[[Any], str | None] | None = None) -> tuple[Any, int] | None:
+  """Restores the newest step that is complete and restores; sets broken newer ones aside.
+
+  A step whose metadata is missing or unreadable, whose arrays cannot be read (truncated
+  or deleted files), or that ``check`` rejects is skipped with a warning; once an older
+  step restores, the skipped ones are moved to ``checkpoints/unusable/`` (so the run can
+  save those step numbers again) and the warning says how to delete them.
+
+  Args:
+    manager: e.g. ``latest_manager(workdir)``.
+    abstract_state: the state to restore into (structure, shapes, shardings).
+    check: ``check(state) -> reason or None``; a reason makes the step unusable.
+
+  Returns:
+    (state, step), or None when the folder has no step at all.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint holds other arrays than ``abstract_state``
+      (another config); nothing is set aside.
+    CorruptCheckpointError: no step restores (the message names each and why); nothing is
+      set aside.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  bad: list[tuple[str, str]] = []
+  for step in steps:
+    path = step_path(manager, step)
+    try:
+      metadata, reason = manager.item_metadata(step), None
+    except Exception as e:  # pylint: disable=broad-except  # an empty folder, a bad file...
+      metadata, reason = None, f"its metadata cannot be read ({_first_line(e)})"
+    if metadata is None and reason is None:
+      reason = "its metadata file default/_METADATA is missing"
+    if reason is None:
+      _check_same_arrays(metadata, target, path)
+      try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # pylint: disable=broad-except  # TensorStore/asyncio errors
+        reason = f"its arrays cannot be read ({_first_line(e)})"
+      else:
+        reason = check(state) if check is not None else None
+    if reason is None:
+      _set_aside(manager, bad, step)
+      return state, step
+    logging.warning("checkpoint %s is unusable: %s", path, reason)
+    bad.append((path, reason))
+  raise CorruptCheckpointError(
+      f"no checkpoint in {os.fspath(manager.directory)} can be restored: "
+      + "; ".join(f"{p}: {r}" for p, r in bad)
+      + ". Delete them (rm -r " + " ".join(p for p, _ in bad) + ") to start from scratch, or "
+      "use another --workdir")
+
+
+def _set_aside(manager: ocp.CheckpointManager, bad: list[tuple[str, str]], good: int) -> None:
+  if not bad:
+    return
+  folder = os.path.join(os.path.dirname(os.fspath(manager.directory)), UNUSABLE)
+  prefix = os.path.basename(os.fspath(manager.directory))
+  moves = []
+  for path, reason in bad:
+    dest = os.path.join(folder, f"{prefix}_{os.path.basename(path)}")
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(folder, f"{prefix}_{os.path.basename(path)}.{n}"), n + 1
+    moves.append((path, dest, reason))
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    for path, dest, _ in moves:
+      os.rename(path, dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("rma_jax.checkpointing.set_aside")
+  manager.reload()
+  for path, dest, reason in moves:
+    logging.warning("checkpoint %s is unusable (%s); resuming from step %d instead. It was "
+                    "moved to %s; delete it with: rm -r %s", path, reason, good, dest, dest)
 
 
 def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointManager, int]:
@@ -99,6 +230,15 @@ def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
   """Restores ``step`` replicated over all devices, whatever topology (number of processes
   or devices) saved it: the target comes from the checkpoint's own metadata."""
   sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                        manager.item_metadata(step))
-  return manager.restore(step, args=ocp.args.StandardRestore(target))
+  path = step_path(manager, step)
+  try:
+    metadata = manager.item_metadata(step)
+    if metadata is None:
+      raise FileNotFoundError("its metadata file default/_METADATA is missing")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          metadata)
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:  # pylint: disable=broad-except  # TensorStore/asyncio errors
+    raise CorruptCheckpointError(
+        f"checkpoint {path} cannot be restored ({_first_line(e)}); it is damaged: delete it "
+        f"(rm -r {path}) or restore it from a copy") from e

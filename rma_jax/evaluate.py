@@ -363,8 +363,9 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
       chunks.setdefault("box_mask", []).append(box_labels >= 0)
     if (i + 1) % 50 == 0:
       logging.info("%s: %d / %d batches", desc, i + 1, total)
-  if not chunks:
-    raise ValueError(f"{desc}: the split has no images")
+  if not chunks or not sum(len(v) for v in chunks["index"]):
+    raise ValueError(f"{desc}: 0 of {len(source)} images of {source.name} could be scored; "
+                     f"no metric can be computed. {source.skipped.summary()}")
   out = {}
   for k, v in chunks.items():
     if k in ("boxes", "box_labels", "box_mask"):

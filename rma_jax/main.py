@@ -94,8 +94,11 @@ def main(argv):
     from rma_jax import predict  # pylint: disable=g-import-not-at-top
     if not FLAGS.inputs:
       raise app.UsageError("--mode=predict needs --inputs=FILE_OR_FOLDER[,...]")
-    predict.run(config, FLAGS.workdir, FLAGS.inputs,
-                FLAGS.out or os.path.join(FLAGS.workdir, "predictions"))
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")
+    result = predict.run(config, FLAGS.workdir, FLAGS.inputs, out)
+    if not result["images"]:
+      raise SystemExit(f"predict: no image was labelled; the {len(result['skipped'])} skipped "
+                       f"inputs and why are in {os.path.join(out, 'predictions.json')}")
 
 
 if __name__ == "__main__":

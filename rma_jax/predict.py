@@ -12,15 +12,21 @@ shows the boxes in distinct colours, each labelled ``<step>: <the predicted labe
 
 Images are read with Pillow in any format and mode it knows (converted to RGB). An image
 with more than ``config.data.max_pixels`` pixels is refused from its header, without being
-decoded (decompression bombs); a file that cannot be read is named and skipped. The images
-are resized to the single-view size (``config.data.crop_size``) and scored in fixed-size
-batches by one jitted function.
+decoded (decompression bombs); a file that cannot be read is named and skipped. Nothing is
+skipped silently: ``skipped`` in ``predictions.json`` lists every file that cannot be read,
+every entry that is not a regular file (named pipes, sockets, devices: never opened), every
+file of a folder without an image extension (``notes.txt``), hidden entries and linked
+folders (not searched), missing paths and empty folders. ``predictions.json`` is written even
+when a run stops half-way, for the images labelled so far; ``--mode=predict`` exits non-zero
+when no image at all was labelled. The images are resized to the single-view size
+(``config.data.crop_size``) and scored in fixed-size batches by one jitted function.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Iterable, Sequence
 
 from absl import logging
@@ -55,20 +61,72 @@ def class_names_for(config: ml_collections.ConfigDict, num_classes: int | None =
   return tuple(names)
 
 
-def list_inputs(inputs: Iterable[str]) -> list[str]:
+def _not_regular(path: str) -> str | None:
+  """Why ``path`` must not be opened as an image file, or None for a regular file.
+
+  Only the inode is looked at (``os.stat``): opening a named pipe would block for ever."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    return f"cannot be read: {e.strerror}" + (" (a broken link)" if os.path.islink(path) else "")
+  if stat.S_ISREG(mode):
+    return None
+  kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+          else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+  return f"not a regular file ({kind}); not opened"
+
+
+def list_inputs(inputs: Iterable[str]) -> tuple[list[str], list[dict[str, str]]]:
   """Expands folders (recursively, sorted, files with an image extension Pillow knows) and
-  keeps named files as given (any name: Pillow detects the format from the bytes)."""
+  keeps named files as given (any name: Pillow detects the format from the bytes).
+
+  Returns:
+    (files to read, skipped): ``skipped`` has a ``{'file', 'reason'}`` for every input or
+    folder entry not taken: missing paths, empty folders, entries that are not regular files
+    (never opened), files of a folder without an image extension, hidden entries and links
+    to folders (not searched).
+  """
   exts = {e.lower() for e in Image.registered_extensions()}
-  files = []
+  files: list[str] = []
+  skipped: list[dict[str, str]] = []
+
+  def skip(path: str, reason: str) -> None:
+    skipped.append({"file": path, "reason": reason})
+
   for item in inputs:
     if os.path.isdir(item):
+      found = False
       for root, dirs, names in os.walk(item):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in exts]
+        for d in sorted(dirs):
+          if d.startswith("."):
+            skip(os.path.join(root, d), "hidden folder; not searched")
+          elif os.path.islink(os.path.join(root, d)):
+            skip(os.path.join(root, d), "link to a folder; not followed (name it to search it)")
+        dirs[:] = sorted(d for d in dirs
+                         if not d.startswith(".") and not os.path.islink(os.path.join(root, d)))
+        for n in sorted(names):
+          path, found = os.path.join(root, n), True
+          reason = _not_regular(path)
+          if reason is None and n.startswith("."):
+            reason = "hidden file; not read (name it to read it)"
+          if reason is None and os.path.splitext(n)[1].lower() not in exts:
+            reason = ("not an image file name; a folder is searched for the image extensions "
+                      "Pillow knows (name the file to read it anyway)")
+          if reason is None:
+            files.append(path)
+          else:
+            skip(path, reason)
+      if not found:
+        skip(item, "empty folder: no file found in it")
+    elif not os.path.lexists(item):
+      skip(item, "no such file or folder")
     else:
-      files.append(item)
-  return files
+      reason = _not_regular(item)
+      if reason is None:
+        files.append(item)
+      else:
+        skip(item, reason)
+  return files, skipped
 
 
 def _unique_png(out_dir: str, path: str, used: set[str]) -> str:
@@ -135,7 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
     for every class in ``top`` or ``predicted``, ``regions`` [{``step``, ``box`` [x0, y0,
     x1, y1] in original pixels, ``top_class``, ``score``, ``gave`` (the predicted labels
     whose score is this region's)}], and ``picture``) and ``skipped`` [{``file``,
-    ``reason``}].
+    ``reason``}] (see ``list_inputs``, and every file that could not be decoded). Written
+    even when an error stops the run, for the images labelled until then.
   """
   from rma_jax import metrics, train
   from rma_jax.data import decode
@@ -199,26 +258,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
       result["images"].append(entry)
       print(f"{path}: " + ", ".join(f"{n} {p:.3f}" for n, p in entry["top"]))
 
-  # Stream: at most one batch of decoded images is held in memory.
-  paths, images = [], []
-  for path in list_inputs(inputs):
-    try:
-      # The size is read from the header and checked against max_pixels before decoding.
-      images.append(decode.decode_image(path, max_pixels=max_pixels))
-      paths.append(path)
-    except decode.BadImageError as e:
-      result["skipped"].append({"file": path, "reason": str(e)})
-      print(f"skipped {path}: {e}")
-    if len(images) == batch_size:
+  files, skipped = list_inputs(inputs)
+  result["skipped"] = skipped
+  for s in skipped:
+    print(f"skipped {s['file']}: {s['reason']}")
+  try:
+    # Stream: at most one batch of decoded images is held in memory.
+    paths, images = [], []
+    for path in files:
+      try:
+        # The size is read from the header and checked against max_pixels before decoding.
+        images.append(decode.decode_image(path, max_pixels=max_pixels))
+        paths.append(path)
+      except decode.BadImageError as e:
+        skipped.append({"file": path, "reason": str(e)})
+        print(f"skipped {path}: {e}")
+      if len(images) == batch_size:
+        label(paths, images)
+        paths, images = [], []
+    if images:
       label(paths, images)
-      paths, images = [], []
-  if images:
-    label(paths, images)
-  skipped = result["skipped"]
-  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  logging.info("predict: %d images labelled, %d skipped; wrote %s", len(result["images"]),
-               len(skipped), out_dir)
+  finally:
+    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  logging.info("predict: %d images labelled, %d inputs skipped; wrote %s",
+               len(result["images"]), len(skipped), out_dir)
   if skipped:
-    print(f"{len(skipped)} file(s) could not be read: " + ", ".join(s["file"] for s in skipped))
+    print(f"{len(skipped)} input(s) skipped, listed under 'skipped' in "
+          f"{os.path.join(out_dir, 'predictions.json')}")
   return result

@@ -15,7 +15,8 @@ Weight files are untrusted input. A ``.pth`` is unpickled without executing code
 unpickler that only accepts ``collections.OrderedDict``, torch's tensor rebuild functions and
 storage types, and reads the raw storages with NumPy (both the zip format of torch >= 1.6 and
 the older single-stream format). Missing, extra or wrongly shaped tensors are one error that
-names them all.
+names them all; a file that cannot be read at all (empty, truncated, another format, given to
+the wrong ``--from``) is one line naming it and what was expected.
 
 ``python -m rma_jax.pretrained --from=keras|torch FILE --out=DIR`` writes DIR as an Orbax
 checkpoint of ``{conv1_1 … conv5_3, fc6, fc7}`` (no fc6/fc7 for a ``_notop`` file) with the
@@ -63,6 +64,10 @@ TORCH_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
 class WeightsMismatchError(ValueError):
   """A weight file's tensors do not match the expected VGG-16 names and shapes."""
+
+
+class RefusedPickleError(pickle.UnpicklingError):
+  """A weight file asks to build something else than tensors (it is never run)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +174,42 @@ def to_flax(weights: Mapping[str, Any], origin: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Weight-file errors: one line naming the file and what was expected.
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _check_weight_file(path: str, expected: str) -> None:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file; {expected}")
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path}: the file is empty; {expected}")
+
+
+def _is_torch_file(path: str) -> bool:
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      return any(n.endswith("/data.pkl") for n in archive.namelist())
+  with open(path, "rb") as f:
+    return f.read(2) == b"\x80\x02"  # the legacy format starts with a protocol-2 pickle
+
+
+def _starts_as_broken_zip(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
+def _is_hdf5_file(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+
+
+# --------------------------------------------------------------------------------------------
 # Keras .h5 reader.
 
 
@@ -235,16 +276,33 @@ def load_keras_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ``'<layer>/kernel'`` and ``'<layer>/bias'`` -> array for each layer with a kernel and a
     bias (``'<layer>/<i>'`` for other layers), layer names as Keras gives them
     (``block1_conv1`` … ``fc1``, ``fc2``, ``predictions``).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is empty, truncated, not HDF5, a zip without ``model.weights.h5``
+      or not a Keras weight file (one line naming the file and what was expected).
   """
   import h5py  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
+  expected = "expected a Keras weight file (.h5, .weights.h5 or a .keras archive)"
+  _check_weight_file(path, expected)
+  source: Any = path
   if zipfile.is_zipfile(path):  # .keras: a zip holding model.weights.h5
     with zipfile.ZipFile(path) as archive:
-      data = io.BytesIO(archive.read("model.weights.h5"))
-    with h5py.File(data, "r") as f:
+      names = archive.namelist()
+      if "model.weights.h5" not in names:
+        hint = ("; it is a torch.save archive: use --from=torch"
+                if any(n.endswith("/data.pkl") for n in names) else "")
+        raise ValueError(f"{path}: a zip archive without model.weights.h5, so not a .keras "
+                         f"file{hint}; {expected}")
+      source = io.BytesIO(archive.read("model.weights.h5"))
+  try:
+    with h5py.File(source, "r") as f:
       return _read_keras_h5(f)
-  with h5py.File(path, "r") as f:
-    return _read_keras_h5(f)
+  except (OSError, KeyError, ValueError) as e:  # h5py names neither the file nor the fix
+    hint = "; it is a torch.save file: use --from=torch" if _is_torch_file(path) else ""
+    raise ValueError(f"{path}: cannot be read as a Keras weight file "
+                     f"({_one_line(e)}){hint}; {expected}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +383,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return self._ALLOWED[(module, name)]
     if module in ("torch", "torch.cuda") and name in _TORCH_STORAGE_DTYPES:
       return _StorageType(_TORCH_STORAGE_DTYPES[name])
-    raise pickle.UnpicklingError(
+    raise RefusedPickleError(
         f"refusing to load global {module}.{name}: a weight file holds only tensors")
 
   def persistent_load(self, pid):
@@ -423,10 +481,32 @@ def load_torch_state_dict(path: str | os.PathLike, *,
     state dict name (``'features.0.weight'`` …) -> NumPy array, in torch's layout.
 
   Raises:
-    pickle.UnpicklingError: the file asks to run code or build anything but tensors.
-    ValueError: the file is not a state dict.
+    RefusedPickleError (a pickle.UnpicklingError): the file asks to run code or build
+      anything but tensors.
+    FileNotFoundError: no such file.
+    ValueError: the file is empty, truncated, not a torch.save file or not a state dict
+      (one line naming the file and what was expected).
   """
   path = os.fspath(path)
+  expected = "expected a torchvision .pth state dict (torch.save)"
+  _check_weight_file(path, expected)
+  try:
+    return _read_torch(path, use_torch)
+  except RefusedPickleError:
+    raise  # the message says what was refused
+  except (EOFError, RuntimeError, OSError, ValueError, IndexError, KeyError, TypeError,
+          zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    # Truncated or foreign files fail anywhere inside the readers, mostly without the name.
+    hint = ("; it is an HDF5 file: use --from=keras" if _is_hdf5_file(path) else
+            "; it starts as a zip archive but its end is missing: truncated? (compare its size "
+            "with the download)" if _starts_as_broken_zip(path) else
+            "; truncated? (compare its size with the download)" if _is_torch_file(path) else "")
+    message = _one_line(e).replace(f"{path}: ", "")
+    raise ValueError(f"{path}: cannot be read as a torch.save file ({message}){hint}; "
+                     f"{expected}") from None
+
+
+def _read_torch(path: str, use_torch: bool | None) -> dict[str, np.ndarray]:
   if use_torch is None:
     try:
       import torch  # pylint: disable=g-import-not-at-top,unused-import
@@ -438,7 +518,7 @@ def load_torch_state_dict(path: str | os.PathLike, *,
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-      raise pickle.UnpicklingError(f"{path}: refused by torch.load(weights_only=True): {e}")
+      raise RefusedPickleError(f"{path}: refused by torch.load(weights_only=True): {e}")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
       obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

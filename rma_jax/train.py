@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import math
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -28,6 +28,7 @@ import optax
 
 from rma_jax import checkpointing, losses, models
 from rma_jax import data as data_lib
+from rma_jax import workdir as workdir_lib
 
 # Data sets with a fixed class list; any other data.name takes its classes from the data.
 NUM_CLASSES = {name: len(names) for name, names in data_lib.BUILTIN_CLASSES.items()}
@@ -96,8 +97,53 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if config.eval.batch_size <= 0 or config.eval.batch_size % num_devices:
     errors.append(f"eval.batch_size={config.eval.batch_size} must be divisible by the "
                   f"{num_devices} devices")
+  for name, value in (("optim.learning_rate", o.learning_rate),
+                      ("stage1.learning_rate", config.stage1.learning_rate),
+                      ("optim.trunk_lr_multiplier", o.trunk_lr_multiplier),
+                      ("optim.decay_factor", o.decay_factor)):
+    if not (math.isfinite(value) and value >= 0):
+      errors.append(f"{name}={value} must be a finite number >= 0")
+  for name in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
+    if config[name] < 1:
+      errors.append(f"{name}={config[name]} must be >= 1")
+  if not (math.isfinite(config.eval_every_epochs) and config.eval_every_epochs > 0):
+    errors.append(f"eval_every_epochs={config.eval_every_epochs} must be > 0")
+  if not 0 <= d.val_fraction < 1:
+    errors.append(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+  elif d.source != "demo" and d.val_fraction == 0 and not d.get("val_split", ""):
+    errors.append("data.val_fraction=0 without a data.val_split leaves no validation split "
+                  "to choose the best checkpoint on: set data.val_fraction > 0 or "
+                  "data.val_split")
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def check_sources(config: ml_collections.ConfigDict, sources: Any) -> None:
+  """Raises ValueError for splits a run cannot use, right after they are opened.
+
+  An empty validation or test split, a validation split smaller than one evaluation batch
+  (unless ``eval.allow_small_val``), a training split smaller than one batch.
+  """
+  o, e = config.optim, config.eval
+  micro_batch = o.batch_size // max(1, o.grad_accum_steps)
+  errors = []
+  if len(sources.train) < micro_batch:
+    errors.append(f"the training split ({sources.train.name}) has {len(sources.train)} "
+                  f"examples, fewer than one batch of {micro_batch} (optim.batch_size)")
+  if len(sources.val) == 0:
+    errors.append(f"the validation split ({sources.val.name}) is empty: the best checkpoint "
+                  "would be chosen on nothing; set data.val_split or data.val_fraction > 0 "
+                  "(demo: data.demo.num_val)")
+  elif len(sources.val) < e.batch_size and not e.get("allow_small_val", False):
+    errors.append(f"the validation split ({sources.val.name}) has {len(sources.val)} "
+                  f"examples, fewer than one evaluation batch (eval.batch_size={e.batch_size}):"
+                  " the best checkpoint would be chosen on very few images. Use a larger "
+                  "validation split, or set eval.allow_small_val=True to accept it")
+  if len(sources.test) == 0:
+    errors.append(f"the test split ({sources.test.name}) is empty: the final report would "
+                  "have no image; check data.test_split (demo: data.demo.num_test)")
+  if errors:
+    raise ValueError("unusable data splits:\n  " + "\n  ".join(errors))
 
 
 # --------------------------------------------------------------------------- model and loss
@@ -305,6 +351,14 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 # --------------------------------------------------------------------------- steps
 
 
+def count_nonfinite(tree: Any) -> jax.Array:
+  """The number of NaN/inf values in the floating-point leaves of ``tree`` (one fused
+  reduction when jitted)."""
+  counts = [jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sum(counts, jnp.zeros((), jnp.int32))
+
+
 def _micro_batches(x: jax.Array, num: int) -> jax.Array:
   """(B, ...) -> (num, B / num, ...): micro-batch j holds rows j, j + num, j + 2 num, ...
 
@@ -334,8 +388,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
 
   Returns:
     The new state and scalar metrics: the loss terms of the whole batch, gradient and
-    parameter norms, ``learning_rate`` (the rate this update applied) and ``nonfinite``
-    (1 if the loss was not finite).
+    parameter norms, ``learning_rate`` (the rate this update applied), ``nonfinite`` (1 if
+    the loss was not finite) and ``nonfinite_state`` (the number of non-finite values in the
+    new parameters and optimizer state).
   """
   labels = batch["labels"]
   mask = batch.get("mask")
@@ -368,7 +423,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
   metrics = dict(terms, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(state.params),
                  learning_rate=applied_learning_rate(state.opt_state),
-                 nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32))
+                 nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32),
+                 nonfinite_state=count_nonfinite((state.params, state.opt_state)))
   if lambda_anchor is not None:
     metrics["lambda_anchor"] = jnp.asarray(lambda_anchor, jnp.float32)
   return state, metrics
@@ -441,7 +497,7 @@ def _initial_params(config: ml_collections.ConfigDict, params: Any) -> tuple[Any
   stage-1 checkpoint then replaces the trunk (paper §5.1); other layers keep their init.
   """
   from rma_jax import pretrained
-  note = "from scratch (He/Xavier init)"
+  note = f"from scratch ({_scratch_init_note(config)})"
   if config.init.pretrained:
     imagenet, _ = pretrained.load_pretrained(
         config.init.pretrained, pixel_convention=config.data.pixel_convention)
@@ -458,13 +514,22 @@ def _initial_params(config: ml_collections.ConfigDict, params: Any) -> tuple[Any
   return params, note
 
 
+def _scratch_init_note(config: ml_collections.ConfigDict) -> str:
+  """What a from-scratch initialisation does, for the log."""
+  if config.model.get("trunk_init", "he") == "dirac":
+    trunk = ("trunk convs Dirac: identity + 0.1 x He normal where C_in = C_out, He normal "
+             "where the channel count changes")
+  else:
+    trunk = "trunk convs He normal"
+  return trunk + "; other layers Xavier uniform (W_zm x model.theta_kernel_scale)"
+
+
 def _check_pixel_convention(workdir: str, convention: str) -> None:
   """A trunk must be fed pixels the way it was trained: compare with the run's config."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  recorded = workdir_lib.recorded_config(workdir)
+  if recorded is None:
     return
-  with open(path) as f:
-    trained = json.load(f).get("data", {}).get("pixel_convention")
+  trained = recorded.get("data", {}).get("pixel_convention")
   if trained and trained != convention:
     raise ValueError(f"{workdir} was trained with data.pixel_convention={trained!r}, this run "
                      f"uses {convention!r}; set them equal")
@@ -475,33 +540,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   resuming from ``workdir`` if a checkpoint is there, then evaluates the best checkpoint on
   the test split and writes the report. Returns the final summary."""
   validate_config(config)
-  if config.model.name == "rma" and config.stage1.num_epochs > 0:
-    stage1_dir = os.path.join(workdir, "stage1")
-    logging.info("Stage 1 of 2: baseline in %s", stage1_dir)
-    train(_stage1_config(config), stage1_dir)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.init.from_checkpoint = stage1_dir
-    logging.info("Stage 2 of 2: attention model in %s", workdir)
-  summary = train(config, workdir)
-  from rma_jax import evaluate  # after training: the test split is touched only here
-  summary["test"] = evaluate.evaluate_and_report(config, workdir)
+  # One run per workdir, for the whole job (both stages and the report).
+  with workdir_lib.hold(workdir):
+    if config.model.name == "rma" and config.stage1.num_epochs > 0:
+      stage1_dir = os.path.join(workdir, "stage1")
+      logging.info("Stage 1 of 2: baseline in %s", stage1_dir)
+      train(_stage1_config(config), stage1_dir)
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.init.from_checkpoint = stage1_dir
+      logging.info("Stage 2 of 2: attention model in %s", workdir)
+    summary = train(config, workdir)
+    from rma_jax import evaluate  # after training: the test split is touched only here
+    summary["test"] = evaluate.evaluate_and_report(config, workdir)
   return summary
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """One training run; returns {'step', 'best_val_loss', 'best_step', 'start_step'} (the
-  step it started or resumed from)."""
+  step it started or resumed from).
+
+  Holds the workdir (``rma_jax.workdir.hold``: a second run on it stops at once) and, when
+  it resumes, checks the config against the recorded one before anything else.
+  """
+  validate_config(config)
+  with workdir_lib.hold(workdir):
+    changes = workdir_lib.check_config(config, workdir,
+                                       checkpointing.has_steps(workdir, checkpointing.LATEST))
+    return _train(config, workdir, changes)
+
+
+def _nonfinite_reason(state: TrainState) -> str | None:
+  n = int(jax.jit(count_nonfinite)((state.params, state.opt_state)))
+  return f"it holds {n} non-finite values" if n else None
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           changes: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+  """``train`` once the workdir is held and the config checked (``changes`` since the last
+  recorded start)."""
   # Imported here so that importing rma_jax.train never pulls in TensorFlow.
   from clu import metric_writers, parameter_overview, periodic_actions
   from rma_jax import data as data_lib
   from rma_jax import metrics as metrics_lib
 
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # Mesh and data. A workdir keeps the class list of its first run (WORKDIR/classes.json).
   mesh = make_mesh()
@@ -512,6 +594,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_chief and recorded is None:
     data_lib.save_run_classes(workdir, sources.class_names, origin=sources.class_origin,
                               dataset=config.data.name)
+  check_sources(config, sources)
   o = config.optim
   # Every step count (schedule, warm-up, max_steps, logging, checkpoints, the ETA) is in
   # optimizer steps: one global batch, however many micro-batches the step accumulates.
@@ -530,16 +613,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state = create_train_state(model, tx, rng, (crop, crop, 3), mesh)
   latest = checkpointing.latest_manager(workdir, config.max_to_keep)
   best = checkpointing.best_manager(workdir)
-  if latest.latest_step() is not None:
-    try:
-      state = checkpointing.restore(latest, state)
-    except ValueError as e:
-      raise ValueError(
-          f"cannot resume from {latest.directory}: its train state does not match this "
-          "run's (another model config, or a checkpoint written before gradient accumulation "
-          "moved into the train step, whose optimizer state has another layout). Evaluate it "
-          "with --mode=evaluate (which reads only the parameters) or train in a new "
-          f"workdir. Orbax says: {e}") from e
+  try:
+    restored = checkpointing.restore_newest(latest, state, check=_nonfinite_reason)
+  except checkpointing.CheckpointMismatchError as e:
+    if not changes:
+      raise
+    raise checkpointing.CheckpointMismatchError(
+        f"{e}. Changed since the last start: {workdir_lib.describe_changes(changes)}") from None
+  if restored is not None:
+    state, _ = restored
     logging.info("Resumed from %s at step %d", latest.directory, int(state.step))
   else:
     params, note = _initial_params(config, jax.device_get(state.params))
@@ -548,6 +630,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         tx.init, out_shardings=NamedSharding(mesh, P()))(params))
     logging.info("Initialised %s", note)
   start_step = int(state.step)
+  workdir_lib.record_start(config, workdir, changes, start_step if restored else None)
   best_val = _best_metric(best)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -573,26 +656,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   pending: list[dict[str, jax.Array]] = []
-  last_good_step = start_step
   step = start_step
   logging.info("Training %d steps (optimizer steps, %d per epoch; global batch %d in %d "
                "micro-batch(es) on %d devices) from step %d", total_steps, steps_per_epoch,
                o.batch_size, max(1, o.grad_accum_steps), jax.device_count(), start_step)
 
   def flush_metrics(step: int) -> None:
-    nonlocal last_good_step
+    # Called before every save: a state is saved only once its step's flags are checked.
     if not pending:
       return
     fetched = jax.device_get(pending)
     pending.clear()
-    if any(m["nonfinite"] > 0 for m in fetched):
-      bad = next(i for i, m in enumerate(fetched) if m["nonfinite"] > 0)
-      raise FloatingPointError(
-          f"non-finite loss at step {step - len(fetched) + bad + 1}; the run stops here and "
-          f"the last good checkpoint (step <= {last_good_step}) is left intact. Lower "
-          "optim.learning_rate or set optim.grad_clip_norm.")
-    last_good_step = step
-    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "nonfinite"}
+    for i, m in enumerate(fetched):
+      if m["nonfinite"] > 0 or m["nonfinite_state"] > 0:
+        raise _nonfinite_error(m, step - len(fetched) + i + 1, latest, best)
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+             if k not in ("nonfinite", "nonfinite_state")}
     means["learning_rate"] = float(fetched[-1]["learning_rate"])  # as applied, from opt state
     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
 
@@ -630,6 +709,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return result
 
 
+def _nonfinite_error(metrics: dict[str, Any], step: int, latest: Any,
+                     best: Any) -> FloatingPointError:
+  """The error that stops a run at a non-finite loss or state, naming the last checkpoint."""
+  if metrics["nonfinite"] > 0:
+    what = f"non-finite loss at step {step}"
+  else:
+    what = (f"non-finite parameters or optimizer state after step {step} "
+            f"({int(metrics['nonfinite_state'])} values; the loss was finite)")
+  latest.wait_until_finished()  # the newest saves are complete before they are named
+  best.wait_until_finished()
+  last = latest.latest_step()
+  if last is None:
+    where = "No checkpoint was written yet. Lower optim.learning_rate or set "
+    where += "optim.grad_clip_norm and start again."
+  else:
+    where = (f"Nothing of it was saved; the newest checkpoint, step {last} in "
+             f"{latest.directory}, holds finite values. Lower optim.learning_rate or set "
+             "optim.grad_clip_norm and resume from it with --config.allow_config_change=True.")
+  return FloatingPointError(f"{what}: the run stops here. {where}")
+
+
 def evaluate_loss(eval_fn: Callable, params: Any, source: Any, config: ml_collections.ConfigDict,
                   sharding: NamedSharding, *, metrics_lib: Any) -> dict[str, float]:
   """Validation loss (the paper's model-selection criterion) and single-view mAP."""
@@ -650,9 +750,15 @@ def evaluate_loss(eval_fn: Callable, params: Any, source: Any, config: ml_collec
     labels.append(to_host(batch["labels"]))
     masks.append(to_host(batch["mask"]) > 0)
   keep = np.concatenate(masks)
+  if weight == 0:
+    # A loss of 0/0 would be kept as the best one: the model would be chosen on nothing.
+    raise ValueError(
+        f"validation pass over {source.name}: 0 of {len(source)} images scored ({int(keep.sum())}"
+        f" read, none with a label the loss counts); no checkpoint can be chosen on it. "
+        f"{source.skipped.summary()}")
   s = metrics_lib.score_transform(np.concatenate(scores)[keep], config.eval.score_transform)
   y = np.concatenate(labels)[keep]
-  return {"loss": total / max(weight, 1.0),
+  return {"loss": total / weight,
           "mAP": float(metrics_lib.mean_average_precision(s, y, mode="all"))}
 
 

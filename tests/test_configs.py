@@ -50,6 +50,10 @@ def test_paper_settings_in_voc_and_coco():
     ("optim.batch_size", 6, "divisible by the 4 devices"),
     ("data.crop_size", 440, "multiple of 16"),
     ("loss.classification", "hinge", "classification"),
+    ("optim.learning_rate", float("inf"), "optim.learning_rate=inf must be a finite"),
+    ("optim.trunk_lr_multiplier", -1.0, "trunk_lr_multiplier=-1.0 must be a finite"),
+    ("optim.decay_factor", float("nan"), "decay_factor=nan must be a finite"),
+    ("data.val_fraction", 1.0, r"val_fraction=1.0 must be in \[0, 1\)"),
 ])
 def test_invalid_values_are_clear_errors(field, value, message):
   config = importlib.import_module("configs.voc").get_config()

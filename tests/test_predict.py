@@ -1,8 +1,11 @@
 """predict.run on generated images of several sizes and modes, a corrupt file and an image over
-the pixel limit; theta_to_pixel_boxes and draw_regions by hand."""
+the pixel limit; the CLI on a named pipe, ignored files, a missing path and an empty folder;
+theta_to_pixel_boxes and draw_regions by hand."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +93,9 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
   names = [os.path.basename(e["file"]) for e in result["images"]]
   assert names == ["a_rgb.jpg", "b_gray.png", "c_rgba.png", "d_cmyk.jpg", "e_palette.gif"]
   skipped = {os.path.basename(s["file"]): s["reason"] for s in result["skipped"]}
-  assert set(skipped) == {"f_corrupt.jpg", "big.png"}
+  assert set(skipped) == {"f_corrupt.jpg", "big.png", "notes.txt"}
   assert "f_corrupt.jpg" in skipped["f_corrupt.jpg"]
+  assert "not an image file name" in skipped["notes.txt"]
   assert "max_pixels" in skipped["big.png"] and "refused" in skipped["big.png"]
   assert (300, 300) not in loaded_sizes  # the bomb was never decoded
 
@@ -135,10 +139,60 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
 
 
 def test_list_inputs_keeps_named_files_and_filters_folders(run_dir):
-  files = predict.list_inputs([str(run_dir / "inputs"), str(run_dir / "inputs" / "notes.txt")])
+  files, skipped = predict.list_inputs([str(run_dir / "inputs"),
+                                        str(run_dir / "inputs" / "notes.txt")])
   names = [os.path.basename(f) for f in files]
   assert names[-1] == "notes.txt" and names.count("notes.txt") == 1
   assert "f_corrupt.jpg" in names and "a_rgb.jpg" in names
+  assert [os.path.basename(s["file"]) for s in skipped] == ["notes.txt"]  # from the folder
+
+
+def test_predict_cli_skips_pipes_and_says_what_it_ignored(tmp_path):
+  """A named pipe in an input folder used to hang predict for ever (and no predictions.json
+  was written); ignored files, a missing path and an empty folder went unmentioned."""
+  from test_train import ROOT, TINY, _ENV, tiny_config
+  config = tiny_config()
+  model = train.build_model(config)
+  state = train.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
+                                  tx=optax.adam(1e-3))
+  wd = str(tmp_path / "run")
+  manager = checkpointing.latest_manager(wd)
+  checkpointing.save(manager, 1, state)
+  manager.wait_until_finished()
+  inputs = tmp_path / "inputs"
+  inputs.mkdir()
+  Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(inputs / "good.png")
+  os.mkfifo(inputs / "stream.png")  # opening it would block until someone writes
+  (inputs / "notes.txt").write_text("not an image")
+  (inputs / ".hidden.png").write_bytes(b"")
+  (tmp_path / "empty").mkdir()
+  missing = str(tmp_path / "missing.jpg")
+
+  def predict_cli(out, *items):
+    cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py", f"--workdir={wd}",
+           *TINY, "--mode=predict", f"--inputs={','.join(items)}", f"--out={out}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=_ENV, capture_output=True, text=True,
+                            timeout=300)
+    with open(os.path.join(out, "predictions.json")) as f:
+      return result, json.load(f)
+
+  result, written = predict_cli(str(tmp_path / "out"), str(inputs), missing,
+                                str(tmp_path / "empty"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [os.path.basename(e["file"]) for e in written["images"]] == ["good.png"]
+  reasons = {os.path.basename(s["file"]): s["reason"] for s in written["skipped"]}
+  assert set(reasons) == {"stream.png", "notes.txt", ".hidden.png", "missing.jpg", "empty"}
+  assert "not a regular file (a named pipe); not opened" in reasons["stream.png"]
+  assert "not an image file name" in reasons["notes.txt"]
+  assert "hidden file" in reasons[".hidden.png"]
+  assert reasons["missing.jpg"] == "no such file or folder"
+  assert reasons["empty"].startswith("empty folder")
+  assert f"skipped {inputs / 'stream.png'}: not a regular file" in result.stdout
+  # Nothing to label at all: predictions.json says why, and the exit status is non-zero.
+  result, written = predict_cli(str(tmp_path / "none"), missing, str(tmp_path / "empty"))
+  assert result.returncode != 0
+  assert "no image was labelled" in result.stderr
+  assert written["images"] == [] and len(written["skipped"]) == 2
 
 
 def test_class_names_for_each_data_set():

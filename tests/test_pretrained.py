@@ -11,6 +11,9 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import pickle  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zipfile  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -24,6 +27,7 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CONVS = models.vgg16_layer_names()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _vgg16_shapes():
@@ -354,6 +358,38 @@ def test_bad_torch_file_names_every_problem_and_writes_nothing(tmp_path, capsys)
                  "classifier.3.weight (4096, 4095) (expected (4096, 4096))"):
     assert needle in err
   assert sorted(os.listdir(tmp_path)) == ["bad.pth"]
+
+
+def test_unreadable_weight_files_are_one_line_naming_the_file(tmp_path):
+  """Through ``python -m rma_jax.pretrained``: each used to end in a traceback or in an
+  error without the file's name ([Errno 22], a bare EOFError, 'file signature not found',
+  KeyError: 'model.weights.h5')."""
+  torch = pytest.importorskip("torch")
+  good = tmp_path / "vgg16.pth"
+  torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, good)
+  data = good.read_bytes()
+  (tmp_path / "truncated.pth").write_bytes(data[:len(data) // 2])
+  (tmp_path / "empty.pth").write_bytes(b"")
+  (tmp_path / "garbage.h5").write_bytes(b"no HDF5 here" * 20)
+  with zipfile.ZipFile(tmp_path / "no_weights.keras", "w") as z:
+    z.writestr("config.json", "{}")
+  cases = [("torch", "truncated.pth", "its end is missing: truncated?", "torchvision .pth"),
+           ("torch", "empty.pth", "the file is empty", "torchvision .pth"),
+           ("keras", "garbage.h5", "file signature not found", "Keras weight file"),
+           ("keras", "vgg16.pth", "use --from=torch", "Keras weight file"),
+           ("keras", "no_weights.keras", "without model.weights.h5", "Keras weight file")]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "rma_jax.pretrained", f"--from={origin}", str(tmp_path / name),
+       f"--out={tmp_path / ('out_' + name)}"], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for origin, name, _, _ in cases]
+  for proc, (origin, name, why, expected) in zip(procs, cases):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    assert lines[0].startswith(f"error: {tmp_path / name}: "), lines[0]
+    assert why in lines[0] and f"expected a {expected}" in lines[0], lines[0]
+    assert not (tmp_path / ("out_" + name)).exists()
 
 
 def test_keras_names_checked_and_notop_accepted():

@@ -1,10 +1,16 @@
 """Training: the sharded step equals the 1-device step, the main job resumes (also after a
-kill), non-finite losses stop the run, the loss goes down on the demo data, the step's loss
-is Eq. 14 by hand, and gradient accumulation is exact and counts optimizer steps."""
+kill, after a damaged checkpoint), one run holds a workdir, resumes check the config,
+non-finite states are never checkpointed, unusable splits fail before training, the loss goes
+down on the demo data, the step's loss is Eq. 14 by hand, and gradient accumulation is exact
+and counts optimizer steps."""
 
 import glob
+import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,12 +54,57 @@ def tiny_config(**overrides):
   return c
 
 
-def _main(workdir, *extra, env=None, **kw):
-  cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py",
-         f"--workdir={workdir}", *TINY, *extra]
-  full_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                  JAX_PLATFORMS="cpu", **(env or {}))
-  return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, **kw)
+def _cmd(workdir, *extra, config="configs/demo.py"):
+  return [sys.executable, "-m", "rma_jax.main", f"--config={config}", f"--workdir={workdir}",
+          *TINY, *extra]
+
+
+_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            JAX_PLATFORMS="cpu")
+
+
+def _main(workdir, *extra, config="configs/demo.py", **kw):
+  return subprocess.run(_cmd(workdir, *extra, config=config), cwd=ROOT, env=_ENV,
+                        capture_output=True, text=True, **kw)
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, "config_history.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _steps(workdir):
+  return checkpointing.latest_manager(workdir).all_steps()
+
+
+def _finite_everywhere(workdir, step):
+  """Every array (parameters and optimizer state) of latest/<step> is finite."""
+  manager = checkpointing.latest_manager(workdir)
+  restored = checkpointing.restore_replicated(manager, step)
+  return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored)
+             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+# Without gradient clipping (which scales an overflowing gradient to zero) a resume of the
+# finished run can blow up (test_nonfinite_state_is_never_checkpointed); every resume of it
+# passes the same flag (clipping on or off changes the optimizer state's structure).
+NO_CLIP = "--config.optim.grad_clip_norm=0"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """One 4-step run of the main job (checkpoints at steps 2 and 4, then the report); tests
+  copy it (``_copy``) and resume the copy."""
+  wd = str(tmp_path_factory.mktemp("finished") / "run")
+  result = _main(wd, "--config.max_steps=4", NO_CLIP, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return wd, result
+
+
+def _copy(finished_run, tmp_path):
+  wd = str(tmp_path / "run")
+  shutil.copytree(finished_run[0], wd)
+  return wd
 
 
 def test_sharded_step_equals_single_device_step():
@@ -133,29 +184,38 @@ def test_training_loop_with_the_anchor_schedule(tmp_path):
   assert train.train(config, str(tmp_path))["step"] == 2
 
 
-def test_main_job_resumes_and_writes_checkpoints_and_events(tmp_path):
-  wd = str(tmp_path / "run")
-  first = _main(wd, "--config.max_steps=4", timeout=600)
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert "Initialised from scratch" in first.stderr
-  assert checkpointing.latest_manager(wd).latest_step() == 4
+def test_main_job_resumes_and_writes_checkpoints_and_events(finished_run, tmp_path):
+  first = finished_run[1]
+  # The log says what the initialisation did: the demo's trunk is Dirac-initialised.
+  line = next(l for l in first.stderr.splitlines() if "Initialised from scratch" in l)
+  assert "Dirac" in line and "He/Xavier" not in line, line
+  wd = _copy(finished_run, tmp_path)
+  assert _steps(wd) == [2, 4]
   assert glob.glob(os.path.join(wd, "events.out.tfevents.*"))
   assert os.path.exists(os.path.join(wd, "report", "report.json"))
-  second = _main(wd, "--config.max_steps=8", timeout=600)
+  with open(os.path.join(wd, "config.json")) as f:
+    first_record = f.read()
+  second = _main(wd, "--config.max_steps=8", NO_CLIP, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resumed from" in second.stderr and "at step 4" in second.stderr
   assert "Initialised" not in second.stderr  # no re-initialisation
   assert checkpointing.latest_manager(wd).latest_step() == 8
+  # The first start's record is kept; each start is appended with what changed (max_steps
+  # is free to change).
+  with open(os.path.join(wd, "config.json")) as f:
+    assert f.read() == first_record and json.loads(first_record)["max_steps"] == 4
+  history = _history(wd)
+  assert [h["resumed_from_step"] for h in history] == [None, 4]
+  assert history[1]["changed"] == {"max_steps": [4, 8]}
+  assert history[1]["config"]["max_steps"] == 8
 
 
 def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
+  """Killed at any moment (its lock is stale then), the run resumes; a resume with another
+  learning rate is refused and leaves the record as it was."""
   wd = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py", f"--workdir={wd}",
-         *TINY, "--config.max_steps=400"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(_cmd(wd, "--config.max_steps=400"), cwd=ROOT, env=_ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt = os.path.join(wd, "checkpoints", "latest")
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -167,29 +227,218 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
   proc.wait()
   killed_at = checkpointing.latest_manager(wd).latest_step()
   assert killed_at is not None and killed_at < 400
+  with open(os.path.join(wd, "run.lock")) as f:
+    assert json.load(f)["pid"] == proc.pid  # the dead run's lock file is still there
+  with open(os.path.join(wd, "config.json")) as f:
+    first_record = f.read()
+  changed = _main(wd, "--config.max_steps=%d" % (killed_at + 6),
+                  "--config.optim.learning_rate=0.01", timeout=600)
+  assert changed.returncode != 0
+  assert "optim.learning_rate (0.0003 -> 0.01)" in changed.stderr
+  assert "--config.allow_config_change=True" in changed.stderr
+  assert checkpointing.latest_manager(wd).latest_step() == killed_at  # nothing trained
+  with open(os.path.join(wd, "config.json")) as f:
+    assert f.read() == first_record
+  assert len(_history(wd)) == 1 and _history(wd)[0]["config"]["optim"]["learning_rate"] == 3e-4
   resumed = _main(wd, "--config.max_steps=%d" % (killed_at + 6), timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"at step {killed_at}" in resumed.stderr
   assert checkpointing.latest_manager(wd).latest_step() == killed_at + 6
+  assert [h["resumed_from_step"] for h in _history(wd)] == [None, killed_at]
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  wd = str(tmp_path / "nan")
-  result = _main(wd, "--config.max_steps=40", "--config.optim.learning_rate=1e30",
-                 "--config.optim.grad_clip_norm=0", timeout=600)
+def test_nonfinite_state_is_never_checkpointed(finished_run, tmp_path):
+  """A resume whose first step makes the optimizer state non-finite while its loss is still
+  finite (a huge loss weight: the squared gradients overflow in Adam's second moment): the
+  run stops before saving that state and names the newest checkpoint, which is finite."""
+  wd = _copy(finished_run, tmp_path)
+  result = _main(wd, "--config.max_steps=8", "--config.loss.gamma=1e30", NO_CLIP,
+                 "--config.checkpoint_every_steps=1", "--config.allow_config_change=True",
+                 timeout=600)
   assert result.returncode != 0
-  assert "non-finite loss at step" in result.stderr
-  manager = checkpointing.latest_manager(wd)
-  if manager.latest_step() is not None:  # whatever was saved is finite
-    params, _ = train.load_params(wd, checkpointing.LATEST)
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  assert "non-finite parameters or optimizer state after step 5" in result.stderr
+  latest_dir = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
+  assert f"the newest checkpoint, step 4 in {latest_dir}, holds finite values" in result.stderr
+  assert _steps(wd) == [2, 4]
+  assert all(_finite_everywhere(wd, step) for step in (2, 4))
+  # The allowed change is recorded with the start it belongs to.
+  last = _history(wd)[-1]
+  assert last["resumed_from_step"] == 4
+  assert last["changed"]["loss.gamma"] == [0.1, 1e30]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_restores(finished_run,
+                                                                           tmp_path):
+  wd = _copy(finished_run, tmp_path)
+  latest_dir = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
+  arrays = sorted(glob.glob(os.path.join(latest_dir, "4", "default", "ocdbt.process_0", "d",
+                                         "*")), key=os.path.getsize)
+  with open(arrays[-1], "r+b") as f:  # the largest array file of step 4, cut in half
+    f.truncate(os.path.getsize(arrays[-1]) // 2)
+  shutil.copytree(os.path.join(latest_dir, "2"), os.path.join(latest_dir, "3"))
+  os.remove(os.path.join(latest_dir, "3", "default", "_METADATA"))  # metadata missing
+  os.mkdir(os.path.join(latest_dir, "5"))  # an empty step folder
+  result = _main(wd, "--config.max_steps=6", NO_CLIP, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "at step 2" in result.stderr
+  unusable = os.path.join(wd, "checkpoints", "unusable")
+  for step, why in ((5, "metadata cannot be read"), (4, "arrays cannot be read"),
+                    (3, "_METADATA is missing")):
+    path = os.path.join(latest_dir, str(step))
+    warning = next(l for l in result.stderr.splitlines()
+                   if f"checkpoint {path} is unusable" in l and "moved to" in l)
+    assert why in warning and f"rm -r {unusable}/latest_{step}" in warning, warning
+  assert sorted(os.listdir(unusable)) == ["latest_3", "latest_4", "latest_5"]  # kept
+  assert _steps(wd) == [4, 6]
+  assert all(_finite_everywhere(wd, step) for step in (4, 6))
+
+
+def test_second_run_on_a_workdir_in_use_stops_at_once(tmp_path):
+  wd = str(tmp_path / "shared")
+  log = tmp_path / "first.log"
+  with open(log, "w") as f:
+    first = subprocess.Popen(_cmd(wd, "--config.max_steps=6"), cwd=ROOT, env=_ENV,
+                             stdout=subprocess.DEVNULL, stderr=f)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and not _steps_on_disk(wd):
+      assert first.poll() is None, log.read_text()[-3000:]
+      time.sleep(0.2)
+    first.send_signal(signal.SIGSTOP)  # the first run holds the workdir, frozen mid-run
+    assert first.poll() is None
+    try:
+      second = _main(wd, "--config.max_steps=10", timeout=300)
+    finally:
+      first.send_signal(signal.SIGCONT)
+    assert second.returncode != 0
+    assert f"workdir {os.path.abspath(wd)} is in use by another run" in second.stderr
+    assert f"host {socket.gethostname()}, pid {first.pid}" in second.stderr
+    first.wait(timeout=600)
+  finally:
+    first.kill()
+  assert first.returncode == 0, log.read_text()[-3000:]
+  # The first run's results are its own: its steps, its config, one recorded start.
+  assert _steps(wd) == [4, 6]
+  with open(os.path.join(wd, "config.json")) as f:
+    assert json.load(f)["max_steps"] == 6
+  assert [h["config"]["max_steps"] for h in _history(wd)] == [6]
+  with open(os.path.join(wd, "report", "report.json")) as f:
+    assert json.load(f)["results"]["step"] == 6
+
+
+def _steps_on_disk(workdir):
+  path = checkpointing.checkpoint_dir(workdir, checkpointing.LATEST)
+  return os.path.isdir(path) and [d for d in os.listdir(path) if d.isdigit()]
 
 
 def test_invalid_config_fails_before_compiling(tmp_path):
-  result = _main(str(tmp_path / "bad"), "--config.data.crop_size=64", timeout=120)
+  result = _main(str(tmp_path / "bad"), "--config.data.crop_size=64",
+                 "--config.checkpoint_every_steps=0", "--config.log_every_steps=0",
+                 "--config.optim.learning_rate=-0.001", "--config.stage1.learning_rate=inf",
+                 "--config.eval_every_epochs=0", "--config.max_to_keep=0",
+                 "--config.data.name=voc2007", "--config.data.source=local",
+                 "--config.data.val_fraction=0", timeout=120)
   assert result.returncode != 0
-  assert "must be smaller than data.image_size" in result.stderr
+  for message in ("must be smaller than data.image_size", "checkpoint_every_steps=0 must be",
+                  "log_every_steps=0 must be", "eval_every_epochs=0 must be > 0",
+                  "max_to_keep=0 must be", "optim.learning_rate=-0.001 must be a finite",
+                  "stage1.learning_rate=inf must be a finite",
+                  "data.val_fraction=0 without a data.val_split"):
+    assert message in result.stderr
   assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_unusable_splits_fail_before_training(tmp_path):
+  """An empty test split (it used to fail after all the training) and a validation split
+  smaller than one evaluation batch stop the run before anything is compiled or saved."""
+  wd = tmp_path / "splits"
+  result = _main(str(wd), "--config.data.demo.num_test=0", "--config.data.demo.num_val=4",
+                 "--config.max_steps=2", timeout=300)
+  assert result.returncode != 0
+  assert "the test split (demo:test) is empty" in result.stderr
+  assert "has 4 examples, fewer than one evaluation batch (eval.batch_size=8)" in result.stderr
+  assert "eval.allow_small_val=True" in result.stderr
+  assert "Training" not in result.stderr
+  assert not os.path.exists(wd / "checkpoints")
+
+
+def _voc_tree(root, splits):
+  """A VOCdevkit/VOC2007 folder: ``splits`` {name: (number of images, readable?)}; every
+  image holds a dog."""
+  from test_data_sources import _jpeg_bytes, _rgb, _write_voc_xml
+  for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+    os.makedirs(os.path.join(root, sub))
+  n = 0
+  for split, (count, readable) in splits.items():
+    ids = [f"{n + i:06d}" for i in range(count)]
+    n += count
+    for i, id_ in enumerate(ids):
+      _write_voc_xml(os.path.join(root, "Annotations", f"{id_}.xml"),
+                     [("dog", 0, (1, 2, 25, 20))])
+      data = _jpeg_bytes(_rgb(40, 50, seed=i)) if readable else b"not an image" * 10
+      with open(os.path.join(root, "JPEGImages", f"{id_}.jpg"), "wb") as f:
+        f.write(data)
+    with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+      f.write("\n".join(ids) + "\n")
+  return root
+
+
+def test_validation_pass_that_scores_no_image_stops_the_run(tmp_path):
+  """Every validation image unreadable: the validation loss used to be 0.00000, kept as the
+  best, and the run ended with a report and exit 0."""
+  root = _voc_tree(str(tmp_path / "VOCdevkit" / "VOC2007"),
+                   {"train": (16, True), "val": (8, False), "test": (8, True)})
+  wd = tmp_path / "run"
+  result = _main(str(wd), "--config.data.source=local", f"--config.data.data_dir={root}",
+                 "--config.data.train_split=train", "--config.data.val_split=val",
+                 "--config.eval_every_epochs=1", "--config.max_steps=4",
+                 config="configs/voc.py", timeout=600)
+  assert result.returncode != 0
+  assert "validation pass over voc2007:val: 0 of 8 images scored" in result.stderr
+  assert "8 unreadable images" in result.stderr
+  assert not checkpointing.has_steps(str(wd), checkpointing.BEST)
+  assert not os.path.exists(wd / "report")
+
+
+def test_evaluation_pass_that_scores_no_image_is_an_error(tmp_path):
+  from rma_jax import evaluate
+  from rma_jax.data import voc
+  root = _voc_tree(str(tmp_path / "VOC2007"), {"test": (3, False)})
+  source = voc.load_voc_split(root, "test")
+  fn = jax.jit(lambda variables, images: {"scores": jnp.zeros((images.shape[0], 20))})
+  with pytest.raises(ValueError, match="test: 0 of 3 images of .* could be scored"):
+    evaluate.score_source(fn, {}, source, image_size=48, batch_size=4, desc="test",
+                          mesh=train.make_mesh(jax.devices()[:1]))
+
+
+def test_initialisation_log_says_what_was_done():
+  notes = {init: train._initial_params(tiny_config(**{"model.trunk_init": init}), {})[1]
+           for init in ("he", "dirac")}
+  assert "trunk convs He normal;" in notes["he"] and "Dirac" not in notes["he"]
+  assert "trunk convs Dirac: identity" in notes["dirac"]
+
+
+def test_check_sources_by_case():
+  class Split:
+    def __init__(self, n, name):
+      self.n, self.name = n, name
+
+    def __len__(self):
+      return self.n
+
+  def sources(train_n, val_n, test_n):
+    return data_lib.Sources(Split(train_n, "tr"), Split(val_n, "va"), Split(test_n, "te"), ())
+
+  config = tiny_config()
+  train.check_sources(config, sources(64, 8, 1))  # exactly one eval batch: fine
+  for (n_train, n_val, n_test), needle in (((7, 8, 1), "fewer than one batch of 8"),
+                                           ((64, 0, 1), "(va) is empty"),
+                                           ((64, 7, 1), "eval.allow_small_val=True"),
+                                           ((64, 8, 0), "(te) is empty")):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+      train.check_sources(config, sources(n_train, n_val, n_test))
+  config.eval.allow_small_val = True
+  train.check_sources(config, sources(64, 1, 1))
 
 
 def test_baseline_learns_beyond_the_class_priors():
