@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from rma_jax import models, train
+from rma_jax import configs, models, train
 
 CASES = ("train", "single_view", "ten_view", "latency")
 RECORD_KEYS = (
@@ -195,7 +195,7 @@ def cost_flops(compiled: Any) -> float | None:
 
 
 def default_config_path() -> pathlib.Path:
-  return pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+  return pathlib.Path(configs.config_file("default"))  # shipped with the package
 
 
 def load_config(path: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
@@ -612,4 +612,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   FLAGS = _define_flags()
-  app.run(main)
+  app.run(main, argv=configs.resolve_config_path(sys.argv))  # configs/X.py from anywhere

@@ -52,6 +52,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -61,7 +62,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from configs import ablations
+from rma_jax import configs
+from rma_jax.configs import ablations
 
 PAPER_DATASETS = ("voc2007", "coco2014")
 METRIC_LABELS = {"mAP": "mAP", "CF1": "C-F1", "OF1": "O-F1",
@@ -920,4 +922,4 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   from absl import app as _app
   _define_flags()
-  _app.run(main)
+  _app.run(main, argv=configs.resolve_config_path(sys.argv))  # configs/X.py from anywhere

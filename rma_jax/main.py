@@ -14,6 +14,7 @@ connects the processes before anything else touches JAX.
 """
 
 import os
+import sys
 
 # TensorFlow is only used by the input pipeline and the TensorBoard writer: keep its C++
 # logging quiet and keep it off the accelerators JAX owns.
@@ -24,6 +25,8 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from rma_jax import configs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -103,4 +106,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, argv=configs.resolve_config_path(sys.argv))  # configs/X.py from anywhere

@@ -1,18 +1,20 @@
-"""Every config loads and validates; invalid values are clear errors before compilation;
-the README documents every field."""
+"""Every config loads and validates; configs ship with the package and load from any
+directory; invalid values are clear errors before compilation; the README documents every
+field."""
 
-import glob
 import importlib
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
 
-from rma_jax import train
+from rma_jax import configs, train
+from rma_jax.configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not os.path.basename(p).startswith("_"))
+CONFIGS = configs.NAMES
 
 
 def _flat_keys(d, prefix=""):
@@ -23,18 +25,66 @@ def _flat_keys(d, prefix=""):
       yield f"{prefix}{k}"
 
 
+def _module(name):
+  return importlib.import_module(f"rma_jax.configs.{name}")
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_validates(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = _module(name).get_config()
   assert isinstance(config, ml_collections.ConfigDict)
   train.validate_config(config, num_devices=1)
   assert set(_flat_keys(config.to_dict())) == set(
-      _flat_keys(importlib.import_module("configs.default").get_config().to_dict()))
+      _flat_keys(default.get_config().to_dict()))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_docstring_holds_the_command_that_runs_the_config(name):
+  doc = _module(name).__doc__
+  if name == "ablations":  # variants of a base config, run by rma_jax.experiments
+    assert "python -m rma_jax.experiments --config=configs/" in doc
+  else:
+    assert f"python -m rma_jax.main --config=configs/{name}.py " in doc
+
+
+def test_resolve_config_path(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  shipped = os.path.join(os.path.dirname(configs.__file__), "demo.py")
+  argv = ["prog", "--config=configs/demo.py:ARG", "--workdir=configs/demo.py"]
+  assert configs.resolve_config_path(argv) == [
+      "prog", f"--config={shipped}:ARG", "--workdir=configs/demo.py"]
+  assert argv[1] == "--config=configs/demo.py:ARG"  # a new list
+  assert configs.resolve_config_path(["p", "--config", "./configs/demo.py"]) == [
+      "p", "--config", shipped]
+  # Not a shipped config, or a path that exists here: left to ml_collections as given.
+  for value in ("configs/mine.py", "other/demo.py", "/abs/configs/demo.py"):
+    assert configs.resolve_config_path(["p", f"--config={value}"]) == ["p", f"--config={value}"]
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "demo.py").write_text("def get_config(arg=None): return {}\n")
+  assert configs.resolve_config_path(["p", "--config=configs/demo.py"])[1] == (
+      "--config=configs/demo.py")
+  with pytest.raises(ValueError, match="no shipped config 'mine'"):
+    configs.config_file("mine")
+
+
+def test_cli_loads_configs_from_any_directory(tmp_path):
+  """``--config=configs/demo.py`` outside the repository root used to fail (no such file; an
+  absolute path then failed on ``from configs import default``)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  # An invalid override stops the run in validate_config, right after the config loaded.
+  result = subprocess.run(
+      [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path / 'run'}", "--config.data.crop_size=112"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "data.crop_size=112 must be smaller than data.image_size=112" in result.stderr, (
+      result.stderr[-3000:])
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_paper_settings_in_voc_and_coco():
   for name in ("voc", "coco"):
-    c = importlib.import_module(f"configs.{name}").get_config()
+    c = _module(name).get_config()
     assert (c.data.image_size, c.data.crop_size, c.optim.batch_size) == (512, 448, 16)
     assert (c.optim.learning_rate, tuple(c.optim.decay_epochs), c.optim.num_epochs) == (
         1e-5, (30,), 45)
@@ -56,7 +106,7 @@ def test_paper_settings_in_voc_and_coco():
     ("data.val_fraction", 1.0, r"val_fraction=1.0 must be in \[0, 1\)"),
 ])
 def test_invalid_values_are_clear_errors(field, value, message):
-  config = importlib.import_module("configs.voc").get_config()
+  config = _module("voc").get_config()
   group, key = field.split(".")
   config[group][key] = value
   with pytest.raises(ValueError, match=message):
@@ -66,6 +116,6 @@ def test_invalid_values_are_clear_errors(field, value, message):
 def test_readme_documents_every_field():
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
-  config = importlib.import_module("configs.default").get_config()
+  config = default.get_config()
   missing = [k for k in _flat_keys(config.to_dict()) if f"`{k}`" not in readme]
   assert not missing, f"README's config table lacks {missing}"

@@ -294,7 +294,7 @@ def test_coco_missing_paths(coco_root, tmp_path):
 # ------------------------------------------------------------------------------ get_sources
 
 def _data_config(**kw):
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from rma_jax.configs import default  # pylint: disable=g-import-not-at-top
   c = default.get_config().data
   c.max_skip_fraction = 1.0  # the trees above hold bad files on purpose
   c.update(kw)

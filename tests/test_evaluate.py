@@ -241,7 +241,7 @@ def test_svm_head_survives_a_class_without_positives():
 
 
 def demo_config(workdir_scales=(64, 80), svm=True):
-  from configs import default
+  from rma_jax.configs import default
   config = default.get_config()
   config.data.name = config.data.source = "demo"
   config.data.demo.num_train, config.data.demo.num_val, config.data.demo.num_test = 8, 8, 12

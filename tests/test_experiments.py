@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 
-from configs import ablations, demo
+from rma_jax.configs import ablations, demo
 from rma_jax import experiments, models, report, train
 
 

@@ -174,7 +174,7 @@ def test_fixed_region_thetas_use_anchors():
 def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   """model.region_init='anchors': with W_zm = 0 the initial regions are exactly the
   fixed-regions layout (centre box, then the anchors), at the sizes of b_m."""
-  from configs import default
+  from rma_jax.configs import default
   from rma_jax import train
   images = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
   offsets = models.anchor_step_offsets(5)

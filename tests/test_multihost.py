@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+from rma_jax.configs import demo
 from rma_jax import checkpointing, train
 
 pytestmark = pytest.mark.slow  # three JAX processes start and compile: ~1-2 min

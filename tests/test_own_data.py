@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import default
+from rma_jax.configs import default
 from rma_jax import predict
 from rma_jax.data import DataError, classes, coco, get_sources, imagelist, voc
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from rma_jax.configs import default
 from rma_jax import models, train
 
 SMALL = dict(num_classes=10, num_regions=3, sample_size=3, width=8, x_dim=64, hidden_dim=64,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rma_jax import report
-from configs import default as default_config
+from rma_jax.configs import default as default_config
 
 _PAPER_TXT = "/work/shared/paper.txt"
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import demo
+from rma_jax.configs import demo
 from rma_jax import checkpointing, losses, train
 from rma_jax import data as data_lib
 

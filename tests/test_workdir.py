@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax.training import train_state
 
-from configs import default
+from rma_jax.configs import default
 from rma_jax import checkpointing
 from rma_jax import workdir as workdir_lib
 

@@ -3,7 +3,7 @@ r"""COCO 2014 at N = 640 (crop 576).
     python -m rma_jax.main --config=configs/coco_640.py --workdir=runs/coco640
 """
 
-from configs import coco
+from rma_jax.configs import coco
 
 
 def get_config():

@@ -11,7 +11,7 @@ VGG-16; this config then starts from it with ``--config.init.from_checkpoint=run
 or runs both stages in one command with ``--config.stage1.num_epochs=20``.
 """
 
-from configs import default
+from rma_jax.configs import default
 
 
 def get_config():

@@ -7,7 +7,7 @@ head, SPEC §1.6) fine-tuned from ImageNet weights with the paper's loss.
         --config.init.pretrained=weights/vgg16_keras
 """
 
-from configs import voc
+from rma_jax.configs import voc
 
 
 def get_config():

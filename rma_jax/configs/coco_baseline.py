@@ -4,7 +4,7 @@ r"""Stage 1 on COCO 2014: the VGG-16 baseline fine-tuned from ImageNet weights.
         --config.init.pretrained=weights/vgg16_keras
 """
 
-from configs import coco
+from rma_jax.configs import coco
 
 
 def get_config():

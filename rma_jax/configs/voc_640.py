@@ -10,7 +10,7 @@ Two-scale fusion as in the paper (§5.1, Table 6), with the N = 512 run of confi
 (``--config.eval.scales='(512, 640)'`` instead evaluates one checkpoint at both sizes.)
 """
 
-from configs import voc
+from rma_jax.configs import voc
 
 
 def get_config():

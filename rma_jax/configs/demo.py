@@ -8,7 +8,7 @@ validation loss) is evaluated on the test split and WORKDIR/report/report.md is 
 A width/8 trunk on 96 px crops gives a 6x6 conv5_3 map. See README "Demo" for what was tried.
 """
 
-from configs import default
+from rma_jax.configs import default
 
 
 def get_config():

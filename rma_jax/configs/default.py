@@ -1,4 +1,6 @@
-"""Defaults shared by every config: the paper's settings (SPEC §2–4) on PASCAL VOC 2007.
+r"""Defaults shared by every config: the paper's settings (SPEC §2–4) on PASCAL VOC 2007.
+
+    python -m rma_jax.main --config=configs/default.py --workdir=runs/voc512
 
 Other configs import ``get_config`` from here and override a few fields. Any field can be set
 on the command line, e.g. ``--config.optim.learning_rate=3e-5``.

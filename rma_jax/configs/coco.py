@@ -9,7 +9,7 @@ COCO tree (``--config.data.source=local --config.data.data_dir=PATH`` holding
 ``annotations/instances_{train,val}2014.json`` and ``train2014/``, ``val2014/``).
 """
 
-from configs import default
+from rma_jax.configs import default
 
 
 def get_config():

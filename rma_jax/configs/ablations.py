@@ -51,6 +51,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from rma_jax.configs import demo
+
 # --------------------------------------------------------------------------- training runs
 
 _CONSTRAINTS = {  # name -> (use_anchor, use_scale, use_positive)
@@ -391,5 +393,4 @@ def variant_config(base: ml_collections.ConfigDict, name: str, *, stage1_dir: st
 
 def get_config() -> ml_collections.ConfigDict:
   """The demo config (so that ``--config=configs/ablations.py`` also works)."""
-  from configs import demo
   return demo.get_config()
