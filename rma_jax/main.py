@@ -8,6 +8,11 @@ r"""The main job: train, evaluate, or predict with a config.
     python -m rma_jax.main --mode=fuse --fuse_workdirs=runs/voc512,runs/voc640 \
         --workdir=runs/fused    # the paper's two-model fusion (rma_jax.fuse); no --config
 
+Modes (--mode): train (both stages of the recipe, then the evaluation and the report; resumes
+from WORKDIR), evaluate (the report of a trained WORKDIR), predict (label images and draw
+their regions), fuse (average evaluated runs). Every config field can be set with
+--config.FIELD=VALUE. Library INFO lines (Orbax, clu, JAX) are shown with --verbosity=1.
+
 Multi-host: start the same command on every host. With --coordinator_address (and
 --num_processes, --process_id) or on Cloud TPU / SLURM, ``jax.distributed.initialize()``
 connects the processes before anything else touches JAX.
@@ -16,19 +21,25 @@ connects the processes before anything else touches JAX.
 import os
 
 # TensorFlow is only used by the input pipeline and the TensorBoard writer: keep its C++
-# logging quiet and keep it off the accelerators JAX owns.
+# logging quiet and keep it off the accelerators JAX owns. Its oneDNN CPU kernels (which
+# announce themselves on stderr) compute nothing of ours.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from absl import app
+from absl import app  # (after the environment above: TensorFlow reads it when imported)
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from rma_jax import config_checks, console, evaluate, fuse, predict, run
+
+MODES = ("train", "evaluate", "predict", "fuse")
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "fuse"], "What to do.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do (see the modes above).")
 flags.DEFINE_list("inputs", [], "predict: image files and/or folders.")
 flags.DEFINE_string("out", "", "predict: output folder (default WORKDIR/predictions).")
 flags.DEFINE_list("fuse_workdirs", [], "fuse: evaluated workdirs whose headline scores are "
@@ -59,23 +70,15 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()  # auto-detected cluster (SLURM, Cloud TPU, env vars)
 
 
-class _DropLibraryChatter:
-  """Keeps Orbax's per-save INFO lines out of the console; warnings still show."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  console.quiet_library_logs()
   _maybe_initialize_distributed()
   _hide_accelerators_from_tf()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   if FLAGS.mode == "fuse":
-    from rma_jax import fuse  # pylint: disable=g-import-not-at-top
     if len(FLAGS.fuse_workdirs) < 2:
       raise app.UsageError("--mode=fuse needs --fuse_workdirs=WORKDIR1,WORKDIR2[,...]")
     fuse.fuse_workdirs(FLAGS.fuse_workdirs, FLAGS.workdir)
@@ -83,15 +86,13 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config=CONFIG_FILE")
-  from rma_jax import train  # pylint: disable=g-import-not-at-top
-  train.validate_config(config)
   if FLAGS.mode == "train":
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "evaluate":
-    from rma_jax import evaluate  # pylint: disable=g-import-not-at-top
+    run.train_and_evaluate(config, FLAGS.workdir)  # checks the config first
+    return
+  config_checks.validate_config(config)
+  if FLAGS.mode == "evaluate":
     evaluate.evaluate_and_report(config, FLAGS.workdir)
   else:
-    from rma_jax import predict  # pylint: disable=g-import-not-at-top
     if not FLAGS.inputs:
       raise app.UsageError("--mode=predict needs --inputs=FILE_OR_FOLDER[,...]")
     out = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")

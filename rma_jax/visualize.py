@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rma_jax import ops
+
 # Distinct, colour-blind-friendly colours (Okabe-Ito), then a few more for K > 8.
 REGION_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
                   (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255),
@@ -35,14 +37,9 @@ def theta_to_pixel_boxes(theta: Any, width: int, height: int) -> np.ndarray:
   Returns:
     (..., 4) float64 boxes in pixels, ``0 <= x0 <= x1 <= width``, ``0 <= y0 <= y1 <= height``.
   """
-  th = np.asarray(theta, np.float64)
-  sx, sy, tx, ty = (th[..., i] for i in range(4))
-  ax, ay = np.abs(sx), np.abs(sy)
-  x0 = np.clip((tx - ax + 1.0) / 2.0 * width, 0.0, width)
-  x1 = np.clip((tx + ax + 1.0) / 2.0 * width, 0.0, width)
-  y0 = np.clip((ty - ay + 1.0) / 2.0 * height, 0.0, height)
-  y1 = np.clip((ty + ay + 1.0) / 2.0 * height, 0.0, height)
-  return np.stack([x0, y0, x1, y1], axis=-1)
+  size = np.asarray([width, height, width, height], np.float64)
+  boxes = ops.theta_to_boxes(np.asarray(theta, np.float64))  # in [-1, 1]
+  return np.clip((boxes + 1.0) / 2.0 * size, 0.0, size)
 
 
 def draw_regions(image_uint8: Any, boxes_px: Any, labels: Sequence[str], *,

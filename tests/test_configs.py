@@ -8,7 +8,7 @@ import os
 import ml_collections
 import pytest
 
-from rma_jax import train
+from rma_jax import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -27,7 +27,7 @@ def _flat_keys(d, prefix=""):
 def test_config_loads_and_validates(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   assert isinstance(config, ml_collections.ConfigDict)
-  train.validate_config(config, num_devices=1)
+  config_checks.validate_config(config, num_devices=1)
   assert set(_flat_keys(config.to_dict())) == set(
       _flat_keys(importlib.import_module("configs.default").get_config().to_dict()))
 
@@ -60,7 +60,7 @@ def test_invalid_values_are_clear_errors(field, value, message):
   group, key = field.split(".")
   config[group][key] = value
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config, num_devices=4)
+    config_checks.validate_config(config, num_devices=4)
 
 
 def test_readme_documents_every_field():
@@ -69,3 +69,4 @@ def test_readme_documents_every_field():
   config = importlib.import_module("configs.default").get_config()
   missing = [k for k in _flat_keys(config.to_dict()) if f"`{k}`" not in readme]
   assert not missing, f"README's config table lacks {missing}"
+

@@ -14,7 +14,7 @@ import optax
 import pytest
 from PIL import Image, ImageFile
 
-from rma_jax import checkpointing, predict, train, visualize
+from rma_jax import build, checkpointing, predict, steps, visualize
 from rma_jax.data import preprocess
 from test_evaluate import K, demo_config, fast_params
 
@@ -68,10 +68,10 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
   config = demo_config()
   config.data.max_pixels = 250 * 250  # big.png (300 x 300) is over it
   config.eval.batch_size = 4  # 5 readable images: two batches, the second padded
-  model = train.build_model(config)
+  model = build.build_model(config)
   params = fast_params(model)["params"]
   wd = str(tmp_path / "run")
-  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
   manager = checkpointing.latest_manager(wd)
   checkpointing.save(manager, 3, state)
   manager.wait_until_finished()
@@ -152,8 +152,8 @@ def test_predict_cli_skips_pipes_and_says_what_it_ignored(tmp_path):
   was written); ignored files, a missing path and an empty folder went unmentioned."""
   from test_train import ROOT, TINY, _ENV, tiny_config
   config = tiny_config()
-  model = train.build_model(config)
-  state = train.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
+  model = build.build_model(config)
+  state = steps.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
                                   tx=optax.adam(1e-3))
   wd = str(tmp_path / "run")
   manager = checkpointing.latest_manager(wd)
