@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -157,10 +157,13 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
 
   if headline is not None:
     lines += ["## All protocols, %", ""]
-    rows = [[name + (" (headline)" if name == headline else ""), pct(p.get("mAP")),
-             pct(p.get("mAP_all")), *(pct(p.get(k)) for k in ("CF1", "OF1"))]
-            for name, p in results["protocols"].items()]
-    lines += _table(["Protocol", f"mAP ({ap_mode})", "mAP (all-point)", "C-F1", "O-F1"], rows)
+    # mAP in the report's AP variant, and all-point mAP beside it unless that is the same.
+    keys = ("mAP",) + (() if ap_mode == "all" else ("mAP_all",)) + ("CF1", "OF1")
+    headers = {"mAP": f"mAP ({ap_mode})", "mAP_all": "mAP (all-point)", "CF1": "C-F1",
+               "OF1": "O-F1"}
+    rows = [[name + (" (headline)" if name == headline else ""),
+             *(pct(p.get(k)) for k in keys)] for name, p in results["protocols"].items()]
+    lines += _table(["Protocol", *(headers[k] for k in keys)], rows)
     lines.append("")
     extra = _extra_lines(results, ("protocols", "headline", "class_names", "pointing"))
   else:
@@ -230,15 +233,18 @@ def to_jsonable(value: Any, *, strict: bool = True) -> Any:
 
 
 def write_atomic(path: str, text: str) -> None:
-  """Writes to a temporary file in the same folder, then renames it over ``path``."""
+  """Writes ``text`` to ``path`` through a temporary file in the same folder renamed over it,
+  so readers see the old file or the new one. The file gets the usual permissions (0666
+  less the umask), like any file the user writes."""
   folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
   try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
+    os.replace(tmp, path)  # atomic on POSIX
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -210,3 +210,35 @@ def test_markdown_report_pointing_section():
   assert "| the model's regions | 100.0 | 25.0 | – |" in md  # per class
   assert "pointing." not in md  # not repeated among the other measurements
 
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_report_files_honour_the_umask(tmp_path, umask):
+  """report.json and report.md are ordinary files: 0666 less the umask (they were 0600)."""
+  old = os.umask(umask)
+  try:
+    paths = report.write_report(_voc_results(), str(tmp_path), class_names=data_classes.VOC_CLASSES,
+                                dataset_name="voc2007", card=report.metric_card(dataset="voc2007"))
+  finally:
+    os.umask(old)
+  for path in paths:
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_all_protocols_table_has_one_map_column_per_ap_variant():
+  """With ap_mode 'all' the report's AP is the all-point AP: one mAP column, not two equal
+  ones; with 'voc07' the all-point mAP stands beside it."""
+  from rma_jax import metrics
+  rng = np.random.default_rng(0)
+  scores, labels = rng.normal(size=(20, 3)), np.eye(3)[rng.integers(0, 3, 20)]
+  acc = metrics.MultiLabelMetrics.empty().update(scores=scores, labels=labels)
+  for ap_mode, header in (("all", "| Protocol | mAP (all) | C-F1 | O-F1 |"),
+                          ("voc07", "| Protocol | mAP (voc07) | mAP (all-point) | C-F1 | O-F1 |")):
+    m = acc.compute(ap_mode=ap_mode)
+    results = {"protocols": {"single_view@96": m}, "headline": "single_view@96"}
+    md = report.markdown_report(results, ["a", "b", "c"], "demo",
+                                report.metric_card(dataset="demo", ap_mode=ap_mode))
+    table = md.split("## All protocols, %\n\n")[1].split("\n\n")[0].splitlines()
+    assert table[0] == header, ap_mode
+    cells = [f"{100 * m[k]:.1f}" for k in ("mAP",) + (() if ap_mode == "all" else ("mAP_all",))
+             + ("CF1", "OF1")]
+    assert table[2] == "| single_view@96 (headline) | " + " | ".join(cells) + " |"
