@@ -7,11 +7,13 @@ r"""The main job: train, evaluate, or predict with a config.
         --inputs=photos/ --out=predictions/
     python -m rma_jax.main --mode=fuse --fuse_workdirs=runs/voc512,runs/voc640 \
         --workdir=runs/fused    # the paper's two-model fusion (rma_jax.fuse); no --config
+    python -m rma_jax.main --config=configs/voc.py --mode=show_config   # the config a run uses
 
 Modes (--mode): train (both stages of the recipe, then the evaluation and the report; resumes
 from WORKDIR), evaluate (the report of a trained WORKDIR), predict (label images and draw
-their regions), fuse (average evaluated runs). Every config field can be set with
---config.FIELD=VALUE. Library INFO lines (Orbax, clu, JAX) are shown with --verbosity=1.
+their regions), fuse (average evaluated runs), show_config (print the config and stop).
+Every config field can be set with --config.FIELD=VALUE; --help lists them with their
+defaults. Library INFO lines (Orbax, clu, JAX) are shown with --verbosity=1.
 
 Multi-host: start the same command on every host. With --coordinator_address (and
 --num_processes, --process_id) or on Cloud TPU / SLURM, ``jax.distributed.initialize()``
@@ -26,15 +28,21 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from absl import app  # (after the environment above: TensorFlow reads it when imported)
+import importlib.util  # (after the environment above: TensorFlow reads it when imported)
+import pathlib
+import sys
+
+from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from rma_jax import config_checks, console, evaluate, fuse, predict, run
+from rma_jax import workdir as workdir_lib
 
-MODES = ("train", "evaluate", "predict", "fuse")
+MODES = ("train", "evaluate", "predict", "fuse", "show_config")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -49,7 +57,9 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() with "
                   "auto-detection (Cloud TPU VMs, SLURM, JAX_COORDINATOR_ADDRESS).")
-flags.mark_flags_as_required(["workdir"])  # --config too, except for --mode=fuse
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h", "--helpfull", "-helpfull")
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -74,6 +84,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   console.quiet_library_logs()
+  if FLAGS.mode == "show_config":
+    if FLAGS.config is None:
+      raise app.UsageError("--mode=show_config needs --config=CONFIG_FILE")
+    print(FLAGS.config)
+    return
+  if FLAGS.workdir is None:
+    raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir=DIR")
   _maybe_initialize_distributed()
   _hide_accelerators_from_tf()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
@@ -102,6 +119,48 @@ def main(argv):
                        f"inputs and why are in {os.path.join(out, 'predictions.json')}")
 
 
+# ----------------------------------------------------------------------------- --help
+
+
+def _config_file(argv: list[str]) -> pathlib.Path:
+  """The --config file named in ``argv`` (without its ':override' part), else the defaults."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return pathlib.Path(arg.split("=", 1)[1].split(":", 1)[0])
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return pathlib.Path(argv[i + 1].split(":", 1)[0])
+  return DEFAULT_CONFIG
+
+
+def config_fields(path: pathlib.Path) -> list[str]:
+  """``--config.FIELD=DEFAULT`` for every field of the config file ``path``."""
+  sys.path.insert(0, str(path.resolve().parent.parent))  # `from configs import default`
+  spec = importlib.util.spec_from_file_location(f"_help_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config: ml_collections.ConfigDict = module.get_config()
+  return [f"  --config.{k}={v!r}" for k, v in workdir_lib.flatten(config.to_dict()).items()]
+
+
+def print_help(argv: list[str]) -> None:
+  """The docstring, this module's flags (all flags for --helpfull) and the config fields."""
+  app.usage(shorthelp=not any(a in ("--helpfull", "-helpfull") for a in argv),
+            writeto_stdout=True)
+  path = _config_file(argv)
+  print()
+  print(f"config fields of {path} (set with --config.FIELD=VALUE; print a whole config "
+        "with --mode=show_config):")
+  try:
+    print("\n".join(config_fields(path)))
+  except Exception as e:  # pylint: disable=broad-except  # a broken file must not hide help
+    print(f"  (cannot read {path}: {type(e).__name__}: {e})")
+  print("\nLibrary INFO lines (Orbax, clu, JAX): --verbosity=1. All absl and JAX flags: "
+        "--helpfull.")
+
+
 if __name__ == "__main__":
+  if any(arg in _HELP for arg in sys.argv[1:]):
+    print_help(sys.argv[1:])
+    sys.exit(0)
   jax.config.config_with_absl()
   app.run(main)
