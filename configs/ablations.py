@@ -39,9 +39,10 @@ Runs come in three kinds (``run_kind``): the seed's stage-1 baseline itself (``S
 stage-2 runs, initialised from the seed's stage 1 (``RUNS``, all but the two below); and the
 equal-budget baselines (``BUDGET_RUNS``), which do not use stage 1: they start from the same
 initialisation as stage 1 (same seed, same ``init``) and train with the stage-1 recipe
-(``rma_jax.run.stage1_config``: ``stage1.learning_rate``, constant or cosine schedule) for
+(``rma_jax.run.stage1_config``: the base's Adam recipe with ``stage1.learning_rate``) for
 ``stage1.num_epochs + optim.num_epochs`` epochs in one go. The schedule stretches over the
-longer run: a constant rate stays constant (the demo), a cosine decays over all the epochs.
+longer run: a constant rate stays constant (the demo), a step decay comes at the same
+fraction of the run.
 """
 
 from __future__ import annotations
