@@ -79,7 +79,6 @@ class _Stage:
   name: str
   config: ml_collections.ConfigDict
   plan: optimizer.StepPlan | None = None  # once the training split's size is known
-  start_step: int = 0
   step: int = 0
   train_seconds: float = 0.0  # measured steps only (after the first of a start)
   timed_steps: int = 0
@@ -121,7 +120,7 @@ class JobClock:
     for later in self._stages[self._index + 1:]:
       later.plan = optimizer.StepPlan.from_config(later.config, num_train)
     stage = self.stage
-    stage.plan, stage.start_step, stage.step = plan, start_step, start_step
+    stage.plan, stage.step = plan, start_step
     self._mark = None
 
   def step_done(self, step: int) -> None:
@@ -164,8 +163,8 @@ class JobClock:
     step, _ = self._step_seconds(index)
     if step is None or stage.plan is None:
       return None, False
-    batches = self._num_val / max(1, stage.config.optim.batch_size)
-    return batches * step * _FORWARD_SHARE, False
+    in_train_batches = self._num_val / max(1, stage.config.optim.batch_size)
+    return in_train_batches * step * _FORWARD_SHARE, False
 
   def _stage_left(self, index: int) -> tuple[float | None, bool]:
     stage = self._stages[index]
@@ -195,7 +194,8 @@ class JobClock:
     return self._stage_left(self._index)[0]
 
   def job_eta(self) -> tuple[float | None, bool]:
-    """(seconds left in the whole job, whether that is a lower bound)."""
+    """(seconds left in the whole job, whether a part of it is borrowed from elsewhere or
+    bounded from below; the line then says '>=')."""
     total, exact = 0.0, True
     for i in range(self._index, len(self._stages)):
       left, known = self._stage_left(i)
@@ -215,8 +215,8 @@ class JobClock:
     total = stage.plan.total_steps
     parts = [f"step {stage.step}/{total} ({100 * stage.step / max(1, total):.0f}%): "
              f"loss {loss:.4f}"]
-    if stage.timed_steps:
-      parts.append(f"{stage.timed_steps / stage.train_seconds:.1f} steps/s")
+    if self.steps_per_second() is not None:
+      parts.append(f"{self.steps_per_second():.1f} steps/s")
     eta = self.stage_eta()
     if eta is not None:
       parts.append(f"ETA {duration(eta)}")

@@ -87,7 +87,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # One run per workdir, for the whole job (both stages and the report).
   with workdir_lib.hold(workdir):
     for name, stage_config, stage_dir in plan:
-      logging.info("%s in %s", name, stage_dir)
+      if len(plan) > 1:  # a single stage starts with the loop's "Training N steps" line
+        logging.info("%s in %s", name, stage_dir)
       summary = train.train_stage(stage_config, stage_dir, clock)
     # The test split is touched only here, after training.
     summary["test"] = evaluate.evaluate_and_report(final, workdir)
