@@ -192,7 +192,7 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
   """The full RMA train step (rma_jax.train) per conv impl and PyTorch's, interleaved."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rma_jax import bench, conv, train  # pylint: disable=g-import-not-at-top
+  from rma_jax import bench, build, conv, optimizer, steps  # pylint: disable=g-import-not-at-top
 
   swapped = {}
 
@@ -215,20 +215,20 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
   settings = bench.BenchSettings(image_size=size + 64, crop_size=size, batch=batch,
                                  dtype=dtype, torch=use_torch)
   config = bench.bench_config(settings)
-  model = train.build_model(config, settings.num_classes)
-  loss_cfg = train.LossConfig.from_config(config)
+  model = build.build_model(config, settings.num_classes)
+  loss_cfg = steps.LossConfig.from_config(config)
   mesh = bench.mesh_for_batch(batch)
-  tx = train.make_optimizer(config.optim, train.learning_rate_schedule(
+  tx = optimizer.make_optimizer(config.optim, optimizer.learning_rate_schedule(
       config.optim.learning_rate, config.optim, 100, 1000))
   host_batch = bench._random_batch(np.random.default_rng(0), batch, size,  # pylint: disable=protected-access
                                    settings.num_classes)
   data = jax.device_put(host_batch, NamedSharding(mesh, P("data")))
   calls, compile_s, states = {}, {}, {}
   for impl in impls:
-    state = train.create_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
+    state = steps.create_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
     t = time.perf_counter()
     with swap_convs(impl):  # the interception happens while tracing
-      step = train.jit_train_step(loss_cfg, mesh).lower(state, data).compile()
+      step = steps.jit_train_step(loss_cfg, mesh).lower(state, data).compile()
     compile_s[impl] = time.perf_counter() - t
     states[impl] = state
 

@@ -4,7 +4,7 @@ r"""One prepared run for a lent GPU (e.g. an H200): correctness, speed and MFU i
     python launch/gpu_check.py --smoke      # anywhere, seconds: tiny model on the default device
 
 Needs only JAX, Flax, Optax and NumPy (plus this repository): no TensorFlow, no TFDS, no
-downloads; it imports ``rma_jax.models/ops/losses/train/evaluate``, which are TF-free.
+downloads; it imports ``rma_jax.models/ops/losses/steps/views``, which are TF-free.
 
 1. Correctness: the full model (real VGG-16 width, 448 crops, batch 2) in float32 and in
    bfloat16 on the accelerator against a float32 reference on the host CPU
@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rma_jax import evaluate, models, train  # noqa: E402
+from rma_jax import build, models, optimizer, parallel, steps, views  # noqa: E402
 
 H200_BF16_DENSE_FLOPS = 989e12
 START = time.perf_counter()
@@ -108,7 +108,7 @@ def correctness(args, dims, device) -> list[dict]:
   ref_model = models.RMA(num_classes=20, width=args.width, **dims)
   with jax.default_device(cpu):
     params = jax.jit(ref_model.init)(jax.random.key(0), jnp.zeros((1, crop, crop, 3)))["params"]
-  loss_cfg = train.LossConfig()
+  loss_cfg = steps.LossConfig()
 
   def forward(dtype):
     model = models.RMA(num_classes=20, width=args.width, dtype=dtype, **dims)
@@ -141,18 +141,18 @@ def correctness(args, dims, device) -> list[dict]:
 
 def train_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dict:
   config = make_config(args.width, dims, dtype, crop, image, batch)
-  model = train.build_model(config, 20)
-  mesh = train.make_mesh()
-  tx = train.make_optimizer(config.optim, train.learning_rate_schedule(
+  model = build.build_model(config, 20)
+  mesh = parallel.make_mesh()
+  tx = optimizer.make_optimizer(config.optim, optimizer.learning_rate_schedule(
       1e-5, config.optim, 100, 1000))
-  state = train.create_train_state(model, tx, jax.random.key(0), (crop, crop, 3), mesh)
+  state = steps.create_train_state(model, tx, jax.random.key(0), (crop, crop, 3), mesh)
   rng = np.random.default_rng(0)
   labels = (rng.random((batch, 20)) < 0.2).astype(np.float32)
   labels[:, 0] = 1
   batch_data = jax.device_put(
       {"image": rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8), "labels": labels,
        "mask": np.ones((batch,), np.float32)}, NamedSharding(mesh, P("data")))
-  step = train.jit_train_step(train.LossConfig(), mesh)
+  step = steps.jit_train_step(steps.LossConfig(), mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch_data).compile()
   compile_s = time.perf_counter() - t0
@@ -173,11 +173,11 @@ def train_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dic
 
 def ten_view_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dict:
   config = make_config(args.width, dims, dtype, crop, image, batch)
-  model = train.build_model(config, 20)
+  model = build.build_model(config, 20)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, crop, crop, 3)))["params"]
   images = jax.device_put(np.random.default_rng(0).integers(
       0, 256, (batch, image, image, 3), dtype=np.uint8))
-  fn = jax.jit(lambda v, x: evaluate.ten_view_scores(
+  fn = jax.jit(lambda v, x: views.ten_view_scores(
       model, v, x, crop_size=crop, pixel_convention="caffe")["scores"])
   t0 = time.perf_counter()
   compiled = fn.lower({"params": params}, images).compile()

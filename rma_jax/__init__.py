@@ -1,8 +1,11 @@
 """rma_jax: recurrent memorized attention for multi-label image recognition, in JAX/Flax.
 
 Reimplementation of Wang et al., "Multi-label Image Recognition by Recurrently Discovering
-Attentional Regions", ICCV 2017. Submodules: ``models``, ``ops``, ``losses``, ``metrics``,
-``train``, ``evaluate``; the input pipeline lives in ``rma_jax.data``.
+Attentional Regions", ICCV 2017. The paper's core: ``models``, ``ops`` (the sampler),
+``losses``, ``metrics`` and ``regions``; training: ``steps`` (the jitted step),
+``optimizer``, ``train`` (the loop), ``run`` (the two-stage job); evaluation: ``views``,
+``evaluate``, ``report``; the input pipeline lives in ``rma_jax.data``. docs/architecture.md
+maps every module.
 """
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ r"""Speed benchmarks of the model, with an independent PyTorch implementation si
 For one model configuration it measures, each as one JSON line on stdout (and a Markdown
 table at the end):
 
-* ``train``: the jitted, donated train step of :mod:`rma_jax.train` on a (crop x crop) uint8
+* ``train``: the jitted, donated train step of :mod:`rma_jax.steps` on a (crop x crop) uint8
   batch that already lives on the devices: images/s, compile time, the number of compilations
   after the first call (must be 0: no retracing between steps), FLOPs per image from XLA's
   cost analysis, achieved FLOP/s and its fraction of a measured matmul peak, peak memory;
@@ -47,7 +47,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from rma_jax import configs, models, train
+from rma_jax import configs
+from rma_jax import build, config_checks, models, optimizer, parallel, steps, views
+from rma_jax.data import preprocess
 
 CASES = ("train", "single_view", "ten_view", "latency")
 RECORD_KEYS = (
@@ -170,7 +172,7 @@ def matmul_peak_flops(device: jax.Device, dtype: str = "float32", size: int = 0,
   """Measured FLOP/s of a large square matmul on ``device`` (the practical peak)."""
   if not size:
     size = 2048 if device.platform == "cpu" else 8192
-  dt = train.DTYPES[dtype]
+  dt = build.DTYPES[dtype]
   keys = jax.random.split(jax.random.key(0))
   a, b = (jax.device_put(jax.random.normal(k, (size, size), dt), device) for k in keys)
   mm = jax.jit(jnp.matmul)
@@ -213,7 +215,7 @@ def settings_from_config(config: ml_collections.ConfigDict, **overrides) -> Benc
   values = dict(image_size=d.image_size, crop_size=d.crop_size, batch=config.optim.batch_size,
                 dtype=m.dtype, width=m.width, num_regions=m.num_regions,
                 sample_size=m.sample_size, x_dim=m.x_dim, hidden_dim=m.hidden_dim,
-                z_dim=m.z_dim, num_classes=train.NUM_CLASSES.get(d.name, 20))
+                z_dim=m.z_dim, num_classes=build.NUM_CLASSES.get(d.name, 20))
   values.update({k: v for k, v in overrides.items() if v is not None})
   return BenchSettings(**values)
 
@@ -237,22 +239,16 @@ def mesh_for_batch(batch: int, devices: Sequence[jax.Device] | None = None):
   """A ``data`` mesh over the most devices that divide ``batch`` (batch 1 -> one device)."""
   devices = list(jax.devices() if devices is None else devices)
   n = max(d for d in range(1, len(devices) + 1) if batch % d == 0)
-  return train.make_mesh(devices[:n])
-
-
-def _normalize(images: jax.Array, convention: str) -> jax.Array:
-  from rma_jax.data import preprocess  # pure jnp, TF-free
-  return preprocess.normalize(images, convention)
+  return parallel.make_mesh(devices[:n])
 
 
 def ten_view_fn(model: models.RMA, crop_size: int, convention: str) -> Callable:
   """(variables, uint8 (B, N, N, 3) images) -> (B, C) ten-view scores, through
-  ``rma_jax.evaluate.ten_view_scores`` (trunk once, the ten views in one attention call)."""
-  from rma_jax.evaluate import ten_view_scores  # pylint: disable=g-import-not-at-top
+  ``rma_jax.views.ten_view_scores`` (trunk once, the ten views in one attention call)."""
 
   def fn(variables, images):
-    return ten_view_scores(model, variables, images, crop_size=crop_size,
-                           pixel_convention=convention)["scores"]
+    return views.ten_view_scores(model, variables, images, crop_size=crop_size,
+                                 pixel_convention=convention)["scores"]
   return fn
 
 
@@ -393,13 +389,13 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
   if unknown:
     raise ValueError(f"unknown cases {sorted(unknown)}; known: {CASES}")
   config = bench_config(settings, base_config)
-  train.validate_config(config, num_devices=1)
+  config_checks.validate_config(config, num_devices=1)
   emit = emit or (lambda _: None)
   device = jax.devices()[0]
   threads = settings.threads or len(os.sched_getaffinity(0))
-  model = train.build_model(config, settings.num_classes)
+  model = build.build_model(config, settings.num_classes)
   convention = config.data.pixel_convention
-  loss_cfg = train.LossConfig.from_config(config)
+  loss_cfg = steps.LossConfig.from_config(config)
   rng = np.random.default_rng(settings.seed)
   peak_flops = matmul_peak_flops(device, settings.dtype, settings.matmul_size)
   run_torch = settings.torch and torch_available() and device.platform == "cpu"
@@ -427,14 +423,14 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
 
   if "train" in settings.cases:
     mesh = mesh_for_batch(settings.batch)
-    schedule = train.learning_rate_schedule(config.optim.learning_rate, config.optim, 100, 1000)
-    tx = train.make_optimizer(config.optim, schedule)
+    schedule = optimizer.learning_rate_schedule(config.optim.learning_rate, config.optim, 100, 1000)
+    tx = optimizer.make_optimizer(config.optim, schedule)
     reset_peak_memory()
-    state = train.create_train_state(model, tx, jax.random.key(settings.seed),
+    state = steps.create_train_state(model, tx, jax.random.key(settings.seed),
                                      (settings.crop_size, settings.crop_size, 3), mesh)
     host_batch = _random_batch(rng, settings.batch, settings.crop_size, settings.num_classes)
     batch = jax.device_put(host_batch, NamedSharding(mesh, P("data")))  # data on device
-    step_fn = train.jit_train_step(loss_cfg, mesh)
+    step_fn = steps.jit_train_step(loss_cfg, mesh)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -486,7 +482,7 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
                   mesh.size, torch_times, torch_peak)
 
   def single(v, x):
-    return model.apply(v, _normalize(x, convention))["scores"]
+    return model.apply(v, preprocess.normalize(x, convention))["scores"]
   ten = ten_view_fn(model, settings.crop_size, convention)
 
   if "single_view" in settings.cases:

@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import numpy as np
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+from rma_jax import parallel
 
 LATEST = "latest"
 BEST = "best"
@@ -195,7 +196,6 @@ def _set_aside(manager: ocp.CheckpointManager, bad: list[tuple[str, str]], good:
     for path, dest, _ in moves:
       os.rename(path, dest)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("rma_jax.checkpointing.set_aside")
   manager.reload()
   for path, dest, reason in moves:
@@ -229,7 +229,7 @@ def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointMana
 def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
   """Restores ``step`` replicated over all devices, whatever topology (number of processes
   or devices) saved it: the target comes from the checkpoint's own metadata."""
-  sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+  sharding = parallel.replicated(parallel.make_mesh())
   path = step_path(manager, step)
   try:
     metadata = manager.item_metadata(step)
@@ -242,3 +242,11 @@ def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
     raise CorruptCheckpointError(
         f"checkpoint {path} cannot be restored ({_first_line(e)}); it is damaged: delete it "
         f"(rm -r {path}) or restore it from a copy") from e
+
+
+def load_params(workdir: str, which: str = BEST) -> tuple[Any, int]:
+  """The parameters of a run's best (or latest) checkpoint, replicated, and its step."""
+  manager, step = find_checkpoint(workdir, which)
+  restored = restore_replicated(manager, step)
+  params = restored["params"] if "params" in restored else restored
+  return params, step

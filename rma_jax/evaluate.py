@@ -1,282 +1,38 @@
-"""Evaluation as in the paper (§5.1-5.3, SPEC §4): single view, ten-view on the conv5_3 map,
-multi-scale fusion, the optional LIBLINEAR SVM head, attention recall, the pointing game, and
-the report.
+"""Evaluation as in the paper (§5.1-5.3, SPEC §4): every protocol of ``rma_jax.views`` over
+a split, the optional SVM head (``rma_jax.svm``), attention recall and the pointing game
+(``rma_jax.regions``), and the report (``rma_jax.report``).
 
-Ten-view evaluation does not run the trunk ten times. The image is resized to N x N, the
-trunk runs **once** per image, and its conv5_3 map (N/16 x N/16) is cropped at the four
-corners and the centre to the patch size ``crop_size / 16`` and each crop is flipped
-horizontally. The ten maps are stacked along the batch axis and the attention module runs
-on all of them in one call; its scores are max-pooled over regions (inside the model, Eq. 6)
-and averaged over the ten views. Everything from uint8 pixels to the averaged scores is one
-jitted function per batch.
+``evaluate_and_report`` restores a run's best checkpoint, scores the test split once per
+protocol (one jitted function per input size), computes every metric of ``rma_jax.metrics``
+and writes ``WORKDIR/report/``: ``report.json``, ``report.md`` and ``scores.npz`` (the raw
+per-image scores of every protocol, with the images' ids).
 
-**What is averaged.** ``ten_view_scores`` averages the *raw* scores of the ten views; the
-metrics' ``config.eval.score_transform`` (a softmax by default) is applied afterwards, to the
-average. For a softmax this is the normalised geometric mean of the views' probabilities.
-Scales are fused the same way (mean of the raw ten-view scores of each scale). The SVM
-head's image representation is the view-averaged max-pooled region feature ``z``, exactly as
-the paper describes.
-
-View order (index ``v`` of ``view_scores`` / ``theta``): 0 top-left, 1 top-right,
-2 bottom-left, 3 bottom-right, 4 centre, then 5..9 the same five crops flipped horizontally.
-The regions ``theta`` of a view are in the [-1, 1] frame of that view's (flipped) crop.
-
-Nothing here imports TensorFlow: the input pipeline is imported inside
-``evaluate_and_report``.
+Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import os
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
+import tqdm
 
-from rma_jax import models
+from rma_jax import build, checkpointing, metrics, models, parallel, regions, report, svm, views
+from rma_jax import data as data_lib
 
-NUM_VIEWS = 10
-VIEW_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "centre",
-              "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip",
-              "centre_flip")
-
-
-# --------------------------------------------------------------------------- views
+REPORT_DIR = "report"
 
 
-def view_offsets(map_h: int, map_w: int, patch_h: int, patch_w: int
-                 ) -> tuple[tuple[int, int], ...]:
-  """(y0, x0) of the five crops of a map: the four corners and the centre.
-
-  The centre offset is rounded down when the margin is odd (it never is when N and N-64
-  are multiples of 32; with multiples of 16 the margin (N - crop)/16 can be odd).
-  """
-  if not (0 < patch_h <= map_h and 0 < patch_w <= map_w):
-    raise ValueError(f"patch {patch_h}x{patch_w} does not fit in the map {map_h}x{map_w}")
-  dy, dx = map_h - patch_h, map_w - patch_w
-  return ((0, 0), (0, dx), (dy, 0), (dy, dx), (dy // 2, dx // 2))
-
-
-def crop_views(fmap: jax.Array, patch: int | tuple[int, int]) -> jax.Array:
-  """The ten views of a feature map: 5 crops and their horizontal flips.
-
-  Args:
-    fmap: (B, H, W, C) conv5_3 maps.
-    patch: crop size on the map (``crop_size // 16``), an int or (h, w).
-
-  Returns:
-    (10, B, h, w, C) in the order of ``VIEW_NAMES``.
-  """
-  ph, pw = (patch, patch) if isinstance(patch, int) else patch
-  _, h, w, _ = fmap.shape
-  crops = [fmap[:, y:y + ph, x:x + pw] for y, x in view_offsets(h, w, ph, pw)]
-  crops += [c[:, :, ::-1] for c in crops]  # horizontal flip = reverse the width axis
-  return jnp.stack(crops, axis=0)
-
-
-# --------------------------------------------------------------------------- model pieces
-
-
-def _normalize(images: jax.Array, pixel_convention: str | None) -> jax.Array:
-  if pixel_convention is None:
-    return images
-  from rma_jax.data import preprocess  # pure jnp, TF-free
-  return preprocess.normalize(images, pixel_convention)
-
-
-def trunk_features(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-  """(B, H, W, 3) normalised images -> (B, H/16, W/16, C') conv5_3 map (``model.features``)."""
-  return model.apply(variables, images, method="features")
-
-
-def head_outputs(model: nn.Module, variables: Any, fmaps: jax.Array,
-                 return_features: bool = False) -> dict[str, jax.Array]:
-  """Runs everything after the trunk on (B, h, w, C') maps (``model.classify``).
-
-  Returns ``scores`` (B, C); for RMA also ``region_scores`` (B, K, C) and ``theta``
-  (B, K+1, 4); with ``return_features`` also ``features`` (B, D): the region features ``z``
-  max-pooled over the K regions (RMA, D = z_dim) or the map pooled as the baseline's head
-  pools it (``model.head_pool``; D = C').
-  """
-  return dict(model.apply(variables, fmaps, return_features, method="classify"))
-
-
-def single_view_scores(model: nn.Module, variables: Any, images: jax.Array, *,
-                       pixel_convention: str | None = None,
-                       return_features: bool = False) -> dict[str, jax.Array]:
-  """Scores whole images (resized to the single-view size, e.g. N - 64).
-
-  Args:
-    model: ``RMA`` or the ``VGG16`` baseline (with ``num_classes``).
-    variables: ``{'params': ...}``.
-    images: (B, S, S, 3), uint8 when ``pixel_convention`` is given (normalised here, on
-      device), else already-normalised floats.
-    pixel_convention: 'caffe' | 'torch' | 'unit', or None.
-    return_features: also return ``features`` (see ``head_outputs``).
-
-  Returns:
-    ``scores`` (B, C) raw scores; RMA: ``region_scores`` (B, K, C), ``theta`` (B, K+1, 4);
-    optionally ``features`` (B, D).
-  """
-  fmap = trunk_features(model, variables, _normalize(images, pixel_convention))
-  return head_outputs(model, variables, fmap, return_features)
-
-
-def ten_view_scores(model: nn.Module, variables: Any, images: jax.Array, *, crop_size: int,
-                    pixel_convention: str | None = None,
-                    return_features: bool = False) -> dict[str, jax.Array]:
-  """Ten-view scores from one trunk pass per image (paper §5.1, SPEC §4).
-
-  Jittable; ``model``, ``crop_size``, ``pixel_convention`` and ``return_features`` are
-  static (see ``make_scores_fn``).
-
-  Args:
-    model: ``RMA`` or the ``VGG16`` baseline (with ``num_classes``).
-    variables: ``{'params': ...}``.
-    images: (B, N, N, 3), uint8 when ``pixel_convention`` is given, else normalised floats.
-    crop_size: the patch size in pixels (N - 64 in the paper); a multiple of 16.
-    pixel_convention: 'caffe' | 'torch' | 'unit', or None.
-    return_features: also return ``features``.
-
-  Returns:
-    dict with ``scores`` (B, C): the mean over the ten views of the raw scores (each view's
-    scores are already max-pooled over regions); ``view_scores`` (B, 10, C); RMA only:
-    ``theta`` (B, 10, K+1, 4) per view, in the view's own frame; with ``return_features``:
-    ``features`` (B, D), the view-averaged max-pooled region features (the SVM input).
-  """
-  if crop_size % models.VGG16_STRIDE:
-    raise ValueError(f"crop_size={crop_size} must be a multiple of {models.VGG16_STRIDE}")
-  batch = images.shape[0]
-  fmap = trunk_features(model, variables, _normalize(images, pixel_convention))
-  views = crop_views(fmap, crop_size // models.VGG16_STRIDE)  # (10, B, p, p, C')
-  # One attention call on all views: the batch axis is (view, image), view-major.
-  out = head_outputs(model, variables, views.reshape(NUM_VIEWS * batch, *views.shape[2:]),
-                     return_features)
-  per_view = {k: jnp.swapaxes(v.reshape(NUM_VIEWS, batch, *v.shape[1:]), 0, 1)
-              for k, v in out.items()}  # (B, 10, ...)
-  result = {"scores": jnp.mean(per_view["scores"], axis=1), "view_scores": per_view["scores"]}
-  if "theta" in per_view:
-    result["theta"] = per_view["theta"]
-  if return_features:
-    result["features"] = jnp.mean(per_view["features"], axis=1)
-  return result
-
-
-def make_scores_fn(model: nn.Module, *, crop_size: int | None, pixel_convention: str | None,
-                   return_features: bool = False, mesh: Mesh | None = None) -> Callable:
-  """``fn(variables, images) -> dict``: single view (``crop_size=None``) or ten-view, jitted
-  once; with a mesh, variables replicated and the batch sharded over ``data``."""
-  if crop_size is None:
-    fn = functools.partial(single_view_scores, model, pixel_convention=pixel_convention,
-                           return_features=return_features)
-  else:
-    fn = functools.partial(ten_view_scores, model, crop_size=crop_size,
-                           pixel_convention=pixel_convention, return_features=return_features)
-  if mesh is None:
-    return jax.jit(fn)
-  return jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
-                 out_shardings=NamedSharding(mesh, P("data")))
-
-
-def fuse_scales(per_scale: Sequence[dict[str, np.ndarray]],
-                keys: Sequence[str] = ("scores", "features")) -> dict[str, np.ndarray]:
-  """Multi-scale fusion: the mean over scales of each of ``keys`` present in every entry."""
-  if not per_scale:
-    raise ValueError("fuse_scales needs at least one scale")
-  return {k: np.mean([np.asarray(p[k]) for p in per_scale], axis=0)
-          for k in keys if all(k in p for p in per_scale)}
-
-
-# --------------------------------------------------------------------------- SVM head
-
-
-@dataclasses.dataclass
-class SVMHead:
-  """One-vs-rest linear SVMs (LIBLINEAR) on image features.
-
-  Attributes:
-    coef: (C, D) weights; intercept: (C,); C: the chosen regularisation constant;
-    val_map: mAP (all-point) on the validation data for every C tried;
-    normalize: whether features are L2-normalised before the SVM.
-  """
-  coef: np.ndarray
-  intercept: np.ndarray
-  C: float
-  val_map: dict[float, float]
-  normalize: bool = True
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _fit_ovr(feats: np.ndarray, labels: np.ndarray, C: float, max_iter: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-  from sklearn.svm import LinearSVC
-  y = np.asarray(labels) > 0
-  coef = np.zeros((y.shape[1], feats.shape[1]))
-  intercept = np.zeros(y.shape[1])
-  for c in range(y.shape[1]):
-    if y[:, c].all() or not y[:, c].any():
-      # One value only: no hyperplane to fit; a constant score (+1 / -1) ranks nothing.
-      intercept[c] = 1.0 if y[:, c].all() else -1.0
-      continue
-    svm = LinearSVC(C=C, loss="squared_hinge", dual="auto", max_iter=max_iter)
-    svm.fit(feats, y[:, c])
-    coef[c], intercept[c] = svm.coef_[0], svm.intercept_[0]
-  return coef, intercept
-
-
-def fit_svm_head(train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any,
-                 Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), *, normalize: bool = True,
-                 val_ignore: Any = None, max_iter: int = 5000) -> SVMHead:
-  """Fits one ``sklearn.svm.LinearSVC`` (LIBLINEAR) per class, C chosen on validation mAP.
-
-  The paper (§5.1) trains one-vs-rest SVMs with LIBLINEAR on the view-averaged features and
-  does not give C; we try each of ``Cs``, keep the one with the best validation mAP
-  (all-point AP; the first of equal ones), and refit on train with it.
-
-  Args:
-    train_feats, val_feats: (N, D) features (``ten_view_scores(..., return_features=True)``).
-    train_labels, val_labels: (N, C) {0, 1}.
-    Cs: the grid of C values.
-    normalize: L2-normalise features first (the usual practice with linear SVMs on CNN
-      features; scores then do not depend on the feature scale).
-    val_ignore: optional (N_val, C) bool pairs ignored in the validation mAP (VOC difficult).
-    max_iter: LIBLINEAR iterations.
-
-  Returns:
-    an ``SVMHead``; score images with ``svm_scores``.
-  """
-  from rma_jax import metrics
-  prep = _l2 if normalize else (lambda x: np.asarray(x, np.float64))
-  xt, xv = prep(train_feats), prep(val_feats)
-  val_map: dict[float, float] = {}
-  best = None
-  for C in Cs:
-    coef, b = _fit_ovr(xt, train_labels, float(C), max_iter)
-    m = metrics.mean_average_precision(xv @ coef.T + b, val_labels, val_ignore, mode="all")
-    val_map[float(C)] = float(m)
-    if best is None or (np.isfinite(m) and not m <= best[0]):
-      best = (m, float(C), coef, b)
-  _, C, coef, b = best
-  return SVMHead(coef=coef, intercept=b, C=C, val_map=val_map, normalize=normalize)
-
-
-def svm_scores(head: SVMHead, feats: Any) -> np.ndarray:
-  """(N, D) features -> (N, C) SVM decision values (signed distances; 0 = the boundary)."""
-  x = _l2(feats) if head.normalize else np.asarray(feats, np.float64)
-  return x @ head.coef.T + head.intercept
+def report_dir(workdir: str) -> str:
+  """WORKDIR/report: report.json, report.md, scores.npz."""
+  return os.path.join(workdir, REPORT_DIR)
 
 
 # --------------------------------------------------------------------------- data passes
@@ -303,13 +59,6 @@ def decode_ids(encoded: np.ndarray) -> np.ndarray:
 
 
 
-def _to_host(x: Any) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
                  batch_size: int, mesh: Mesh, num_workers: int = 2, prefetch: int = 2,
                  desc: str = "eval") -> dict[str, np.ndarray]:
@@ -321,8 +70,7 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
   and ``box_mask`` (N, M) (``box_labels >= 0``) when the batches carry boxes, ``index`` (N,)
   (the position in ``source``) and ``id`` (N,) str, the examples' ids.
   """
-  from rma_jax import data as data_lib
-  sharding = NamedSharding(mesh, P("data"))
+  sharding = parallel.batch_sharding(mesh)
   meta: deque = deque()
 
   def images_only() -> Iterator[dict[str, np.ndarray]]:
@@ -337,18 +85,15 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
   total = math.ceil(len(source) / batch_size)
   chunks: dict[str, list[np.ndarray]] = {}
   batches = data_lib.device_put_batches(images_only(), sharding, prefetch)
-  try:
-    from tqdm import tqdm
-    batches = tqdm(batches, total=total, desc=desc, disable=jax.process_index() > 0,
-                   leave=False)
-  except ImportError:
-    pass
+  # A bar on a terminal only (disable=None): in a log file it would be a line per update.
+  batches = tqdm.tqdm(batches, total=total, desc=desc, leave=False,
+                      disable=None if jax.process_index() == 0 else True)
   for i, batch in enumerate(batches):
     out = fn(variables, batch["image"])
-    host = {k: _to_host(v) for k, v in out.items()}
+    host = {k: parallel.to_host(v) for k, v in out.items()}
     m = meta.popleft()
     if jax.process_count() > 1:
-      m = {k: _to_host(v) for k, v in m.items()}
+      m = {k: parallel.to_host(v) for k, v in m.items()}
     keep = np.asarray(m["mask"]) > 0
     for k, v in host.items():
       chunks.setdefault(k, []).append(v[keep])
@@ -390,7 +135,6 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, difficult: np.ndarra
                     ap_mode: str, k: int | None, threshold: float,
                     transform: str, prf: str | None = None) -> dict[str, Any]:
   """All numbers of one protocol (``rma_jax.metrics``), VOC difficult pairs ignored."""
-  from rma_jax import metrics
   collected = metrics.MultiLabelMetrics.empty().update(
       scores=scores, labels=labels, ignore=difficult)
   out = collected.compute(ap_mode=ap_mode, k=k, threshold=threshold,
@@ -408,11 +152,10 @@ def attention_recalls(theta: np.ndarray, boxes: np.ndarray, box_mask: np.ndarray
     boxes: (N, M, 4) ground-truth boxes in [0, 1]; box_mask (N, M).
     num_regions: K.
   """
-  from rma_jax import metrics
   fixed = np.broadcast_to(models.fixed_region_thetas(num_regions)[1:],
                           (theta.shape[0], num_regions, 4))
-  return {"model_regions": metrics.attention_recall(theta[:, 1:], boxes, box_mask),
-          "fixed_anchor_boxes": metrics.attention_recall(fixed, boxes, box_mask)}
+  return {"model_regions": regions.attention_recall(theta[:, 1:], boxes, box_mask),
+          "fixed_anchor_boxes": regions.attention_recall(fixed, boxes, box_mask)}
 
 
 POINTING_CHANCE_SEED = 0
@@ -421,8 +164,8 @@ POINTING_CHANCE_DRAWS = 10
 
 def pointing_scores(scored: Mapping[str, np.ndarray], *, seed: int = POINTING_CHANCE_SEED,
                     num_draws: int = POINTING_CHANCE_DRAWS) -> dict[str, dict[str, Any]]:
-  """The pointing game (``metrics.pointing_game``) of a single-view pass, with its chance
-  control (``metrics.pointing_chance``: the same regions' sizes at random places).
+  """The pointing game (``regions.pointing_game``) of a single-view pass, with its chance
+  control (``regions.pointing_chance``: the same regions' sizes at random places).
 
   Args:
     scored: a ``score_source`` result of an RMA model on data with boxes:
@@ -433,11 +176,10 @@ def pointing_scores(scored: Mapping[str, np.ndarray], *, seed: int = POINTING_CH
   Returns:
     ``{"model_regions": ..., "chance": ...}``, each a ``pointing_game`` dict.
   """
-  from rma_jax import metrics
   args = (scored["region_scores"], scored["theta"][:, 1:], scored["labels"], scored["boxes"],
           scored["box_labels"], scored["difficult"])
-  return {"model_regions": metrics.pointing_game(*args),
-          "chance": metrics.pointing_chance(*args, seed=seed, num_draws=num_draws)}
+  return {"model_regions": regions.pointing_game(*args),
+          "chance": regions.pointing_chance(*args, seed=seed, num_draws=num_draws)}
 
 
 # --------------------------------------------------------------------------- the report
@@ -489,20 +231,17 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     the results dict that is written to report.json.
   """
-  from rma_jax import data as data_lib
-  from rma_jax import train
-
   ev = config.eval
-  params, step = train.load_params(workdir, which)
+  params, step = checkpointing.load_params(workdir, which)
   # The trained run's classes (recorded at training time; None for older workdirs).
   sources = data_lib.get_sources(
       config.data, seed=config.seed, class_names=data_lib.load_run_classes(workdir),
       class_origin=os.path.join(workdir, data_lib.RUN_CLASSES_FILE))
   source = getattr(sources, split)
   class_names = list(sources.class_names)
-  model = train.build_model(config, len(class_names))
-  mesh = train.make_mesh()
-  variables = jax.device_put({"params": params}, NamedSharding(mesh, P()))
+  model = build.build_model(config, len(class_names))
+  mesh = parallel.make_mesh()
+  variables = jax.device_put({"params": params}, parallel.replicated(mesh))
   convention = config.data.pixel_convention
   want_features = bool(ev.get("svm", False))
   common = dict(batch_size=ev.batch_size, mesh=mesh, num_workers=config.data.num_workers,
@@ -517,7 +256,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
 
   def run_protocol(src, name: str, n: int, crop: int, ten: bool) -> dict[str, np.ndarray]:
     if (crop, ten) not in compiled:
-      compiled[crop, ten] = make_scores_fn(
+      compiled[crop, ten] = views.make_scores_fn(
           model, crop_size=crop if ten else None, pixel_convention=convention,
           return_features=want_features, mesh=mesh)
     fn = compiled[crop, ten]
@@ -531,7 +270,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   first = passes[f"single_view@{scales[0][1]}"]
   if ev.ten_view and len(scales) > 1:
     name = "ten_view@" + "+".join(str(n) for n, _ in scales)
-    fused = fuse_scales([passes[f"ten_view@{n}"] for n, _ in scales])
+    fused = views.fuse_scales([passes[f"ten_view@{n}"] for n, _ in scales])
     passes[name] = dict(fused, labels=first["labels"], difficult=first["difficult"],
                         id=first["id"])
   headline = list(passes)[-1] if ev.ten_view else f"single_view@{scales[0][1]}"
@@ -571,15 +310,15 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
         first["theta"], first["boxes"], first["box_mask"], config.model.num_regions)
     results["pointing"] = pointing_scores(first)
 
-  results = _jsonable(results)
-  report_dir = os.path.join(workdir, "report")
+  results = report.to_jsonable(results, strict=False)
+  out_dir = report_dir(workdir)
   if jax.process_index() == 0:
-    os.makedirs(report_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     np.savez_compressed(
-        os.path.join(report_dir, "scores.npz"),
+        os.path.join(out_dir, "scores.npz"),
         **{f"{name}/{k}": v for name, p in passes.items() for k, v in p.items()
            if k in ("scores", "labels", "difficult", "index", "id")})
-    _write_report(results, config, report_dir, scales)
+    report.write_evaluation_report(results, config, out_dir, scales)
   h = results["protocols"][headline]
   logging.info("%s %s: mAP %.4f (%s), mAP_all %.4f, CF1 %.4f, OF1 %.4f", split, headline,
                h["mAP"], ev.ap_mode, h["mAP_all"], h["CF1"], h["OF1"])
@@ -590,6 +329,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("pointing hit rate: model regions %.3f, chance %.3f",
                  results["pointing"]["model_regions"]["hit_rate"],
                  results["pointing"]["chance"]["hit_rate"])
+  logging.info("Wrote %s (report.json and scores.npz beside it)",
+               os.path.join(os.path.abspath(out_dir), "report.md"))
   return results
 
 
@@ -601,96 +342,14 @@ def _svm_protocol(config, sources, scales, headline, test_pass, run_protocol):
       return run_protocol(src, f"{tag}:{headline}", n, crop, False)
     per_scale = [run_protocol(src, f"{tag}:ten_view@{n}", n, crop, True) for n, crop in
                  scales if headline == f"ten_view@{n}" or "+" in headline]
-    fused = fuse_scales(per_scale)
+    fused = views.fuse_scales(per_scale)
     return dict(fused, labels=per_scale[0]["labels"], difficult=per_scale[0]["difficult"])
 
   tr, va = features(sources.train, "train"), features(sources.val, "val")
-  head = fit_svm_head(tr["features"], tr["labels"], va["features"], va["labels"],
+  head = svm.fit_svm_head(tr["features"], tr["labels"], va["features"], va["labels"],
                       val_ignore=va["difficult"])
   info = {"features_of": headline, "C": head.C,
           "val_mAP_all_by_C": {str(c): m for c, m in head.val_map.items()},
           "num_train": int(tr["labels"].shape[0]), "num_val": int(va["labels"].shape[0])}
   logging.info("SVM head: C = %g (validation mAP by C: %s)", head.C, head.val_map)
-  return info, svm_scores(head, test_pass["features"])
-
-
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.ndarray, np.generic)):
-    return _jsonable(x.tolist())
-  return x
-
-
-def _write_report(results: dict[str, Any], config: ml_collections.ConfigDict,
-                  report_dir: str, scales: Sequence[tuple[int, int]]) -> None:
-  """report.json + report.md through ``rma_jax.report``: the headline protocol in the
-  paper's table layout, every protocol's numbers, attention recall and the metric card
-  (with notes on how the protocols were computed)."""
-  from rma_jax import report
-  headline = results["headline"]
-  h = results["protocols"][headline]
-  ten = headline.startswith("ten_view") or (headline == "svm" and config.eval.ten_view)
-  if headline.startswith("single_view@"):
-    used = [n for n, c in scales if headline == f"single_view@{c}"]
-  elif headline == "svm" and not ten:  # SVM on the first scale's single-view features
-    used = [scales[0][0]]
-  else:
-    used = [n for n, _ in scales]
-  notes = [
-      f"headline protocol: {headline} on the {results['split']} split, checkpoint "
-      f"{results['checkpoint']} (step {results['step']})",
-      "ten-view: the trunk runs once on the N x N image; conv5_3 is cropped at the 4 corners "
-      "and the centre to (N-64)/16 and flipped; raw scores (max over regions) are averaged "
-      "over views, then over scales, and score_transform is applied to the average",
-      "single_view@S: the whole image resized to S x S",
-  ]
-  if "svm" in results:
-    notes.append(f"svm: one-vs-rest LinearSVC (LIBLINEAR) on L2-normalised view-averaged "
-                 f"max-pooled region features, C = {results['svm']['C']} chosen by "
-                 "validation mAP; scores are decision values (no transform), predicted "
-                 "labels use threshold 0 (the SVM boundary)")
-  missing = results.get("classes_without_positives") or []
-  if missing:
-    c = len(results["class_names"])
-    notes.append(f"classes: CP, CR and CF1 average over all {c} classes, {len(missing)} of "
-                 f"which have no positive image in the {results['split']} split "
-                 f"({', '.join(missing)}; their recall counts as 0); mAP averages over the "
-                 f"other {c - len(missing)}")
-  if "attention_recall" in results:
-    notes.append("attention recall: share of ground-truth objects whose box centre lies in "
-                 "at least one of the K regions (single view), beside K fixed boxes of "
-                 "half-size 0.5 at the centre and the anchor points. It measures coverage, "
-                 "not localisation: boxes that tile the image (the K = 5 fixed boxes do) "
-                 "reach 100 % by construction")
-  if "pointing" in results:
-    chance = results["pointing"]["chance"]
-    notes.append("pointing game (Zhang et al., ECCV 2016, adapted; rma_jax.metrics."
-                 "pointing_game), single view: for every test image and every class c it "
-                 "contains (VOC difficult-only classes left out), k* = argmax_k s_k^c, the "
-                 "region whose score the category-wise max pooling kept; a hit when the "
-                 "centre of some ground-truth box of class c lies inside region k* (borders "
-                 "inside). hit_rate = hits / (image, class) pairs; mean_class_hit_rate = "
-                 "the mean of the per-class rates; mean_iou = the mean over pairs of the "
-                 "IoU of region k* (clipped to the image) with the best-overlapping box of "
-                 "class c. Chance control: the same with every region moved to a centre "
-                 "drawn uniformly over the positions where a box of its own size lies "
-                 f"inside the image (seed {chance['seed']}, mean of {chance['num_draws']} "
-                 "draws)")
-  # The transforms as recorded by the metrics of the headline protocol: what was computed.
-  svm_scores_text = "none (SVM decision values)"
-  card = report.metric_card_from_config(
-      config, views="ten-view" if ten else "single-view", scales=tuple(used),
-      num_images=h.get("num_images"),
-      num_images_without_labels=h.get("num_images_without_labels"),
-      score_transform=svm_scores_text if headline == "svm" else h["score_transform"],
-      prf_score_transform=svm_scores_text if headline == "svm" else h["prf_score_transform"],
-      threshold=0.0 if headline == "svm" else config.eval.threshold,
-      dataset=f"{config.data.name} ({results['split']} split)", notes=notes)
-  # The tables show the headline protocol; every protocol, the SVM's C and the attention
-  # recalls are listed below them and kept in report.json.
-  report.write_report(results, report_dir, class_names=results["class_names"],
-                      dataset_name=config.data.name, card=card,
-                      method_name=f"This run ({config.model.name})")
+  return info, svm.svm_scores(head, test_pass["features"])

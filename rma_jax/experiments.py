@@ -64,6 +64,7 @@ import numpy as np
 
 from rma_jax import configs
 from rma_jax.configs import ablations
+from rma_jax import evaluate, report, train
 
 PAPER_DATASETS = ("voc2007", "coco2014")
 METRIC_LABELS = {"mAP": "mAP", "CF1": "C-F1", "OF1": "O-F1",
@@ -90,9 +91,8 @@ def record_path(results_dir: str, seed: int, run: str) -> str:
 
 def _write_json(path: str, payload: Any) -> None:
   """Strict JSON (NaN -> null), written atomically: a reader sees the old file or the new."""
-  from rma_jax import report
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  report._write_atomic(  # pylint: disable=protected-access
+  report.write_atomic(
       path, json.dumps(report.to_jsonable(payload), indent=1, allow_nan=False) + "\n")
 
 
@@ -215,7 +215,6 @@ def needed_runs(tables: Sequence[Any]) -> list[str]:
 
 def _config_drift(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """Dotted keys whose value in a record's config differs from ``config``."""
-  from rma_jax import report
   now = report.to_jsonable(_flatten(config.to_dict()))
   then = _flatten(saved)
   return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
@@ -247,7 +246,6 @@ def run_one(base: ml_collections.ConfigDict, run: str, run_dir: str, results_dir
     seed: the seed.
     stage1_dir: the stage-1 folder a stage-2 run starts from.
   """
-  from rma_jax import evaluate, train
   path = record_path(results_dir, seed, run)
   config = ablations.run_config(base, run, stage1_dir=stage1_dir, seed=seed)
   if os.path.exists(path):
@@ -288,7 +286,6 @@ def ensure_stage1(base: ml_collections.ConfigDict, stage1_dir: str, results_dir:
 
   When the record exists but the checkpoint does not (committed records, a fresh WORKDIR)
   and stage-2 runs still need it, stage 1 is trained again and the record kept."""
-  from rma_jax import train
   run_one(base, ablations.STAGE1, stage1_dir, results_dir, seed)
   if need_checkpoint and not os.path.exists(os.path.join(stage1_dir, "train_timing.json")):
     logging.warning("seed %d: stage 1 has a record but no checkpoint in %s; training it "
@@ -568,11 +565,10 @@ def _wrap(text: str, width: int = 18) -> str:
 
 def write_table(table: Mapping[str, Any], out_dir: str) -> dict[str, str]:
   """Writes table_<t>.md, table_<t>.json and table_<t>.png; returns their paths."""
-  from rma_jax import report
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, f"table_{table['table']}")
   paths = {"md": stem + ".md", "json": stem + ".json", "png": stem + ".png"}
-  report._write_atomic(paths["md"], table_markdown(table))  # pylint: disable=protected-access
+  report.write_atomic(paths["md"], table_markdown(table))
   _write_json(paths["json"], table)
   plot_table(table, paths["png"])
   return paths
@@ -694,10 +690,9 @@ def write_tables(base: ml_collections.ConfigDict, results_dir: str, tables: Sequ
                      control_label="K fixed anchor boxes", ylabel="attention recall (%)")
     figures.append(("attention recall", "attention_recall.png"))
   summary = summary_markdown(base, written, figures)
-  from rma_jax import report
   os.makedirs(results_dir, exist_ok=True)
-  report._write_atomic(os.path.join(results_dir, "summary.md"),  # pylint: disable=protected-access
-                       f"# Ablations on {base.data.name}\n\n" + summary)
+  report.write_atomic(os.path.join(results_dir, "summary.md"),
+                      f"# Ablations on {base.data.name}\n\n" + summary)
   if page:
     update_page(page, summary_markdown(base, written, figures,
                                        image_dir=os.path.relpath(
@@ -727,7 +722,6 @@ def summary_markdown(base: ml_collections.ConfigDict, tables: Mapping[Any, Mappi
 def update_page(page: str, generated: str) -> None:
   """Replaces the text between ``GENERATED_BEGIN`` and ``GENERATED_END`` of a Markdown page
   (appending both markers at the end when the page has none), atomically."""
-  from rma_jax import report
   text = open(page, encoding="utf-8").read() if os.path.exists(page) else ""
   block = f"{GENERATED_BEGIN}\n\n{generated.rstrip()}\n\n{GENERATED_END}"
   if GENERATED_BEGIN in text and GENERATED_END in text:
@@ -736,7 +730,7 @@ def update_page(page: str, generated: str) -> None:
     text = head + block + tail
   else:
     text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-  report._write_atomic(page, text)  # pylint: disable=protected-access
+  report.write_atomic(page, text)
 
 
 # --------------------------------------------------------------------------- checking a page

@@ -33,6 +33,10 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from rma_jax import evaluate, paper, report
+from rma_jax.data.classes import paper_dataset
+from rma_jax.metric_card import metric_card
+
 FUSED = "fused"
 # Metric settings every input must share (recorded by rma_jax.metrics for each protocol).
 _SETTINGS = ("score_transform", "prf_score_transform", "ap_mode", "top_k", "threshold")
@@ -155,7 +159,6 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
     ``protocols`` (one metrics dict per input, named ``WORKDIR:PROTOCOL``, recomputed from its
     scores, and ``fused``), ``headline`` ('fused'), ``inputs`` and the shared settings.
   """
-  from rma_jax import evaluate, report  # pylint: disable=g-import-not-at-top
   workdirs = [w for w in workdirs if w]
   if len(workdirs) < 2:
     raise ValueError(f"fusion needs two or more evaluated workdirs, got {list(workdirs)}")
@@ -176,7 +179,7 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
         r.scores, r.labels, r.difficult, **metric_args)
   protocols[FUSED] = evaluate.compute_metrics(fused_scores, first.labels, first.difficult,
                                               **metric_args)
-  paper = report.PAPER_TABLE6_MAP["two scales + ten-crop"]
+  published = paper.PAPER_TABLE6_MAP["two scales + ten-crop"]
   results: dict[str, Any] = {
       "workdir": os.path.abspath(out_dir), "data": first.dataset,
       "split": first.results.get("split"), "class_names": first.results.get("class_names"),
@@ -185,7 +188,7 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
                   "checkpoint": r.results.get("checkpoint"), "step": r.results.get("step")}
                  for r in runs],
       **settings,
-      "paper_table6_two_scales_ten_crop": dict(paper),  # %, the paper's fused number
+      "paper_table6_two_scales_ten_crop": dict(published),  # %, the paper's fused number
       "protocols": protocols, "headline": FUSED,
   }
   report_dir = os.path.join(out_dir, "report")
@@ -196,7 +199,7 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
   scales = [n for r in runs for n in _scales(r.protocol)]
   ten = all(r.protocol.startswith("ten_view") for r in runs)
   h = protocols[FUSED]
-  card = report.metric_card(
+  card = metric_card(
       dataset=f"{first.dataset} ({results['split']} split)", ap_mode=settings["ap_mode"],
       top_k=settings["top_k"] or None, threshold=settings["threshold"],
       score_transform=settings["score_transform"],
@@ -220,8 +223,7 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
 def _fusion_section(runs: Sequence[Evaluated], protocols: dict[str, Any], dataset: str,
                     ap_mode: str) -> list[str]:
   """The fused row beside each input's row and the paper's Table 6 rows, as Markdown."""
-  from rma_jax import report  # pylint: disable=g-import-not-at-top
-  pct = report._pct  # pylint: disable=protected-access
+  pct = report.pct
   lines = [f"## Fusion of {len(runs)} runs (paper §5.1), %", "",
            f"| Run | protocol | checkpoint | mAP ({ap_mode}) | mAP (all-point) | C-F1 | O-F1 |",
            "|---|---|---|---|---|---|---|"]
@@ -235,13 +237,13 @@ def _fusion_section(runs: Sequence[Evaluated], protocols: dict[str, Any], datase
                      f"{r.results.get('checkpoint')} (step {r.results.get('step')})",
                      protocols[f"{r.workdir}:{r.protocol}"]))
   lines.append(row("**fused**", "mean of the raw scores above", "", protocols[FUSED]))
-  column = "coco2014" if report._is_coco(dataset) else "voc2007"  # pylint: disable=protected-access
+  column = "coco2014" if paper_dataset(dataset) == "coco2014" else "voc2007"
   where = {"voc2007": "VOC 2007", "coco2014": "MS-COCO"}[column]
-  if dataset.lower() not in ("voc2007", "voc/2007", "voc07") and column == "voc2007":
+  if paper_dataset(dataset) != "voc2007" and column == "voc2007":
     where += ", not this data set"
   for setting in ("s=512 + ten-crop", "s=640 + ten-crop", "two scales + ten-crop"):
     lines.append(f"| Paper: {setting} ({where}) | | | "
-                 f"{report.PAPER_TABLE6_MAP[setting][column]:.1f} | | | |")
+                 f"{paper.PAPER_TABLE6_MAP[setting][column]:.1f} | | | |")
   return lines + [""]
 
 

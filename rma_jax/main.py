@@ -7,6 +7,13 @@ r"""The main job: train, evaluate, or predict with a config.
         --inputs=photos/ --out=predictions/
     python -m rma_jax.main --mode=fuse --fuse_workdirs=runs/voc512,runs/voc640 \
         --workdir=runs/fused    # the paper's two-model fusion (rma_jax.fuse); no --config
+    python -m rma_jax.main --config=configs/voc.py --mode=show_config   # the config a run uses
+
+Modes (--mode): train (both stages of the recipe, then the evaluation and the report; resumes
+from WORKDIR), evaluate (the report of a trained WORKDIR), predict (label images and draw
+their regions), fuse (average evaluated runs), show_config (print the config and stop).
+Every config field can be set with --config.FIELD=VALUE; --help lists them with their
+defaults. Library INFO lines (Orbax, clu, JAX) are shown with --verbosity=1.
 
 Multi-host: start the same command on every host. With --coordinator_address (and
 --num_processes, --process_id) or on Cloud TPU / SLURM, ``jax.distributed.initialize()``
@@ -17,21 +24,31 @@ import os
 import sys
 
 # TensorFlow is only used by the input pipeline and the TensorBoard writer: keep its C++
-# logging quiet and keep it off the accelerators JAX owns.
+# logging quiet and keep it off the accelerators JAX owns. Its oneDNN CPU kernels (which
+# announce themselves on stderr) compute nothing of ours.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import importlib.util  # (after the environment above: TensorFlow reads it when imported)
+import pathlib
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from rma_jax import configs
+from rma_jax import config_checks, console, evaluate, fuse, predict, run
+from rma_jax import workdir as workdir_lib
+
+MODES = ("train", "evaluate", "predict", "fuse", "show_config")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "fuse"], "What to do.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do (see the modes above).")
 flags.DEFINE_list("inputs", [], "predict: image files and/or folders.")
 flags.DEFINE_string("out", "", "predict: output folder (default WORKDIR/predictions).")
 flags.DEFINE_list("fuse_workdirs", [], "fuse: evaluated workdirs whose headline scores are "
@@ -41,7 +58,9 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() with "
                   "auto-detection (Cloud TPU VMs, SLURM, JAX_COORDINATOR_ADDRESS).")
-flags.mark_flags_as_required(["workdir"])  # --config too, except for --mode=fuse
+
+DEFAULT_CONFIG = pathlib.Path(configs.config_file("default"))
+_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h", "--helpfull", "-helpfull")
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -62,23 +81,22 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()  # auto-detected cluster (SLURM, Cloud TPU, env vars)
 
 
-class _DropLibraryChatter:
-  """Keeps Orbax's per-save INFO lines out of the console; warnings still show."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  console.quiet_library_logs()
+  if FLAGS.mode == "show_config":
+    if FLAGS.config is None:
+      raise app.UsageError("--mode=show_config needs --config=CONFIG_FILE")
+    print(FLAGS.config)
+    return
+  if FLAGS.workdir is None:
+    raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir=DIR")
   _maybe_initialize_distributed()
   _hide_accelerators_from_tf()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   if FLAGS.mode == "fuse":
-    from rma_jax import fuse  # pylint: disable=g-import-not-at-top
     if len(FLAGS.fuse_workdirs) < 2:
       raise app.UsageError("--mode=fuse needs --fuse_workdirs=WORKDIR1,WORKDIR2[,...]")
     fuse.fuse_workdirs(FLAGS.fuse_workdirs, FLAGS.workdir)
@@ -86,15 +104,13 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config=CONFIG_FILE")
-  from rma_jax import train  # pylint: disable=g-import-not-at-top
-  train.validate_config(config)
   if FLAGS.mode == "train":
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "evaluate":
-    from rma_jax import evaluate  # pylint: disable=g-import-not-at-top
+    run.train_and_evaluate(config, FLAGS.workdir)  # checks the config first
+    return
+  config_checks.validate_config(config)
+  if FLAGS.mode == "evaluate":
     evaluate.evaluate_and_report(config, FLAGS.workdir)
   else:
-    from rma_jax import predict  # pylint: disable=g-import-not-at-top
     if not FLAGS.inputs:
       raise app.UsageError("--mode=predict needs --inputs=FILE_OR_FOLDER[,...]")
     out = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")
@@ -104,6 +120,48 @@ def main(argv):
                        f"inputs and why are in {os.path.join(out, 'predictions.json')}")
 
 
+# ----------------------------------------------------------------------------- --help
+
+
+def _config_file(argv: list[str]) -> pathlib.Path:
+  """The --config file named in ``argv`` (without its ':override' part), else the defaults."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return pathlib.Path(arg.split("=", 1)[1].split(":", 1)[0])
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return pathlib.Path(argv[i + 1].split(":", 1)[0])
+  return DEFAULT_CONFIG
+
+
+def config_fields(path: pathlib.Path) -> list[str]:
+  """``--config.FIELD=DEFAULT`` for every field of the config file ``path``."""
+  spec = importlib.util.spec_from_file_location(f"_help_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config: ml_collections.ConfigDict = module.get_config()
+  return [f"  --config.{k}={v!r}" for k, v in workdir_lib.flatten(config.to_dict()).items()]
+
+
+def print_help(argv: list[str]) -> None:
+  """The docstring, this module's flags (all flags for --helpfull) and the config fields."""
+  app.usage(shorthelp=not any(a in ("--helpfull", "-helpfull") for a in argv),
+            writeto_stdout=True)
+  path = _config_file(argv)
+  print()
+  print(f"config fields of {path} (set with --config.FIELD=VALUE; print a whole config "
+        "with --mode=show_config):")
+  try:
+    print("\n".join(config_fields(path)))
+  except Exception as e:  # pylint: disable=broad-except  # a broken file must not hide help
+    print(f"  (cannot read {path}: {type(e).__name__}: {e})")
+  print("\nLibrary INFO lines (Orbax, clu, JAX): --verbosity=1. All absl and JAX flags: "
+        "--helpfull.")
+
+
 if __name__ == "__main__":
+  _argv = configs.resolve_config_path(sys.argv)  # configs/X.py from any directory
+  if any(arg in _HELP for arg in _argv[1:]):
+    print_help(_argv[1:])
+    sys.exit(0)
   jax.config.config_with_absl()
-  app.run(main, argv=configs.resolve_config_path(sys.argv))  # configs/X.py from anywhere
+  app.run(main, argv=_argv)

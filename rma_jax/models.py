@@ -11,6 +11,7 @@ Parameter trees (``width`` divides every channel count; ``width=1`` is the real 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rma_jax import conv, ops
+from rma_jax import conv, losses, ops
 
 Dtype = Any
 
@@ -165,14 +166,32 @@ class VGG16(nn.Module):
     return out
 
 
-class AttentionCell(nn.Module):
-  """One step k of the recurrent memorized-attention module (Eq. 2, 4, 5).
+class AttentionSettings(nn.Module):
+  """The settings of the recurrent memorized-attention module, declared once.
 
-  Carry ``(c, h, theta)``: LSTM cell (B, hidden), hidden state (B, hidden), and the
-  transform (B, 4) that samples this step's region. Returns the new carry and the step's
-  ``(s_k, theta_k, z_k)``.
+  ``AttentionCell``, ``RecurrentAttention`` and ``RMA`` inherit these fields, and each
+  builds the next module down from ``attention_settings()``, so a setting given to ``RMA``
+  reaches the cell unchanged.
+
+  Attributes:
+    num_classes: C.
+    num_regions: K, the number of attentional regions (the module runs K+1 steps).
+    sample_size: S, regions are sampled to S x S (7 matches VGG fc6 for ``W_fx``).
+    x_dim, hidden_dim, z_dim: sizes of x_k (4096 = fc6), the LSTM state and z_k.
+    standard_lstm: ``h = o * tanh(c)`` instead of the paper's ``h = o * c``.
+    theta_bias: initial ``b_m`` = (sx, sy, tx, ty) every predicted region starts near.
+    theta_kernel_scale: multiplies the Xavier init of ``W_zm`` so early regions stay near
+      ``theta_bias`` instead of jumping around while the LSTM is untrained.
+    fixed_regions: optional (K+1, 4) transforms used instead of the predicted ones.
+    step_theta_init: optional (K+1, 4) initial value of a learned per-step bias
+      ``attention/cell/zm_step`` added to ``b_m`` at each step (a step embedding of the
+      region transform): row k is added when step k predicts region k+1 (the last row is
+      unused). ``anchor_step_offsets`` starts region 1 at the centre box and region k at
+      its anchor. ``None`` (default, the paper): one ``b_m`` for every step.
+    dtype: computation dtype (parameters float32).
   """
   num_classes: int
+  num_regions: int = 5
   sample_size: int = 7
   x_dim: int = 4096
   hidden_dim: int = 512
@@ -183,6 +202,31 @@ class AttentionCell(nn.Module):
   fixed_regions: Sequence[Sequence[float]] | None = None
   step_theta_init: Sequence[Sequence[float]] | None = None
   dtype: Dtype = jnp.float32
+
+  def attention_settings(self) -> dict[str, Any]:
+    """The fields of ``AttentionSettings`` as keyword arguments, sequences as (nested)
+    tuples (``nn.scan`` hashes a module's attributes)."""
+    return {name: _as_tuples(getattr(self, name)) for name in ATTENTION_FIELDS}
+
+
+ATTENTION_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionSettings)
+                         if f.init and f.name not in ("parent", "name"))
+"""The names of the attention settings (``AttentionSettings``' fields)."""
+
+
+def _as_tuples(value: Any) -> Any:
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+class AttentionCell(AttentionSettings):
+  """One step k of the recurrent memorized-attention module (Eq. 2, 4, 5).
+
+  Carry ``(c, h, theta)``: LSTM cell (B, hidden), hidden state (B, hidden), and the
+  transform (B, 4) that samples this step's region. Returns the new carry and the step's
+  ``(s_k, theta_k, z_k)``. Attributes: ``AttentionSettings`` (``num_regions`` unused).
+  """
 
   @nn.compact
   def __call__(self, carry, step, features):
@@ -208,7 +252,8 @@ class AttentionCell(nn.Module):
     next_theta = dense(
         4, name="zm",
         kernel_init=lambda *a: self.theta_kernel_scale * xavier(*a),
-        bias_init=lambda _, shape, dtype=jnp.float32: jnp.asarray(self.theta_bias, dtype).reshape(shape),
+        bias_init=lambda _, shape, dtype=jnp.float32: jnp.asarray(
+            self.theta_bias, dtype).reshape(shape),
     )(z).astype(out_dtype)
     if self.step_theta_init is not None:
       # A learned per-step bias (a step embedding added to b_m): step k places region k+1.
@@ -218,23 +263,11 @@ class AttentionCell(nn.Module):
     return (c, h, next_theta), (s, theta, z.astype(out_dtype))
 
 
-class RecurrentAttention(nn.Module):
+class RecurrentAttention(AttentionSettings):
   """The K+1-step attention module over a conv5_3 map, scanned with ``nn.scan``.
 
-  Attributes: as ``AttentionCell`` plus ``num_regions`` (K).
+  Attributes: ``AttentionSettings``.
   """
-  num_classes: int
-  num_regions: int = 5
-  sample_size: int = 7
-  x_dim: int = 4096
-  hidden_dim: int = 512
-  z_dim: int = 512
-  standard_lstm: bool = False
-  theta_bias: Sequence[float] = DEFAULT_THETA_BIAS
-  theta_kernel_scale: float = 0.1
-  fixed_regions: Sequence[Sequence[float]] | None = None
-  step_theta_init: Sequence[Sequence[float]] | None = None
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features: jax.Array, return_features: bool = False) -> dict[str, jax.Array]:
@@ -244,14 +277,7 @@ class RecurrentAttention(nn.Module):
     batch = features.shape[0]
     scan = nn.scan(AttentionCell, variable_broadcast="params", split_rngs={"params": False},
                    in_axes=(0, nn.broadcast), out_axes=0, length=self.num_regions + 1)
-    cell = scan(num_classes=self.num_classes, sample_size=self.sample_size, x_dim=self.x_dim,
-                hidden_dim=self.hidden_dim, z_dim=self.z_dim, standard_lstm=self.standard_lstm,
-                theta_bias=tuple(self.theta_bias), theta_kernel_scale=self.theta_kernel_scale,
-                fixed_regions=(None if self.fixed_regions is None else
-                               tuple(tuple(r) for r in self.fixed_regions)),
-                step_theta_init=(None if self.step_theta_init is None else
-                                 tuple(tuple(r) for r in self.step_theta_init)),
-                dtype=self.dtype, name="cell")
+    cell = scan(**self.attention_settings(), name="cell")
     out_dtype = output_dtype(self.dtype)
     zeros = jnp.zeros((batch, self.hidden_dim), out_dtype)
     theta0 = jnp.broadcast_to(jnp.asarray(ops.IDENTITY_THETA, out_dtype), (batch, 4))
@@ -268,43 +294,17 @@ class RecurrentAttention(nn.Module):
     return out
 
 
-class RMA(nn.Module):
+class RMA(AttentionSettings):
   """VGG-16 trunk + recurrent memorized-attention module (the paper's model).
 
   Attributes:
-    num_classes: C.
-    num_regions: K, the number of attentional regions (the module runs K+1 steps).
-    sample_size: S, regions are sampled to S x S (7 matches VGG fc6 for ``W_fx``).
+    num_classes, num_regions, ..., dtype: the attention settings, ``AttentionSettings``.
     width: trunk channel divisor (1 = real VGG-16).
-    x_dim, hidden_dim, z_dim: sizes of x_k (4096 = fc6), the LSTM state and z_k.
-    standard_lstm: ``h = o * tanh(c)`` instead of the paper's ``h = o * c``.
-    theta_bias: initial ``b_m`` = (sx, sy, tx, ty) every predicted region starts near.
-    theta_kernel_scale: multiplies the Xavier init of ``W_zm`` so early regions stay near
-      ``theta_bias`` instead of jumping around while the LSTM is untrained.
-    fixed_regions: optional (K+1, 4) transforms used instead of the predicted ones.
-    step_theta_init: optional (K+1, 4) initial value of a learned per-step bias
-      ``attention/cell/zm_step`` added to ``b_m`` at each step (a step embedding of the
-      region transform): row k is added when step k predicts region k+1 (the last row is
-      unused). ``anchor_step_offsets`` starts region 1 at the centre box and region k at
-      its anchor. ``None`` (default, the paper): one ``b_m`` for every step.
-    dtype: computation dtype (parameters float32).
     remat: rematerialise the trunk's blocks in the backward pass.
     conv_impl: the trunk's 3x3 conv backward pass, see ``VGG16.conv_impl``.
     trunk_init: the trunk's from-scratch initialisation, see ``VGG16.init_scheme``.
   """
-  num_classes: int
-  num_regions: int = 5
-  sample_size: int = 7
   width: int = 1
-  x_dim: int = 4096
-  hidden_dim: int = 512
-  z_dim: int = 512
-  standard_lstm: bool = False
-  theta_bias: Sequence[float] = DEFAULT_THETA_BIAS
-  theta_kernel_scale: float = 0.1
-  fixed_regions: Sequence[Sequence[float]] | None = None
-  step_theta_init: Sequence[Sequence[float]] | None = None
-  dtype: Dtype = jnp.float32
   remat: bool = False
   conv_impl: str = "auto"
   trunk_init: str = "he"
@@ -312,12 +312,7 @@ class RMA(nn.Module):
   def setup(self):
     self.trunk = VGG16(width=self.width, dtype=self.dtype, remat=self.remat,
                        conv_impl=self.conv_impl, init_scheme=self.trunk_init)
-    self.attention = RecurrentAttention(
-        num_classes=self.num_classes, num_regions=self.num_regions,
-        sample_size=self.sample_size, x_dim=self.x_dim, hidden_dim=self.hidden_dim,
-        z_dim=self.z_dim, standard_lstm=self.standard_lstm, theta_bias=self.theta_bias,
-        theta_kernel_scale=self.theta_kernel_scale, fixed_regions=self.fixed_regions,
-        step_theta_init=self.step_theta_init, dtype=self.dtype)
+    self.attention = RecurrentAttention(**self.attention_settings())
 
   def __call__(self, images: jax.Array, return_features: bool = False) -> dict[str, jax.Array]:
     """Scores a batch of images: ``attend(features(images))``.
@@ -358,8 +353,8 @@ class RMA(nn.Module):
 def fixed_region_thetas(num_regions: int, scale: float = 0.5) -> np.ndarray:
   """(K+1, 4) transforms for the fixed-regions control: step 0 the identity, region 1 the
   centre box and regions 2..K boxes at the anchor points, all of half-size ``scale``."""
-  from rma_jax.losses import anchor_points  # local: losses imports nothing from models
-  centres = np.concatenate([np.zeros((1, 2)), np.asarray(anchor_points(num_regions))], axis=0)
+  centres = np.concatenate([np.zeros((1, 2)), np.asarray(losses.anchor_points(num_regions))],
+                           axis=0)
   thetas = [ops.IDENTITY_THETA] + [(scale, scale, float(cx), float(cy)) for cx, cy in centres]
   return np.asarray(thetas, np.float32)
 

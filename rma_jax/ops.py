@@ -22,6 +22,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IDENTITY_THETA = (1.0, 1.0, 0.0, 0.0)
 
@@ -93,16 +94,21 @@ def sample_regions(features: jax.Array, theta: jax.Array, size: int | Sequence[i
   return jnp.einsum("brih,brhjc->brijc", a_y, rows, precision=precision)
 
 
-def theta_to_boxes(theta: jax.Array) -> jax.Array:
+def theta_to_boxes(theta: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
   """Converts transforms to boxes ``(x0, y0, x1, y1)`` in normalised [-1, 1] coordinates.
 
+  The one place of this formula: a region covers ``x in [tx - |sx|, tx + |sx|]`` and
+  ``y in [ty - |sy|, ty + |sy|]``, -1 and +1 the outer edges (align_corners=False). The
+  metrics (``rma_jax.regions``) and the pictures (``rma_jax.visualize``) call it on NumPy.
+
   Args:
-    theta: (..., 4) transforms ``(sx, sy, tx, ty)``.
+    theta: (..., 4) transforms ``(sx, sy, tx, ty)``: a JAX array (may be traced), or a
+      NumPy array, which stays NumPy in its own dtype.
 
   Returns:
     (..., 4) boxes with ``x0 <= x1`` and ``y0 <= y1`` (a mirrored region, negative scale,
     covers the same box).
   """
-  sx, sy, tx, ty = (theta[..., i] for i in range(4))
-  ax, ay = jnp.abs(sx), jnp.abs(sy)
-  return jnp.stack([tx - ax, ty - ay, tx + ax, ty + ay], axis=-1)
+  xp = np if isinstance(theta, np.ndarray) else jnp
+  half, centre = xp.abs(theta[..., :2]), theta[..., 2:]
+  return xp.concatenate([centre - half, centre + half], axis=-1)

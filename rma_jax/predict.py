@@ -6,7 +6,7 @@
 For each image: the top labels are printed, ``predictions.json`` gets its scores per class,
 top labels, the K attentional boxes in pixels of the ORIGINAL image and, for each predicted
 label, the region that gave it (``k* = argmax_k s_k^c``, the region whose score the
-category-wise max pooling kept; ``rma_jax.metrics.pointing_regions``), and ``<name>.png``
+category-wise max pooling kept; ``rma_jax.regions.pointing_regions``), and ``<name>.png``
 shows the boxes in distinct colours, each labelled ``<step>: <the predicted labels it gave>``
 (``<step>: (<its top class>)`` in parentheses when it gave none).
 
@@ -35,8 +35,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from rma_jax import evaluate, visualize
+from rma_jax import build, checkpointing, metrics, regions, views, visualize
 from rma_jax.data import classes as data_classes
+from rma_jax.data import decode, preprocess
 
 _DRAW_MAX_SIDE = 1024  # pictures of larger images are drawn on a downscaled copy
 
@@ -157,7 +158,6 @@ def predict_arrays(fn: Any, variables: Any, images: Sequence[np.ndarray], *, siz
     host arrays over the images, e.g. ``scores`` (n, C), ``region_scores`` (n, K, C),
     ``theta`` (n, K+1, 4) for RMA.
   """
-  from rma_jax.data import preprocess
   chunks: dict[str, list[np.ndarray]] = {}
   for start in range(0, len(images), batch_size):
     part = [preprocess.eval_transform(im, size) for im in images[start:start + batch_size]]
@@ -196,14 +196,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
     ``reason``}] (see ``list_inputs``, and every file that could not be decoded). Written
     even when an error stops the run, for the images labelled until then.
   """
-  from rma_jax import metrics, train
-  from rma_jax.data import decode
-
   step = None
   if params is None:
-    params, step = train.load_params(workdir, which)
+    params, step = checkpointing.load_params(workdir, which)
   names = class_names_for(config, workdir=workdir)
-  model = train.build_model(config, len(names))
+  model = build.build_model(config, len(names))
   size = config.data.crop_size
   batch_size = batch_size or config.eval.batch_size
   top_k = top_k or config.eval.get("top_k") or 3
@@ -215,8 +212,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
       "workdir": os.path.abspath(workdir) if workdir else None, "checkpoint_step": step,
       "model": config.model.name, "class_names": list(names), "score_transform": transform,
       "input_size": size, "images": [], "skipped": []}
-  fn = evaluate.make_scores_fn(model, crop_size=None,
-                               pixel_convention=config.data.pixel_convention)
+  fn = views.make_scores_fn(model, crop_size=None,
+                            pixel_convention=config.data.pixel_convention)
   variables = {"params": params}
   used: set[str] = set()
 
@@ -239,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
         # The model saw a resized copy; the normalised frame is the whole image either way.
         boxes = visualize.theta_to_pixel_boxes(out["theta"][i, 1:], w, h)
         region_cls = np.argmax(out["region_scores"][i], axis=-1)
-        kstar = metrics.pointing_regions(out["region_scores"][i:i + 1])[0]  # (C,)
+        kstar = regions.pointing_regions(out["region_scores"][i:i + 1])[0]  # (C,)
         shown = sorted(set(order.tolist()) | set(np.flatnonzero(predicted[i]).tolist()))
         entry["label_regions"] = {names[c]: int(kstar[c]) + 1 for c in shown}
         for k, (box, c) in enumerate(zip(boxes, region_cls)):

@@ -1,12 +1,10 @@
-"""Evaluation reports: the paper's published numbers beside the measured ones, plus a metric card.
+"""Evaluation reports: the measured numbers beside the paper's, and the metric card.
 
-Multi-label codebases compute "mAP", "CF1" and friends in subtly different ways (AP variant,
-VOC difficult labels, images without labels, top-k and threshold, F1 of means or mean of
-F1s), so every report states its protocol in a *metric card*. ``write_report`` writes
-``report.json`` (results, card, the paper's rows for the data set) and ``report.md``
-(tables laid out like the paper's Table 1 and Table 2).
-
-The ``PAPER_*`` constants are copied from Wang et al., ICCV 2017, Tables 1-6, in percent.
+``write_report`` writes ``report.json`` (results, card, the paper's rows for the data set)
+and ``report.md`` (tables laid out like the paper's Table 1 and Table 2, every protocol,
+the pointing game, the metric card); ``write_evaluation_report`` does it for the results of
+``rma_jax.evaluate.evaluate_and_report``. The paper's numbers are ``rma_jax.paper``, the
+card ``rma_jax.metric_card``.
 """
 
 from __future__ import annotations
@@ -14,171 +12,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from typing import Any, Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
-from rma_jax.data.classes import COCO_CLASSES
-
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
-# The paper's column headers for VOC_CLASSES (Table 1).
-VOC_SHORT_NAMES = ("aero", "bike", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-                   "cow", "table", "dog", "horse", "mbike", "person", "plant", "sheep", "sofa",
-                   "train", "tv")
-
-# Table 1: per-class AP (VOC_CLASSES order) and mAP on VOC 2007 test, in %.
-PAPER_VOC2007_AP: dict[str, dict[str, Any]] = {
-    name: {"ap": row[:20], "mAP": row[20]} for name, row in (
-        ("CNN-SVM [23]", (88.5, 81.0, 83.5, 82.0, 42.0, 72.5, 85.3, 81.6, 59.9, 58.5, 66.5,
-                          77.8, 81.8, 78.8, 90.2, 54.8, 71.1, 62.6, 87.2, 71.8, 73.9)),
-        ("CNN-RNN [26]", (96.7, 83.1, 94.2, 92.8, 61.2, 82.1, 89.1, 94.2, 64.2, 83.6, 70.0,
-                          92.4, 91.7, 84.2, 93.7, 59.8, 93.2, 75.3, 99.7, 78.6, 84.0)),
-        ("VeryDeep [24]", (98.9, 95.0, 96.8, 95.4, 69.7, 90.4, 93.5, 96.0, 74.2, 86.6, 87.8,
-                           96.0, 96.3, 93.1, 97.2, 70.0, 92.1, 80.3, 98.1, 87.0, 89.7)),
-        ("RLSD [31]", (96.4, 92.7, 93.8, 94.1, 71.2, 92.5, 94.2, 95.7, 74.3, 90.0, 74.2,
-                       95.4, 96.2, 92.1, 97.9, 66.9, 93.5, 73.7, 97.5, 87.6, 88.5)),
-        ("HCP [27]", (98.6, 97.1, 98.0, 95.6, 75.3, 94.7, 95.8, 97.3, 73.1, 90.2, 80.0,
-                      97.3, 96.1, 94.9, 96.3, 78.3, 94.7, 76.2, 97.9, 91.5, 90.9)),
-        ("FeV+LV [30]", (97.9, 97.0, 96.6, 94.6, 73.6, 93.9, 96.5, 95.5, 73.7, 90.3, 82.8,
-                         95.4, 97.7, 95.9, 98.6, 77.6, 88.7, 78.0, 98.3, 89.0, 90.6)),
-        ("Ours (512)", (98.5, 96.7, 95.6, 95.7, 73.7, 92.1, 95.8, 96.8, 76.5, 92.9, 87.2,
-                        96.6, 97.5, 92.8, 98.3, 76.9, 91.3, 83.6, 98.6, 88.1, 91.3)),
-        ("Ours (640)", (97.7, 97.3, 96.4, 95.8, 74.6, 91.9, 96.5, 96.7, 75.2, 89.9, 87.1,
-                        96.0, 96.9, 93.2, 98.4, 81.3, 93.4, 81.3, 98.3, 88.5, 91.3)),
-        ("Ours", (98.6, 97.4, 96.3, 96.2, 75.2, 92.4, 96.5, 97.1, 76.5, 92.0, 87.7,
-                  96.8, 97.5, 93.8, 98.5, 81.6, 93.7, 82.8, 98.6, 89.3, 91.9)),
-    )
-}
-
-PRF_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
-PRF_HEADERS = ("C-P", "C-R", "C-F1", "O-P", "O-R", "O-F1")
-
-# Table 2: MS-COCO 2014 val, top-3 labels with probability >= 0.5, in %.
-PAPER_COCO2014_PRF: dict[str, dict[str, float]] = {
-    name: dict(zip(PRF_KEYS, row)) for name, row in (
-        ("WARP [10]", (59.3, 52.5, 55.7, 59.8, 61.4, 60.7)),
-        ("CNN-RNN [26]", (66.0, 55.6, 60.4, 69.2, 66.4, 67.8)),
-        ("RLSD [31]", (67.6, 57.2, 62.0, 70.1, 63.4, 66.5)),
-        ("Ours (512)", (77.7, 58.1, 66.5, 83.4, 62.3, 71.3)),
-        ("Ours (640)", (78.0, 57.7, 66.3, 83.8, 62.3, 71.4)),
-        ("Ours", (79.1, 58.7, 67.4, 84.0, 63.0, 72.0)),
-    )
-}
-
-# Table 3: VOC 2007 mAP, single crop at 512 x 512.
-PAPER_TABLE3_VOC2007_MAP = {"object proposals": 88.6, "attentional regions": 90.4}
-
-# Table 4: VOC 2007 mAP by localisation constraints (A anchor, S scale, P positive),
-# ten-crop at 512 x 512.
-PAPER_TABLE4_VOC2007_MAP = {"null": 89.9, "S+P": 90.2, "A+S": 90.4, "A+P": 90.3,
-                            "A+S+P": 91.3}
-
-# Table 5: MS-COCO by constraints, ten-crop at 512 x 512.
-PAPER_TABLE5_COCO2014 = {
-    "null": {"CF1": 65.8, "OF1": 70.9, "mAP": 71.5},
-    "A+S+P": {"CF1": 66.5, "OF1": 71.3, "mAP": 72.2},
-}
-
-# Table 6: mAP by test-time scales and crops.
-PAPER_TABLE6_MAP = {
-    "s=512 + single-crop": {"voc2007": 90.4, "coco2014": 70.4},
-    "s=640 + single-crop": {"voc2007": 90.4, "coco2014": 70.5},
-    "s=512 + ten-crop": {"voc2007": 91.3, "coco2014": 72.2},
-    "s=640 + ten-crop": {"voc2007": 91.3, "coco2014": 72.3},
-    "two scales + ten-crop": {"voc2007": 91.9, "coco2014": 73.4},
-}
-
-_AP_TEXT = {
-    "voc07": ("VOC 2007 devkit 11-point interpolated AP (VOCevalcls.m: mean over "
-              "t = 0:0.1:1 of max precision at recall >= t; tied scores ranked in image "
-              "order, not grouped)"),
-    "all": ("all-point AP, the area under the step precision-recall curve with tied scores "
-            "grouped (= sklearn.metrics.average_precision_score per class)"),
-}
+from rma_jax.data.classes import paper_dataset
+from rma_jax.metric_card import evaluation_card, metric_card, metric_card_from_config
+from rma_jax.paper import (PAPER_COCO2014_PRF, PAPER_TABLE6_MAP, PAPER_VOC2007_AP, PRF_HEADERS,
+                           PRF_KEYS, VOC_SHORT_NAMES, paper_rows)
 
 
-def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None = None,
-                images_scored: str | None = None, top_k: int | None = 3,
-                threshold: float = 0.5, score_transform: str = "softmax",
-                prf_score_transform: str | None = None,
-                views: str = "ten-view", scales: Sequence[int] = (512,),
-                num_images: int | None = None,
-                num_images_without_labels: int | None = None,
-                notes: Sequence[str] = ()) -> dict[str, Any]:
-  """The protocol behind a set of numbers, as a JSON-ready dict.
-
-  Args:
-    dataset: data set name (``voc2007``, ``coco2014``, ``demo``, ...) and split if useful.
-    ap_mode: ``voc07`` or ``all`` (see ``rma_jax.metrics``).
-    difficult: how VOC difficult labels were treated; default for voc2007: ignored per class.
-    images_scored: which images were scored (e.g. COCO images without labels kept or
-      dropped); a default sentence is derived from the counts when omitted.
-    top_k, threshold: the label-selection rule of CP ... OF1 (``top_k=None``: threshold only).
-    score_transform: ``softmax`` | ``sigmoid`` | ``none``, applied before AP.
-    prf_score_transform: the scale CP…OF1's threshold applies to (``softmax_max``: softmax
-      divided by its per-image maximum); None: the same as ``score_transform``.
-    views: ``single-view`` or ``ten-view`` (4 corner + centre crops of conv5_3, flipped).
-    scales: the input sizes N whose scores were averaged.
-    num_images: images scored; num_images_without_labels: of those, with no positive label.
-    notes: free-text lines appended to the card.
-
-  Returns:
-    dict of card fields (strings, numbers, lists).
-  """
-  if ap_mode not in _AP_TEXT:
-    raise ValueError(f"ap_mode must be one of {tuple(_AP_TEXT)}, got {ap_mode!r}")
-  if difficult is None:
-    difficult = ("an image whose only instances of a class are 'difficult' is ignored for "
-                 "that class (neither positive nor negative), as in the VOC devkit"
-                 if dataset.startswith("voc") else "not applicable (no difficult labels)")
-  if images_scored is None:
-    images_scored = "every image of the evaluation split"
-    if num_images_without_labels:
-      images_scored += (f"; {num_images_without_labels} images without any label were kept "
-                        "(they add false positives only)")
-    elif num_images_without_labels == 0:
-      images_scored += "; none of them is without labels"
-  selection = (f"top-{top_k} scores of each image that are >= {threshold}" if top_k
-               else f"every score >= {threshold}")
-  return {
-      "dataset": dataset,
-      "ap_mode": ap_mode,
-      "ap_variant": _AP_TEXT[ap_mode],
-      "mAP": "mean of the per-class APs over classes with at least one positive image",
-      "difficult": difficult,
-      "images_scored": images_scored,
-      "num_images": num_images,
-      "num_images_without_labels": num_images_without_labels,
-      "top_k": top_k,
-      "threshold": threshold,
-      "predicted_labels": selection + " (ties at the k-th score: lower class index first)",
-      "f1": ("CF1 = 2 CP CR / (CP + CR) and OF1 = 2 OP OR / (OP + OR): the F1 of the mean "
-             "precision and recall (Eq. 15), not the mean of per-class F1"),
-      "zero_division": ("precision of a class never predicted = 0, recall of a class with no "
-                        "positive = 0; both still count in CP/CR (means over all classes); "
-                        "F1 of 0/0 = 0"),
-      "score_transform": score_transform,
-      "prf_score_transform": prf_score_transform or score_transform,
-      "views": views,
-      "scales": [int(s) for s in scales],
-      "notes": [str(n) for n in notes],
-  }
-
-
-def metric_card_from_config(config: Any, **overrides: Any) -> dict[str, Any]:
-  """``metric_card`` filled from a run config (``config.data.name`` and ``config.eval``)."""
-  e = config.eval
-  kw = dict(dataset=config.data.name, ap_mode=e.ap_mode, top_k=e.top_k or None,
-            threshold=e.threshold, score_transform=e.score_transform,
-            views="ten-view" if e.ten_view else "single-view", scales=tuple(e.scales))
-  kw.update(overrides)
-  return metric_card(**kw)
-
-
-def _pct(x: Any) -> str:
+def pct(x: Any) -> str:
   """A fraction as % with one decimal; '–' for a missing value (NaN / None)."""
   if x is None:
     return "–"
@@ -196,17 +42,6 @@ def _row(cells: Sequence[str]) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
-
-
-def _is_voc(dataset_name: str, class_names: Sequence[str]) -> bool:
-  return dataset_name.lower() in ("voc2007", "voc/2007", "voc07") and (
-      tuple(class_names) == VOC_CLASSES)
-
-
-def _is_coco(dataset_name: str, class_names: Sequence[str] | None = None) -> bool:
-  """COCO 2014 itself (a tree of the user's own in COCO format has other classes)."""
-  return dataset_name.lower() in ("coco2014", "coco/2014", "coco") and (
-      class_names is None or tuple(class_names) == COCO_CLASSES)
 
 
 def _is_fraction_key(path: str) -> bool:
@@ -243,7 +78,7 @@ def _extra_lines(d: Mapping[str, Any], skip: Sequence[str], prefix: str = "") ->
       if isinstance(v, (bool, np.bool_)) or isinstance(v, (int, np.integer)):
         lines.append(f"- {path}: {v}")
       elif _is_fraction_key(path):
-        lines.append(f"- {path}: {_pct(v)} %")
+        lines.append(f"- {path}: {pct(v)} %")
       else:
         lines.append(f"- {path}: {float(v):.4g}")
   return lines
@@ -275,7 +110,8 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
   m, headline = _headline(results)
   label = f"**{method_name}**" + (f" ({headline})" if headline else "")
   lines = [f"# Evaluation report: {dataset_name}", "", *sections]
-  voc, coco = _is_voc(dataset_name, class_names), _is_coco(dataset_name, class_names)
+  dataset = paper_dataset(dataset_name, class_names)
+  voc, coco = dataset == "voc2007", dataset == "coco2014"
   ap_mode = m.get("ap_mode", card.get("ap_mode", ""))
 
   if "ap" in m:
@@ -289,11 +125,11 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
       if voc:
         rows += [[name, *map(_paper, r["ap"]), _paper(r["mAP"])]
                  for name, r in PAPER_VOC2007_AP.items()]
-      rows.append([label, *map(_pct, ap), _pct(m.get("mAP"))])
+      rows.append([label, *map(pct, ap), pct(m.get("mAP"))])
       lines += _table(header, rows)
     else:
-      rows = [[name, _pct(a)] for name, a in zip(class_names, ap)]
-      rows.append(["**mAP**", _pct(m.get("mAP"))])
+      rows = [[name, pct(a)] for name, a in zip(class_names, ap)]
+      rows.append(["**mAP**", pct(m.get("mAP"))])
       lines += _table(["Class", label], rows)
     lines.append("")
 
@@ -302,7 +138,7 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
     lines += ["## mAP beside the paper's Table 6, %", ""]
     rows = [[f"Paper: {name}", _paper(v[key])] for name, v in PAPER_TABLE6_MAP.items()]
     rows.append([f"{label}, {card.get('views', '')}, scales {card.get('scales', '')}",
-                 _pct(m["mAP"])])
+                 pct(m["mAP"])])
     lines += _table(["Setting", "mAP"], rows)
     lines.append("")
 
@@ -312,7 +148,7 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
     if coco:
       rows += [[name, *(_paper(r[k]) for k in PRF_KEYS)]
                for name, r in PAPER_COCO2014_PRF.items()]
-    rows.append([label, *(_pct(m[k]) for k in PRF_KEYS)])
+    rows.append([label, *(pct(m[k]) for k in PRF_KEYS)])
     lines += _table(["Methods", *PRF_HEADERS], rows)
     lines.append("")
 
@@ -321,10 +157,13 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
 
   if headline is not None:
     lines += ["## All protocols, %", ""]
-    rows = [[name + (" (headline)" if name == headline else ""), _pct(p.get("mAP")),
-             _pct(p.get("mAP_all")), *(_pct(p.get(k)) for k in ("CF1", "OF1"))]
-            for name, p in results["protocols"].items()]
-    lines += _table(["Protocol", f"mAP ({ap_mode})", "mAP (all-point)", "C-F1", "O-F1"], rows)
+    # mAP in the report's AP variant, and all-point mAP beside it unless that is the same.
+    keys = ("mAP",) + (() if ap_mode == "all" else ("mAP_all",)) + ("CF1", "OF1")
+    headers = {"mAP": f"mAP ({ap_mode})", "mAP_all": "mAP (all-point)", "CF1": "C-F1",
+               "OF1": "O-F1"}
+    rows = [[name + (" (headline)" if name == headline else ""),
+             *(pct(p.get(k)) for k in keys)] for name, p in results["protocols"].items()]
+    lines += _table(["Protocol", *(headers[k] for k in keys)], rows)
     lines.append("")
     extra = _extra_lines(results, ("protocols", "headline", "class_names", "pointing"))
   else:
@@ -355,72 +194,57 @@ def _pointing_lines(pointing: Mapping[str, Any], class_names: Sequence[str]) -> 
            "the region whose score the max pooling kept? (metric card: notes)", ""]
   lines += _table(["Regions", "hit rate", "mean per-class hit rate", "mean IoU of k*",
                    "pairs"],
-                  [[label, _pct(p.get("hit_rate")), _pct(p.get("mean_class_hit_rate")),
-                    _pct(p.get("mean_iou")), str(p.get("num_pairs", "–"))]
+                  [[label, pct(p.get("hit_rate")), pct(p.get("mean_class_hit_rate")),
+                    pct(p.get("mean_iou")), str(p.get("num_pairs", "–"))]
                    for label, p in rows])
   per_class = [(label, p.get("hit_rate_per_class")) for label, p in rows]
   if all(v is not None and len(v) == len(class_names) for _, v in per_class):
     lines += ["", "Hit rate per class, %:", ""]
     if len(class_names) <= 20:
       lines += _table(["Regions", *class_names],
-                      [[label, *map(_pct, v)] for label, v in per_class])
+                      [[label, *map(pct, v)] for label, v in per_class])
     else:
       lines += _table(["Class", *(label for label, _ in per_class)],
-                      [[name, *(_pct(v[i]) for _, v in per_class)]
+                      [[name, *(pct(v[i]) for _, v in per_class)]
                        for i, name in enumerate(class_names)])
   lines.append("")
   return lines
 
 
-def to_jsonable(value: Any) -> Any:
-  """Arrays -> lists, NumPy scalars -> Python numbers, NaN/inf -> None (strict JSON)."""
+def to_jsonable(value: Any, *, strict: bool = True) -> Any:
+  """Arrays -> lists, NumPy scalars -> Python numbers, keys -> str; with ``strict``, NaN and
+  inf -> None (strict JSON), else they stay floats."""
   if isinstance(value, Mapping):
-    return {str(k): to_jsonable(v) for k, v in value.items()}
+    return {str(k): to_jsonable(v, strict=strict) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [to_jsonable(v) for v in value]
+    return [to_jsonable(v, strict=strict) for v in value]
   if isinstance(value, (str, bytes)) or value is None:
     return value
   if hasattr(value, "__array__"):
     arr = np.asarray(value)
-    return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
+    return to_jsonable(arr.tolist() if arr.ndim else arr.item(), strict=strict)
   if isinstance(value, bool):
     return value
   if isinstance(value, int):
     return int(value)
   if isinstance(value, float):
-    return value if math.isfinite(value) else None
+    return value if math.isfinite(value) or not strict else None
   return value
 
 
-def paper_rows(dataset_name: str, class_names: Sequence[str] | None = None
-               ) -> dict[str, Any]:
-  """The paper's published numbers for a data set (empty for others, and for trees of the
-  user's own under the same name: ``class_names`` differ), in %."""
-  if dataset_name.lower() in ("voc2007", "voc/2007", "voc07") and (
-      class_names is None or tuple(class_names) == VOC_CLASSES):
-    return {"table1_ap": {"classes": list(VOC_CLASSES),
-                          "rows": {k: {"ap": list(v["ap"]), "mAP": v["mAP"]}
-                                   for k, v in PAPER_VOC2007_AP.items()}},
-            "table3_map": dict(PAPER_TABLE3_VOC2007_MAP),
-            "table4_map": dict(PAPER_TABLE4_VOC2007_MAP),
-            "table6_map": {k: v["voc2007"] for k, v in PAPER_TABLE6_MAP.items()}}
-  if _is_coco(dataset_name, class_names):
-    return {"table2_prf": {k: dict(v) for k, v in PAPER_COCO2014_PRF.items()},
-            "table5": {k: dict(v) for k, v in PAPER_TABLE5_COCO2014.items()},
-            "table6_map": {k: v["coco2014"] for k, v in PAPER_TABLE6_MAP.items()}}
-  return {}
-
-
-def _write_atomic(path: str, text: str) -> None:
-  """Writes to a temporary file in the same folder, then renames it over ``path``."""
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file in the same folder renamed over it,
+  so readers see the old file or the new one. The file gets the usual permissions (0666
+  less the umask), like any file the user writes."""
   folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
   try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
+    os.replace(tmp, path)  # atomic on POSIX
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -509,8 +333,8 @@ def write_report(results: Mapping[str, Any], out_dir: str, *,
   }
   json_path = os.path.join(out_dir, "report.json")
   md_path = os.path.join(out_dir, "report.md")
-  _write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-  _write_atomic(md_path, markdown_report(results, class_names, dataset_name, card,
+  write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+  write_atomic(md_path, markdown_report(results, class_names, dataset_name, card,
                                          method_name=method_name, sections=sections))
   return json_path, md_path
 
@@ -519,3 +343,19 @@ def load_report(path: str) -> dict[str, Any]:
   """Reads a ``report.json`` (``null`` values stand for NaN)."""
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def write_evaluation_report(results: dict[str, Any], config: ml_collections.ConfigDict,
+                            out_dir: str, scales: Sequence[tuple[int, int]]
+                            ) -> tuple[str, str]:
+  """``write_report`` for ``evaluate_and_report``'s results: the headline protocol in the
+  paper's table layout, every protocol's numbers, attention recall and the pointing game,
+  and ``metric_card.evaluation_card`` (with notes on how each protocol was computed).
+
+  Returns:
+    (path of report.json, path of report.md).
+  """
+  return write_report(results, out_dir, class_names=results["class_names"],
+                      dataset_name=config.data.name,
+                      card=evaluation_card(results, config, scales),
+                      method_name=f"This run ({config.model.name})")

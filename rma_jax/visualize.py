@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rma_jax import ops
+
 # Distinct, colour-blind-friendly colours (Okabe-Ito), then a few more for K > 8.
 REGION_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
                   (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255),
@@ -35,14 +37,56 @@ def theta_to_pixel_boxes(theta: Any, width: int, height: int) -> np.ndarray:
   Returns:
     (..., 4) float64 boxes in pixels, ``0 <= x0 <= x1 <= width``, ``0 <= y0 <= y1 <= height``.
   """
-  th = np.asarray(theta, np.float64)
-  sx, sy, tx, ty = (th[..., i] for i in range(4))
-  ax, ay = np.abs(sx), np.abs(sy)
-  x0 = np.clip((tx - ax + 1.0) / 2.0 * width, 0.0, width)
-  x1 = np.clip((tx + ax + 1.0) / 2.0 * width, 0.0, width)
-  y0 = np.clip((ty - ay + 1.0) / 2.0 * height, 0.0, height)
-  y1 = np.clip((ty + ay + 1.0) / 2.0 * height, 0.0, height)
-  return np.stack([x0, y0, x1, y1], axis=-1)
+  size = np.asarray([width, height, width, height], np.float64)
+  boxes = ops.theta_to_boxes(np.asarray(theta, np.float64))  # in [-1, 1]
+  return np.clip((boxes + 1.0) / 2.0 * size, 0.0, size)
+
+
+Rect = tuple[float, float, float, float]
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+  return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(corners: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]],
+                 width: float, height: float) -> tuple[list[Rect], float]:
+  """Where to draw each label so that no two overlap, each as near its box as possible.
+
+  Label k goes to the free place nearest the top-left corner of its box: its corner itself
+  when it is free (clamped into the picture), else in the first free slot of the rows below
+  it, then above it, trying the columns beside the labels already placed. A label that
+  finds no free place in the picture goes into a strip below it (the caller enlarges the
+  picture by the returned height).
+
+  Args:
+    corners: K points ``(x, y)``, the top-left corners of the boxes, in pixels.
+    sizes: K label sizes ``(w, h)`` in pixels.
+    width, height: the picture's size.
+
+  Returns:
+    (K rectangles ``(x0, y0, x1, y1)``, pairwise disjoint; the height of the strip below the
+    picture that the labels placed there need, 0 when they all fit).
+  """
+  placed: list[Rect] = []
+  strip_y, strip_x, strip_row = float(height), 0.0, 0.0
+  for (cx, cy), (tw, th) in zip(corners, sizes):
+    x = min(max(0.0, cx), max(0.0, width - tw))
+    y = min(max(0.0, cy), max(0.0, height - th))
+    rows = [y + i * th for i in range(int((height - th - y) // th) + 1)]
+    rows += [y - i * th for i in range(1, int(y // th) + 1)]
+    xs = {x, 0.0, max(0.0, width - tw)} | {r[2] for r in placed} | {r[0] - tw for r in placed}
+    columns = sorted((c for c in xs if 0.0 <= c <= max(0.0, width - tw)),
+                     key=lambda c: abs(c - x))
+    spot = next(((c, r) for r in rows for c in columns
+                 if not any(_overlaps((c, r, c + tw, r + th), p) for p in placed)), None)
+    if spot is None:  # the picture is full: the strip below it, left to right, row by row
+      if strip_x > 0 and strip_x + tw > width:
+        strip_y, strip_x, strip_row = strip_y + strip_row, 0.0, 0.0
+      spot = (strip_x, strip_y)
+      strip_x, strip_row = strip_x + tw, max(strip_row, th)
+    placed.append((spot[0], spot[1], spot[0] + tw, spot[1] + th))
+  return placed, max([0.0] + [r[3] - height for r in placed])
 
 
 def draw_regions(image_uint8: Any, boxes_px: Any, labels: Sequence[str], *,
@@ -52,7 +96,9 @@ def draw_regions(image_uint8: Any, boxes_px: Any, labels: Sequence[str], *,
   Args:
     image_uint8: (H, W, 3) uint8 RGB array (or a PIL image).
     boxes_px: (K, 4) boxes ``(x0, y0, x1, y1)`` in pixels of ``image_uint8``.
-    labels: K strings, drawn at the top-left corner of each box (inside the image).
+    labels: K strings, each drawn at the free place nearest the top-left corner of its box
+      (``place_labels``: labels never overlap; those that find no place in the picture go
+      into a strip added below it).
     min_side: small images are enlarged (nearest neighbour) so that the shorter side is at
       least this many pixels and the labels stay legible; boxes are scaled along.
     line_width: box outline width; default scales with the picture.
@@ -75,21 +121,21 @@ def draw_regions(image_uint8: Any, boxes_px: Any, labels: Sequence[str], *,
   lw = line_width or max(2, round(min(w, h) / 150))
   font = ImageFont.load_default(size=max(10, round(min(w, h) / 24)))
   draw = ImageDraw.Draw(img)
-  placed: list[tuple[float, float, float, float]] = []
-  for k, (box, text) in enumerate(zip(boxes, labels)):
-    colour = REGION_COLOURS[k % len(REGION_COLOURS)]
+  colours = [REGION_COLOURS[k % len(REGION_COLOURS)] for k in range(len(boxes))]
+  for box, colour in zip(boxes, colours):
     x0, y0, x1, y1 = (float(v) for v in box)
     draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=lw)
-    tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), text, font=font)
-    tw, th = tx1 - tx0 + 4, ty1 - ty0 + 4
-    # Keep the label inside the picture even for boxes on the border.
-    lx = min(max(0.0, x0), max(0.0, w - tw))
-    ly = min(max(0.0, y0), max(0.0, h - th))
-    # Regions often start at nearly the same corner: move a label down past earlier ones.
-    while ly + 2 * th <= h and any(lx < px1 and px0 < lx + tw and ly < py1 and py0 < ly + th
-                                   for px0, py0, px1, py1 in placed):
-      ly += th
-    placed.append((lx, ly, lx + tw, ly + th))
-    draw.rectangle([lx, ly, lx + tw, ly + th], fill=colour)
+  # Labels go last, each at the free place nearest its box (place_labels): regions often
+  # start at nearly the same corner, and a label must never hide another.
+  text_boxes = [draw.textbbox((0, 0), text, font=font) for text in labels]
+  sizes = [(tx1 - tx0 + 4, ty1 - ty0 + 4) for tx0, ty0, tx1, ty1 in text_boxes]
+  rects, strip = place_labels([(float(b[0]), float(b[1])) for b in boxes], sizes, w, h)
+  if strip > 0:  # more labels than the picture holds: a strip below it for the rest
+    canvas = Image.new("RGB", (w, h + int(np.ceil(strip))), (0, 0, 0))
+    canvas.paste(img, (0, 0))
+    img, draw = canvas, ImageDraw.Draw(canvas)
+  for text, (tx0, ty0, _, _), (lx, ly, lx1, ly1), colour in zip(labels, text_boxes, rects,
+                                                                 colours):
+    draw.rectangle([lx, ly, lx1 - 1, ly1 - 1], fill=colour)
     draw.text((lx + 2 - tx0, ly + 2 - ty0), text, fill=(0, 0, 0), font=font)
   return img

@@ -155,11 +155,12 @@ def _try_lock(path: str) -> tuple[int | None, str]:
 # --------------------------------------------------------------------------- config record
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -200,7 +201,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
 
   Fields only one side has (added or removed by a newer version of the code) are not
   compared."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = flatten(old), flatten(new)
   return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 

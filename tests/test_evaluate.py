@@ -17,7 +17,9 @@ from sklearn.metrics import average_precision_score
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.svm import LinearSVC
 
-from rma_jax import checkpointing, evaluate, metrics, models, train
+from rma_jax import (build, checkpointing, evaluate, models, regions, report, steps,
+                     svm)
+from rma_jax import views as views_lib
 from rma_jax.data import preprocess
 
 K = 3
@@ -25,8 +27,8 @@ C = 4
 TOL = dict(rtol=1e-4, atol=1e-5)
 STATIC = dict(static_argnums=0,
               static_argnames=("crop_size", "pixel_convention", "return_features"))
-ten_view = jax.jit(evaluate.ten_view_scores, **STATIC)
-single_view = jax.jit(evaluate.single_view_scores, static_argnums=0,
+ten_view = jax.jit(views_lib.ten_view_scores, **STATIC)
+single_view = jax.jit(views_lib.single_view_scores, static_argnums=0,
                       static_argnames=("pixel_convention", "return_features"))
 
 
@@ -69,17 +71,17 @@ def images(n, size, seed=0):
 
 
 def test_view_offsets_by_hand():
-  assert evaluate.view_offsets(5, 5, 3, 3) == ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))
-  assert evaluate.view_offsets(4, 6, 4, 2) == ((0, 0), (0, 4), (0, 0), (0, 4), (0, 2))
+  assert views_lib.view_offsets(5, 5, 3, 3) == ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))
+  assert views_lib.view_offsets(4, 6, 4, 2) == ((0, 0), (0, 4), (0, 0), (0, 4), (0, 2))
   with pytest.raises(ValueError):
-    evaluate.view_offsets(4, 4, 5, 2)
+    views_lib.view_offsets(4, 4, 5, 2)
 
 
 def test_ten_views_are_the_crops_and_flips_of_the_map(rma_and_vars):
   model, variables = rma_and_vars
   x = images(2, 80)  # conv5_3 5x5; crop 48 -> patches 3x3
   out = ten_view(model, variables, x, crop_size=48, return_features=True)
-  fmap = np.asarray(jax.jit(evaluate.trunk_features, static_argnums=0)(model, variables, x))
+  fmap = np.asarray(jax.jit(views_lib.trunk_features, static_argnums=0)(model, variables, x))
   corners = [(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)]
   views = [fmap[:, y:y + 3, x0:x0 + 3] for y, x0 in corners]
   views += [np.flip(v, axis=2) for v in views]
@@ -119,7 +121,7 @@ def test_trunk_runs_once_per_image(rma_and_vars, monkeypatch):
 
   monkeypatch.setattr(models.RMA, "features", counting_features)
   x = images(3, 80)
-  fn = lambda v, im: evaluate.ten_view_scores(model, v, im, crop_size=48)
+  fn = lambda v, im: views_lib.ten_view_scores(model, v, im, crop_size=48)
   jaxpr = jax.make_jaxpr(fn)(variables, x)
   assert calls == [(3, 80, 80, 3)]  # one trunk call, on the 3 full images
   # 13 convolutions = one VGG-16 conv stack, each on the batch of 3 (not 30) images.
@@ -171,7 +173,7 @@ def test_baseline_ten_view_matches_a_loop(pool):
   x = images(2, 80, seed=2)
   out = ten_view(model, variables, x, crop_size=48, return_features=True)
   assert "theta" not in out
-  fmap = jax.jit(evaluate.trunk_features, static_argnums=0)(model, variables, x)
+  fmap = jax.jit(views_lib.trunk_features, static_argnums=0)(model, variables, x)
   head = variables["params"]["head"]
   pooled_views = []
   for v, (y, x0) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)] * 2):
@@ -194,7 +196,7 @@ def test_baseline_ten_view_matches_a_loop(pool):
 def test_fuse_scales_is_the_mean():
   a = {"scores": np.array([[1.0, 2.0]]), "features": np.array([[0.0]]), "theta": 1}
   b = {"scores": np.array([[3.0, -2.0]]), "features": np.array([[4.0]])}
-  fused = evaluate.fuse_scales([a, b])
+  fused = views_lib.fuse_scales([a, b])
   np.testing.assert_allclose(fused["scores"], [[2.0, 0.0]])
   np.testing.assert_allclose(fused["features"], [[2.0]])
   assert "theta" not in fused
@@ -212,7 +214,7 @@ def test_svm_head_on_separable_features_picks_c_by_validation_map():
 
   (xt, yt), (xv, yv), (xs, ys) = make(150), make(60), make(60)
   Cs = (1e-4, 1e-2, 1.0)
-  head = evaluate.fit_svm_head(xt, yt, xv, yv, Cs=Cs)
+  head = svm.fit_svm_head(xt, yt, xv, yv, Cs=Cs)
   # Independent: scikit-learn's own one-vs-rest wrapper and AP.
   l2 = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   val_maps = {}
@@ -224,7 +226,7 @@ def test_svm_head_on_separable_features_picks_c_by_validation_map():
   for c in Cs:
     assert head.val_map[c] == pytest.approx(val_maps[c], abs=1e-6)
   ovr = OneVsRestClassifier(LinearSVC(C=head.C, dual="auto", max_iter=5000)).fit(l2(xt), yt)
-  scores = evaluate.svm_scores(head, xs)
+  scores = svm.svm_scores(head, xs)
   np.testing.assert_allclose(scores, ovr.decision_function(l2(xs)), rtol=1e-4, atol=1e-4)
   test_map = np.mean([average_precision_score(ys[:, j], scores[:, j])
                       for j in range(n_classes)])
@@ -235,8 +237,8 @@ def test_svm_head_survives_a_class_without_positives():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(30, 5))
   y = np.stack([(x[:, 0] > 0), np.zeros(30, bool)], axis=1).astype(np.float32)
-  head = evaluate.fit_svm_head(x, y, x, y, Cs=(1.0,))
-  s = evaluate.svm_scores(head, x)
+  head = svm.fit_svm_head(x, y, x, y, Cs=(1.0,))
+  s = svm.svm_scores(head, x)
   assert np.all(s[:, 1] == -1.0) and np.isfinite(s).all()
 
 
@@ -261,9 +263,9 @@ def demo_config(workdir_scales=(64, 80), svm=True):
 def test_evaluate_and_report_end_to_end(tmp_path):
   config = demo_config()
   wd = str(tmp_path)
-  model = train.build_model(config)
-  # The state train.create_train_state makes, with fast_params (its jitted init is slow).
-  state = train.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
+  model = build.build_model(config)
+  # The state steps.create_train_state makes, with fast_params (its jitted init is slow).
+  state = steps.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
                                   tx=optax.adam(1e-3))
   manager = checkpointing.latest_manager(wd)
   checkpointing.save(manager, 0, state)
@@ -307,7 +309,7 @@ def test_evaluate_and_report_end_to_end(tmp_path):
   for i, e in enumerate(ex):
     boxes[i, :len(e["boxes"])] = e["boxes"]
     box_labels[i, :len(e["boxes"])] = e["box_labels"]
-  want = metrics.pointing_game(np.asarray(out["region_scores"]), np.asarray(out["theta"])[:, 1:],
+  want = regions.pointing_game(np.asarray(out["region_scores"]), np.asarray(out["theta"])[:, 1:],
                                y, boxes, box_labels)
   got = results["pointing"]["model_regions"]
   assert got["num_pairs"] == want["num_pairs"] == int(y.sum())
@@ -351,7 +353,7 @@ def test_metric_card_states_the_transforms_that_were_computed(tmp_path):
   results = {"headline": "ten_view@64", "protocols": {"ten_view@64": metrics},
              "split": "test", "checkpoint": "best", "step": 3,
              "class_names": [str(c) for c in range(10)], "num_images": 12}
-  evaluate._write_report(results, config, str(tmp_path), [(64, 48)])
+  report.write_evaluation_report(results, config, str(tmp_path), [(64, 48)])
   card = json.load(open(tmp_path / "report.json"))["metric_card"]
   assert card["score_transform"] == "softmax"
   assert card["prf_score_transform"] == metrics["prf_score_transform"] == "softmax_max"
@@ -367,11 +369,11 @@ def two_evaluated_runs(tmp_path_factory):
   """Two evaluated demo workdirs: two seeds of parameters stand in for models trained at two
   scales, each evaluated (ten-view headline) on the same 12 test images."""
   config = demo_config(workdir_scales=(64,), svm=False)
-  model = train.build_model(config)
+  model = build.build_model(config)
   workdirs = []
   for seed in (0, 1):
     wd = str(tmp_path_factory.mktemp(f"seed{seed}"))
-    state = train.TrainState.create(apply_fn=model.apply,
+    state = steps.TrainState.create(apply_fn=model.apply,
                                     params=fast_params(model, seed=seed)["params"],
                                     tx=optax.adam(1e-3))
     manager = checkpointing.latest_manager(wd)

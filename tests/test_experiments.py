@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from rma_jax.configs import ablations, demo
-from rma_jax import experiments, models, report, train
+from rma_jax import (build, checkpointing, config_checks, experiments, models, optimizer,
+                     paper, parallel, report, steps, train)
+from rma_jax import init as init_lib
+from rma_jax import run as run_lib
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +47,7 @@ def tiny_base():
 def stage1(tmp_path_factory):
   base = tiny_base()
   workdir = str(tmp_path_factory.mktemp("abl") / "stage1")
-  summary = train.train(ablations.stage1_config(base), workdir)
+  summary = train.train(run_lib.stage1_config(base), workdir)
   assert summary["step"] == 1
   return base, workdir
 
@@ -59,10 +62,9 @@ def test_tables_cover_the_papers_rows():
   assert len(names[6]) == 5 and len(names[3]) == 2
   assert [ablations.RUNS[v.run]["model.num_regions"] for v in ablations.TABLES["K"]] == [
       1, 3, 5, 9]
-  # The paper's Table 4 numbers as published (report.PAPER_TABLE4_VOC2007_MAP).
-  from rma_jax import report
+  # The paper's Table 4 numbers as published (paper.PAPER_TABLE4_VOC2007_MAP).
   assert {v.name: v.paper["voc2007"]["mAP"] for v in ablations.TABLES[4]} == (
-      report.PAPER_TABLE4_VOC2007_MAP)
+      paper.PAPER_TABLE4_VOC2007_MAP)
   assert ablations.parse_table("all") == ablations.table_keys()
   assert ablations.parse_table("3,loss") == [3, "loss"]
   with pytest.raises(ValueError):
@@ -74,10 +76,10 @@ def test_every_variant_config_is_valid_and_means_what_its_row_says():
   n, n2 = ablations.scales(base)
   assert (n, n2) == (48, 64)
   assert ablations.second_scale(112) == 144 and ablations.second_scale(512) == 640
-  s1 = ablations.stage1_config(base)
+  s1 = run_lib.stage1_config(base)
   for name, v in ablations.variants().items():
     c = ablations.variant_config(base, name, stage1_dir="/s1", seed=3)
-    train.validate_config(c, num_devices=1)
+    config_checks.validate_config(c, num_devices=1)
     assert c.seed == 3
     kind = ablations.run_kind(v.run)
     flags = (c.loss.use_anchor, c.loss.use_scale, c.loss.use_positive)
@@ -167,29 +169,29 @@ def test_every_training_run_takes_one_step_from_the_shared_stage1(stage1, demo_b
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   base, stage1_dir = stage1
-  s1_params, _ = train.load_params(stage1_dir)
-  mesh = train.make_mesh()
+  s1_params, _ = checkpointing.load_params(stage1_dir)
+  mesh = parallel.make_mesh()
   batch = jax.device_put(demo_batch, NamedSharding(mesh, P("data")))
   lr = base.optim.learning_rate
   config = ablations.run_config(base, run, stage1_dir=stage1_dir)
-  model = train.build_model(config)
-  tx = train.make_optimizer(config.optim, lambda _: lr)
-  state = train.create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
-  params, note = train._initial_params(config, jax.device_get(state.params))
+  model = build.build_model(config)
+  tx = optimizer.make_optimizer(config.optim, lambda _: lr)
+  state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
+  params, note = init_lib.initial_params(config, jax.device_get(state.params))
   if ablations.run_kind(run) == "budget":
     # Not from stage 1's weights but from its initialisation: the same module, seed, init.
     s1 = ablations.run_config(base, ablations.STAGE1)
     assert note.startswith("from scratch"), run
-    assert train.build_model(config) == train.build_model(s1)
+    assert build.build_model(config) == build.build_model(s1)
     assert config.seed == s1.seed and config.init == s1.init
     assert config.optim.learning_rate == s1.optim.learning_rate
-    state, metrics = train.jit_train_step(train.LossConfig.from_config(config), mesh)(
+    state, metrics = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)(
         state, batch)
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])), run
     return
   assert "stage-1" in note, run
   state = state.replace(params=params, opt_state=tx.init(params))
-  state, metrics = train.jit_train_step(train.LossConfig.from_config(config), mesh)(
+  state, metrics = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)(
       state, batch)
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])), run
   new = jax.device_get(state.params)

@@ -9,6 +9,7 @@ from sklearn import metrics as skm
 
 from rma_jax import metrics
 from rma_jax import ops
+from rma_jax import regions
 
 
 def _voc07_devkit_loop(scores, labels, ignore):
@@ -270,11 +271,11 @@ def test_attention_recall_hand_examples():
                   [0.5, 0.5, 1.0, 1.0],     # centre (.75, .75): on region 1's corner -> inside
                   [0.4, 0.4, 0.6, 0.6]]])   # padding
   mask = np.array([[True, True, True, True, False]])
-  assert metrics.attention_recall(theta, gt, mask) == pytest.approx(3 / 4)
+  assert regions.attention_recall(theta, gt, mask) == pytest.approx(3 / 4)
   # A mirrored region (negative scale) covers the same box.
-  assert metrics.attention_recall(theta * np.array([-1, -1, 1, 1]), gt, mask) == pytest.approx(
+  assert regions.attention_recall(theta * np.array([-1, -1, 1, 1]), gt, mask) == pytest.approx(
       3 / 4)
-  assert np.isnan(metrics.attention_recall(theta, gt, np.zeros_like(mask)))
+  assert np.isnan(regions.attention_recall(theta, gt, np.zeros_like(mask)))
 
 
 def test_attention_recall_matches_theta_to_boxes_loop():
@@ -293,7 +294,7 @@ def test_attention_recall_matches_theta_to_boxes_loop():
       cx = 2 * (gt[n, m, 0] + gt[n, m, 2]) / 2 - 1
       cy = 2 * (gt[n, m, 1] + gt[n, m, 3]) / 2 - 1
       hit += any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in boxes[n])
-  assert metrics.attention_recall(theta, gt, mask) == pytest.approx(hit / total, abs=1e-6)
+  assert regions.attention_recall(theta, gt, mask) == pytest.approx(hit / total, abs=1e-6)
   assert 0 < hit < total  # the random case exercises both outcomes
 
 
@@ -352,7 +353,7 @@ def _pointing_hand_case():
 
 def test_pointing_game_hand_example():
   scores, theta, labels, boxes, box_labels, ignore = _pointing_hand_case()
-  got = metrics.pointing_game(scores, theta, labels, boxes, box_labels, ignore)
+  got = regions.pointing_game(scores, theta, labels, boxes, box_labels, ignore)
   assert got["num_pairs"] == 3 and got["num_pairs_without_box"] == 1
   assert got["hit_rate"] == pytest.approx(2 / 3)
   np.testing.assert_allclose(got["hit_rate_per_class"], [1.0, 0.0, 1.0])
@@ -364,15 +365,15 @@ def test_pointing_game_hand_example():
   assert got["mean_iou"] == pytest.approx(1.16 / 3)
   # Attention recall of the same regions ignores which region gave which label: the
   # class-1 object lies in region 2, so every object of image 0 is "covered".
-  assert metrics.attention_recall(theta[:1], boxes[:1], box_labels[:1] >= 0) == 1.0
+  assert regions.attention_recall(theta[:1], boxes[:1], box_labels[:1] >= 0) == 1.0
   # Without the ignore mask the difficult-only pair counts (and misses).
-  assert metrics.pointing_game(scores, theta, labels, boxes, box_labels)["hit_rate"] == (
+  assert regions.pointing_game(scores, theta, labels, boxes, box_labels)["hit_rate"] == (
       pytest.approx(2 / 4))
   # Mirrored regions (negative scales) are the same boxes; one image at a time, too.
-  mirrored = metrics.pointing_game(scores, theta * np.array([-1, -1, 1, 1]), labels, boxes,
+  mirrored = regions.pointing_game(scores, theta * np.array([-1, -1, 1, 1]), labels, boxes,
                                    box_labels, ignore, chunk=1)
   assert mirrored["hit_rate"] == got["hit_rate"] and mirrored["mean_iou"] == got["mean_iou"]
-  assert np.isnan(metrics.pointing_game(scores, theta, np.zeros_like(labels), boxes,
+  assert np.isnan(regions.pointing_game(scores, theta, np.zeros_like(labels), boxes,
                                         box_labels)["hit_rate"])
 
 
@@ -394,8 +395,8 @@ def test_tiling_boxes_have_full_attention_recall_and_zero_pointing():
   scores = np.zeros((n, 5, 3))
   for i, (_, wrong) in enumerate(corners):
     scores[i, wrong, box_labels[i, 0]] = 1.0
-  assert metrics.attention_recall(theta, boxes, np.ones((n, 1), bool)) == 1.0
-  got = metrics.pointing_game(scores, theta, labels, boxes, box_labels)
+  assert regions.attention_recall(theta, boxes, np.ones((n, 1), bool)) == 1.0
+  got = regions.pointing_game(scores, theta, labels, boxes, box_labels)
   assert got["num_pairs"] == n and got["hit_rate"] == 0.0
   # The right regions instead: every label is pointed at.
   right = np.zeros_like(scores)
@@ -403,7 +404,7 @@ def test_tiling_boxes_have_full_attention_recall_and_zero_pointing():
     k = 0 if (x, y) == (0.45, 0.45) else 1 + [(.85, .85), (.85, .15), (.15, .85),
                                             (.15, .15)].index((x, y))
     right[i, k, box_labels[i, 0]] = 1.0
-  assert metrics.pointing_game(right, theta, labels, boxes, box_labels)["hit_rate"] == 1.0
+  assert regions.pointing_game(right, theta, labels, boxes, box_labels)["hit_rate"] == 1.0
 
 
 def test_pointing_game_matches_a_loop_on_random_cases():
@@ -422,39 +423,39 @@ def test_pointing_game_matches_a_loop_on_random_cases():
   labels[1, :] = 1  # classes without boxes in image 1
   ignore = rng.random((n, c)) < 0.15
   hits, pairs, iou = _pointing_loop(scores, theta, labels, boxes, box_labels, ignore)
-  got = metrics.pointing_game(scores, theta, labels, boxes, box_labels, ignore, chunk=5)
+  got = regions.pointing_game(scores, theta, labels, boxes, box_labels, ignore, chunk=5)
   assert got["num_pairs"] == pairs.sum() and 0 < hits.sum() < pairs.sum()
   assert got["hit_rate"] == pytest.approx(hits.sum() / pairs.sum())
   np.testing.assert_allclose(got["hit_rate_per_class"], hits / pairs)
   assert got["mean_iou"] == pytest.approx(iou.sum() / pairs.sum(), abs=1e-12)
   np.testing.assert_allclose(got["mean_iou_per_class"], iou / pairs, atol=1e-12)
   assert 0 < got["mean_iou"] < 1
-  np.testing.assert_array_equal(metrics.pointing_regions(scores)[0, 0], 0)
+  np.testing.assert_array_equal(regions.pointing_regions(scores)[0, 0], 0)
 
 
 def test_pointing_chance_is_deterministic_and_draws_what_it_says():
   scores, theta, labels, boxes, box_labels, ignore = _pointing_hand_case()
   args = (scores, theta, labels, boxes, box_labels, ignore)
-  a = metrics.pointing_chance(*args, seed=3, num_draws=5)
-  b = metrics.pointing_chance(*args, seed=3, num_draws=5)
+  a = regions.pointing_chance(*args, seed=3, num_draws=5)
+  b = regions.pointing_chance(*args, seed=3, num_draws=5)
   assert a["hit_rate"] == b["hit_rate"] and a["mean_iou"] == b["mean_iou"]
   np.testing.assert_array_equal(a["hit_rate_per_class"], b["hit_rate_per_class"])
   assert a["seed"] == 3 and a["num_draws"] == 5 and a["num_pairs"] == 3
-  draws = metrics.random_region_thetas(theta, seed=3, num_draws=5)
-  again = metrics.random_region_thetas(theta, seed=3, num_draws=5)
+  draws = regions.random_region_thetas(theta, seed=3, num_draws=5)
+  again = regions.random_region_thetas(theta, seed=3, num_draws=5)
   np.testing.assert_array_equal(draws, again)
-  assert not np.array_equal(draws, metrics.random_region_thetas(theta, seed=4, num_draws=5))
+  assert not np.array_equal(draws, regions.random_region_thetas(theta, seed=4, num_draws=5))
   # The mean over draws is the mean of pointing_game on each draw.
-  per_draw = [metrics.pointing_game(scores, t, labels, boxes, box_labels, ignore)["hit_rate"]
+  per_draw = [regions.pointing_game(scores, t, labels, boxes, box_labels, ignore)["hit_rate"]
               for t in draws]
   assert a["hit_rate"] == pytest.approx(np.mean(per_draw))
   # Same sizes as the model's regions, every box inside the image.
   np.testing.assert_array_equal(draws[..., :2], np.broadcast_to(np.abs(theta[..., :2]),
                                                                 draws[..., :2].shape))
-  box = metrics.region_boxes(draws)
+  box = regions.region_boxes(draws)
   assert box.min() >= -1.0 and box.max() <= 1.0
   # A box larger than the image keeps containing it.
-  big = metrics.region_boxes(metrics.random_region_thetas(
+  big = regions.region_boxes(regions.random_region_thetas(
       np.array([[[1.5, 1.2, 0.0, 0.0]]]), seed=0, num_draws=50))
   assert (big[..., :2] <= -1.0).all() and (big[..., 2:] >= 1.0).all()
 
@@ -466,7 +467,7 @@ def test_pointing_chance_matches_the_uniform_centre_probability():
   scores = np.ones((1, 1, 1))
   theta = np.array([[[0.5, 0.5, -0.7, 0.3]]])
   boxes = np.array([[[0.9, 0.45, 1.0, 0.55]]])  # centre (0.95, 0.5) -> (0.9, 0.0)
-  got = metrics.pointing_chance(scores, theta, np.ones((1, 1)), boxes, np.zeros((1, 1)),
+  got = regions.pointing_chance(scores, theta, np.ones((1, 1)), boxes, np.zeros((1, 1)),
                                 seed=0, num_draws=4000)
   assert got["hit_rate"] == pytest.approx(0.1, abs=0.02)
 

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,7 +174,7 @@ def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   """model.region_init='anchors': with W_zm = 0 the initial regions are exactly the
   fixed-regions layout (centre box, then the anchors), at the sizes of b_m."""
   from rma_jax.configs import default
-  from rma_jax import train
+  from rma_jax import build
   images = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
   offsets = models.anchor_step_offsets(5)
   np.testing.assert_allclose(offsets[0], 0.0)  # region 1: b_m itself, the centre box
@@ -188,7 +187,7 @@ def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   for key, value in SMALL.items():
     if key != "num_classes":
       config.model[key] = value
-  model = train.build_model(config)
+  model = build.build_model(config)
   variables = model.init(jax.random.key(0), images)
   np.testing.assert_allclose(variables["params"]["attention"]["cell"]["zm_step"], offsets)
   out = model.apply(jax.device_get(variables), images)  # host (NumPy) parameters work too
@@ -202,7 +201,7 @@ def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   np.testing.assert_allclose(off[1:3, 2:] + bias[2:], losses.anchor_points(3), atol=1e-6)
   # Default: no per-step parameter (the paper's single b_m).
   config.model.region_init = ""
-  assert "zm_step" not in train.build_model(config).init(
+  assert "zm_step" not in build.build_model(config).init(
       jax.random.key(0), images)["params"]["attention"]["cell"]
 
 

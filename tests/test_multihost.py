@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from rma_jax.configs import demo
-from rma_jax import checkpointing, train
+from rma_jax import build, checkpointing, optimizer, parallel, steps
 
 pytestmark = pytest.mark.slow  # three JAX processes start and compile: ~1-2 min
 
@@ -173,14 +173,14 @@ def setup():
   """This (single) process's mesh, the data, model and a fresh state as restore target."""
   from rma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config = _config()
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   sources = data_lib.get_sources(config.data, seed=config.seed)
-  model = train.build_model(config, len(sources.class_names))
+  model = build.build_model(config, len(sources.class_names))
   o = config.optim
-  tx = train.make_optimizer(o, train.learning_rate_schedule(o.learning_rate, o, 8, STEPS))
+  tx = optimizer.make_optimizer(o, optimizer.learning_rate_schedule(o.learning_rate, o, 8, STEPS))
   crop = config.data.crop_size
   # The same seed as the runs: this is also their initialisation.
-  state = train.create_train_state(model, tx, jax.random.key(config.seed), (crop, crop, 3), mesh)
+  state = steps.create_train_state(model, tx, jax.random.key(config.seed), (crop, crop, 3), mesh)
   return dict(config=config, mesh=mesh, sources=sources, state=state)
 
 
@@ -243,7 +243,7 @@ def test_two_process_checkpoint_resumes_in_one_process(setup, restored):
   for a in jax.tree.leaves(restored["multi"]):
     assert a.sharding.is_equivalent_to(
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), a.ndim)
-  step_fn = train.jit_train_step(train.LossConfig.from_config(config), mesh)
+  step_fn = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   # Step 4 of the same data stream, as a resumed run would take it.
   batch = next(data_lib.device_put_batches(data_lib.train_batches(
@@ -266,7 +266,7 @@ def test_two_process_checkpoint_resumes_in_one_process(setup, restored):
 
 
 def test_load_params_reads_a_two_process_checkpoint_in_one_process(runs, restored):
-  params, step = train.load_params(runs["multi"], checkpointing.LATEST)
+  params, step = checkpointing.load_params(runs["multi"], checkpointing.LATEST)
   assert step == STEPS
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored["multi"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from rma_jax.configs import default
-from rma_jax import models, train
+from rma_jax import models, optimizer, parallel, steps
 
 SMALL = dict(num_classes=10, num_regions=3, sample_size=3, width=8, x_dim=64, hidden_dim=64,
              z_dim=64)
@@ -71,11 +71,11 @@ def test_bfloat16_training_keeps_float32_parameters_and_optimizer_state():
   config.optim.learning_rate = 1e-3
   # The baseline (same bf16 trunk, a smaller program to compile than the attention model).
   model = models.VGG16(width=16, num_classes=10, dtype=jnp.bfloat16)
-  tx = train.make_optimizer(config.optim, lambda step: config.optim.learning_rate)
-  mesh = train.make_mesh(jax.devices()[:1])
-  state = train.create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
+  tx = optimizer.make_optimizer(config.optim, lambda step: config.optim.learning_rate)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
   batch = _uint8_batch(jax.random.key(2), 4, 32)
-  step_fn = train.jit_train_step(train.LossConfig.from_config(config), mesh)
+  step_fn = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)
   state, metrics = step_fn(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   assert int(state.step) == 1

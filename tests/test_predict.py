@@ -14,7 +14,7 @@ import optax
 import pytest
 from PIL import Image, ImageFile
 
-from rma_jax import checkpointing, predict, train, visualize
+from rma_jax import build, checkpointing, predict, steps, visualize
 from rma_jax.data import preprocess
 from test_evaluate import K, demo_config, fast_params
 
@@ -44,6 +44,35 @@ def test_draw_regions_colours_and_size():
     visualize.draw_regions(image, boxes, ["only one"])
 
 
+def _disjoint(rects):
+  return all(not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+             for i, a in enumerate(rects) for b in rects[i + 1:])
+
+
+def test_labels_of_clustered_boxes_never_overlap():
+  """Nine regions starting at nearly the same corner, low in the picture (where moving a
+  label down runs out of room), with labels of different widths: every label rectangle is
+  disjoint from the others, inside the picture, of its own size, the first at its corner."""
+  rng = np.random.default_rng(0)
+  corners = [(10 + rng.uniform(0, 3), 300 + rng.uniform(0, 3)) for _ in range(9)]
+  sizes = [(120 + 10 * k, 22) for k in range(9)]
+  rects, strip = visualize.place_labels(corners, sizes, 384, 384)
+  assert strip == 0 and _disjoint(rects)
+  assert all(0 <= x0 and x1 <= 384 and 0 <= y0 and y1 <= 384 for x0, y0, x1, y1 in rects)
+  np.testing.assert_allclose([(x1 - x0, y1 - y0) for x0, y0, x1, y1 in rects], sizes)
+  assert rects[0][:2] == corners[0]
+  # More labels than the picture holds: the rest go to a strip below it, still disjoint.
+  big = [(300, 100)] * 9
+  rects, strip = visualize.place_labels(corners, big, 384, 384)
+  assert strip > 0 and _disjoint(rects)
+  assert all(y1 <= 384 + strip and x1 <= 384 for _, _, x1, y1 in rects)
+  image = np.zeros((384, 384, 3), np.uint8)
+  boxes = [(x, y, x + 40, y + 40) for x, y in corners]
+  labels = [f"{k + 1}: " + "class " * 6 for k in range(9)]
+  out = visualize.draw_regions(image, boxes, labels)
+  assert out.size[0] == 384 and out.size[1] >= 384
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
@@ -68,10 +97,10 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
   config = demo_config()
   config.data.max_pixels = 250 * 250  # big.png (300 x 300) is over it
   config.eval.batch_size = 4  # 5 readable images: two batches, the second padded
-  model = train.build_model(config)
+  model = build.build_model(config)
   params = fast_params(model)["params"]
   wd = str(tmp_path / "run")
-  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
   manager = checkpointing.latest_manager(wd)
   checkpointing.save(manager, 3, state)
   manager.wait_until_finished()
@@ -152,8 +181,8 @@ def test_predict_cli_skips_pipes_and_says_what_it_ignored(tmp_path):
   was written); ignored files, a missing path and an empty folder went unmentioned."""
   from test_train import ROOT, TINY, _ENV, tiny_config
   config = tiny_config()
-  model = train.build_model(config)
-  state = train.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
+  model = build.build_model(config)
+  state = steps.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
                                   tx=optax.adam(1e-3))
   wd = str(tmp_path / "run")
   manager = checkpointing.latest_manager(wd)

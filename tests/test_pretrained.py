@@ -21,7 +21,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from rma_jax import models  # noqa: E402
+from rma_jax import init  # noqa: E402
 from rma_jax import pretrained  # noqa: E402
+from rma_jax import weights as weights_lib  # noqa: E402
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -103,7 +105,7 @@ def test_keras_vgg16_h5_gives_keras_activations(tmp_path):
   model.save(path)  # the legacy HDF5 layout, like the downloadable file
   del model, probe
 
-  converted = pretrained.load_weights(path, "keras")
+  converted = weights_lib.load_weights(path, "keras")
   os.remove(path)
   assert converted["pixel_convention"] == "caffe"
   params = converted["params"]
@@ -147,7 +149,7 @@ def test_keras_reader_layouts(tmp_path, suffix):
   model, expected = _small_keras_model(keras)
   path = str(tmp_path / f"m{suffix}")
   model.save_weights(path) if suffix == ".weights.h5" else model.save(path)
-  got = pretrained.load_keras_h5(path)
+  got = weights_lib.load_keras_h5(path)
   assert sorted(got) == sorted(expected)
   for key, value in expected.items():
     np.testing.assert_array_equal(got[key], value)
@@ -174,7 +176,7 @@ def test_keras_reader_download_layout(tmp_path):
     g.attrs["weight_names1"] = np.array([b"fc1/bias:0"])
     g.create_group("fc1")
     g["fc1/kernel:0"], g["fc1/bias:0"] = k2, b2
-  got = pretrained.load_keras_h5(path)
+  got = weights_lib.load_keras_h5(path)
   assert sorted(got) == ["block1_conv1/bias", "block1_conv1/kernel", "fc1/bias", "fc1/kernel"]
   for key, value in (("block1_conv1/kernel", k1), ("block1_conv1/bias", b1),
                      ("fc1/kernel", k2), ("fc1/bias", b2)):
@@ -227,7 +229,7 @@ def test_torchvision_state_dict_matches_nchw_reference(tmp_path):
   sd = _torchvision_state_dict(rng)
   path = tmp_path / "vgg16-random.pth"
   torch.save(sd, path)  # as torchvision's file: an OrderedDict of tensors
-  converted = pretrained.load_weights(path, "torch")
+  converted = weights_lib.load_weights(path, "torch")
   assert converted["pixel_convention"] == "torch"
   params = converted["params"]
   for name, (kshape, bshape) in _vgg16_shapes().items():
@@ -257,7 +259,7 @@ def test_cli_checkpoint_round_trip(tmp_path):
   sd = _torchvision_state_dict(np.random.default_rng(7), with_classifier=False)  # small: convs
   path = tmp_path / "vgg16-random.pth"
   torch.save(sd, path, _use_new_zipfile_serialization=False)  # the 2017 file's format
-  params = pretrained.to_flax(pretrained.load_torch_state_dict(path, use_torch=False),
+  params = weights_lib.to_flax(weights_lib.load_torch_state_dict(path, use_torch=False),
                               "torch")["params"]
   for i, name in zip([0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28], CONVS):
     np.testing.assert_array_equal(params[name]["kernel"],
@@ -266,12 +268,12 @@ def test_cli_checkpoint_round_trip(tmp_path):
 
   out = tmp_path / "imagenet"
   assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 0
-  loaded, convention = pretrained.load_pretrained(out)
+  loaded, convention = weights_lib.load_pretrained(out)
   assert convention == "torch"
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   with pytest.raises(ValueError, match="pixel_convention='torch'"):
-    pretrained.load_pretrained(out, pixel_convention="caffe")
+    weights_lib.load_pretrained(out, pixel_convention="caffe")
   assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 1  # never overwrites
   assert sorted(os.listdir(tmp_path)) == ["imagenet", "vgg16-random.pth"]  # no temp leftovers
 
@@ -286,7 +288,7 @@ def test_torch_reader_without_torch_handles_views_and_dtypes(tmp_path, zip_forma
       param=torch.nn.Parameter(torch.ones(2)))
   path = tmp_path / "x.pth"
   torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
-  got = pretrained.load_torch_state_dict(path, use_torch=False)
+  got = weights_lib.load_torch_state_dict(path, use_torch=False)
   assert list(got) == list(sd)
   for key, value in sd.items():
     if value.dtype == torch.bfloat16:
@@ -322,7 +324,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, zip_format, use_torch
                                       ("features.0.bias", _Payload(str(marker)))]),
              path, _use_new_zipfile_serialization=zip_format)
   with pytest.raises(pickle.UnpicklingError):
-    pretrained.load_torch_state_dict(path, use_torch=use_torch)
+    weights_lib.load_torch_state_dict(path, use_torch=use_torch)
   assert not marker.exists()
   out = tmp_path / "out"
   assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 1
@@ -399,7 +401,7 @@ def test_keras_names_checked_and_notop_accepted():
   for name, src in keras_names.items():
     weights[f"{src}/kernel"] = np.broadcast_to(np.float32(0), shapes[name][0])
     weights[f"{src}/bias"] = np.broadcast_to(np.float32(0), shapes[name][1])
-  notop = pretrained.to_flax(weights, "keras")  # vgg16_..._notop.h5: convs only
+  notop = weights_lib.to_flax(weights, "keras")  # vgg16_..._notop.h5: convs only
   assert sorted(notop["params"]) == sorted(CONVS)
   assert notop["pixel_convention"] == "caffe"
 
@@ -408,14 +410,14 @@ def test_keras_names_checked_and_notop_accepted():
   bad["block1_conv1_bn/gamma"] = np.zeros(64)
   bad["fc1/kernel"] = np.broadcast_to(np.float32(0), (4096, 25088))  # (out, in): transposed
   bad["fc1/bias"] = np.zeros(4096)
-  with pytest.raises(pretrained.WeightsMismatchError) as info:
-    pretrained.to_flax(bad, "keras")
+  with pytest.raises(weights_lib.WeightsMismatchError) as info:
+    weights_lib.to_flax(bad, "keras")
   message = str(info.value)
   for needle in ("block5_conv3/bias", "fc2/kernel", "fc2/bias", "block1_conv1_bn/gamma",
                  "fc1/kernel (4096, 25088) (expected (25088, 4096))"):
     assert needle in message
   with pytest.raises(ValueError, match="origin"):
-    pretrained.to_flax(weights, "caffe")
+    weights_lib.to_flax(weights, "caffe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +453,7 @@ def test_init_trunk_from_pretrained_rma_width1_copies_convs_and_fc6():
   fresh = jax.tree.map(lambda s: (np.zeros(s.shape, s.dtype) if s.size > 10**7 else
                                   rng.random(s.shape, dtype=np.float32)), abstract)
   before = _leaves(fresh)
-  new = pretrained.init_trunk_from_pretrained(fresh, imagenet)
+  new = init.init_trunk_from_pretrained(fresh, imagenet)
   for name in CONVS:
     for leaf in ("kernel", "bias"):
       np.testing.assert_array_equal(new["trunk"][name][leaf], imagenet[name][leaf])
@@ -469,7 +471,7 @@ def test_init_trunk_from_pretrained_thin_baseline_and_errors():
   imagenet = _random_imagenet(rng, with_fc=False)
   fresh = {"params": _random_like(models.VGG16(width=8, num_classes=4),
                                   jnp.zeros((1, 32, 32, 3)), 1)}
-  new = pretrained.init_trunk_from_pretrained(fresh, imagenet, width=8)
+  new = init.init_trunk_from_pretrained(fresh, imagenet, width=8)
   assert set(new) == {"params"}
   cin = 3
   for name in CONVS:
@@ -480,12 +482,12 @@ def test_init_trunk_from_pretrained_thin_baseline_and_errors():
     cin = cout
   jax.tree.map(np.testing.assert_array_equal, new["params"]["head"], fresh["params"]["head"])
 
-  with pytest.raises(pretrained.WeightsMismatchError, match="conv1_2/kernel: pretrained") as info:
-    pretrained.init_trunk_from_pretrained(fresh, imagenet)  # width 1: no thinning allowed
+  with pytest.raises(weights_lib.WeightsMismatchError, match="conv1_2/kernel: pretrained") as info:
+    init.init_trunk_from_pretrained(fresh, imagenet)  # width 1: no thinning allowed
   assert "conv5_3/bias" in str(info.value)
   del imagenet["conv4_2"]
-  with pytest.raises(pretrained.WeightsMismatchError, match="conv4_2: missing"):
-    pretrained.init_trunk_from_pretrained(fresh, imagenet, width=8)
+  with pytest.raises(weights_lib.WeightsMismatchError, match="conv4_2: missing"):
+    init.init_trunk_from_pretrained(fresh, imagenet, width=8)
 
 
 def test_init_rma_from_baseline_stage2():
@@ -513,7 +515,7 @@ def test_init_rma_from_baseline_stage2():
          "bias": rng.standard_normal(32, dtype=np.float32)}
   fresh_before, stage1_before = _leaves(fresh), _leaves(stage1)
 
-  new = pretrained.init_rma_from_baseline(fresh, stage1, fc6=fc6)
+  new = init.init_rma_from_baseline(fresh, stage1, fc6=fc6)
 
   # A fresh init computed independently of the tree that was passed in.
   reference = _leaves(fresh_init())
@@ -533,14 +535,14 @@ def test_init_rma_from_baseline_stage2():
   jax.tree.map(np.testing.assert_array_equal, _leaves(stage1), stage1_before)
 
   # Without fc6, W_fx keeps its fresh init.
-  no_fc6 = pretrained.init_rma_from_baseline(fresh, stage1)
+  no_fc6 = init.init_rma_from_baseline(fresh, stage1)
   np.testing.assert_array_equal(no_fc6["attention"]["cell"]["fc6"]["kernel"],
                                 reference["['attention']['cell']['fc6']['kernel']"])
 
   # Mismatches are named.
-  with pytest.raises(pretrained.WeightsMismatchError, match="attention/cell/fc6/kernel"):
-    pretrained.init_rma_from_baseline(fresh, stage1, fc6={"kernel": fc6["kernel"][:-1],
+  with pytest.raises(weights_lib.WeightsMismatchError, match="attention/cell/fc6/kernel"):
+    init.init_rma_from_baseline(fresh, stage1, fc6={"kernel": fc6["kernel"][:-1],
                                                           "bias": fc6["bias"]})
   wide = _random_like(models.VGG16(width=4), images, 2)
-  with pytest.raises(pretrained.WeightsMismatchError, match="trunk/conv3_1/kernel"):
-    pretrained.init_rma_from_baseline(fresh, wide)
+  with pytest.raises(weights_lib.WeightsMismatchError, match="trunk/conv3_1/kernel"):
+    init.init_rma_from_baseline(fresh, wide)

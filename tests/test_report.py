@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from rma_jax import report
+from rma_jax import paper, report
+from rma_jax.data import classes as data_classes
 from rma_jax.configs import default as default_config
 
 _PAPER_TXT = "/work/shared/paper.txt"
@@ -17,14 +18,14 @@ _PAPER_TXT = "/work/shared/paper.txt"
 def test_paper_tables_are_internally_consistent():
   # mAP is the mean of the 20 APs up to the paper's rounding to 0.1 (a mistyped digit in a
   # copied row would move the mean by > 0.05).
-  for name, row in report.PAPER_VOC2007_AP.items():
+  for name, row in paper.PAPER_VOC2007_AP.items():
     assert len(row["ap"]) == 20, name
     assert abs(np.mean(row["ap"]) - row["mAP"]) <= 0.05, name
   # C-F1 / O-F1 are the F1 of the rounded P and R, up to rounding.
-  for name, r in report.PAPER_COCO2014_PRF.items():
+  for name, r in paper.PAPER_COCO2014_PRF.items():
     assert abs(2 * r["CP"] * r["CR"] / (r["CP"] + r["CR"]) - r["CF1"]) < 0.15, name
     assert abs(2 * r["OP"] * r["OR"] / (r["OP"] + r["OR"]) - r["OF1"]) < 0.15, name
-  assert len(report.VOC_CLASSES) == len(report.VOC_SHORT_NAMES) == 20
+  assert len(data_classes.VOC_CLASSES) == len(paper.VOC_SHORT_NAMES) == 20
 
 
 @pytest.mark.skipif(not os.path.exists(_PAPER_TXT), reason="paper text not available")
@@ -32,22 +33,22 @@ def test_paper_rows_copied_from_the_paper_text():
   with open(_PAPER_TXT, encoding="utf-8") as f:
     text = f.read()
   number = r"\d+\.\d"
-  for name, row in report.PAPER_VOC2007_AP.items():
+  for name, row in paper.PAPER_VOC2007_AP.items():
     m = re.search(re.escape(name) + r"((?: " + number + r"){21})\n", text)
     assert m, name
     assert tuple(map(float, m.group(1).split())) == (*row["ap"], row["mAP"]), name
-  for name, r in report.PAPER_COCO2014_PRF.items():
+  for name, r in paper.PAPER_COCO2014_PRF.items():
     m = re.search(re.escape(name) + r"((?: " + number + r"){6})\n", text)
     assert m, name
-    assert tuple(map(float, m.group(1).split())) == tuple(r[k] for k in report.PRF_KEYS)
-  for setting, v in report.PAPER_TABLE6_MAP.items():
+    assert tuple(map(float, m.group(1).split())) == tuple(r[k] for k in paper.PRF_KEYS)
+  for setting, v in paper.PAPER_TABLE6_MAP.items():
     m = re.search(re.escape(setting) + rf" ({number}) ({number})\n", text)
     assert m and (float(m.group(1)), float(m.group(2))) == (v["voc2007"], v["coco2014"])
-  for c, v in report.PAPER_TABLE4_VOC2007_MAP.items():
+  for c, v in paper.PAPER_TABLE4_VOC2007_MAP.items():
     assert re.search(rf"\n{re.escape(c)} {v}\n", text), c
-  for c, v in report.PAPER_TABLE5_COCO2014.items():
+  for c, v in paper.PAPER_TABLE5_COCO2014.items():
     assert f"\n{c} {v['CF1']} {v['OF1']} {v['mAP']}\n" in text
-  for c, v in report.PAPER_TABLE3_VOC2007_MAP.items():
+  for c, v in paper.PAPER_TABLE3_VOC2007_MAP.items():
     assert f"\n{c} {v}\n" in text
 
 
@@ -63,12 +64,12 @@ def _voc_results():
 def test_markdown_voc_has_paper_rows_measured_row_and_card():
   res = _voc_results()
   card = report.metric_card(dataset="voc2007", ap_mode="voc07", num_images=4952)
-  md = report.markdown_report(res, report.VOC_CLASSES, "voc2007", card)
+  md = report.markdown_report(res, data_classes.VOC_CLASSES, "voc2007", card)
   lines = md.splitlines()
   header = next(l for l in lines if l.startswith("| Methods | aero"))
   assert header.split(" | ")[1:4] == ["aero", "bike", "bird"] and "| tv | mAP |" in header
   # Every paper row of Table 1, verbatim.
-  for name, row in report.PAPER_VOC2007_AP.items():
+  for name, row in paper.PAPER_VOC2007_AP.items():
     cells = " | ".join(f"{x:.1f}" for x in (*row["ap"], row["mAP"]))
     assert f"| {name} | {cells} |" in lines
   assert "| Ours | 98.6 | 97.4 | 96.3 |" in md
@@ -100,8 +101,8 @@ def test_markdown_coco_has_table2_rows_and_long_ap_table():
   card = report.metric_card(dataset="coco2014", ap_mode="all", top_k=3, threshold=0.5,
                             num_images_without_labels=48)
   md = report.markdown_report(res, names, "coco2014", card, method_name="RMA demo")
-  for name, r in report.PAPER_COCO2014_PRF.items():
-    assert f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in report.PRF_KEYS) + " |" in md
+  for name, r in paper.PAPER_COCO2014_PRF.items():
+    assert f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in paper.PRF_KEYS) + " |" in md
   assert "| **RMA demo** | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | 60.0 |" in md
   assert "| toothbrush | 50.0 |" in md and "| **mAP** | 50.0 |" in md
   assert "| Paper: two scales + ten-crop | 73.4 |" in md
@@ -133,7 +134,7 @@ def test_write_report_json_round_trip_and_atomic(tmp_path):
   res = _voc_results()
   card = report.metric_card(dataset="voc2007")
   out = tmp_path / "eval"
-  json_path, md_path = report.write_report(res, str(out), class_names=report.VOC_CLASSES,
+  json_path, md_path = report.write_report(res, str(out), class_names=data_classes.VOC_CLASSES,
                                            dataset_name="voc2007", card=card)
   assert sorted(os.listdir(out)) == ["report.json", "report.md"]  # no temp files left
   # Strict JSON: no NaN literal anywhere.
@@ -146,13 +147,13 @@ def test_write_report_json_round_trip_and_atomic(tmp_path):
   assert ap[3] is None
   np.testing.assert_allclose([math.nan if a is None else a for a in ap], res["ap"])
   assert data["results"]["CP"] == res["CP"] and data["results"]["num_images"] == 4952
-  assert data["class_names"] == list(report.VOC_CLASSES)
+  assert data["class_names"] == list(data_classes.VOC_CLASSES)
   assert data["paper"]["table1_ap"]["rows"]["Ours"]["mAP"] == 91.9
   with open(md_path, encoding="utf-8") as f:
-    assert f.read() == report.markdown_report(res, report.VOC_CLASSES, "voc2007", card)
+    assert f.read() == report.markdown_report(res, data_classes.VOC_CLASSES, "voc2007", card)
   # Rewriting replaces both files.
   res["CP"] = 0.5
-  report.write_report(res, str(out), class_names=report.VOC_CLASSES, dataset_name="voc2007",
+  report.write_report(res, str(out), class_names=data_classes.VOC_CLASSES, dataset_name="voc2007",
                       card=card)
   assert report.load_report(json_path)["results"]["CP"] == 0.5
   assert sorted(os.listdir(out)) == ["report.json", "report.md"]
@@ -167,7 +168,7 @@ def test_write_report_nested_protocols_with_config(tmp_path):
   acc = metrics.MultiLabelMetrics.empty().update(scores=scores, labels=labels)
   single = acc.compute(ap_mode="voc07", k=3, threshold=0.5, score_transform="softmax")
   fused = acc.compute(ap_mode="voc07", k=None, threshold=0.0, score_transform="none")
-  results = {"class_names": list(report.VOC_CLASSES), "data": "voc2007", "step": 7,
+  results = {"class_names": list(data_classes.VOC_CLASSES), "data": "voc2007", "step": 7,
              "protocols": {"single_view@448": single, "ten_view@512+640": fused},
              "headline": "ten_view@512+640",
              "attention_recall": {"model_regions": 0.625, "fixed_anchor_boxes": 0.5}}
@@ -182,7 +183,7 @@ def test_write_report_nested_protocols_with_config(tmp_path):
   assert data["results"]["protocols"]["single_view@448"]["CP"] == pytest.approx(single["CP"])
   with open(md_path, encoding="utf-8") as f:
     md = f.read()
-  row = f"| **This run** (ten_view@512+640) | " + " | ".join(
+  row = "| **This run** (ten_view@512+640) | " + " | ".join(
       "–" if np.isnan(a) else f"{100 * a:.1f}" for a in fused["ap"])
   assert row in md
   assert (f"| single_view@448 | {100 * single['mAP']:.1f} | {100 * single['mAP_all']:.1f} | "
@@ -208,3 +209,36 @@ def test_markdown_report_pointing_section():
   assert "| chance: same sizes, random places | 12.5 |" in md
   assert "| the model's regions | 100.0 | 25.0 | – |" in md  # per class
   assert "pointing." not in md  # not repeated among the other measurements
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_report_files_honour_the_umask(tmp_path, umask):
+  """report.json and report.md are ordinary files: 0666 less the umask (they were 0600)."""
+  old = os.umask(umask)
+  try:
+    paths = report.write_report(_voc_results(), str(tmp_path), class_names=data_classes.VOC_CLASSES,
+                                dataset_name="voc2007", card=report.metric_card(dataset="voc2007"))
+  finally:
+    os.umask(old)
+  for path in paths:
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_all_protocols_table_has_one_map_column_per_ap_variant():
+  """With ap_mode 'all' the report's AP is the all-point AP: one mAP column, not two equal
+  ones; with 'voc07' the all-point mAP stands beside it."""
+  from rma_jax import metrics
+  rng = np.random.default_rng(0)
+  scores, labels = rng.normal(size=(20, 3)), np.eye(3)[rng.integers(0, 3, 20)]
+  acc = metrics.MultiLabelMetrics.empty().update(scores=scores, labels=labels)
+  for ap_mode, header in (("all", "| Protocol | mAP (all) | C-F1 | O-F1 |"),
+                          ("voc07", "| Protocol | mAP (voc07) | mAP (all-point) | C-F1 | O-F1 |")):
+    m = acc.compute(ap_mode=ap_mode)
+    results = {"protocols": {"single_view@96": m}, "headline": "single_view@96"}
+    md = report.markdown_report(results, ["a", "b", "c"], "demo",
+                                report.metric_card(dataset="demo", ap_mode=ap_mode))
+    table = md.split("## All protocols, %\n\n")[1].split("\n\n")[0].splitlines()
+    assert table[0] == header, ap_mode
+    cells = [f"{100 * m[k]:.1f}" for k in ("mAP",) + (() if ap_mode == "all" else ("mAP_all",))
+             + ("CF1", "OF1")]
+    assert table[2] == "| single_view@96 (headline) | " + " | ".join(cells) + " |"

@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rma_jax import bench, evaluate, models, ops, train  # noqa: E402
+from rma_jax import bench, models, ops, steps, views  # noqa: E402
 
 tr = bench.load_torch_rma()
 
@@ -114,7 +114,7 @@ def test_forward_and_losses_match_torch(sampler, standard_lstm):
   @jax.jit
   def forward(p, x, y):
     out = model.apply({"params": p}, x)
-    return out, train.LossConfig().total_loss(out, y)
+    return out, steps.LossConfig().total_loss(out, y)
   out, (loss, terms) = forward(_float64(params), images, labels)
 
   tm = _torch_model(params, standard_lstm=standard_lstm, sampler=sampler)
@@ -159,7 +159,7 @@ def test_gradients_match_torch():
 
   def loss_fn(p):
     out = model.apply({"params": p}, jnp.asarray(images))
-    return train.LossConfig().total_loss(out, jnp.asarray(labels))[0]
+    return steps.LossConfig().total_loss(out, jnp.asarray(labels))[0]
   grads = jax.jit(jax.grad(loss_fn))(_float64(params))
 
   tm = _torch_model(params)
@@ -175,7 +175,7 @@ def test_ten_view_matches_torch():
   model = _flax_model()
   params = _perturbed_params(model, jax.random.key(2), 96)
   images, _ = _inputs(batch=2, size=96, seed=2)
-  ours = jax.jit(lambda v, x: evaluate.ten_view_scores(model, v, x, crop_size=64)["scores"])(
+  ours = jax.jit(lambda v, x: views.ten_view_scores(model, v, x, crop_size=64)["scores"])(
       {"params": _float64(params)}, jnp.asarray(images))
   tm = _torch_model(params)
   with torch.no_grad():
@@ -283,7 +283,7 @@ def test_float32_smoke():
 
   def loss_fn(p):
     out = model.apply({"params": p}, jnp.asarray(images))
-    return train.LossConfig().total_loss(out, jnp.asarray(labels))[0], out
+    return steps.LossConfig().total_loss(out, jnp.asarray(labels))[0], out
   (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   assert out["scores"].dtype == grads["trunk"]["conv1_1"]["kernel"].dtype == jnp.float32
 

@@ -24,7 +24,9 @@ import optax
 import pytest
 
 from rma_jax.configs import demo
-from rma_jax import checkpointing, losses, train
+from rma_jax import (build, checkpointing, config_checks, losses, optimizer, parallel,
+                     steps, train)
+from rma_jax import init as init_lib
 from rma_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,11 +96,43 @@ NO_CLIP = "--config.optim.grad_clip_norm=0"
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   """One 4-step run of the main job (checkpoints at steps 2 and 4, then the report); tests
-  copy it (``_copy``) and resume the copy."""
-  wd = str(tmp_path_factory.mktemp("finished") / "run")
-  result = _main(wd, "--config.max_steps=4", NO_CLIP, timeout=600)
+  copy it (``_copy``) and resume the copy. Its stderr goes to a file, as a log file would
+  (not a terminal): ``result.stderr`` is that file's text."""
+  root = tmp_path_factory.mktemp("finished")
+  wd = str(root / "run")
+  with open(root / "stderr.txt", "w") as err:
+    result = subprocess.run(_cmd(wd, "--config.max_steps=4", NO_CLIP), cwd=ROOT, env=_ENV,
+                            stdout=subprocess.PIPE, stderr=err, text=True, timeout=600)
+  result.stderr = (root / "stderr.txt").read_text()
   assert result.returncode == 0, result.stderr[-3000:]
   return wd, result
+
+
+_OUR_FILES = {os.path.basename(p) for p in glob.glob(
+    os.path.join(ROOT, "rma_jax", "**", "*.py"), recursive=True)}
+
+
+def test_console_of_the_main_job(finished_run):
+  """What a person reads in the log file of a run: no library INFO line (Orbax's manager
+  dumps, "Renaming ... tmp", "Finished saving", clu's hyperparameter and scalar dumps; these
+  need --verbosity=1), and the start, progress, validation and summary lines."""
+  wd, result = finished_run
+  lines = result.stderr.splitlines()
+  info = [m for m in (re.match(r"I\d{4} \S+ +\d+ (\S+?):\d+\] (.*)", line) for line in lines)
+          if m]
+  library = [m.group(0) for m in info if m.group(1) not in _OUR_FILES]
+  assert not library, library[:5]
+  text = "\n".join(m.group(2) for m in info)
+  assert not re.search(r"Renaming|Finished saving|CheckpointManager|Hyperparameters", text)
+  assert re.search(r"^Training 4 steps \(optimizer steps, 8 per epoch; .*RMA, [\d,]+ "
+                   r"parameters\) from step 0", text, re.M)  # the stage starts
+  for step, pct in ((2, 50), (4, 100)):
+    assert re.search(rf"step {step}/4 \({pct}%\): loss [\d.]+, [\d.]+ steps/s, ETA \d", text)
+  assert re.search(r"step 4: val loss [\d.]+, val mAP [\d.]+, the best so far", text)
+  report_md = re.search(r"Done in \S+\. test ten_view@64: mAP [\d.]+ % \(all\), CF1 [\d.]+ "
+                        r"%, OF1 [\d.]+ %\. Report: (\S+)$", text, re.M).group(1)
+  assert report_md == os.path.join(wd, "report", "report.md") and os.path.isfile(report_md)
+  assert len(lines) < 30, lines
 
 
 def _copy(finished_run, tmp_path):
@@ -111,17 +145,17 @@ def test_sharded_step_equals_single_device_step():
   assert jax.device_count() >= 4, "conftest forces 4 host devices"
   config = tiny_config()
   sources = data_lib.get_sources(config.data, seed=0)
-  model = train.build_model(config, 10)
+  model = build.build_model(config, 10)
   batches = list(zip(range(3), data_lib.train_batches(
       sources.train, global_batch_size=8, image_size=64, crop_size=48, seed=0)))
-  loss_cfg = train.LossConfig.from_config(config)
+  loss_cfg = steps.LossConfig.from_config(config)
   finals = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
-    mesh = train.make_mesh(devices)
-    tx = train.make_optimizer(config.optim, train.learning_rate_schedule(
+    mesh = parallel.make_mesh(devices)
+    tx = optimizer.make_optimizer(config.optim, optimizer.learning_rate_schedule(
         1e-3, config.optim, 8, 3))
-    state = train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
-    step = train.jit_train_step(loss_cfg, mesh)
+    state = steps.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+    step = steps.jit_train_step(loss_cfg, mesh)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     for _, batch in batches:
       batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
@@ -133,39 +167,39 @@ def test_sharded_step_equals_single_device_step():
     # differences of ~1e-6 (a step is up to 1e-3 here).
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), finals[0],
-                                       jax.device_get(train.create_train_state(
+                                       jax.device_get(steps.create_train_state(
                                            model, tx, jax.random.key(0), (48, 48, 3),
-                                           train.make_mesh(jax.devices()[:1])).params)))
+                                           parallel.make_mesh(jax.devices()[:1])).params)))
   assert max(moved) > 1e-4
 
 
 def test_anchor_weight_schedule_and_the_step_that_takes_it():
   import dataclasses
   config = tiny_config()
-  assert train.anchor_weight_schedule(config.loss, 10) is None  # off by default
+  assert optimizer.anchor_weight_schedule(config.loss, 10) is None  # off by default
   config.loss.anchor_schedule_epochs = 2
   config.loss.lambda_anchor_start = 1.0
   config.loss.lambda_anchor = 0.01
-  weight = train.anchor_weight_schedule(config.loss, 10)
+  weight = optimizer.anchor_weight_schedule(config.loss, 10)
   # Geometric, one value per epoch: 1 for epoch 0, sqrt(1 * 0.01) for epoch 1, then 0.01.
   assert [weight(s) for s in (0, 9, 10, 19, 20, 500)] == pytest.approx(
       [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
-  train.validate_config(config, num_devices=1)
+  config_checks.validate_config(config, num_devices=1)
   config.loss.lambda_anchor_start = 0.0
   with pytest.raises(ValueError, match="lambda_anchor_start"):
-    train.validate_config(config, num_devices=1)
+    config_checks.validate_config(config, num_devices=1)
 
   # The step's lambda_anchor argument is the config's lambda_anchor, step by step.
-  model = train.build_model(config, 10)
-  mesh = train.make_mesh(jax.devices()[:1])
-  tx = train.make_optimizer(config.optim, lambda _: 1e-3)
+  model = build.build_model(config, 10)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  tx = optimizer.make_optimizer(config.optim, lambda _: 1e-3)
   batch = next(data_lib.train_batches(data_lib.get_sources(config.data, seed=0).train,
                                       global_batch_size=8, image_size=64, crop_size=48,
                                       seed=0))
-  cfg = train.LossConfig.from_config(config)
-  scheduled = train.jit_train_step(cfg, mesh, scheduled_anchor=True)
-  fixed = train.jit_train_step(dataclasses.replace(cfg, lambda_anchor=1.0), mesh)
-  first = train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+  cfg = steps.LossConfig.from_config(config)
+  scheduled = steps.jit_train_step(cfg, mesh, scheduled_anchor=True)
+  fixed = steps.jit_train_step(dataclasses.replace(cfg, lambda_anchor=1.0), mesh)
+  first = steps.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
   new_state = lambda: jax.tree.map(jnp.copy, first)  # the steps donate their input state
   a_state, a = scheduled(new_state(), batch, np.float32(1.0))
   b_state, b = fixed(new_state(), batch)
@@ -408,11 +442,11 @@ def test_evaluation_pass_that_scores_no_image_is_an_error(tmp_path):
   fn = jax.jit(lambda variables, images: {"scores": jnp.zeros((images.shape[0], 20))})
   with pytest.raises(ValueError, match="test: 0 of 3 images of .* could be scored"):
     evaluate.score_source(fn, {}, source, image_size=48, batch_size=4, desc="test",
-                          mesh=train.make_mesh(jax.devices()[:1]))
+                          mesh=parallel.make_mesh(jax.devices()[:1]))
 
 
 def test_initialisation_log_says_what_was_done():
-  notes = {init: train._initial_params(tiny_config(**{"model.trunk_init": init}), {})[1]
+  notes = {init: init_lib.initial_params(tiny_config(**{"model.trunk_init": init}), {})[1]
            for init in ("he", "dirac")}
   assert "trunk convs He normal;" in notes["he"] and "Dirac" not in notes["he"]
   assert "trunk convs Dirac: identity" in notes["dirac"]
@@ -430,15 +464,15 @@ def test_check_sources_by_case():
     return data_lib.Sources(Split(train_n, "tr"), Split(val_n, "va"), Split(test_n, "te"), ())
 
   config = tiny_config()
-  train.check_sources(config, sources(64, 8, 1))  # exactly one eval batch: fine
+  config_checks.check_sources(config, sources(64, 8, 1))  # exactly one eval batch: fine
   for (n_train, n_val, n_test), needle in (((7, 8, 1), "fewer than one batch of 8"),
                                            ((64, 0, 1), "(va) is empty"),
                                            ((64, 7, 1), "eval.allow_small_val=True"),
                                            ((64, 8, 0), "(te) is empty")):
     with pytest.raises(ValueError, match=re.escape(needle)):
-      train.check_sources(config, sources(n_train, n_val, n_test))
+      config_checks.check_sources(config, sources(n_train, n_val, n_test))
   config.eval.allow_small_val = True
-  train.check_sources(config, sources(64, 1, 1))
+  config_checks.check_sources(config, sources(64, 1, 1))
 
 
 def test_baseline_learns_beyond_the_class_priors():
@@ -451,11 +485,11 @@ def test_baseline_learns_beyond_the_class_priors():
   labels = np.stack([sources.train[i]["labels"] for i in range(len(sources.train))])
   prior = labels.mean(0)
   prior_loss = -np.sum(prior * np.log(prior) + (1 - prior) * np.log(1 - prior))
-  model = train.build_model(config, 10)
-  mesh = train.make_mesh(jax.devices()[:1])
-  tx = train.make_optimizer(config.optim, lambda _: 1e-3)
-  state = train.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
-  step = train.jit_train_step(train.LossConfig.from_config(config), mesh)
+  model = build.build_model(config, 10)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  tx = optimizer.make_optimizer(config.optim, lambda _: 1e-3)
+  state = steps.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+  step = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)
   losses = []
   it = data_lib.train_batches(sources.train, global_batch_size=8, image_size=64, crop_size=48,
                               seed=0, random_flip=False)
@@ -520,20 +554,20 @@ def _eq14_by_hand(scores, theta, labels, mask, gamma, alpha=0.5, beta=0.1, lambd
 def _sgd_state(model, mesh):
   """SGD with rate 1: the parameter update of a step is minus the gradient it used."""
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-  return train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
+  return steps.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
 
 
 def test_train_step_loss_and_gradient_are_eq14_by_hand():
   """The value the jitted train step reports and the gradient it applies are those of
   L_cls + gamma L_loc computed by hand (no torch): dropping gamma or L_loc would fail."""
   config = tiny_config(**{"loss.gamma": 0.5, "data.pixel_convention": "unit"})
-  loss_cfg = train.LossConfig.from_config(config)
-  mesh = train.make_mesh(jax.devices()[:1])
+  loss_cfg = steps.LossConfig.from_config(config)
+  mesh = parallel.make_mesh(jax.devices()[:1])
   model = _ScoresAndTheta()
   state = _sgd_state(model, mesh)
   params = jax.device_get(state.params)
   batch = _uneven_batch()
-  new_state, metrics = train.jit_train_step(loss_cfg, mesh)(state, batch)
+  new_state, metrics = steps.jit_train_step(loss_cfg, mesh)(state, batch)
   new_params = jax.device_get(new_state.params)
 
   def hand(p):
@@ -558,8 +592,8 @@ def test_accumulated_gradient_equals_the_full_batch_gradient():
   halves' means would not). Clipping and Adam come after the accumulation, so they see the
   full-batch gradient."""
   config = tiny_config(**{"data.pixel_convention": "unit"})
-  loss_cfg = train.LossConfig.from_config(config)
-  mesh = train.make_mesh(jax.devices()[:4])
+  loss_cfg = steps.LossConfig.from_config(config)
+  mesh = parallel.make_mesh(jax.devices()[:4])
   model = _ScoresAndTheta()
   batch = _uneven_batch()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -567,7 +601,7 @@ def test_accumulated_gradient_equals_the_full_batch_gradient():
   init = jax.device_get(_sgd_state(model, mesh).params)
   results = {}
   for accum in (1, 2):
-    state, metrics = train.jit_train_step(loss_cfg, mesh, accum)(_sgd_state(model, mesh), batch)
+    state, metrics = steps.jit_train_step(loss_cfg, mesh, accum)(_sgd_state(model, mesh), batch)
     grads = jax.tree.map(lambda a, b: a - b, init, jax.device_get(state.params))
     results[accum] = grads, jax.device_get(metrics)
   (g1, m1), (g2, m2) = results[1], results[2]
@@ -622,11 +656,11 @@ def test_train_step_differentiates_losses_total_loss(monkeypatch):
   """One Eq. 14: the loss the train step reports and differentiates is losses.total_loss
   (a change there, here a factor 3, reaches the step)."""
   config = tiny_config(**{"data.pixel_convention": "unit"})
-  loss_cfg = train.LossConfig.from_config(config)
-  mesh = train.make_mesh(jax.devices()[:1])
+  loss_cfg = steps.LossConfig.from_config(config)
+  mesh = parallel.make_mesh(jax.devices()[:1])
   model = _ScoresAndTheta()
   batch = _uneven_batch()
-  plain = jax.device_get(train.jit_train_step(loss_cfg, mesh)(_sgd_state(model, mesh), batch)[1])
+  plain = jax.device_get(steps.jit_train_step(loss_cfg, mesh)(_sgd_state(model, mesh), batch)[1])
   original = losses.total_loss
 
   def tripled(*args, **kwargs):
@@ -634,6 +668,6 @@ def test_train_step_differentiates_losses_total_loss(monkeypatch):
     return 3 * loss, dict(terms, loss=3 * loss)
 
   monkeypatch.setattr(losses, "total_loss", tripled)
-  scaled = jax.device_get(train.jit_train_step(loss_cfg, mesh)(_sgd_state(model, mesh), batch)[1])
+  scaled = jax.device_get(steps.jit_train_step(loss_cfg, mesh)(_sgd_state(model, mesh), batch)[1])
   np.testing.assert_allclose(scaled["loss"], 3 * plain["loss"], rtol=1e-6)
   np.testing.assert_allclose(scaled["grad_norm"], 3 * plain["grad_norm"], rtol=1e-5)

@@ -39,9 +39,10 @@ Runs come in three kinds (``run_kind``): the seed's stage-1 baseline itself (``S
 stage-2 runs, initialised from the seed's stage 1 (``RUNS``, all but the two below); and the
 equal-budget baselines (``BUDGET_RUNS``), which do not use stage 1: they start from the same
 initialisation as stage 1 (same seed, same ``init``) and train with the stage-1 recipe
-(``train._stage1_config``: ``stage1.learning_rate``, constant or cosine schedule) for
+(``rma_jax.run.stage1_config``: the base's Adam recipe with ``stage1.learning_rate``) for
 ``stage1.num_epochs + optim.num_epochs`` epochs in one go. The schedule stretches over the
-longer run: a constant rate stays constant (the demo), a cosine decays over all the epochs.
+longer run: a constant rate stays constant (the demo), a step decay comes at the same
+fraction of the run.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from rma_jax import run as run_lib
 from rma_jax.configs import demo
 
 # --------------------------------------------------------------------------- training runs
@@ -323,12 +325,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
   return c
 
 
-def stage1_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The seed's shared stage-1 baseline (the first step of the paper's two-step recipe)."""
-  from rma_jax import train  # local: keeps this config module light
-  return train._stage1_config(base)  # pylint: disable=protected-access
-
-
 def run_config(base: ml_collections.ConfigDict, run: str, *, stage1_dir: str = "",
                seed: int | None = None) -> ml_collections.ConfigDict:
   """The training config of one run of ``RUNS``, evaluated under every protocol.
@@ -353,11 +349,11 @@ def run_config(base: ml_collections.ConfigDict, run: str, *, stage1_dir: str = "
   if seed is not None:
     base = apply_overrides(base, {"seed": int(seed)})
   if kind != "stage2":
-    c = stage1_config(base)  # the stage-1 recipe and initialisation
-    if kind == "budget":
-      c.optim.num_epochs = base.stage1.num_epochs + base.optim.num_epochs
+    if kind == "budget":  # the stage-1 recipe and initialisation, for both stages' epochs
+      c = run_lib.stage1_config(base, base.stage1.num_epochs + base.optim.num_epochs)
       c = apply_overrides(c, RUNS[run])
     else:
+      c = run_lib.stage1_config(base)
       c.eval.score_transform = (
           "sigmoid" if base.stage1.classification == "sigmoid_bce" else "softmax")
     return apply_overrides(c, all_protocols_overrides(base))

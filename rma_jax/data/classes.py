@@ -41,6 +41,21 @@ DEMO_CLASSES = tuple(str(d) for d in range(10))
 # data.name -> classes, for the data sets whose class list is fixed.
 BUILTIN_CLASSES = {"voc2007": VOC_CLASSES, "coco2014": COCO_CLASSES, "demo": DEMO_CLASSES}
 
+# The names the paper's two data sets go by (data.name, the TFDS name, short forms).
+PAPER_DATASETS = {"voc2007": ("voc2007", "voc/2007", "voc07"),
+                  "coco2014": ("coco2014", "coco/2014", "coco")}
+
+
+def paper_dataset(name: str, class_names: Sequence[str] | None = None) -> str | None:
+  """'voc2007' or 'coco2014' when ``name`` is one of their names (any case) and
+  ``class_names``, if given, are its classes (a tree of the user's own under the same name
+  has others); else None."""
+  for dataset, aliases in PAPER_DATASETS.items():
+    if name.lower() in aliases and (
+        class_names is None or tuple(class_names) == BUILTIN_CLASSES[dataset]):
+      return dataset
+  return None
+
 RUN_CLASSES_FILE = "classes.json"
 CLASSES_TXT = "classes.txt"
 

@@ -23,18 +23,21 @@ TORCH_STD = (0.229, 0.224, 0.225)
 CONVENTIONS = ("caffe", "torch", "unit")
 
 
-def normalize(images: jax.Array, convention: str, dtype=jnp.float32) -> jax.Array:
+def normalize(images: jax.Array, convention: str | None, dtype=jnp.float32) -> jax.Array:
   """Maps uint8 RGB images to the pixel convention of the weights (jittable).
 
   Args:
     images: (..., H, W, 3) uint8 RGB.
     convention: 'caffe' (Keras/Caffe VGG: RGB -> BGR, subtract the BGR mean, 0..255 scale),
-      'torch' (torchvision: /255, then (x - mean) / std per RGB channel) or 'unit' (/255 - 0.5).
+      'torch' (torchvision: /255, then (x - mean) / std per RGB channel) or 'unit' (/255 - 0.5);
+      None: ``images`` are normalised already and returned as they are.
     dtype: output dtype (computed in float32 first).
 
   Returns:
-    (..., H, W, 3) ``dtype`` array.
+    (..., H, W, 3) ``dtype`` array (``images`` itself for ``convention=None``).
   """
+  if convention is None:
+    return images
   x = jnp.asarray(images).astype(jnp.float32)
   if convention == "caffe":
     x = x[..., ::-1] - jnp.asarray(CAFFE_BGR_MEAN, jnp.float32)

@@ -1,0 +1,127 @@
+"""Config values and data splits a run cannot work with, refused before anything compiles.
+
+``validate_config`` checks the values (one error listing every problem, each naming its
+field); ``check_sources`` checks the splits once they are opened. ``rma_jax.main`` and the
+public entry points (``run.train_and_evaluate``, ``train.train``) call the first once per run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import ml_collections
+
+from rma_jax import build, losses, models
+from rma_jax import data as data_lib
+from rma_jax.data import preprocess
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ValueError for config values that cannot work, before anything is compiled."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  d, m, o = config.data, config.model, config.optim
+  errors = data_lib.config_errors(d)
+  if d.crop_size >= d.image_size:
+    errors.append(f"data.crop_size={d.crop_size} must be smaller than data.image_size="
+                  f"{d.image_size} (the paper crops N-64 from N)")
+  for name in ("image_size", "crop_size"):
+    if d[name] <= 0 or d[name] % models.VGG16_STRIDE:
+      errors.append(f"data.{name}={d[name]} must be a positive multiple of "
+                    f"{models.VGG16_STRIDE} (the conv5_3 stride) for the ten-view crops")
+  if d.pixel_convention not in preprocess.CONVENTIONS:
+    errors.append(f"data.pixel_convention={d.pixel_convention!r}: one of "
+                  f"{preprocess.CONVENTIONS}")
+  if m.name not in build.MODEL_NAMES:
+    errors.append(f"model.name={m.name!r}: 'rma' or 'baseline'")
+  if m.num_regions < 1:
+    errors.append(f"model.num_regions (K)={m.num_regions} must be >= 1")
+  if m.sample_size < 1:
+    errors.append(f"model.sample_size (S)={m.sample_size} must be >= 1")
+  if m.width < 1 or 64 % m.width:
+    errors.append(f"model.width={m.width} must divide 64")
+  if m.dtype not in build.DTYPES:
+    errors.append(f"model.dtype={m.dtype!r}: one of {sorted(build.DTYPES)}")
+  if m.conv_impl not in ("auto", "xla", "patches"):
+    errors.append(f"model.conv_impl={m.conv_impl!r}: 'auto', 'xla' or 'patches'")
+  if m.baseline_pool not in ("avg", "max"):
+    errors.append(f"model.baseline_pool={m.baseline_pool!r}: 'avg' or 'max'")
+  if m.get("trunk_init", "he") not in models.TRUNK_INITS:
+    errors.append(f"model.trunk_init={m.trunk_init!r}: one of {models.TRUNK_INITS}")
+  if m.fixed_regions not in ("", "anchors"):
+    errors.append(f"model.fixed_regions={m.fixed_regions!r}: '' or 'anchors'")
+  if m.get("region_init", "") not in ("", "anchors"):
+    errors.append(f"model.region_init={m.region_init!r}: '' or 'anchors'")
+  lo = config.loss
+  if lo.get("min_scale", 0.0) < 0 or lo.get("min_scale", 0.0) >= lo.alpha:
+    errors.append(f"loss.min_scale={lo.min_scale} must be in [0, loss.alpha={lo.alpha})")
+  if lo.get("anchor_schedule_epochs", 0) < 0:
+    errors.append(f"loss.anchor_schedule_epochs={lo.anchor_schedule_epochs} must be >= 0")
+  if lo.get("anchor_schedule_epochs", 0) > 0 and not (
+      lo.get("lambda_anchor_start", 0.0) > 0 and lo.lambda_anchor > 0):
+    errors.append("loss.anchor_schedule_epochs > 0 needs loss.lambda_anchor_start > 0 and "
+                  "loss.lambda_anchor > 0 (the decay is geometric)")
+  for field in ("loss", "stage1"):  # stage 1 trains with its own loss (run.stage1_config)
+    if config[field].classification not in losses.CLASSIFICATION_LOSSES:
+      errors.append(f"{field}.classification={config[field].classification!r}: one of "
+                    f"{losses.CLASSIFICATION_LOSSES}")
+  if o.schedule not in ("step", "cosine", "constant"):
+    errors.append(f"optim.schedule={o.schedule!r}: 'step', 'cosine' or 'constant'")
+  accum = max(1, o.grad_accum_steps)
+  if o.batch_size <= 0 or o.batch_size % accum or (o.batch_size // accum) % num_devices:
+    errors.append(f"optim.batch_size={o.batch_size} must split into grad_accum_steps={accum} "
+                  f"micro-batches divisible by the {num_devices} devices")
+  if config.eval.batch_size <= 0 or config.eval.batch_size % num_devices:
+    errors.append(f"eval.batch_size={config.eval.batch_size} must be divisible by the "
+                  f"{num_devices} devices")
+  for name, value in (("optim.learning_rate", o.learning_rate),
+                      ("stage1.learning_rate", config.stage1.learning_rate),
+                      ("optim.trunk_lr_multiplier", o.trunk_lr_multiplier),
+                      ("optim.decay_factor", o.decay_factor)):
+    if not (math.isfinite(value) and value >= 0):
+      errors.append(f"{name}={value} must be a finite number >= 0")
+  for name in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
+    if config[name] < 1:
+      errors.append(f"{name}={config[name]} must be >= 1")
+  if not (math.isfinite(config.eval_every_epochs) and config.eval_every_epochs > 0):
+    errors.append(f"eval_every_epochs={config.eval_every_epochs} must be > 0")
+  if not 0 <= d.val_fraction < 1:
+    errors.append(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+  elif d.source != "demo" and d.val_fraction == 0 and not d.get("val_split", ""):
+    errors.append("data.val_fraction=0 without a data.val_split leaves no validation split "
+                  "to choose the best checkpoint on: set data.val_fraction > 0 or "
+                  "data.val_split")
+  if errors:
+    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def check_sources(config: ml_collections.ConfigDict, sources: Any) -> None:
+  """Raises ValueError for splits a run cannot use, right after they are opened.
+
+  An empty validation or test split, a validation split smaller than one evaluation batch
+  (unless ``eval.allow_small_val``), a training split smaller than one batch.
+  """
+  o, e = config.optim, config.eval
+  micro_batch = o.batch_size // max(1, o.grad_accum_steps)
+  errors = []
+  if len(sources.train) < micro_batch:
+    errors.append(f"the training split ({sources.train.name}) has {len(sources.train)} "
+                  f"examples, fewer than one batch of {micro_batch} (optim.batch_size)")
+  if len(sources.val) == 0:
+    errors.append(f"the validation split ({sources.val.name}) is empty: the best checkpoint "
+                  "would be chosen on nothing; set data.val_split or data.val_fraction > 0 "
+                  "(demo: data.demo.num_val)")
+  elif len(sources.val) < e.batch_size and not e.get("allow_small_val", False):
+    errors.append(f"the validation split ({sources.val.name}) has {len(sources.val)} "
+                  f"examples, fewer than one evaluation batch (eval.batch_size={e.batch_size}):"
+                  " the best checkpoint would be chosen on very few images. Use a larger "
+                  "validation split, or set eval.allow_small_val=True to accept it")
+  if len(sources.test) == 0:
+    errors.append(f"the test split ({sources.test.name}) is empty: the final report would "
+                  "have no image; check data.test_split (demo: data.demo.num_test)")
+  if errors:
+    raise ValueError("unusable data splits:\n  " + "\n  ".join(errors))
+
+
+# --------------------------------------------------------------------------- model and loss

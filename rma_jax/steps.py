@@ -1,0 +1,222 @@
+"""The jitted steps: the train state, one optimizer step, one evaluation batch (SPEC §3, §7).
+
+``train_step`` is one pure function jitted over a ``Mesh`` (``rma_jax.parallel``) whose
+single axis ``data`` spans every device of every host: the batch is sharded along it,
+parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce
+because the loss is a mean over the global batch. ``LossConfig`` is the hashable part of the
+config the steps need (a static argument of ``jax.jit``). Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import optax
+
+from rma_jax import losses, optimizer, parallel
+from rma_jax.data import preprocess
+
+TrainState = train_state.TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The hashable part of the config the steps need (a static argument of ``jax.jit``)."""
+  classification: str = "softmax_euclidean"
+  gamma: float = 0.1
+  alpha: float = 0.5
+  beta: float = 0.1
+  lambda_anchor: float = 0.01
+  lambda_positive: float = 0.1
+  use_anchor: bool = True
+  use_scale: bool = True
+  use_positive: bool = True
+  min_scale: float = 0.0
+  pixel_convention: str = "caffe"
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
+    # Fields missing from an older config keep their defaults (the paper's setting).
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    del fields["pixel_convention"]
+    return cls(pixel_convention=config.data.pixel_convention,
+               **{k: config.loss.get(k, d) for k, d in fields.items()})
+
+  def total_loss(self, outputs: dict[str, jax.Array], labels: jax.Array,
+                 mask: jax.Array | None = None,
+                 denominators: dict[str, jax.Array] | None = None,
+                 lambda_anchor: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eq. 14 (``losses.total_loss``) with these settings on the model's outputs.
+
+    Args:
+      outputs: ``scores`` (B, C) and, for RMA, ``theta`` (B, K+1, 4) (index 0, the
+        identity of step 0, is not a region and is left out).
+      labels: (B, C); mask: optional (B,).
+      denominators: see ``losses.total_loss`` (micro-batches of a larger batch).
+      lambda_anchor: a scalar (a value of ``optimizer.anchor_weight_schedule``; may be
+        traced) that replaces ``self.lambda_anchor``; None keeps it.
+
+    Returns:
+      (loss, {'loss', 'cls_loss', 'loc_loss'}).
+    """
+    theta = outputs.get("theta")
+    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name != "pixel_convention"}
+    if lambda_anchor is not None:
+      kwargs["lambda_anchor"] = lambda_anchor
+    return losses.total_loss(outputs["scores"], labels,
+                             None if theta is None else theta[:, 1:], mask=mask,
+                             denominators=denominators, return_terms=True, **kwargs)
+
+
+def model_outputs(params: Any, apply_fn: Callable, images: jax.Array,
+                  pixel_convention: str, **kwargs) -> dict[str, jax.Array]:
+  """Normalises uint8 images on device and runs the model; always returns a dict."""
+  out = apply_fn({"params": params}, preprocess.normalize(images, pixel_convention), **kwargs)
+  return out if isinstance(out, dict) else {"scores": out}
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       image_shape: tuple[int, ...], mesh: Mesh | None = None) -> TrainState:
+  """Initialises parameters and optimizer state, born replicated over ``mesh``.
+
+  Args:
+    model: the Flax module.
+    tx: the optimizer.
+    rng: a typed PRNG key.
+    image_shape: (H, W, 3) of a training image.
+    mesh: device mesh; default all devices on one ``data`` axis.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+
+  def init(key):
+    params = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
+
+
+
+def count_nonfinite(tree: Any) -> jax.Array:
+  """The number of NaN/inf values in the floating-point leaves of ``tree`` (one fused
+  reduction when jitted)."""
+  counts = [jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sum(counts, jnp.zeros((), jnp.int32))
+
+
+def _micro_batches(x: jax.Array, num: int) -> jax.Array:
+  """(B, ...) -> (num, B / num, ...): micro-batch j holds rows j, j + num, j + 2 num, ...
+
+  Interleaved rather than contiguous so that, with the batch axis sharded over devices,
+  every micro-batch keeps an equal share of rows on every device (no data moves)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossConfig,
+               grad_accum_steps: int = 1, lambda_anchor: jax.Array | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a (global) batch.
+
+  With ``grad_accum_steps`` = n > 1 the batch is split into n micro-batches that run one
+  after the other (``lax.scan``: activations of one micro-batch at a time) and their
+  gradients are summed. Each micro-batch's loss divides by the whole batch's counts of
+  images (``losses.total_loss(denominators=...)``), so the sum is exactly the gradient of
+  the whole batch's loss, also when the label-less images are unevenly spread.
+
+  Args:
+    state: the train state (replicated).
+    batch: ``image`` uint8 (B, h, w, 3), ``labels`` (B, C), ``mask`` (B,) (sharded on B).
+    loss_cfg: static loss settings.
+    grad_accum_steps: n, micro-batches per step (static; B / n a multiple of the devices).
+    lambda_anchor: optional scalar anchor weight of this step
+      (``optimizer.anchor_weight_schedule``); None uses ``loss_cfg.lambda_anchor``.
+
+  Returns:
+    The new state and scalar metrics: the loss terms of the whole batch, gradient and
+    parameter norms, ``learning_rate`` (the rate this update applied), ``nonfinite`` (1 if
+    the loss was not finite) and ``nonfinite_state`` (the number of non-finite values in the
+    new parameters and optimizer state).
+  """
+  labels = batch["labels"]
+  mask = batch.get("mask")
+  if mask is None:
+    mask = jnp.ones(labels.shape[:1], jnp.float32)
+  batch = {"image": batch["image"], "labels": labels, "mask": mask}
+  denominators = {k: jnp.sum(w) for k, w in losses.loss_weights(
+      labels, mask, loss_cfg.classification).items()}
+
+  def loss_fn(params, micro):
+    outputs = model_outputs(params, state.apply_fn, micro["image"], loss_cfg.pixel_convention)
+    return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators,
+                               lambda_anchor=lambda_anchor)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps <= 1:
+    (loss, terms), grads = grad_fn(state.params, batch)
+  else:
+    def accumulate(carry, micro):
+      (_, terms), grads = grad_fn(state.params, micro)
+      return jax.tree.map(jnp.add, carry, (grads, terms)), None
+
+    micro = jax.tree.map(lambda x: _micro_batches(x, grad_accum_steps), batch)
+    (_, terms_shape), grads_shape = jax.eval_shape(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, terms_shape))
+    (grads, terms), _ = jax.lax.scan(accumulate, zeros, micro)
+    loss = terms["loss"]
+  state = state.apply_gradients(grads=grads)
+  metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(state.params),
+                 learning_rate=optimizer.applied_learning_rate(state.opt_state),
+                 nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32),
+                 nonfinite_state=count_nonfinite((state.params, state.opt_state)))
+  if lambda_anchor is not None:
+    metrics["lambda_anchor"] = jnp.asarray(lambda_anchor, jnp.float32)
+  return state, metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], apply_fn: Callable,
+              loss_cfg: LossConfig) -> dict[str, jax.Array]:
+  """Loss and scores on an evaluation batch (padding rows have ``mask`` 0).
+
+  Returns ``loss`` (batch mean over real, labelled images), ``weight`` (their number, to
+  average across batches), ``scores`` (B, C) raw scores.
+  """
+  outputs = model_outputs(params, apply_fn, batch["image"], loss_cfg.pixel_convention)
+  mask = batch["mask"]
+  loss, _ = loss_cfg.total_loss(outputs, batch["labels"], mask)
+  weight = jnp.sum(losses.loss_weights(batch["labels"], mask, loss_cfg.classification)["cls"])
+  return {"loss": loss, "weight": weight, "scores": outputs["scores"]}
+
+
+def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1, *,
+                   scheduled_anchor: bool = False) -> Callable:
+  """``train_step`` jitted over ``mesh``: batch sharded on ``data``, state replicated and
+  donated (updated in place). With ``scheduled_anchor`` the step takes a third argument,
+  the scalar anchor weight of the step (``fn(state, batch, lambda_anchor)``)."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  in_shardings = (replicated, sharded) + ((replicated,) if scheduled_anchor else ())
+  accum = max(1, grad_accum_steps)
+
+  def step(state, batch, *lambda_anchor):
+    return train_step(state, batch, loss_cfg, accum, *lambda_anchor)
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
+
+
+def jit_eval_step(apply_fn: Callable, loss_cfg: LossConfig, mesh: Mesh) -> Callable:
+  """``eval_step`` jitted over ``mesh``: parameters replicated, batch and scores sharded."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg),
+                 in_shardings=(replicated, sharded),
+                 out_shardings={"loss": replicated, "weight": replicated, "scores": sharded})
