@@ -7,12 +7,12 @@ head, SPEC §1.6) fine-tuned from ImageNet weights with the paper's loss.
         --config.init.pretrained=weights/vgg16_keras
 """
 
-from rma_jax.configs import voc
+from rma_jax.configs import default, voc
 
 
-def get_config():
+def get_config(arg=None):
   c = voc.get_config()
   c.model.name = "baseline"
   c.optim.num_epochs = 20
   c.optim.decay_epochs = (15,)
-  return c
+  return default.apply_arg(c, arg)
