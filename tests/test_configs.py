@@ -4,6 +4,7 @@ documents every field."""
 
 import importlib
 import os
+import runpy
 import subprocess
 import sys
 
@@ -65,12 +66,18 @@ def test_unknown_config_argument_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_docstring_holds_the_command_that_runs_the_config(name):
+def test_repository_shim_is_the_shipped_config_and_the_docstring_runs_it(name):
+  # configs/NAME.py at the repository root, run as ml_collections runs a config file.
+  shim = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert shim["get_config"] is _module(name).get_config
   doc = _module(name).__doc__
   if name == "ablations":  # variants of a base config, run by rma_jax.experiments
     assert "python -m rma_jax.experiments --config=configs/" in doc
   else:
     assert f"python -m rma_jax.main --config=configs/{name}.py " in doc
+  shims = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                 if f.endswith(".py") and not f.startswith("_"))
+  assert shims == sorted(CONFIGS)
 
 
 def test_resolve_config_path(tmp_path, monkeypatch):
