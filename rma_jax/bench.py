@@ -50,6 +50,7 @@ import numpy as np
 from rma_jax import configs
 from rma_jax import build, config_checks, models, optimizer, parallel, steps, views
 from rma_jax.data import preprocess
+from rma_jax.configs import default as default_config
 
 CASES = ("train", "single_view", "ten_view", "latency")
 RECORD_KEYS = (
@@ -89,11 +90,9 @@ class BenchSettings:
 
 
 def smoke_settings(**overrides) -> BenchSettings:
-  """A seconds-long configuration for tests: width 16, 64 px crops, batch 2."""
-  base = dict(image_size=96, crop_size=64, batch=2, width=16, x_dim=64, hidden_dim=64,
-              z_dim=64, num_classes=5, repeats=2, warmup=1, matmul_size=256)
-  base.update(overrides)
-  return BenchSettings(**base)
+  """A seconds-long configuration for tests: the sizes of ``configs/default.py:tiny``, batch 2."""
+  smoke = dict(batch=2, num_classes=5, repeats=2, warmup=1, matmul_size=256)
+  return settings_from_config(default_config.get_config("tiny"), **{**smoke, **overrides})
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 
 from rma_jax import bench
+from rma_jax.configs import default
+
+TINY = default.get_config("tiny")  # the smoke mode's sizes
+N, CROP = TINY.data.image_size, TINY.data.crop_size
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -26,7 +30,7 @@ def test_run_benchmarks_smoke_records():
   for r in records:
     assert set(r) == set(bench.RECORD_KEYS)
     json.loads(bench.to_json(r))  # every record is one JSON line
-    assert r["width"] == 16 and r["backend"] == jax.default_backend()
+    assert r["width"] == TINY.model.width and r["backend"] == jax.default_backend()
     assert r["repeats"] == len(r["step_s_all"]) == 2
     assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"])
     # No retracing/recompilation once the step is compiled (donated state, fixed shapes).
@@ -40,12 +44,12 @@ def test_run_benchmarks_smoke_records():
       assert r["ratio"] is None
   train, single, ten = records
   assert (train["batch"], single["batch"], ten["batch"]) == (2, 1, 1)
-  assert (train["input_size"], single["input_size"], ten["input_size"]) == (64, 64, 96)
+  assert (train["input_size"], single["input_size"], ten["input_size"]) == (CROP, CROP, N)
   assert single["latency_ms"] == pytest.approx(1000.0 * single["step_s"])
-  # Backward ~ 2x forward; ten-view runs the trunk on 96x96 (2.25x the pixels of a 64x64
+  # Backward ~ 2x forward; ten-view runs the trunk on N x N ((N / crop)^2 the pixels of a
   # crop) plus ten attention passes.
   assert 2.0 * single["flops_per_image"] < train["flops_per_image"]
-  assert 2.25 * single["flops_per_image"] < ten["flops_per_image"]
+  assert (N / CROP) ** 2 * single["flops_per_image"] < ten["flops_per_image"]
 
 
 def test_compile_counter_counts_new_shapes():
@@ -81,7 +85,7 @@ def test_settings_from_config_and_bench_config():
   assert (s.image_size, s.crop_size, s.batch, s.dtype) == (512, 448, 3, "bfloat16")
   assert s.num_classes == 20 and s.x_dim == 4096
   c = bench.bench_config(bench.smoke_settings())
-  assert (c.model.width, c.data.crop_size, c.optim.batch_size) == (16, 64, 2)
+  assert (c.model.width, c.data.crop_size, c.optim.batch_size) == (TINY.model.width, CROP, 2)
 
 
 def test_markdown_table_rows_and_ratio():
@@ -114,7 +118,7 @@ def test_cli_smoke_writes_json_and_markdown(tmp_path):
   rec = json.loads(lines[0])
   assert set(rec) == set(bench.RECORD_KEYS) and rec["case"] == "ten_view"
   assert rec["torch_images_per_s"] is None
-  assert "| ten_view | 96² | 2 |" in out_md.read_text()
+  assert f"| ten_view | {N}² | 2 |" in out_md.read_text()
 
 
 def test_gpu_check_smoke_runs_on_cpu():

@@ -1,9 +1,10 @@
-"""Every config loads and validates; configs ship with the package and load from any
-directory; invalid values are clear errors before compilation; the README documents every
-field."""
+"""Every config loads and validates, also shrunk by ``:tiny``; configs ship with the package
+and load from any directory; invalid values are clear errors before compilation; the README
+documents every field."""
 
 import importlib
 import os
+import runpy
 import subprocess
 import sys
 
@@ -40,21 +41,53 @@ def test_config_loads_and_validates(name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_docstring_holds_the_command_that_runs_the_config(name):
+def test_tiny_shrinks_the_config_and_keeps_the_run(name):
+  full, tiny = _module(name).get_config(), _module(name).get_config("tiny")
+  config_checks.validate_config(tiny, num_devices=4)  # tests force 4 host devices
+  assert set(_flat_keys(tiny.to_dict())) == set(_flat_keys(full.to_dict()))
+  # Small: widths, images, splits, batches, one scale, a few steps.
+  assert tiny.model.width >= 16 and max(tiny.model.x_dim, tiny.model.hidden_dim) <= 32
+  assert tiny.data.image_size <= 64 and tuple(tiny.eval.scales) == (tiny.data.image_size,)
+  assert 0 < tiny.max_steps <= 4 and tiny.optim.batch_size <= 8
+  assert tiny.data.demo.num_train <= 64
+  # Enough data for the checks a run makes: a validation split of at least one eval batch.
+  assert tiny.data.demo.num_val >= tiny.eval.batch_size and not tiny.eval.allow_small_val
+  # The same run: data set, model, recipe, loss and schedule are the full config's.
+  for key in ("data.name", "data.source", "data.pixel_convention", "model.name",
+              "model.num_regions", "loss.classification", "stage1.num_epochs",
+              "optim.learning_rate", "optim.schedule", "eval.ten_view", "eval.ap_mode"):
+    group, field = key.split(".")
+    assert tiny[group][field] == full[group][field], key
+  assert _module(name).get_config("") == full  # nothing after ':' = the config as it is
+
+
+def test_unknown_config_argument_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"unknown config argument 'small'.*tiny"):
+    _module("demo").get_config("small")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_repository_shim_is_the_shipped_config_and_the_docstring_runs_it(name):
+  # configs/NAME.py at the repository root, run as ml_collections runs a config file.
+  shim = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert shim["get_config"] is _module(name).get_config
   doc = _module(name).__doc__
   if name == "ablations":  # variants of a base config, run by rma_jax.experiments
     assert "python -m rma_jax.experiments --config=configs/" in doc
   else:
     assert f"python -m rma_jax.main --config=configs/{name}.py " in doc
+  shims = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                 if f.endswith(".py") and not f.startswith("_"))
+  assert shims == sorted(CONFIGS)
 
 
 def test_resolve_config_path(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   shipped = os.path.join(os.path.dirname(configs.__file__), "demo.py")
-  argv = ["prog", "--config=configs/demo.py:ARG", "--workdir=configs/demo.py"]
+  argv = ["prog", "--config=configs/demo.py:tiny", "--workdir=configs/demo.py"]
   assert configs.resolve_config_path(argv) == [
-      "prog", f"--config={shipped}:ARG", "--workdir=configs/demo.py"]
-  assert argv[1] == "--config=configs/demo.py:ARG"  # a new list
+      "prog", f"--config={shipped}:tiny", "--workdir=configs/demo.py"]
+  assert argv[1] == "--config=configs/demo.py:tiny"  # a new list
   assert configs.resolve_config_path(["p", "--config", "./configs/demo.py"]) == [
       "p", "--config", shipped]
   # Not a shipped config, or a path that exists here: left to ml_collections as given.
@@ -69,16 +102,17 @@ def test_resolve_config_path(tmp_path, monkeypatch):
 
 
 def test_cli_loads_configs_from_any_directory(tmp_path):
-  """``--config=configs/demo.py`` outside the repository root used to fail (no such file; an
-  absolute path then failed on ``from configs import default``)."""
+  """``--config=configs/demo.py:tiny`` outside the repository root used to fail (no such
+  file; an absolute path then failed on ``from configs import default``)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   # An invalid override stops the run in validate_config, right after the config loaded.
   result = subprocess.run(
-      [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py",
-       f"--workdir={tmp_path / 'run'}", "--config.data.crop_size=112"],
+      [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py:tiny",
+       f"--workdir={tmp_path / 'run'}", "--config.data.crop_size=64"],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert "data.crop_size=112 must be smaller than data.image_size=112" in result.stderr, (
+  # The demo shrunk by :tiny (image_size 64, not 112) was loaded.
+  assert "data.crop_size=64 must be smaller than data.image_size=64" in result.stderr, (
       result.stderr[-3000:])
   assert not (tmp_path / "run" / "checkpoints").exists()
 

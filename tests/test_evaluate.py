@@ -243,17 +243,13 @@ def test_svm_head_survives_a_class_without_positives():
 
 
 def demo_config(workdir_scales=(64, 80), svm=True):
-  from rma_jax.configs import default
-  config = default.get_config()
-  config.data.name = config.data.source = "demo"
+  """configs/demo.py:tiny (N = 64, crop 48) with 12 test images, K regions, ``workdir_scales``."""
+  from rma_jax.configs import demo
+  config = demo.get_config("tiny")
   config.data.demo.num_train, config.data.demo.num_val, config.data.demo.num_test = 8, 8, 12
-  config.data.demo.canvas_size = 64
-  config.data.image_size, config.data.crop_size = 64, 48
   config.data.num_workers = 0
   config.data.pixel_convention = "unit"
-  config.model.width, config.model.num_regions = 16, K
-  config.model.x_dim = config.model.hidden_dim = config.model.z_dim = 32
-  config.eval.batch_size = 8
+  config.model.num_regions = K
   config.eval.scales = workdir_scales
   config.eval.svm = svm
   config.eval.ap_mode = "voc07"

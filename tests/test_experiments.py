@@ -26,21 +26,18 @@ from rma_jax import run as run_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# On top of configs/demo.py:tiny: N = 48, crop 32 (the demo's N - 16 offset), second scale
+# 64; one step per stage.
 TINY = {
-    "data.demo.num_train": 64, "data.demo.num_val": 16, "data.demo.num_test": 16,
-    "data.demo.canvas_size": 48,
-    # N = 48, crop 32 (the demo's N - 16 offset), second scale 64.
-    "data.image_size": 48, "data.crop_size": 32,
-    "model.width": 16, "model.x_dim": 64, "model.hidden_dim": 64, "model.z_dim": 64,
-    "optim.batch_size": 8, "eval.batch_size": 8, "eval.scales": (48,), "max_steps": 1,
-    "data.num_workers": 1,
+    "data.demo.canvas_size": 48, "data.image_size": 48, "data.crop_size": 32,
+    "eval.scales": (48,), "max_steps": 1, "data.num_workers": 1,
 }
 TINY_FLAGS = [f"--config.{k}={v}" for k, v in TINY.items()]
 
 
 def tiny_base():
-  """configs/demo.py at test size (TINY; the same as TINY_FLAGS on a command line)."""
-  return ablations.apply_overrides(demo.get_config(), TINY)
+  """configs/demo.py:tiny with TINY (the same as TINY_FLAGS on a command line)."""
+  return ablations.apply_overrides(demo.get_config("tiny"), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +438,7 @@ def test_write_only_and_check_through_the_cli(tmp_path):
   page, results = _page_with_tables(tmp_path, base)
   (results / "table_4.md").unlink()
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  common = [sys.executable, "-m", "rma_jax.experiments", "--config=configs/demo.py",
+  common = [sys.executable, "-m", "rma_jax.experiments", "--config=configs/demo.py:tiny",
             "--table=all", "--seeds=2", f"--results_dir={results}", f"--page={page}",
             *TINY_FLAGS]
   out = subprocess.run(common + ["--write_only"], cwd=ROOT, env=env, capture_output=True,

@@ -173,20 +173,16 @@ def test_fixed_region_thetas_use_anchors():
 def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   """model.region_init='anchors': with W_zm = 0 the initial regions are exactly the
   fixed-regions layout (centre box, then the anchors), at the sizes of b_m."""
-  from rma_jax.configs import default
+  from rma_jax.configs import demo
   from rma_jax import build
   images = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
   offsets = models.anchor_step_offsets(5)
   np.testing.assert_allclose(offsets[0], 0.0)  # region 1: b_m itself, the centre box
   np.testing.assert_allclose(offsets[1:5, 2:], losses.anchor_points(5))
   np.testing.assert_allclose(offsets[5], 0.0)
-  config = default.get_config()
-  config.data.name = "demo"
+  config = demo.get_config("tiny")
   config.model.region_init = "anchors"
   config.model.theta_kernel_scale = 0.0
-  for key, value in SMALL.items():
-    if key != "num_classes":
-      config.model[key] = value
   model = build.build_model(config)
   variables = model.init(jax.random.key(0), images)
   np.testing.assert_allclose(variables["params"]["attention"]["cell"]["zm_step"], offsets)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rma_jax.configs import demo
+from rma_jax.configs import ablations, demo
 from rma_jax import build, checkpointing, optimizer, parallel, steps
 
 pytestmark = pytest.mark.slow  # three JAX processes start and compile: ~1-2 min
@@ -31,25 +31,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420  # a hung collective must fail the test, not hang the suite
 STEPS = 3
 
-# Tiny demo: 64 training images, global batch 8 (2 per device), a width/16 trunk on 48 px.
+# configs/demo.py:tiny (64 training images, global batch 8: 2 per device, a width/16 trunk on
+# 48 px crops), one stage of STEPS steps, single-view evaluation.
 OVERRIDES = {
     "max_steps": STEPS,
     "stage1.num_epochs": 0,
-    "data.demo.num_train": 64,
-    "data.demo.num_val": 8,
-    "data.demo.num_test": 8,
-    "data.image_size": 64,
-    "data.crop_size": 48,
     "data.num_workers": 0,
-    "optim.batch_size": 8,
-    "eval.batch_size": 8,
     "eval.ten_view": False,
-    "eval.scales": (64,),
-    "model.width": 16,
-    "model.x_dim": 64,
-    "model.hidden_dim": 64,
-    "model.z_dim": 64,
-    "log_every_steps": 1,
 }
 
 # The process entry point, run as ``python -c``: it records every copy of the parameters this
@@ -83,14 +71,7 @@ def _cli(value) -> str:
 
 
 def _config():
-  config = demo.get_config()
-  for key, value in OVERRIDES.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return ablations.apply_overrides(demo.get_config("tiny"), OVERRIDES)
 
 
 def _free_port() -> int:
@@ -108,7 +89,7 @@ def _start(args: list[str], workdir: str, devices: int, log: str, dump_dir: str 
   if dump_dir is not None:
     env["RMA_TEST_DUMP_DIR"] = dump_dir
     entry = ["-c", _RECORDING_MAIN]
-  cmd = [sys.executable, *entry, "--config=configs/demo.py", f"--workdir={workdir}",
+  cmd = [sys.executable, *entry, "--config=configs/demo.py:tiny", f"--workdir={workdir}",
          *(f"--config.{k}={_cli(v)}" for k, v in OVERRIDES.items()), *args]
   with open(log, "w") as f:
     # A new session, so that a hung run can be killed with everything it started.

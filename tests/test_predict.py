@@ -198,8 +198,8 @@ def test_predict_cli_skips_pipes_and_says_what_it_ignored(tmp_path):
   missing = str(tmp_path / "missing.jpg")
 
   def predict_cli(out, *items):
-    cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py", f"--workdir={wd}",
-           *TINY, "--mode=predict", f"--inputs={','.join(items)}", f"--out={out}"]
+    cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py:tiny",
+           f"--workdir={wd}", *TINY, "--mode=predict", f"--inputs={','.join(items)}", f"--out={out}"]
     result = subprocess.run(cmd, cwd=ROOT, env=_ENV, capture_output=True, text=True,
                             timeout=300)
     with open(os.path.join(out, "predictions.json")) as f:

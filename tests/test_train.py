@@ -23,42 +23,28 @@ import numpy as np
 import optax
 import pytest
 
-from rma_jax.configs import demo
+from rma_jax.configs import ablations, demo
 from rma_jax import (build, checkpointing, config_checks, losses, optimizer, parallel,
                      steps, train)
 from rma_jax import init as init_lib
 from rma_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--config.model.width=16", "--config.model.x_dim=32", "--config.model.hidden_dim=16",
-    "--config.model.z_dim=16", "--config.data.image_size=64", "--config.data.crop_size=48",
-    "--config.data.demo.num_train=64", "--config.data.demo.num_val=16",
-    "--config.data.demo.num_test=16", "--config.data.demo.canvas_size=64",
-    "--config.optim.batch_size=8", "--config.eval.batch_size=8", "--config.eval.scales=(64,)",
-    "--config.stage1.num_epochs=0", "--config.log_every_steps=2",
-    "--config.checkpoint_every_steps=2", "--config.eval_every_epochs=100",
-]
+# configs/demo.py:tiny (rma_jax.configs.default.tiny), one stage: these tests are about one
+# training run and its workdir.
+ONE_STAGE = {"stage1.num_epochs": 0}
+TINY = [f"--config.{k}={v}" for k, v in ONE_STAGE.items()]
 
 
 def tiny_config(**overrides):
-  """configs/demo.py with the TINY overrides (and ``overrides``) applied in-process."""
-  c = demo.get_config()
-  items = [f[len("--config."):].split("=", 1) for f in TINY] + list(overrides.items())
-  for key, value in items:
-    *path, last = key.split(".")
-    target = c
-    for p in path:
-      target = target[p]
-    if isinstance(value, str) and not isinstance(target[last], str):
-      value = eval(value)  # the flag's literal, as ml_collections would parse it
-    target[last] = value
-  return c
+  """configs/demo.py:tiny in-process with ONE_STAGE (the same run as ``_cmd``'s) and
+  ``overrides`` (dotted keys)."""
+  return ablations.apply_overrides(demo.get_config("tiny"), {**ONE_STAGE, **overrides})
 
 
 def _cmd(workdir, *extra, config="configs/demo.py"):
-  return [sys.executable, "-m", "rma_jax.main", f"--config={config}", f"--workdir={workdir}",
-          *TINY, *extra]
+  return [sys.executable, "-m", "rma_jax.main", f"--config={config}:tiny",
+          f"--workdir={workdir}", *TINY, *extra]
 
 
 _ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",

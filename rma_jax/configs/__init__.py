@@ -1,12 +1,15 @@
-r"""The configs, shipped with the package: ml_collections files whose ``get_config()``
+r"""The configs, shipped with the package: ml_collections files whose ``get_config(arg)``
 returns a ConfigDict (``default.py`` holds every field, the others override a few).
 
     python -m rma_jax.main --config=configs/demo.py --workdir=/tmp/rma_demo
+    python -m rma_jax.main --config=configs/demo.py:tiny --workdir=/tmp/rma_tiny  # seconds
 
-``configs/NAME.py`` on a command line is that file of the current directory when it has one,
-and else this package's ``NAME.py`` (``resolve_config_path``): the documented commands work
-from any directory and from a pip-installed package. In Python: ``from rma_jax.configs import
-demo; demo.get_config()``.
+``configs/NAME.py`` on a command line is that file of the current directory when it has one
+(the repository's ``configs/`` holds one-line files that load these), and else this
+package's ``NAME.py`` (``resolve_config_path``): the documented commands work from any
+directory and from a pip-installed package. In Python: ``from rma_jax.configs import demo;
+demo.get_config("tiny")``. The text after ``:`` is ``get_config``'s argument
+(``default.apply_arg``).
 """
 
 from __future__ import annotations

@@ -387,6 +387,6 @@ def variant_config(base: ml_collections.ConfigDict, name: str, *, stage1_dir: st
   return apply_overrides(c, eval_overrides(base, v.protocol))
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """The demo config (so that ``--config=configs/ablations.py`` also works)."""
-  return demo.get_config()
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The demo config (so that ``--config=configs/ablations.py[:tiny]`` also works)."""
+  return demo.get_config(arg)

@@ -12,7 +12,7 @@ COCO tree (``--config.data.source=local --config.data.data_dir=PATH`` holding
 from rma_jax.configs import default
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.data.name = "coco2014"
   c.data.train_split = "train"
@@ -21,4 +21,4 @@ def get_config():
   c.eval.top_k = 3
   c.eval.threshold = 0.5
   c.eval.batch_size = 32
-  return c
+  return default.apply_arg(c, arg)

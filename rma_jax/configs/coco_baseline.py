@@ -7,11 +7,11 @@ The recipe is ``rma_jax.run.stage1_config`` of configs/coco.py with 20 stage-1 e
 configs/voc_baseline.py).
 """
 
-from rma_jax.configs import coco
+from rma_jax.configs import default, coco
 from rma_jax import run
 
 
-def get_config():
+def get_config(arg=None):
   c = coco.get_config()
   c.stage1.num_epochs = 20
-  return run.stage1_config(c)
+  return default.apply_arg(run.stage1_config(c), arg)

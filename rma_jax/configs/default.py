@@ -1,15 +1,24 @@
 r"""Defaults shared by every config: the paper's settings (SPEC §2–4) on PASCAL VOC 2007.
 
     python -m rma_jax.main --config=configs/default.py --workdir=runs/voc512
+    python -m rma_jax.main --config=configs/demo.py:tiny --workdir=/tmp/rma_tiny  # seconds
 
-Other configs import ``get_config`` from here and override a few fields. Any field can be set
-on the command line, e.g. ``--config.optim.learning_rate=3e-5``.
+Other configs import ``get_config`` from here, override a few fields and end with
+``apply_arg``. Any field can be set on the command line, e.g.
+``--config.optim.learning_rate=3e-5``. The text after ``:`` in ``--config=FILE:ARG`` is
+``get_config``'s argument: ``tiny`` shrinks any config to a seconds-long run (``tiny``).
 """
+
+from __future__ import annotations
 
 import ml_collections
 
+ARGS = ("tiny",)
+"""What may follow ``:`` in ``--config=FILE:ARG`` (nothing: the config as it is)."""
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The defaults; ``arg``: '' / None or 'tiny' (``apply_arg``)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -137,4 +146,39 @@ def get_config() -> ml_collections.ConfigDict:
   # Resuming with another seed, batch size, learning rate... (rma_jax.workdir) is refused
   # unless this is True; the change is then recorded in WORKDIR/config_history.jsonl.
   c.allow_config_change = False
+  return apply_arg(c, arg)
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None
+              ) -> ml_collections.ConfigDict:
+  """``config`` as ``--config=FILE:ARG`` asks for: as it is ('' or None), or ``tiny``."""
+  if not arg:
+    return config
+  if arg == "tiny":
+    return tiny(config)
+  raise ValueError(f"--config=FILE:{arg}: unknown config argument {arg!r}; after ':' comes "
+                   f"nothing or one of {', '.join(ARGS)} (e.g. --config=configs/demo.py:tiny)")
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` shrunk in place to a seconds-long run on a CPU (big_vision's ``runlocal``).
+
+  The same run in miniature: the data set, model kind, losses, recipe (both stages where
+  ``stage1.num_epochs > 0``), schedule and evaluation protocol stay; widths, images, splits,
+  batches and the number of steps shrink. A width/16 VGG with 32-16-16 attention sizes on
+  64 px images (48 px crops, conv5_3 3 x 3), one evaluation scale, batches of 8 (they divide
+  over 1, 2, 4 or 8 devices), the demo's splits 64 / 16 / 16 (the validation split holds two
+  evaluation batches), and at most 4 optimizer steps per stage with checkpoints at 2 and 4.
+  Tests start from it and override only what they test.
+  """
+  c = config
+  c.model.update(width=16, x_dim=32, hidden_dim=16, z_dim=16)
+  c.data.update(image_size=64, crop_size=48)
+  c.data.demo.update(num_train=64, num_val=16, num_test=16, canvas_size=64)
+  c.optim.batch_size = 8
+  c.eval.batch_size = 8
+  c.eval.scales = (c.data.image_size,)
+  c.max_steps = 4
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
   return c

@@ -1,6 +1,7 @@
 r"""The embedded demo: digit canvases built in memory, the paper's two-step recipe on a CPU.
 
     python -m rma_jax.main --config=configs/demo.py --workdir=/tmp/rma_demo
+    python -m rma_jax.main --config=configs/demo.py:tiny --workdir=/tmp/rma_tiny  # seconds
 
 Stage 1 trains the global-pooling baseline (SPEC §1.6) from scratch; stage 2 initialises the
 attention model's trunk from it and trains the whole model; then the best checkpoint (lowest
@@ -11,7 +12,7 @@ A width/8 trunk on 96 px crops gives a 6x6 conv5_3 map. See README "Demo" for wh
 from rma_jax.configs import default
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.data.name = "demo"
   c.data.source = "demo"
@@ -50,4 +51,4 @@ def get_config():
   c.log_every_steps = 50
   c.eval_every_epochs = 2
   c.checkpoint_every_steps = 200
-  return c
+  return default.apply_arg(c, arg)

@@ -14,11 +14,11 @@ or runs both stages in one command with ``--config.stage1.num_epochs=20``.
 from rma_jax.configs import default
 
 
-def get_config():
+def get_config(arg=None):
   c = default.get_config()
   c.data.name = "voc2007"
   c.data.train_split = "trainval"
   c.data.test_split = "test"
   c.eval.ap_mode = "voc07"
   c.eval.scales = (512,)
-  return c
+  return default.apply_arg(c, arg)

@@ -10,12 +10,12 @@ Two-scale fusion as in the paper (§5.1, Table 6), with the N = 512 run of confi
 (``--config.eval.scales='(512, 640)'`` instead evaluates one checkpoint at both sizes.)
 """
 
-from rma_jax.configs import voc
+from rma_jax.configs import default, voc
 
 
-def get_config():
+def get_config(arg=None):
   c = voc.get_config()
   c.data.image_size = 640
   c.data.crop_size = 576
   c.eval.scales = (640,)
-  return c
+  return default.apply_arg(c, arg)

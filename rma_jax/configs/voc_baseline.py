@@ -12,11 +12,11 @@ paper's Adam recipe shortened to 20 epochs (lr 1e-5, divided by 10 after 13.3 ep
 paper's 30 of 45).
 """
 
-from rma_jax.configs import voc
+from rma_jax.configs import default, voc
 from rma_jax import run
 
 
-def get_config():
+def get_config(arg=None):
   c = voc.get_config()
   c.stage1.num_epochs = 20
-  return run.stage1_config(c)
+  return default.apply_arg(run.stage1_config(c), arg)
