@@ -99,15 +99,17 @@ class VGG16(nn.Module):
       # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers on
       # average; ImageNet or stage-1 weights replace it.
       init = dirac_init() if self.init_scheme == "dirac" and cin == cout else _HE_INIT
+      # ReLU inside the conv: the Winograd forward applies it while writing its output.
       setattr(self, name, conv.Conv3x3(cout, dtype=self.dtype, param_dtype=jnp.float32,
-                                       kernel_init=init, impl=self.conv_impl, name=name))
+                                       kernel_init=init, impl=self.conv_impl,
+                                       activation=nn.relu, name=name))
     if self.num_classes is not None:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
                            name="head")
 
   def _block(self, x: jax.Array, block: int) -> jax.Array:
     for i in range(len(VGG16_BLOCKS[block])):
-      x = nn.relu(getattr(self, f"conv{block + 1}_{i + 1}")(x))
+      x = getattr(self, f"conv{block + 1}_{i + 1}")(x)  # ReLU included
     if block < 4:  # no pool5: conv5_3 keeps stride 16
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
