@@ -204,9 +204,10 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
                      variants=("4:256",)):
   """Evaluation forward per layer: XLA's conv, Winograd variants and torch, interleaved.
 
-  ``variants``: 'tile:tiles_per_band' strings for ``rma_jax.conv.winograd_conv3x3``. Each
-  record has the medians (ms), the best time, and the Winograd output's largest error
-  relative to the largest output of XLA's (float32, both).
+  Each is conv + bias + ReLU, as in the model. ``variants``: 'tile:tiles_per_band' strings
+  for ``rma_jax.conv.winograd_conv3x3``. Each record has the medians (ms), the best time,
+  and the Winograd output's largest error relative to the largest output of XLA's (float32,
+  both).
   """
   from rma_jax import conv  # pylint: disable=g-import-not-at-top
   out = []
@@ -219,11 +220,13 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
     x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
     w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
     x, w, b = jnp.asarray(x_np), jnp.asarray(w_np), jnp.zeros((cout,), jnp.float32)
-    calls = {"xla": functools.partial(jax.jit(lambda x, w, b: _conv(x, w) + b), x, w, b)}
+    calls = {"xla": functools.partial(jax.jit(lambda x, w, b: jax.nn.relu(_conv(x, w) + b)),
+                                      x, w, b)}
     for v in variants:
       tile, tpb = map(int, v.split(":"))
       calls[f"winograd_{v}"] = functools.partial(jax.jit(functools.partial(
-          conv.winograd_conv3x3, tile=tile, tiles_per_band=tpb)), x, w, b)
+          conv.winograd_conv3x3, tile=tile, tiles_per_band=tpb, activation=jax.nn.relu)),
+          x, w, b)
     if use_torch:
       import torch  # pylint: disable=g-import-not-at-top
       xt, wt, _, _ = _torch_operands(x_np, w_np, x_np[..., :0], "float32")
@@ -231,7 +234,7 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
 
       def torch_fwd():
         with torch.inference_mode():
-          return torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+          return torch.relu_(torch.nn.functional.conv2d(xt, wt, bt, padding=1))
       calls["torch"] = torch_fwd
     times = _interleaved_times(calls, repeats)
     ref = np.asarray(calls["xla"]())

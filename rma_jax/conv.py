@@ -1,6 +1,6 @@
-"""A 3x3 'SAME' convolution with a matmul kernel gradient, for VGG-16 on CPU.
+"""A 3x3 'SAME' convolution for VGG-16 on CPU: a matmul kernel gradient, a Winograd forward.
 
-XLA:CPU lowers the forward convolution and the input gradient of a 3x3 conv to fast
+Training. XLA:CPU lowers the forward convolution and the input gradient of a 3x3 conv to fast
 kernels, but the *kernel* gradient of high-resolution, few-channel layers (VGG blocks 1-2)
 becomes a generic convolution whose window is the whole image, preceded by two full
 transposes: 2-3x slower than PyTorch's oneDNN backward-weights primitive there
@@ -14,6 +14,12 @@ where ``patches(x)`` is the im2col matrix of 9 shifted slices of the zero-padded
 HWIO order, so the (9*Cin, Cout) result reshapes straight into the (3, 3, Cin, Cout)
 kernel. It is accumulated over bands of image rows so each band's patch tile stays in
 cache (``kernel_grad``).
+
+Evaluation. When the convolution is not differentiated (evaluation, prediction), the same
+``jax.custom_vjp``'s primal runs instead of its forward rule, and it can be Winograd's
+minimal filtering F(4x4, 3x3) (``winograd_conv3x3``): 4x fewer multiplications than the
+direct convolution, as 36 batched matrix products over channels, 2-3x faster than XLA's
+conv per VGG layer here. A train step still differentiates XLA's conv, exactly as before.
 
 ``Conv3x3`` is a drop-in replacement for ``nn.Conv(features, (3, 3), padding=1)`` with the
 same parameter names, shapes, initialisers and dtype promotion.
@@ -45,8 +51,24 @@ _PADDING = ((1, 1), (1, 1))
 # maps the two tie, so XLA keeps them. GPUs and TPUs always keep XLA's (see use_patches).
 AUTO_MIN_PIXELS = 56 * 56
 
-# The Winograd rule of impl='auto' (docs/performance.md, "Winograd"): TODO measured.
+# The Winograd rule of impl='auto' on CPU (docs/performance.md, "Winograd"), from per-layer
+# timings of conv + bias + ReLU against XLA's conv (benchmarks/conv_profile.py --winograd and
+# smaller shapes): every VGG layer with >= 64 input channels wins, 1.5-3x at 448-512 px
+# (conv1_1, 3 input channels, does not: 0.93-0.97); the kernel transform (36 * Cin * Cout
+# values per call) is only repaid with enough tiles (512 channels: 0.35x at 8 tiles, 0.61x at
+# 32, 1.03x at 49, 1.22x at 64, 1.43x at 98); and below a few GFLOP a layer gains
+# milliseconds at most, not worth its compile time (~0.5 s a layer).
 AUTO_WINOGRAD_MIN_CHANNELS = 64
+AUTO_WINOGRAD_MIN_TILES = 64
+AUTO_WINOGRAD_MIN_FLOPS = 2e9
+
+# F(4x4, 3x3) in bands of 256 tiles, by measurement (docs/performance.md): F(2x2, 3x3) is
+# slower on every VGG layer (its 2.25x fewer multiplications do not pay for 4x the
+# transformed data), F(6x6, 3x3) is slower or level (64 points, dense transforms, a 1.8x
+# larger kernel transform) and twice as inexact; 128 to 512 tiles per band are within
+# noise of each other, larger or unbanded runs out of cache.
+DEFAULT_WINOGRAD_TILE = 4
+DEFAULT_TILES_PER_BAND = 256
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 """Size of one patch tile of the chunked kernel gradient (fits in this CPU's L2/L3)."""
@@ -277,10 +299,6 @@ def winograd_bands(batch: int, tile_rows: int, tile_cols: int,
   return 1, rows
 
 
-DEFAULT_WINOGRAD_TILE = 4
-DEFAULT_TILES_PER_BAND = 256
-
-
 def _fill_band(buf: jax.Array, x: jax.Array, image: jax.Array, row: jax.Array) -> jax.Array:
   """Writes the input of one band into ``buf``, the band's zero-padded input buffer.
 
@@ -353,7 +371,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
     return y if activation is None else activation(y)
 
   images, band_rows = winograd_bands(b, rows, cols, tiles_per_band)
-  if images == b:
+  if images == b and band_rows == rows:  # one band: no loop
     y = band(jnp.pad(x, ((0, 0), (1, rows * tile + 1 - h), (1, cols * tile + 1 - w), (0, 0))))
   else:
     if rows * tile != h:  # the last band would read past the image: pad the bottom once
@@ -434,8 +452,13 @@ def use_winograd(in_shape: tuple[int, ...], out_channels: int, dtype: Dtype,
   if impl == "auto":
     # cuDNN and the TPU compiler choose (or have) their own fast algorithms: XLA's there.
     # On CPU, float32 only (bf16 is not a CPU target) and where it wins by measurement.
+    b, h, w, cin = in_shape
+    tile = DEFAULT_WINOGRAD_TILE
+    tiles = b * -(-h // tile) * -(-w // tile)
+    flops = 2 * 9 * b * h * w * cin * out_channels
     return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
-            and in_shape[-1] >= AUTO_WINOGRAD_MIN_CHANNELS)
+            and cin >= AUTO_WINOGRAD_MIN_CHANNELS and tiles >= AUTO_WINOGRAD_MIN_TILES
+            and flops >= AUTO_WINOGRAD_MIN_FLOPS)
   return impl == "winograd"
 
 

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rma_jax import checkpointing, losses, models
+from rma_jax import checkpointing, conv, losses, models
 
 NUM_CLASSES = {"voc2007": 20, "coco2014": 80, "demo": 10}
 SOURCES = ("tfds", "local", "demo")
@@ -69,8 +69,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.width={m.width} must divide 64")
   if m.dtype not in DTYPES:
     errors.append(f"model.dtype={m.dtype!r}: one of {sorted(DTYPES)}")
-  if m.conv_impl not in ("auto", "xla", "patches"):
-    errors.append(f"model.conv_impl={m.conv_impl!r}: 'auto', 'xla' or 'patches'")
+  if m.conv_impl not in conv.IMPLS:
+    errors.append(f"model.conv_impl={m.conv_impl!r}: one of {conv.IMPLS}")
   if m.baseline_pool not in ("avg", "max"):
     errors.append(f"model.baseline_pool={m.baseline_pool!r}: 'avg' or 'max'")
   if m.get("trunk_init", "he") not in models.TRUNK_INITS:
