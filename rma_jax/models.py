@@ -77,9 +77,10 @@ class VGG16(nn.Module):
       torchvision) or 'dirac' (:func:`dirac_init` for the 9 layers whose channel count does
       not change, He for the other 4), which trains a narrow trunk from scratch much
       more reliably. Irrelevant when ImageNet or stage-1 weights are loaded.
-    conv_impl: backward pass of the 3x3 convs (``rma_jax.conv.Conv3x3``): 'xla' | 'patches'
-      | 'auto' (the matmul kernel gradient on CPU for maps >= 56x56; same parameters and
-      results either way).
+    conv_impl: algorithm of the 3x3 convs (``rma_jax.conv.Conv3x3``): 'xla' | 'patches' |
+      'winograd' | 'auto' (on CPU: Winograd F(4x4, 3x3) when not differentiated, for layers
+      with >= 64 input channels and enough work, and the matmul kernel gradient for maps
+      >= 56x56; same parameters, and results equal to float32 rounding, either way).
   """
   width: int = 1
   num_classes: int | None = None
@@ -244,7 +245,7 @@ class RMA(nn.Module):
     fixed_regions: optional (K+1, 4) transforms used instead of the predicted ones.
     dtype: computation dtype (parameters float32).
     remat: rematerialise the trunk's blocks in the backward pass.
-    conv_impl: the trunk's 3x3 conv backward pass, see ``VGG16.conv_impl``.
+    conv_impl: the trunk's 3x3 conv algorithm, see ``VGG16.conv_impl``.
     trunk_init: the trunk's from-scratch initialisation, see ``VGG16.init_scheme``.
   """
   num_classes: int
