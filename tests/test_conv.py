@@ -219,7 +219,8 @@ def test_auto_rule_and_custom_vjp_in_jaxpr():
 
 
 def test_batch_sharded_over_four_devices_matches_xla():
-  """Data parallel as in rma_jax.train (batch sharded over a mesh): same gradients."""
+  """Data parallel as in rma_jax.train (batch sharded over a mesh): same gradients, and the
+  same Winograd forward."""
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -236,6 +237,11 @@ def test_batch_sharded_over_four_devices_matches_xla():
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, b)
       for got, ref in zip(grads("patches"), grads("xla")):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+      # The Winograd forward, its bands sliced across the sharded batch: same output.
+      fwd = lambda impl: jax.jit(lambda x, w, b: conv.conv3x3(x, w, b, impl=impl))(x, w, b)
+      got = jax.jit(lambda x, w, b: conv.winograd_conv3x3(x, w, b, tiles_per_band=3))(x, w, b)
+      for y in (fwd("winograd"), got):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(fwd("xla")), rtol=1e-4, atol=1e-4)
       print("OK")
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
