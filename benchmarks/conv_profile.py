@@ -37,6 +37,7 @@ import functools
 import json
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import time
@@ -128,16 +129,29 @@ def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layer
   return out
 
 
-def _interleaved_times(calls, repeats):
-  """Seconds of each zero-argument call, timed round-robin (one warm-up call each)."""
+def _cpu_seconds():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _interleaved_times(calls, repeats, cpu=None):
+  """Seconds of each zero-argument call, timed round-robin (one warm-up call each).
+
+  With a dict ``cpu``, also the process CPU seconds (user + system) of each call into it:
+  on a shared machine they vary less than wall time with the other jobs' load.
+  """
   for c in calls.values():
     jax.block_until_ready(c())
   times = {k: [] for k in calls}
+  if cpu is not None:
+    cpu.update({k: [] for k in calls})
   for _ in range(repeats):
     for k, c in calls.items():
-      t = time.perf_counter()
+      t, c0 = time.perf_counter(), _cpu_seconds()
       jax.block_until_ready(c())
       times[k].append(time.perf_counter() - t)
+      if cpu is not None:
+        cpu[k].append(_cpu_seconds() - c0)
   return times
 
 
@@ -236,7 +250,8 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
         with torch.inference_mode():
           return torch.relu_(torch.nn.functional.conv2d(xt, wt, bt, padding=1))
       calls["torch"] = torch_fwd
-    times = _interleaved_times(calls, repeats)
+    cpu = {}
+    times = _interleaved_times(calls, repeats, cpu)
     ref = np.asarray(calls["xla"]())
     rec = {"layer": name, "hw": hw, "cin": cin, "cout": cout, "batch": batch,
            "gflop": 2.0 * batch * hw * hw * cin * cout * 9 / 1e9,
@@ -245,6 +260,7 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
     for k, t in times.items():
       rec[f"{k}_ms"] = 1000 * statistics.median(t)
       rec[f"{k}_best_ms"] = 1000 * min(t)
+      rec[f"{k}_cpu_ms"] = 1000 * statistics.median(cpu[k])
       if k.startswith("winograd"):
         rec[f"{k}_rel_err"] = float(np.abs(np.asarray(calls[k]()) - ref).max()
                                     / np.abs(ref).max())
@@ -353,17 +369,20 @@ def main():
     variants = a.variants.split(",")
     recs = winograd_compare(a.size, a.batch, a.repeats, a.torch == "true", layers, variants)
     cols = ["xla"] + [f"winograd_{v}" for v in variants] + (["torch"] if a.torch == "true" else [])
-    print(f"\n{a.size}² input, batch {a.batch}, float32; medians of {a.repeats} (ms), "
-          "interleaved; speed-up = xla / best Winograd\n")
+    print(f"\n{a.size}² input, batch {a.batch}, float32, conv + bias + ReLU; medians of "
+          f"{a.repeats} interleaved calls, wall ms (process CPU ms); speed-up = xla / best "
+          "Winograd, wall (CPU)\n")
     print("| layer | HxW | Cin→Cout | GFLOP | " + " | ".join(cols) +
           " | speed-up | vs torch | rel. err | auto | load |")
     print("|---|---|---|---|" + "---|" * len(cols) + "---|---|---|---|---|")
     for r in recs:
       best = min((f"winograd_{v}" for v in variants), key=lambda k: r[f"{k}_ms"])
-      vs_torch = f"{r['torch_ms'] / r[best + '_ms']:.2f}" if "torch_ms" in r else "–"
+      vs_torch = (f"{r['torch_ms'] / r[best + '_ms']:.2f} "
+                  f"({r['torch_cpu_ms'] / r[best + '_cpu_ms']:.2f})" if "torch_ms" in r else "–")
       print(f"| {r['layer']} | {r['hw']}² | {r['cin']}→{r['cout']} | {r['gflop']:.1f} | " +
-            " | ".join(f"{r[c + '_ms']:.0f}" for c in cols) +
-            f" | {r['xla_ms'] / r[best + '_ms']:.2f} ({best[9:]}) | {vs_torch} | "
+            " | ".join(f"{r[c + '_ms']:.0f} ({r[c + '_cpu_ms']:.0f})" for c in cols) +
+            f" | {r['xla_ms'] / r[best + '_ms']:.2f} ({r['xla_cpu_ms'] / r[best + '_cpu_ms']:.2f})"
+            f"{' ' + best[9:] if len(variants) > 1 else ''} | {vs_torch} | "
             f"{r[best + '_rel_err']:.1e} | {'winograd' if r['auto_uses_winograd'] else 'xla'}"
             f" | {r['load_avg']:.1f} |")
     return
