@@ -305,7 +305,7 @@ def _fill_band(buf: jax.Array, x: jax.Array, image: jax.Array, row: jax.Array) -
   ``buf`` (images, rows + 2, width + 2, C) gets rows ``row - 1 .. row + rows`` of images
   ``image ..`` of the unpadded ``x`` (B, H, W, C) at columns 1 .. W, zeros for the rows
   outside the image (the 'SAME' padding); its other columns are never written, so they keep
-  the zeros of the first band. In-place updates of a loop carry: no padded copy of the
+  the zeros the buffer starts with. In-place updates of a loop carry: no padded copy of the
   whole input is made (a pad, or a concatenate of the slices, measured several times
   slower here).
   """
