@@ -21,6 +21,13 @@ models.py is untouched) and PyTorch's, interleaved step by step:
 
     python benchmarks/conv_profile.py --compare --size=448 --repeats=3
     python benchmarks/conv_profile.py --train_step --size=448 --batch=2 --repeats=3
+
+``--winograd`` times, per layer, the evaluation forward (not differentiated) of XLA's conv,
+``rma_jax.conv.winograd_conv3x3`` with each ``--variants`` tile:tiles_per_band, and torch's
+``conv2d`` (channels_last, inference mode), interleaved:
+
+    python benchmarks/conv_profile.py --winograd --size=512 --batch=2 --repeats=3 \
+        --variants=2:256,4:256,6:256
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import functools
 import json
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import time
@@ -43,6 +51,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # rma_j
 LAYERS = {  # name: (spatial size at a 224 input, in channels, out channels)
     "conv1_2": (224, 64, 64), "conv2_2": (112, 128, 128), "conv3_2": (56, 256, 256),
     "conv4_2": (28, 512, 512), "conv5_2": (14, 512, 512)}
+ALL_LAYERS = dict(LAYERS, conv1_1=(224, 3, 64), conv2_1=(112, 64, 128),
+                  conv3_1=(56, 128, 256), conv4_1=(28, 256, 512))
+"""Every distinct layer shape of VGG-16 (conv3_3 = conv3_2, conv4_3 = conv4_2, ...)."""
 
 
 def _conv(x, w):
@@ -118,17 +129,35 @@ def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layer
   return out
 
 
-def _interleaved_ms(calls, repeats):
-  """Median ms of each zero-argument call, timed round-robin (one warm-up call each)."""
+def _cpu_seconds():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _interleaved_times(calls, repeats, cpu=None):
+  """Seconds of each zero-argument call, timed round-robin (one warm-up call each).
+
+  With a dict ``cpu``, also the process CPU seconds (user + system) of each call into it:
+  on a shared machine they vary less than wall time with the other jobs' load.
+  """
   for c in calls.values():
     jax.block_until_ready(c())
   times = {k: [] for k in calls}
+  if cpu is not None:
+    cpu.update({k: [] for k in calls})
   for _ in range(repeats):
     for k, c in calls.items():
-      t = time.perf_counter()
+      t, c0 = time.perf_counter(), _cpu_seconds()
       jax.block_until_ready(c())
       times[k].append(time.perf_counter() - t)
-  return {k: 1000 * statistics.median(v) for k, v in times.items()}
+      if cpu is not None:
+        cpu[k].append(_cpu_seconds() - c0)
+  return times
+
+
+def _interleaved_ms(calls, repeats):
+  """Median ms of each zero-argument call, timed round-robin (one warm-up call each)."""
+  return {k: 1000 * statistics.median(v) for k, v in _interleaved_times(calls, repeats).items()}
 
 
 def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layers=None,
@@ -137,12 +166,10 @@ def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layer
   from rma_jax import conv  # pylint: disable=g-import-not-at-top
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   out = []
-  all_layers = dict(LAYERS, conv1_1=(224, 3, 64), conv2_1=(112, 64, 128),
-                    conv3_1=(56, 128, 256), conv4_1=(28, 256, 512))
-  for name in sorted(all_layers):
+  for name in sorted(ALL_LAYERS):
     if layers and name not in layers:
       continue
-    hw, cin, cout = all_layers[name]
+    hw, cin, cout = ALL_LAYERS[name]
     hw = int(round(hw * size / 224))
     rng = np.random.default_rng(0)
     x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
@@ -182,6 +209,61 @@ def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layer
     rec = {"layer": name, "hw": hw, "cin": cin, "cout": cout, "batch": batch, "dtype": dtype,
            "auto_uses_patches": conv.use_patches(x.shape, "auto")}
     rec.update({f"{k}_ms": v for k, v in _interleaved_ms(calls, repeats).items()})
+    print(json.dumps(rec), flush=True)
+    out.append(rec)
+  return out
+
+
+def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
+                     variants=("4:256",)):
+  """Evaluation forward per layer: XLA's conv, Winograd variants and torch, interleaved.
+
+  Each is conv + bias + ReLU, as in the model. ``variants``: 'tile:tiles_per_band' strings
+  for ``rma_jax.conv.winograd_conv3x3``. Each record has the medians (ms), the best time,
+  and the Winograd output's largest error relative to the largest output of XLA's (float32,
+  both).
+  """
+  from rma_jax import conv  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in sorted(ALL_LAYERS):
+    if layers and name not in layers:
+      continue
+    hw, cin, cout = ALL_LAYERS[name]
+    hw = int(round(hw * size / 224))
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
+    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    x, w, b = jnp.asarray(x_np), jnp.asarray(w_np), jnp.zeros((cout,), jnp.float32)
+    calls = {"xla": functools.partial(jax.jit(lambda x, w, b: jax.nn.relu(_conv(x, w) + b)),
+                                      x, w, b)}
+    for v in variants:
+      tile, tpb = map(int, v.split(":"))
+      calls[f"winograd_{v}"] = functools.partial(jax.jit(functools.partial(
+          conv.winograd_conv3x3, tile=tile, tiles_per_band=tpb, activation=jax.nn.relu)),
+          x, w, b)
+    if use_torch:
+      import torch  # pylint: disable=g-import-not-at-top
+      xt, wt, _, _ = _torch_operands(x_np, w_np, x_np[..., :0], "float32")
+      bt = torch.zeros(cout)
+
+      def torch_fwd():
+        with torch.inference_mode():
+          return torch.relu_(torch.nn.functional.conv2d(xt, wt, bt, padding=1))
+      calls["torch"] = torch_fwd
+    cpu = {}
+    times = _interleaved_times(calls, repeats, cpu)
+    ref = np.asarray(calls["xla"]())
+    rec = {"layer": name, "hw": hw, "cin": cin, "cout": cout, "batch": batch,
+           "gflop": 2.0 * batch * hw * hw * cin * cout * 9 / 1e9,
+           "auto_uses_winograd": conv.use_winograd(x.shape, cout, x.dtype, "auto"),
+           "load_avg": os.getloadavg()[0]}
+    for k, t in times.items():
+      rec[f"{k}_ms"] = 1000 * statistics.median(t)
+      rec[f"{k}_best_ms"] = 1000 * min(t)
+      rec[f"{k}_cpu_ms"] = 1000 * statistics.median(cpu[k])
+      if k.startswith("winograd"):
+        rec[f"{k}_rel_err"] = float(np.abs(np.asarray(calls[k]()) - ref).max()
+                                    / np.abs(ref).max())
     print(json.dumps(rec), flush=True)
     out.append(rec)
   return out
@@ -262,6 +344,10 @@ def main():
   p.add_argument("--dump_hlo", action="store_true")
   p.add_argument("--compare", action="store_true",
                  help="conv3x3 impl='xla' vs 'patches' vs torch, and kernel_grad methods")
+  p.add_argument("--winograd", action="store_true",
+                 help="evaluation forward per layer: XLA's conv vs Winograd vs torch")
+  p.add_argument("--variants", default="4:256",
+                 help="--winograd: comma-separated tile:tiles_per_band of winograd_conv3x3")
   p.add_argument("--train_step", action="store_true",
                  help="full RMA train step: XLA convs vs Conv3x3(impl='auto') vs torch")
   a = p.parse_args()
@@ -278,6 +364,27 @@ def main():
     print(f"| {rec['input_size']}² {rec['dtype']} | {rec['batch']} | {rec['jax_xla_ms']:.0f} | "
           f"{rec['jax_auto_ms']:.0f} | {t:.0f} | {rec['ratio_jax_xla']:.2f}, "
           f"{rec['ratio_jax_auto']:.2f} |" if t else "")
+    return
+  if a.winograd:
+    variants = a.variants.split(",")
+    recs = winograd_compare(a.size, a.batch, a.repeats, a.torch == "true", layers, variants)
+    cols = ["xla"] + [f"winograd_{v}" for v in variants] + (["torch"] if a.torch == "true" else [])
+    print(f"\n{a.size}² input, batch {a.batch}, float32, conv + bias + ReLU; medians of "
+          f"{a.repeats} interleaved calls, wall ms (process CPU ms); speed-up = xla / best "
+          "Winograd, wall (CPU)\n")
+    print("| layer | HxW | Cin→Cout | GFLOP | " + " | ".join(cols) +
+          " | speed-up | vs torch | rel. err | auto | load |")
+    print("|---|---|---|---|" + "---|" * len(cols) + "---|---|---|---|---|")
+    for r in recs:
+      best = min((f"winograd_{v}" for v in variants), key=lambda k: r[f"{k}_ms"])
+      vs_torch = (f"{r['torch_ms'] / r[best + '_ms']:.2f} "
+                  f"({r['torch_cpu_ms'] / r[best + '_cpu_ms']:.2f})" if "torch_ms" in r else "–")
+      print(f"| {r['layer']} | {r['hw']}² | {r['cin']}→{r['cout']} | {r['gflop']:.1f} | " +
+            " | ".join(f"{r[c + '_ms']:.0f} ({r[c + '_cpu_ms']:.0f})" for c in cols) +
+            f" | {r['xla_ms'] / r[best + '_ms']:.2f} ({r['xla_cpu_ms'] / r[best + '_cpu_ms']:.2f})"
+            f"{' ' + best[9:] if len(variants) > 1 else ''} | {vs_torch} | "
+            f"{r[best + '_rel_err']:.1e} | {'winograd' if r['auto_uses_winograd'] else 'xla'}"
+            f" | {r['load_avg']:.1f} |")
     return
   if a.compare:
     recs = compare(a.size, a.batch, a.repeats, a.torch == "true", a.dtype, layers)

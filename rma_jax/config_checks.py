@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from rma_jax import build, losses, models
+from rma_jax import build, conv, losses, models
 from rma_jax import data as data_lib
 from rma_jax.data import preprocess
 
@@ -43,8 +43,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.width={m.width} must divide 64")
   if m.dtype not in build.DTYPES:
     errors.append(f"model.dtype={m.dtype!r}: one of {sorted(build.DTYPES)}")
-  if m.conv_impl not in ("auto", "xla", "patches"):
-    errors.append(f"model.conv_impl={m.conv_impl!r}: 'auto', 'xla' or 'patches'")
+  if m.conv_impl not in conv.IMPLS:
+    errors.append(f"model.conv_impl={m.conv_impl!r}: one of {conv.IMPLS}")
   if m.baseline_pool not in ("avg", "max"):
     errors.append(f"model.baseline_pool={m.baseline_pool!r}: 'avg' or 'max'")
   if m.get("trunk_init", "he") not in models.TRUNK_INITS:

@@ -88,9 +88,10 @@ class VGG16(nn.Module):
       torchvision) or 'dirac' (:func:`dirac_init` for the 9 layers whose channel count does
       not change, He for the other 4), which trains a narrow trunk from scratch much
       more reliably. Irrelevant when ImageNet or stage-1 weights are loaded.
-    conv_impl: backward pass of the 3x3 convs (``rma_jax.conv.Conv3x3``): 'xla' | 'patches'
-      | 'auto' (the matmul kernel gradient on CPU for maps >= 56x56; same parameters and
-      results either way).
+    conv_impl: algorithm of the 3x3 convs (``rma_jax.conv.Conv3x3``): 'xla' | 'patches' |
+      'winograd' | 'auto' (on CPU: Winograd F(4x4, 3x3) when not differentiated, for layers
+      with >= 64 input channels and enough work, and the matmul kernel gradient for maps
+      >= 56x56; same parameters, and results equal to float32 rounding, either way).
   """
   width: int = 1
   num_classes: int | None = None
@@ -110,15 +111,17 @@ class VGG16(nn.Module):
       # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers on
       # average; ImageNet or stage-1 weights replace it.
       init = dirac_init() if self.init_scheme == "dirac" and cin == cout else _HE_INIT
+      # ReLU inside the conv: the Winograd forward applies it while writing its output.
       setattr(self, name, conv.Conv3x3(cout, dtype=self.dtype, param_dtype=jnp.float32,
-                                       kernel_init=init, impl=self.conv_impl, name=name))
+                                       kernel_init=init, impl=self.conv_impl,
+                                       activation=nn.relu, name=name))
     if self.num_classes is not None:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
                            name="head")
 
   def _block(self, x: jax.Array, block: int) -> jax.Array:
     for i in range(len(VGG16_BLOCKS[block])):
-      x = nn.relu(getattr(self, f"conv{block + 1}_{i + 1}")(x))
+      x = getattr(self, f"conv{block + 1}_{i + 1}")(x)  # ReLU included
     if block < 4:  # no pool5: conv5_3 keeps stride 16
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
@@ -301,7 +304,7 @@ class RMA(AttentionSettings):
     num_classes, num_regions, ..., dtype: the attention settings, ``AttentionSettings``.
     width: trunk channel divisor (1 = real VGG-16).
     remat: rematerialise the trunk's blocks in the backward pass.
-    conv_impl: the trunk's 3x3 conv backward pass, see ``VGG16.conv_impl``.
+    conv_impl: the trunk's 3x3 conv algorithm, see ``VGG16.conv_impl``.
     trunk_init: the trunk's from-scratch initialisation, see ``VGG16.init_scheme``.
   """
   width: int = 1

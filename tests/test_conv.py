@@ -112,7 +112,7 @@ class _TwoConvs(nn.Module):
     return self.make(5, name="b")(x)
 
 
-@pytest.mark.parametrize("impl", ["xla", "patches", "auto"])
+@pytest.mark.parametrize("impl", ["xla", "patches", "winograd", "auto"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matches_nn_conv_forward_and_gradients(impl, dtype):
   """Output and all gradients against nn.Conv with the same params, under jit.
@@ -219,7 +219,8 @@ def test_auto_rule_and_custom_vjp_in_jaxpr():
 
 
 def test_batch_sharded_over_four_devices_matches_xla():
-  """Data parallel as in rma_jax.train (batch sharded over a mesh): same gradients."""
+  """Data parallel as in rma_jax.train (batch sharded over a mesh): same gradients, and the
+  same Winograd forward."""
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -236,6 +237,11 @@ def test_batch_sharded_over_four_devices_matches_xla():
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, b)
       for got, ref in zip(grads("patches"), grads("xla")):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+      # The Winograd forward, its bands sliced across the sharded batch: same output.
+      fwd = lambda impl: jax.jit(lambda x, w, b: conv.conv3x3(x, w, b, impl=impl))(x, w, b)
+      got = jax.jit(lambda x, w, b: conv.winograd_conv3x3(x, w, b, tiles_per_band=3))(x, w, b)
+      for y in (fwd("winograd"), got):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(fwd("xla")), rtol=1e-4, atol=1e-4)
       print("OK")
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -244,3 +250,199 @@ def test_batch_sharded_over_four_devices_matches_xla():
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                        text=True, timeout=120)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+VGG_LAYER_CHANNELS = sorted({(cin, cout) for cin, cout in zip(
+    [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512],
+    [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512])})
+"""The 8 distinct (Cin, Cout) of VGG-16's 13 convolutions."""
+
+
+@pytest.mark.parametrize("tile", conv.WINOGRAD_TILES)
+def test_winograd_matrices_compute_the_correlation(tile):
+  """A^T ((G g) * (B^T d)) = sum_k d[i + k] g[k] for random tiles, in float64; in 2-D with
+  G g G^T and B^T d B. A^T and B^T are exact in float32 (dyadic entries)."""
+  at, g, bt = conv.winograd_matrices(tile)
+  n = tile + 2
+  assert at.shape == (tile, n) and g.shape == (n, 3) and bt.shape == (n, n)
+  rng = np.random.default_rng(tile)
+  d, k = rng.normal(size=n), rng.normal(size=3)
+  np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), np.correlate(d, k, "valid"),
+                             rtol=1e-12, atol=1e-12)
+  d2, k2 = rng.normal(size=(n, n)), rng.normal(size=(3, 3))
+  ref = np.array([[np.sum(d2[i:i + 3, j:j + 3] * k2) for j in range(tile)]
+                  for i in range(tile)])
+  np.testing.assert_allclose(at @ ((g @ k2 @ g.T) * (bt @ d2 @ bt.T)) @ at.T, ref,
+                             rtol=1e-12, atol=1e-12)
+  for m in (at, bt):
+    assert np.array_equal(m.astype(np.float32).astype(np.float64), m)
+  with pytest.raises(ValueError, match="tile"):
+    conv.winograd_matrices(3)
+
+
+def test_winograd_bands_divide_the_work():
+  assert conv.winograd_bands(2, 128, 128, 256) == (1, 2)   # conv1_2 at 512: 2-row bands
+  assert conv.winograd_bands(2, 16, 16, 256) == (1, 16)    # conv4 at 64: one image each
+  assert conv.winograd_bands(2, 8, 8, 256) == (2, 8)       # conv5 at 32: all in one band
+  assert conv.winograd_bands(6, 2, 2, 16) == (3, 2)        # 4 images fit; 3 divides 6
+  assert conv.winograd_bands(1, 7, 5, 12) == (1, 1)        # 2 rows fit; 7 is prime
+  assert conv.winograd_bands(1, 3, 300, 256) == (1, 1)     # never below one row
+
+
+@pytest.mark.parametrize("tile", conv.WINOGRAD_TILES)
+@pytest.mark.parametrize("shape,tiles_per_band", [
+    ((2, 9, 7, 3, 4), 1000),   # odd sizes (not multiples of the tile): one band, cropped
+    ((1, 1, 1, 2, 3), 1000),   # a single pixel: every tap but the centre is padding
+    ((3, 13, 6, 2, 2), 1),     # one tile row per band; the last band past the bottom edge
+    ((6, 5, 4, 2, 3), 8),      # several whole images per band
+])
+def test_winograd_float64_equals_direct_convolution(tile, shape, tiles_per_band):
+  """In float64 the algorithm is exact to rounding (1e-12 here): tiling, SAME padding at
+  every border, cropping, bands and the fused bias + ReLU, for every tile size."""
+  b, h, w, cin, cout = shape
+  rng = np.random.default_rng(0)
+  x, k, bias = (rng.normal(size=s) for s in ((b, h, w, cin), (3, 3, cin, cout), (cout,)))
+  with jax.enable_x64(True):
+    for act in (None, jax.nn.relu):
+      got = jax.jit(functools.partial(conv.winograd_conv3x3, tile=tile,
+                                      tiles_per_band=tiles_per_band, activation=act))(
+          jnp.asarray(x), jnp.asarray(k), jnp.asarray(bias))
+      ref = _np_conv(x, k, bias)
+      ref = ref if act is None else np.maximum(ref, 0)
+      assert got.dtype == jnp.float64 and got.shape == ref.shape
+      np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def _winograd_abs_bound(x, k, bias, tile):
+  """The float error bound of F(m x m, 3 x 3) as ``winograd_conv3x3`` computes it.
+
+  With exact-coefficient stages (A^T, B^T dyadic; G rounded once), floating-point dot
+  products of K terms in any order (Higham, Accuracy and Stability of Numerical
+  Algorithms, §3.1) and gamma_K = K u / (1 - K u), u = 2^-24, every output is within
+
+      gamma_K * (|A^T| [sum_c (|G| |g_c| |G|^T) * (|B^T| |d_c| |B|)] |A| + |b|)
+
+  of the exact value, K = 10 (kernel transform: 9 products + G's rounding) + 2n (input
+  transform, two stages of <= n terms) + Cin (the matrix product) + 2n (output transform)
+  + 1 (bias). The bracket is the algorithm run on absolute values: it grows with the norms
+  of the transform matrices, i.e. with the tile (Barabasz et al., "Error analysis and
+  improving the accuracy of Winograd convolution for deep neural networks", ACM TOMS 2020),
+  which is the known error growth of F(m, r) that a plain tolerance would not track.
+  Computed in float64 from the same float32 inputs.
+  """
+  at, g, bt = (np.abs(m) for m in conv.winograd_matrices(tile))
+  n = tile + 2
+  b, h, w, cin = x.shape
+  rows, cols = -(-h // tile), -(-w // tile)
+  xp = np.abs(np.pad(x.astype(np.float64), ((0, 0), (1, rows * tile + 1 - h),
+                                             (1, cols * tile + 1 - w), (0, 0))))
+  tiles = np.stack([np.stack([xp[:, i:i + (rows - 1) * tile + 1:tile,
+                                 j:j + (cols - 1) * tile + 1:tile] for j in range(n)], -2)
+                    for i in range(n)], -3)  # (B, rows, cols, n, n, Cin)
+  v = np.einsum("pa,zrcaei,qe->zrcpqi", bt, tiles, bt)
+  u = np.einsum("pa,aeio,qe->pqio", g, np.abs(k.astype(np.float64)), g)
+  mabs = np.einsum("zrcpqi,pqio->zrcpqo", v, u)
+  y = np.einsum("ip,zrcpqo,jq->zricjo", at, mabs, at).reshape(b, rows * tile, cols * tile, -1)
+  gamma = lambda k_: k_ * 2.0**-24 / (1 - k_ * 2.0**-24)
+  return gamma(10 + 4 * n + cin + 1) * (y[:, :h, :w] + np.abs(bias))
+
+
+@pytest.mark.parametrize("cin,cout", VGG_LAYER_CHANNELS)
+def test_winograd_float32_within_its_error_bound_on_every_vgg_layer(cin, cout):
+  """F(4x4, 3x3) in float32 on each VGG-16 (Cin, Cout) at a small odd map (two bands, all
+  four borders), against the float64 direct convolution: every output within the
+  algorithm's rigorous rounding-error bound (``_winograd_abs_bound``); and against
+  lax.conv_general_dilated in float32 within that bound plus the direct convolution's own,
+  gamma_{9 Cin + 1} (|x| * |w| + |b|). The bound is a worst case (no cancellation in the
+  absolute values, every rounding of the Cin-term sums in the same direction): from 0.08 %
+  (Cin = 3) to 9 % (Cin = 512) of the largest output here, where the observed error is
+  5e-6 to 9e-6 of it (200-7000x below the bound). It catches precision lost by the
+  implementation (a 16-bit intermediate, a badly conditioned transform); exactness of the
+  algorithm itself (taps, borders, bands) is the float64 test above."""
+  rng = np.random.default_rng(cin + cout)
+  x = _rand(cin, (1, 9, 7, cin))
+  k = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  bias = _rand(cout, (cout,), 0.1)
+  got = np.asarray(jax.jit(functools.partial(conv.winograd_conv3x3, tiles_per_band=3))(
+      x, k, bias), np.float64)  # 3 tile rows of 2 tiles: 3 bands of one row
+  ref = _np_conv(x.astype(np.float64), k.astype(np.float64), bias.astype(np.float64))
+  bound = _winograd_abs_bound(x, k, bias, conv.DEFAULT_WINOGRAD_TILE)
+  err = np.abs(got - ref)
+  assert np.all(err <= bound), f"max err/bound {np.max(err / bound):.3g}"
+  assert bound.max() < 0.1 * np.abs(ref).max()  # the bound itself is not vacuous
+  lax_out = np.asarray(jax.jit(_lax_conv)(x, k) + bias, np.float64)
+  direct_bound = (9 * cin + 1) * 2.0**-24 / (1 - (9 * cin + 1) * 2.0**-24) * (
+      _np_conv(np.abs(x).astype(np.float64), np.abs(k).astype(np.float64),
+               np.abs(bias).astype(np.float64)))
+  assert np.all(np.abs(got - lax_out) <= bound + direct_bound)
+
+
+def test_winograd_bfloat16_inputs_computed_in_float32():
+  x, k, bias = _rand(20, (2, 8, 8, 4)), _rand(21, (3, 3, 4, 5), 0.3), _rand(22, (5,))
+  as16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+  got = jax.jit(conv.winograd_conv3x3)(as16(x), as16(k), as16(bias))
+  assert got.dtype == jnp.bfloat16
+  ref = _np_conv(*(np.asarray(as16(a), np.float64) for a in (x, k, bias)))
+  # Only the final rounding to bf16 (8 bits): within 2^-8 relative of the exact output.
+  np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2**-8,
+                             atol=1e-5 * np.abs(ref).max())
+
+
+def _count_winograd_traces(monkeypatch):
+  calls = []
+  original = conv.winograd_conv3x3
+
+  def counting(*args, **kwargs):
+    calls.append(args[0].shape)
+    return original(*args, **kwargs)
+  monkeypatch.setattr(conv, "winograd_conv3x3", counting)
+  return calls
+
+
+@pytest.mark.parametrize("impl,ref_impl", [("winograd", "xla"), ("auto", "patches")])
+def test_winograd_only_when_not_differentiated(monkeypatch, impl, ref_impl):
+  """Evaluating runs Winograd; differentiating runs XLA's conv and the backward of
+  ``ref_impl`` (what the same impl differentiated before Winograd existed): equal
+  gradients, the ReLU's included, and a differentiated forward that never traces
+  Winograd."""
+  calls = _count_winograd_traces(monkeypatch)
+  # 84 x 84 x 128 -> 128: 2.1 GFLOP and 441 tiles, so 'auto' takes Winograd, and >= 56^2
+  # pixels, so its backward is the matmul kernel gradient ('patches').
+  x = jnp.asarray(_rand(30, (1, 84, 84, 128)))
+  k, bias = jnp.asarray(_rand(31, (3, 3, 128, 128), 0.03)), jnp.asarray(_rand(32, (128,), 0.1))
+  dy = jnp.asarray(_rand(33, (1, 84, 84, 128)))
+  assert conv.use_winograd(x.shape, 128, x.dtype, impl) and (
+      conv.use_patches(x.shape, impl) == (ref_impl == "patches"))
+
+  def f(impl_):
+    return lambda x, k, b: conv.conv3x3(x, k, b, impl=impl_, activation=jax.nn.relu)
+
+  y = jax.jit(f(impl))(x, k, bias)
+  assert len(calls) == 1
+  np.testing.assert_allclose(y, jax.nn.relu(_lax_conv(x, k) + bias), rtol=1e-4, atol=1e-4)
+
+  def grads(impl_):
+    loss = lambda x, k, b: jnp.sum(f(impl_)(x, k, b) * dy)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, bias)
+  got = grads(impl)
+  assert len(calls) == 1  # the train step never traced the Winograd forward
+  for a, b in zip(got, grads(ref_impl)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+
+
+def test_winograd_rule_of_auto():
+  f32 = jnp.float32
+  assert conv.use_winograd((2, 448, 448, 64), 64, f32, "auto")        # conv1_2
+  assert conv.use_winograd((2, 28, 28, 512), 512, f32, "auto")        # 98 tiles
+  assert conv.use_winograd((1, 32, 32, 512), 512, f32, "auto")        # 64 tiles
+  assert not conv.use_winograd((1, 28, 28, 512), 512, f32, "auto")    # 49 tiles
+  assert not conv.use_winograd((2, 448, 448, 3), 64, f32, "auto")     # conv1_1
+  assert not conv.use_winograd((32, 12, 12, 64), 64, f32, "auto")     # 0.34 GFLOP
+  assert not conv.use_winograd((2, 448, 448, 64), 64, jnp.bfloat16, "auto")
+  assert not conv.use_winograd((2, 448, 448, 64), 64, f32, "xla")
+  assert not conv.use_winograd((2, 448, 448, 64), 64, f32, "patches")
+  assert conv.use_winograd((1, 2, 2, 1), 1, f32, "winograd")
+  with pytest.raises(ValueError, match="impl"):
+    conv.use_winograd((1, 4, 4, 1), 1, f32, "winograd6")

@@ -66,8 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.region_init = ""
   c.model.dtype = "float32"  # float32 | bfloat16 (parameters stay float32)
   c.model.remat = False
-  # 3x3 conv backward: auto | xla | patches (rma_jax.conv; auto = matmul kernel gradient on
-  # CPU for maps >= 56x56, XLA's elsewhere and on GPU/TPU). Same parameters either way.
+  # 3x3 convs: auto | xla | patches | winograd (rma_jax.conv). auto: on CPU, Winograd
+  # F(4x4, 3x3) when not differentiated (evaluation) for layers with >= 64 input channels and
+  # enough work, and the matmul kernel gradient in training for maps >= 56x56; XLA's
+  # elsewhere and on GPU/TPU. Same parameters either way.
   c.model.conv_impl = "auto"
   c.model.baseline_pool = "avg"  # the baseline's global pooling: avg | max
   c.model.trunk_init = "he"  # from-scratch conv init: he | dirac (identity where C_in = C_out)
