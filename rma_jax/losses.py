@@ -1,4 +1,4 @@
-"""The paper's losses (Eq. 7–14, SPEC §2) and the sigmoid cross-entropy of today's baselines.
+"""The paper's losses (Eq. 7–14, docs/design.md §2) and the sigmoid cross-entropy of today's baselines.
 
 Conventions: ``scores`` (B, C) are raw (pre-softmax) scores; ``labels`` (B, C) are {0, 1};
 ``theta`` (B, K, 4) are the transforms ``(sx, sy, tx, ty)`` of regions 1..K (the model's

@@ -1,4 +1,4 @@
-"""VGG-16 trunk and the recurrent memorized-attention model (SPEC §1).
+"""VGG-16 trunk and the recurrent memorized-attention model (docs/design.md §1).
 
 Parameter trees (``width`` divides every channel count; ``width=1`` is the real VGG-16):
 
@@ -31,7 +31,7 @@ VGG16_STRIDE = 16
 """conv5_3 is 16x smaller than the input (four 2x2 max-pools; pool5 is dropped)."""
 
 # Default start box of every predicted region: centred, half the map's width and height,
-# i.e. exactly on the scale constraint's threshold alpha = 0.5 (SPEC §2). The anchor
+# i.e. exactly on the scale constraint's threshold alpha = 0.5 (docs/design.md §2). The anchor
 # constraint then moves regions 2..K towards their anchors.
 DEFAULT_THETA_BIAS = (0.5, 0.5, 0.0, 0.0)
 
@@ -80,7 +80,7 @@ class VGG16(nn.Module):
   Attributes:
     width: divisor of every channel count (1 = real VGG-16, 14,714,688 conv parameters).
     num_classes: if set, global pooling (``head_pool``) + a linear layer ``head`` give
-      class scores (the baseline of SPEC §1.6); if ``None`` the conv5_3 map is returned.
+      class scores (the baseline of docs/design.md §1); if ``None`` the conv5_3 map is returned.
     dtype: computation dtype (parameters stay float32), e.g. ``jnp.bfloat16``.
     remat: recompute each block's activations in the backward pass to save memory.
     head_pool: global pooling before the head, 'avg' or 'max'.

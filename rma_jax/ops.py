@@ -1,4 +1,4 @@
-"""The scale-and-translate spatial transformer as two small matrix products (SPEC §1.2–1.3).
+"""The scale-and-translate spatial transformer as two small matrix products (docs/design.md §1).
 
 A transform ``theta = (sx, sy, tx, ty)`` maps output coordinates to input coordinates,
 ``x_in = sx * x_out + tx`` and ``y_in = sy * y_out + ty``, in coordinates normalised to

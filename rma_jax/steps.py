@@ -1,4 +1,4 @@
-"""The jitted steps: the train state, one optimizer step, one evaluation batch (SPEC §3, §7).
+"""The jitted steps: the train state, one optimizer step, one evaluation batch (docs/design.md §3, §6).
 
 ``train_step`` is one pure function jitted over a ``Mesh`` (``rma_jax.parallel``) whose
 single axis ``data`` spans every device of every host: the batch is sharded along it,

@@ -1,4 +1,4 @@
-"""The paper's test-time protocols on a model (§5.1, SPEC §4): single view, ten views of
+"""The paper's test-time protocols on a model (§5.1, docs/design.md §4): single view, ten views of
 one conv5_3 map, and the fusion of scales. Pure JAX, jittable (``make_scores_fn``).
 
 Ten-view evaluation does not run the trunk ten times. The image is resized to N x N, the
@@ -113,7 +113,7 @@ def single_view_scores(model: nn.Module, variables: Any, images: jax.Array, *,
 def ten_view_scores(model: nn.Module, variables: Any, images: jax.Array, *, crop_size: int,
                     pixel_convention: str | None = None,
                     return_features: bool = False) -> dict[str, jax.Array]:
-  """Ten-view scores from one trunk pass per image (paper §5.1, SPEC §4).
+  """Ten-view scores from one trunk pass per image (paper §5.1, docs/design.md §4).
 
   Jittable; ``model``, ``crop_size``, ``pixel_convention`` and ``return_features`` are
   static (see ``make_scores_fn``).

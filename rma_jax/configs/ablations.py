@@ -22,7 +22,7 @@ Tables (keys of ``TABLES``):
   4: localisation constraints null / S+P / A+S / A+P / A+S+P; ten views at N.
   5: constraints null vs A+S+P with C-F1, O-F1 and mAP (the paper's MS-COCO table).
   6: single crop vs ten crops at N and at the second scale, and both scales fused.
-  'loss': the global-pooling baseline (SPEC §1.6) with the paper's softmax-Euclidean loss and
+  'loss': the global-pooling baseline (docs/design.md §1) with the paper's softmax-Euclidean loss and
      with per-class sigmoid cross-entropy, beside the attention model; ten views at N.
   'budget': the same total number of epochs for every row: the stage-1 baseline alone,
      the pooled baseline trained in one go for stage-1 + stage-2 epochs (both losses), and

@@ -1,4 +1,4 @@
-r"""Defaults shared by every config: the paper's settings (SPEC §2–4) on PASCAL VOC 2007.
+r"""Defaults shared by every config: the paper's settings (docs/design.md §2–4) on PASCAL VOC 2007.
 
     python -m rma_jax.main --config=configs/default.py --workdir=runs/voc512
     python -m rma_jax.main --config=configs/demo.py:tiny --workdir=/tmp/rma_tiny  # seconds
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Data (SPEC §3, §5; docs/data.md). source: tfds | voc | coco | list | demo | local (detects
+  # Data (docs/design.md §3; docs/data.md). source: tfds | voc | coco | list | demo | local (detects
   # voc, coco or list). name: voc2007 | coco2014 with tfds, demo with demo, any name otherwise.
   c.data = ml_collections.ConfigDict()
   c.data.name = "voc2007"
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.demo.num_test = 500
   c.data.demo.canvas_size = 96
 
-  # Model (SPEC §1). name: rma | baseline.
+  # Model (docs/design.md §1). name: rma | baseline.
   c.model = ml_collections.ConfigDict()
   c.model.name = "rma"
   c.model.width = 1
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.baseline_pool = "avg"  # the baseline's global pooling: avg | max
   c.model.trunk_init = "he"  # from-scratch conv init: he | dirac (identity where C_in = C_out)
 
-  # Loss (SPEC §2). classification: softmax_euclidean (Eq. 7-8) | sigmoid_bce.
+  # Loss (docs/design.md §2). classification: softmax_euclidean (Eq. 7-8) | sigmoid_bce.
   c.loss = ml_collections.ConfigDict()
   c.loss.classification = "softmax_euclidean"
   c.loss.gamma = 0.1
@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.anchor_schedule_epochs = 0
   c.loss.lambda_anchor_start = 1.0
 
-  # Optimisation (SPEC §3): Adam, lr 1e-5 divided by 10 after 30 epochs, 45 epochs.
+  # Optimisation (docs/design.md §3): Adam, lr 1e-5 divided by 10 after 30 epochs, 45 epochs.
   c.optim = ml_collections.ConfigDict()
   c.optim.batch_size = 16  # global batch, over all devices and hosts
   c.optim.num_epochs = 45
@@ -124,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage1.learning_rate = 1e-5
   c.stage1.classification = "softmax_euclidean"
 
-  # Evaluation (SPEC §4).
+  # Evaluation (docs/design.md §4).
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
   c.eval.ten_view = True

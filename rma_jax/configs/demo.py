@@ -3,7 +3,7 @@ r"""The embedded demo: digit canvases built in memory, the paper's two-step reci
     python -m rma_jax.main --config=configs/demo.py --workdir=/tmp/rma_demo
     python -m rma_jax.main --config=configs/demo.py:tiny --workdir=/tmp/rma_tiny  # seconds
 
-Stage 1 trains the global-pooling baseline (SPEC §1.6) from scratch; stage 2 initialises the
+Stage 1 trains the global-pooling baseline (docs/design.md §1) from scratch; stage 2 initialises the
 attention model's trunk from it and trains the whole model; then the best checkpoint (lowest
 validation loss) is evaluated on the test split and WORKDIR/report/report.md is written.
 A width/8 trunk on 96 px crops gives a 6x6 conv5_3 map. See README "Demo" for what was tried.

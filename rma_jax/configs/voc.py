@@ -1,4 +1,4 @@
-r"""PASCAL VOC 2007 at the paper's settings (SPEC §2–4): N = 512, batch 16, Adam lr 1e-5 /10
+r"""PASCAL VOC 2007 at the paper's settings (docs/design.md §2–4): N = 512, batch 16, Adam lr 1e-5 /10
 after 30 epochs, 45 epochs, K = 5, S = 7; train on trainval, test on test.
 
     python -m rma_jax.main --config=configs/voc.py --workdir=runs/voc512 \

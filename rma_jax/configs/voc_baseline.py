@@ -1,5 +1,5 @@
 r"""Stage 1 of the two-step recipe on VOC 2007: the VGG-16 baseline (global pooling + linear
-head, SPEC §1.6) fine-tuned from ImageNet weights with the paper's loss.
+head, docs/design.md §1) fine-tuned from ImageNet weights with the paper's loss.
 
     python -m rma_jax.pretrained --from=keras vgg16_weights_tf_dim_ordering_tf_kernels.h5 \
         --out=weights/vgg16_keras

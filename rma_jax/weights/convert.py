@@ -31,7 +31,7 @@ Params = dict[str, Any]
 
 ORIGINS = ("keras", "torch")
 PIXEL_CONVENTION = {"keras": "caffe", "torch": "torch"}
-"""Pixel preprocessing each weight origin was trained with (SPEC §3)."""
+"""Pixel preprocessing each weight origin was trained with (docs/design.md §3)."""
 
 FC6_INPUT_SHAPE = (7, 7, 512)
 """pool5 of VGG-16 on a 224x224 image, the input of fc6 (flattened (h, w, c) here)."""

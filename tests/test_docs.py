@@ -1,0 +1,79 @@
+"""The README and docs/ say what the repository holds: short README, the two set-up commands,
+links that resolve, no references to documents a user cannot read, and tables equal to the
+committed results they are built from."""
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+
+
+def _read(*parts):
+  with open(os.path.join(ROOT, *parts), encoding="utf-8") as f:
+    return f.read()
+
+
+def _pages():
+  return ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(DOCS))
+                          if f.endswith(".md")]
+
+
+def test_readme_is_short_with_the_two_set_up_commands():
+  readme = _read("README.md")
+  assert len(readme.splitlines()) <= 160
+  first_block = readme.split("```")[1].strip().splitlines()
+  assert first_block == [
+      "pip install -e . && python -m rma_jax.main --config=configs/demo.py "
+      "--workdir=/tmp/rma_demo",
+      'pip install -e ".[test]" && python -m pytest -q']
+  for placeholder in ("DEMO_TABLE", "DEMO_CONSOLE", "PERF_TABLE", "TEST_TIME", "TEST_QUICK"):
+    assert placeholder not in readme
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_no_reference_to_documents_outside_the_repository(page):
+  text = _read(page)
+  assert not re.search(r"\bSPEC\b", text), f"{page} cites SPEC, which is not in the repository"
+  assert not re.search(r"issue #?\d+'?s? notes?", text, re.I), f"{page} cites issue notes"
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_relative_links_resolve(page):
+  text = _read(page)
+  base = os.path.dirname(os.path.join(ROOT, page))
+  for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+    if "://" in target or target.startswith("mailto:"):
+      continue
+    assert os.path.exists(os.path.join(base, target)), f"{page}: broken link {target}"
+
+
+def test_readme_demo_table_is_the_committed_reports():
+  spec = importlib.util.spec_from_file_location(
+      "demo_table", os.path.join(DOCS, "demo_results", "table.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert len(module.rows()) >= 3, "one committed report per seed"
+  assert module.table() in _read("README.md")
+
+
+def test_readme_performance_table_is_the_committed_benchmark():
+  # The benchmark's own Markdown output (--markdown_out) is committed beside its JSON lines.
+  table = "\n".join(line for line in _read("docs", "benchmarks", "cpu_eval_train.md").splitlines()
+                    if line.startswith("|"))
+  assert table in _read("README.md")
+  assert len(_read("docs", "benchmarks", "cpu_eval_train.jsonl").splitlines()) == 3
+
+
+def test_committed_benchmark_table_follows_from_its_json():
+  import json
+  rows = {line.split("|")[1].strip(): line
+          for line in _read("docs", "benchmarks", "cpu_eval_train.md").splitlines()
+          if line.startswith("| ") and not line.startswith("| case")}
+  for line in _read("docs", "benchmarks", "cpu_eval_train.jsonl").splitlines():
+    rec = json.loads(line)
+    cells = [c.strip() for c in rows[rec["case"]].split("|")]
+    assert f"{rec['ratio']:.2f}" in cells, (rec["case"], cells)
