@@ -62,18 +62,20 @@ from benchmarks import bench_records, bench_torch, timing
 CASES = ("train", "single_view", "ten_view", "latency")
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-  """What to benchmark. ``image_size`` is N (ten-view input), ``crop_size`` N - 64."""
-  image_size: int = 512
-  crop_size: int = 448
-  batch: int = 2
-  dtype: str = "float32"
-  width: int = 1
-  num_regions: int = 5
-  sample_size: int = 7
-  x_dim: int = 4096
-  hidden_dim: int = 512
-  z_dim: int = 512
-  num_classes: int = 20
+  """What to benchmark. ``image_size`` is N (ten-view input), ``crop_size`` N - 64. The sizes
+  have no defaults here: ``settings_from_config`` takes them from a training config (the
+  model's settings are declared once, in ``configs/default.py``)."""
+  image_size: int
+  crop_size: int
+  batch: int
+  dtype: str
+  width: int
+  num_regions: int
+  sample_size: int
+  x_dim: int
+  hidden_dim: int
+  z_dim: int
+  num_classes: int
   cases: tuple[str, ...] = CASES
   repeats: int = 3
   warmup: int = 1

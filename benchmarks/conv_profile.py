@@ -61,6 +61,23 @@ def _conv(x, w):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _chosen(names, layers):
+  """The layer names of ``names`` (in order) that ``--layers`` selects (all when empty)."""
+  return [n for n in names if not layers or n in layers]
+
+
+def _layer_operands(shape: tuple[int, int, int], size: int, batch: int):
+  """(hw, x, w, g) of a VGG layer ``shape`` (its size at a 224 input, Cin, Cout) at a ``size``
+  input: the NHWC input, HWIO kernel and NHWC output cotangent, float32 NumPy, seed 0."""
+  hw, cin, cout = shape
+  hw = int(round(hw * size / 224))
+  rng = np.random.default_rng(0)
+  x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
+  w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  g_np = rng.normal(size=(batch, hw, hw, cout)).astype(np.float32)
+  return hw, x_np, w_np, g_np
+
+
 def _torch_operands(x_np, w_np, g_np, dtype):
   """NHWC input, HWIO kernel and NHWC cotangent as channels-last NCHW / OIHW torch tensors."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -74,17 +91,11 @@ def _torch_operands(x_np, w_np, g_np, dtype):
 
 def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layers=None,
             dump_hlo=False):
-  scale = size / 224
   out = []
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  for name, (hw, cin, cout) in LAYERS.items():
-    if layers and name not in layers:
-      continue
-    hw = int(round(hw * scale))
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
-    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-    g_np = rng.normal(size=(batch, hw, hw, cout)).astype(np.float32)
+  for name in _chosen(LAYERS, layers):
+    _, cin, cout = LAYERS[name]
+    hw, x_np, w_np, g_np = _layer_operands(LAYERS[name], size, batch)
     x, w, g = (jnp.asarray(a, dt) for a in (x_np, w_np, g_np))
     fwd = jax.jit(_conv)
     dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: _conv(x, w), x)[1](g)[0])
@@ -133,15 +144,9 @@ def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layer
   from rma_jax import conv  # pylint: disable=g-import-not-at-top
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   out = []
-  for name in sorted(ALL_LAYERS):
-    if layers and name not in layers:
-      continue
-    hw, cin, cout = ALL_LAYERS[name]
-    hw = int(round(hw * size / 224))
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
-    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-    g_np = rng.normal(size=(batch, hw, hw, cout)).astype(np.float32)
+  for name in _chosen(sorted(ALL_LAYERS), layers):
+    _, cin, cout = ALL_LAYERS[name]
+    hw, x_np, w_np, g_np = _layer_operands(ALL_LAYERS[name], size, batch)
     x, w, g = (jnp.asarray(a, dt) for a in (x_np, w_np, g_np))
     b = jnp.zeros((cout,), dt)
     calls = {}
@@ -192,14 +197,9 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
   """
   from rma_jax import conv, winograd  # pylint: disable=g-import-not-at-top
   out = []
-  for name in sorted(ALL_LAYERS):
-    if layers and name not in layers:
-      continue
-    hw, cin, cout = ALL_LAYERS[name]
-    hw = int(round(hw * size / 224))
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
-    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  for name in _chosen(sorted(ALL_LAYERS), layers):
+    _, cin, cout = ALL_LAYERS[name]
+    hw, x_np, w_np, _ = _layer_operands(ALL_LAYERS[name], size, batch)
     x, w, b = jnp.asarray(x_np), jnp.asarray(w_np), jnp.zeros((cout,), jnp.float32)
     calls = {"xla": functools.partial(jax.jit(lambda x, w, b: jax.nn.relu(_conv(x, w) + b)),
                                       x, w, b)}
@@ -262,8 +262,9 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
       return conv.conv3x3(x, k, b, impl=impl)
     return nn.intercept_methods(interceptor)
 
-  settings = bench.BenchSettings(image_size=size + 64, crop_size=size, batch=batch,
-                                 dtype=dtype, torch=use_torch)
+  settings = bench.settings_from_config(bench.load_config(), image_size=size + 64,
+                                       crop_size=size, batch=batch, dtype=dtype,
+                                       torch=use_torch)
   config = bench.bench_config(settings)
   model = build.build_model(config, settings.num_classes)
   loss_cfg = steps.LossConfig.from_config(config)
