@@ -21,7 +21,8 @@ timing helpers every benchmark uses), which are TF-free.
    over the measured peak of a large bf16 matmul.
 
 Prints JSON lines as it goes and one Markdown table at the end. A time budget
-(``--budget_s``, default 360 s: no new case starts after it) skips the remaining cases rather than overrun.
+(``--budget_s``, default 360 s: no new case starts after it) skips the remaining cases rather
+than overrun.
 """
 
 from __future__ import annotations
