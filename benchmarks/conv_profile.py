@@ -15,7 +15,7 @@ The XLA-vs-torch ratio per pass shows which of the three is slow, and the HLO pr
 (gradients in input and kernel, as in a train step) of ``rma_jax.conv.conv3x3`` with
 ``impl='xla'`` and ``impl='patches'`` against torch, and the kernel gradient alone by each
 ``rma_jax.conv.kernel_grad`` method. ``--train_step`` times the full RMA train step
-(``rma_jax.train``, the benchmark config of ``rma_jax.bench``) with XLA's convolutions, with
+(``rma_jax.train``, the benchmark config of ``benchmarks.bench``) with XLA's convolutions, with
 ``Conv3x3`` swapped in for every 3x3 ``nn.Conv`` (via ``flax.linen.intercept_methods``, so
 models.py is untouched) and PyTorch's, interleaved step by step:
 
@@ -23,7 +23,7 @@ models.py is untouched) and PyTorch's, interleaved step by step:
     python benchmarks/conv_profile.py --train_step --size=448 --batch=2 --repeats=3
 
 ``--winograd`` times, per layer, the evaluation forward (not differentiated) of XLA's conv,
-``rma_jax.conv.winograd_conv3x3`` with each ``--variants`` tile:tiles_per_band, and torch's
+``rma_jax.winograd.winograd_conv3x3`` with each ``--variants`` tile:tiles_per_band, and torch's
 ``conv2d`` (channels_last, inference mode), interleaved:
 
     python benchmarks/conv_profile.py --winograd --size=512 --batch=2 --repeats=3 \
@@ -37,7 +37,6 @@ import functools
 import json
 import os
 import pathlib
-import resource
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # rma_jax from here
+from benchmarks import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 LAYERS = {  # name: (spatial size at a 224 input, in channels, out channels)
     "conv1_2": (224, 64, 64), "conv2_2": (112, 128, 128), "conv3_2": (56, 256, 256),
@@ -61,6 +61,23 @@ def _conv(x, w):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _chosen(names, layers):
+  """The layer names of ``names`` (in order) that ``--layers`` selects (all when empty)."""
+  return [n for n in names if not layers or n in layers]
+
+
+def _layer_operands(shape: tuple[int, int, int], size: int, batch: int):
+  """(hw, x, w, g) of a VGG layer ``shape`` (its size at a 224 input, Cin, Cout) at a ``size``
+  input: the NHWC input, HWIO kernel and NHWC output cotangent, float32 NumPy, seed 0."""
+  hw, cin, cout = shape
+  hw = int(round(hw * size / 224))
+  rng = np.random.default_rng(0)
+  x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
+  w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  g_np = rng.normal(size=(batch, hw, hw, cout)).astype(np.float32)
+  return hw, x_np, w_np, g_np
+
+
 def _torch_operands(x_np, w_np, g_np, dtype):
   """NHWC input, HWIO kernel and NHWC cotangent as channels-last NCHW / OIHW torch tensors."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -72,29 +89,13 @@ def _torch_operands(x_np, w_np, g_np, dtype):
   return xt, wt, gt, tdt
 
 
-def _median_ms(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return 1000 * statistics.median(times)
-
-
 def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layers=None,
             dump_hlo=False):
-  scale = size / 224
   out = []
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  for name, (hw, cin, cout) in LAYERS.items():
-    if layers and name not in layers:
-      continue
-    hw = int(round(hw * scale))
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
-    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-    g_np = rng.normal(size=(batch, hw, hw, cout)).astype(np.float32)
+  for name in _chosen(LAYERS, layers):
+    _, cin, cout = LAYERS[name]
+    hw, x_np, w_np, g_np = _layer_operands(LAYERS[name], size, batch)
     x, w, g = (jnp.asarray(a, dt) for a in (x_np, w_np, g_np))
     fwd = jax.jit(_conv)
     dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: _conv(x, w), x)[1](g)[0])
@@ -102,9 +103,9 @@ def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layer
     flops = 2.0 * batch * hw * hw * cin * cout * 9
     rec = {"layer": name, "hw": hw, "cin": cin, "cout": cout, "batch": batch, "dtype": dtype,
            "gflop_per_pass": flops / 1e9,
-           "xla_fwd_ms": _median_ms(lambda: fwd(x, w), repeats),
-           "xla_dx_ms": _median_ms(lambda: dx(x, w, g), repeats),
-           "xla_dw_ms": _median_ms(lambda: dw(x, w, g), repeats),
+           "xla_fwd_ms": timing.median_ms(lambda: fwd(x, w), warmup=1, repeats=repeats),
+           "xla_dx_ms": timing.median_ms(lambda: dx(x, w, g), warmup=1, repeats=repeats),
+           "xla_dw_ms": timing.median_ms(lambda: dw(x, w, g), warmup=1, repeats=repeats),
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if dump_hlo:
       for tag, f, args in (("fwd", fwd, (x, w)), ("dx", dx, (x, w, g)), ("dw", dw, (x, w, g))):
@@ -119,45 +120,22 @@ def profile(size=224, batch=2, repeats=5, use_torch=True, dtype="float32", layer
         def bwd(mask):
           return torch.ops.aten.convolution_backward(
               gt, xt, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
-        rec["torch_fwd_ms"] = _median_ms(
-            lambda: torch.nn.functional.conv2d(xt, wt, padding=1), repeats)
-        rec["torch_dx_ms"] = _median_ms(lambda: bwd([True, False, False]), repeats)
-        rec["torch_dw_ms"] = _median_ms(lambda: bwd([False, True, False]), repeats)
+        rec["torch_fwd_ms"] = timing.median_ms(
+            lambda: torch.nn.functional.conv2d(xt, wt, padding=1), warmup=1, repeats=repeats)
+        rec["torch_dx_ms"] = timing.median_ms(lambda: bwd([True, False, False]), warmup=1,
+                                              repeats=repeats)
+        rec["torch_dw_ms"] = timing.median_ms(lambda: bwd([False, True, False]), warmup=1,
+                                              repeats=repeats)
       for p in ("fwd", "dx", "dw"):
         rec[f"ratio_{p}"] = rec[f"torch_{p}_ms"] / rec[f"xla_{p}_ms"]  # > 1: XLA faster
     out.append(rec)
   return out
 
 
-def _cpu_seconds():
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
-def _interleaved_times(calls, repeats, cpu=None):
-  """Seconds of each zero-argument call, timed round-robin (one warm-up call each).
-
-  With a dict ``cpu``, also the process CPU seconds (user + system) of each call into it:
-  on a shared machine they vary less than wall time with the other jobs' load.
-  """
-  for c in calls.values():
-    jax.block_until_ready(c())
-  times = {k: [] for k in calls}
-  if cpu is not None:
-    cpu.update({k: [] for k in calls})
-  for _ in range(repeats):
-    for k, c in calls.items():
-      t, c0 = time.perf_counter(), _cpu_seconds()
-      jax.block_until_ready(c())
-      times[k].append(time.perf_counter() - t)
-      if cpu is not None:
-        cpu[k].append(_cpu_seconds() - c0)
-  return times
-
-
 def _interleaved_ms(calls, repeats):
   """Median ms of each zero-argument call, timed round-robin (one warm-up call each)."""
-  return {k: 1000 * statistics.median(v) for k, v in _interleaved_times(calls, repeats).items()}
+  return {k: 1000 * statistics.median(v)
+          for k, v in timing.interleaved_times(calls, repeats).items()}
 
 
 def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layers=None,
@@ -166,15 +144,9 @@ def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layer
   from rma_jax import conv  # pylint: disable=g-import-not-at-top
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   out = []
-  for name in sorted(ALL_LAYERS):
-    if layers and name not in layers:
-      continue
-    hw, cin, cout = ALL_LAYERS[name]
-    hw = int(round(hw * size / 224))
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
-    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-    g_np = rng.normal(size=(batch, hw, hw, cout)).astype(np.float32)
+  for name in _chosen(sorted(ALL_LAYERS), layers):
+    _, cin, cout = ALL_LAYERS[name]
+    hw, x_np, w_np, g_np = _layer_operands(ALL_LAYERS[name], size, batch)
     x, w, g = (jnp.asarray(a, dt) for a in (x_np, w_np, g_np))
     b = jnp.zeros((cout,), dt)
     calls = {}
@@ -219,27 +191,22 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
   """Evaluation forward per layer: XLA's conv, Winograd variants and torch, interleaved.
 
   Each is conv + bias + ReLU, as in the model. ``variants``: 'tile:tiles_per_band' strings
-  for ``rma_jax.conv.winograd_conv3x3``. Each record has the medians (ms), the best time,
+  for ``rma_jax.winograd.winograd_conv3x3``. Each record has the medians (ms), the best time,
   and the Winograd output's largest error relative to the largest output of XLA's (float32,
   both).
   """
-  from rma_jax import conv  # pylint: disable=g-import-not-at-top
+  from rma_jax import conv, winograd  # pylint: disable=g-import-not-at-top
   out = []
-  for name in sorted(ALL_LAYERS):
-    if layers and name not in layers:
-      continue
-    hw, cin, cout = ALL_LAYERS[name]
-    hw = int(round(hw * size / 224))
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(batch, hw, hw, cin)).astype(np.float32)
-    w_np = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  for name in _chosen(sorted(ALL_LAYERS), layers):
+    _, cin, cout = ALL_LAYERS[name]
+    hw, x_np, w_np, _ = _layer_operands(ALL_LAYERS[name], size, batch)
     x, w, b = jnp.asarray(x_np), jnp.asarray(w_np), jnp.zeros((cout,), jnp.float32)
     calls = {"xla": functools.partial(jax.jit(lambda x, w, b: jax.nn.relu(_conv(x, w) + b)),
                                       x, w, b)}
     for v in variants:
       tile, tpb = map(int, v.split(":"))
       calls[f"winograd_{v}"] = functools.partial(jax.jit(functools.partial(
-          conv.winograd_conv3x3, tile=tile, tiles_per_band=tpb, activation=jax.nn.relu)),
+          winograd.winograd_conv3x3, tile=tile, tiles_per_band=tpb, activation=jax.nn.relu)),
           x, w, b)
     if use_torch:
       import torch  # pylint: disable=g-import-not-at-top
@@ -251,7 +218,7 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
           return torch.relu_(torch.nn.functional.conv2d(xt, wt, bt, padding=1))
       calls["torch"] = torch_fwd
     cpu = {}
-    times = _interleaved_times(calls, repeats, cpu)
+    times = timing.interleaved_times(calls, repeats, cpu)
     ref = np.asarray(calls["xla"]())
     rec = {"layer": name, "hw": hw, "cin": cin, "cout": cout, "batch": batch,
            "gflop": 2.0 * batch * hw * hw * cin * cout * 9 / 1e9,
@@ -274,7 +241,8 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
   """The full RMA train step (rma_jax.train) per conv impl and PyTorch's, interleaved."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rma_jax import bench, build, conv, optimizer, steps  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench, bench_torch  # pylint: disable=g-import-not-at-top
+  from rma_jax import build, conv, optimizer, steps  # pylint: disable=g-import-not-at-top
 
   swapped = {}
 
@@ -294,16 +262,16 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
       return conv.conv3x3(x, k, b, impl=impl)
     return nn.intercept_methods(interceptor)
 
-  settings = bench.BenchSettings(image_size=size + 64, crop_size=size, batch=batch,
-                                 dtype=dtype, torch=use_torch)
+  settings = bench.settings_from_config(bench.load_config(), image_size=size + 64,
+                                       crop_size=size, batch=batch, dtype=dtype,
+                                       torch=use_torch)
   config = bench.bench_config(settings)
   model = build.build_model(config, settings.num_classes)
   loss_cfg = steps.LossConfig.from_config(config)
   mesh = bench.mesh_for_batch(batch)
   tx = optimizer.make_optimizer(config.optim, optimizer.learning_rate_schedule(
       config.optim.learning_rate, config.optim, 100, 1000))
-  host_batch = bench._random_batch(np.random.default_rng(0), batch, size,  # pylint: disable=protected-access
-                                   settings.num_classes)
+  host_batch = bench.random_batch(np.random.default_rng(0), batch, size, settings.num_classes)
   data = jax.device_put(host_batch, NamedSharding(mesh, P("data")))
   calls, compile_s, states = {}, {}, {}
   for impl in impls:
@@ -319,8 +287,8 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
       return metrics["loss"]
     calls[f"jax_{impl}"] = one
   if use_torch:
-    runner = bench._TorchRunner(settings, jax.device_get(states[impls[0]].params),  # pylint: disable=protected-access
-                                len(os.sched_getaffinity(0)), config.data.pixel_convention)
+    runner = bench_torch.TorchRunner(settings, jax.device_get(states[impls[0]].params),
+                                     len(os.sched_getaffinity(0)), config.data.pixel_convention)
     calls["torch"] = runner.train_step_fn(host_batch)
   ms = _interleaved_ms(calls, repeats)
   rec = {"case": "train_step", "input_size": size, "batch": batch, "dtype": dtype,

@@ -25,13 +25,13 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # rma_jax from here
+from benchmarks import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 from rma_jax import ops  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -61,17 +61,6 @@ def gather_sample(features: jax.Array, theta: jax.Array, size: int) -> jax.Array
     return out
 
   return jax.vmap(one_image)(features, px, py, x0, y0).astype(features.dtype)
-
-
-def _time(fn, repeats: int) -> list[float]:
-  jax.block_until_ready(fn())
-  jax.block_until_ready(fn())
-  out = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    out.append(time.perf_counter() - start)
-  return out
 
 
 def _inputs(batch, n_map, channels, regions, seed=0):
@@ -105,7 +94,7 @@ def run(sizes=(512, 640), batch=16, regions=5, sample=7, channels=512, repeats=5
       ref = out if ref is None else ref
       for pass_name, call in (("forward", lambda: fwd(fmap, theta)),
                               ("backward", lambda: bwd(fmap, theta))):
-        t = _time(call, repeats)
+        t = timing.time_calls(call, warmup=2, repeats=repeats)
         records.append(dict(N=n, map=n_map, sampler=name, framework="jax", pass_=pass_name,
                             ms=1000 * statistics.median(t), ms_all=[1000 * x for x in t],
                             max_abs_diff_to_separable=float(np.max(np.abs(out - ref))),
@@ -116,8 +105,7 @@ def run(sizes=(512, 640), batch=16, regions=5, sample=7, channels=512, repeats=5
         import torch  # pylint: disable=g-import-not-at-top
       except ImportError:
         continue
-      sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-      import torch_rma  # pylint: disable=g-import-not-at-top
+      from benchmarks import torch_rma  # pylint: disable=g-import-not-at-top
       torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
       tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
       f_t = torch.from_numpy(fmap_np).permute(0, 3, 1, 2).contiguous().to(tdt)
@@ -138,7 +126,7 @@ def run(sizes=(512, 640), batch=16, regions=5, sample=7, channels=512, repeats=5
           (fn(f, t, sample) * cot_t).float().sum().backward()
           return f.grad, t.grad
         for pass_name, call in (("forward", fwd_t), ("backward", bwd_t)):
-          t = _time(call, repeats)
+          t = timing.time_calls(call, warmup=2, repeats=repeats)
           records.append(dict(N=n, map=n_map, sampler=name, framework="torch", pass_=pass_name,
                               ms=1000 * statistics.median(t), ms_all=[1000 * x for x in t],
                               max_abs_diff_to_separable=float(np.max(np.abs(out - ref))),

@@ -4,7 +4,8 @@ r"""One prepared run for a lent GPU (e.g. an H200): correctness, speed and MFU i
     python launch/gpu_check.py --smoke      # anywhere, seconds: tiny model on the default device
 
 Needs only JAX, Flax, Optax and NumPy (plus this repository): no TensorFlow, no TFDS, no
-downloads; it imports ``rma_jax.models/ops/losses/steps/views``, which are TF-free.
+downloads; it imports ``rma_jax.models/ops/losses/steps/views`` and ``benchmarks.timing`` (the
+timing helpers every benchmark uses), which are TF-free.
 
 1. Correctness: the full model (real VGG-16 width, 448 crops, batch 2) in float32 and in
    bfloat16 on the accelerator against a float32 reference on the host CPU
@@ -20,14 +21,14 @@ downloads; it imports ``rma_jax.models/ops/losses/steps/views``, which are TF-fr
    over the measured peak of a large bf16 matmul.
 
 Prints JSON lines as it goes and one Markdown table at the end. A time budget
-(``--budget_s``, default 360 s: no new case starts after it) skips the remaining cases rather than overrun.
+(``--budget_s``, default 360 s: no new case starts after it) skips the remaining cases rather
+than overrun.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -41,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from rma_jax import build, models, optimizer, parallel, steps, views  # noqa: E402
 
 H200_BF16_DENSE_FLOPS = 989e12
@@ -67,34 +69,6 @@ def make_config(width: int, dims: dict, dtype: str, crop: int, image: int, batch
                  decay_factor=0.1, warmup_steps=0, b1=0.9, b2=0.999, grad_clip_norm=0.0,
                  trunk_lr_multiplier=1.0, grad_accum_steps=1)
   return ml_collections.ConfigDict(c)
-
-
-def median_time(fn, warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
-
-
-def flops_of(compiled) -> float | None:
-  try:
-    a = compiled.cost_analysis()
-    a = a[0] if isinstance(a, (list, tuple)) else a
-    return float(a["flops"])
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def matmul_peak(device, size: int) -> float:
-  k1, k2 = jax.random.split(jax.random.key(0))
-  a = jax.device_put(jax.random.normal(k1, (size, size), jnp.bfloat16), device)
-  b = jax.device_put(jax.random.normal(k2, (size, size), jnp.bfloat16), device)
-  mm = jax.jit(jnp.matmul)
-  return 2.0 * size ** 3 / median_time(lambda: mm(a, b), 3, 10)
 
 
 def correctness(args, dims, device) -> list[dict]:
@@ -156,15 +130,12 @@ def train_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dic
   t0 = time.perf_counter()
   compiled = step.lower(state, batch_data).compile()
   compile_s = time.perf_counter() - t0
-  flops = flops_of(compiled)
-  holder = [state]
-
-  def one():
-    holder[0], m = step(holder[0], batch_data)
-    return m["loss"]
-  dt = median_time(one, args.warmup, args.repeats)
+  flops = timing.cost_flops(compiled)
+  times, state = timing.time_steps(step, state, batch_data, warmup=args.warmup,
+                                   repeats=args.repeats)  # state donated: the last one kept
+  dt = statistics.median(times)
   cache = getattr(step, "_cache_size", lambda: None)()
-  del holder, state
+  del state
   return dict(case="train", N=image, crop=crop, batch=batch, dtype=dtype,
               images_per_s=batch / dt, step_ms=1000 * dt, compile_s=compile_s,
               flops_per_image=(flops * mesh.size / batch) if flops else None,
@@ -182,8 +153,9 @@ def ten_view_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> 
   t0 = time.perf_counter()
   compiled = fn.lower({"params": params}, images).compile()
   compile_s = time.perf_counter() - t0
-  flops = flops_of(compiled)
-  dt = median_time(lambda: fn({"params": params}, images), args.warmup, args.repeats)
+  flops = timing.cost_flops(compiled)
+  dt = statistics.median(timing.time_calls(lambda: fn({"params": params}, images),
+                                           warmup=args.warmup, repeats=args.repeats))
   return dict(case="ten_view", N=image, crop=crop, batch=batch, dtype=dtype,
               images_per_s=batch / dt, step_ms=1000 * dt, ms_per_image=1000 * dt / batch,
               compile_s=compile_s, flops_per_image=flops / batch if flops else None)
@@ -217,7 +189,7 @@ def main() -> int:
   device = jax.devices()[0]
   log(dict(case="device", platform=device.platform, kind=str(device.device_kind),
            num_devices=jax.device_count(), jax=jax.__version__))
-  peak = matmul_peak(device, a.matmul_size)
+  peak = timing.matmul_peak_flops(device, "bfloat16", a.matmul_size, repeats=10, warmup=3)
   log(dict(case="matmul_peak", size=a.matmul_size, flops_per_s=peak))
   rows = []
   checks = correctness(a, dims, device)

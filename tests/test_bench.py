@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rma_jax import bench
+from benchmarks import bench, bench_records, bench_torch, timing
 from rma_jax.configs import default
 
 TINY = default.get_config("tiny")  # the smoke mode's sizes
@@ -22,14 +22,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def test_run_benchmarks_smoke_records():
   settings = bench.smoke_settings(cases=("train", "latency"), repeats=2,
-                                  torch=bench.torch_available())
+                                  torch=bench_torch.torch_available())
   emitted = []
   records = bench.run_benchmarks(settings, emit=emitted.append)
   assert [r["case"] for r in records] == ["train", "latency_single_view", "latency_ten_view"]
   assert emitted == records
   for r in records:
-    assert set(r) == set(bench.RECORD_KEYS)
-    json.loads(bench.to_json(r))  # every record is one JSON line
+    assert set(r) == set(bench_records.RECORD_KEYS)
+    json.loads(bench_records.to_json(r))  # every record is one JSON line
     assert r["width"] == TINY.model.width and r["backend"] == jax.default_backend()
     assert r["repeats"] == len(r["step_s_all"]) == 2
     assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"])
@@ -56,7 +56,7 @@ def test_compile_counter_counts_new_shapes():
   f = jax.jit(lambda x: jnp.sin(x) * 2.0)
   x3, x4, x5 = (np.ones(n, np.float32) for n in (3, 4, 5))  # host arrays: no jnp compiles
   f(x3)
-  with bench.CompileCounter() as counter:
+  with timing.CompileCounter() as counter:
     f(x3)  # cached
     assert counter.count == 0
     f(x4)  # new shape -> one compilation
@@ -68,7 +68,7 @@ def test_compile_counter_counts_new_shapes():
 def test_cost_flops_of_a_matmul():
   a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  assert bench.cost_flops(compiled) == 2 * 8 * 16 * 4
+  assert timing.cost_flops(compiled) == 2 * 8 * 16 * 4
 
 
 def test_mesh_for_batch_divides_the_batch():
@@ -89,13 +89,13 @@ def test_settings_from_config_and_bench_config():
 
 
 def test_markdown_table_rows_and_ratio():
-  rec = {k: None for k in bench.RECORD_KEYS}
+  rec = {k: None for k in bench_records.RECORD_KEYS}
   rec.update(case="train", input_size=448, batch=2, dtype="float32", images_per_s=3.0,
              torch_images_per_s=2.0, ratio=1.5, latency_ms=333.3, torch_latency_ms=500.0,
              compile_s=12.0, compiles_after_first_call=0, flops_per_image=2e11,
              achieved_flops_per_s=6e11, flops_utilization=0.5, peak_memory_bytes=2**30,
              torch_peak_memory_bytes=None)
-  table = bench.markdown_table([rec, dict(rec, case="ten_view", ratio=None)]).splitlines()
+  table = bench_records.markdown_table([rec, dict(rec, case="ten_view", ratio=None)]).splitlines()
   assert len(table) == 4
   n = table[0].count("|")
   assert all(line.count("|") == n for line in table)
@@ -109,14 +109,14 @@ def test_cli_smoke_writes_json_and_markdown(tmp_path):
   env.pop("XLA_FLAGS", None)
   out_json, out_md = tmp_path / "b.jsonl", tmp_path / "b.md"
   proc = subprocess.run(
-      [sys.executable, "-m", "rma_jax.bench", "--smoke", "--cases=ten_view",
+      [sys.executable, "-m", "benchmarks.bench", "--smoke", "--cases=ten_view",
        "--torch=false", f"--json_out={out_json}", f"--markdown_out={out_md}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = out_json.read_text().splitlines()
   assert len(lines) == 1
   rec = json.loads(lines[0])
-  assert set(rec) == set(bench.RECORD_KEYS) and rec["case"] == "ten_view"
+  assert set(rec) == set(bench_records.RECORD_KEYS) and rec["case"] == "ten_view"
   assert rec["torch_images_per_s"] is None
   assert f"| ten_view | {N}² | 2 |" in out_md.read_text()
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rma_jax import conv
+from rma_jax import conv, winograd
 
 
 def _np_conv(x, w, b):
@@ -224,7 +224,7 @@ def test_batch_sharded_over_four_devices_matches_xla():
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from rma_jax import conv
+      from rma_jax import conv, winograd
       assert jax.device_count() == 4
       mesh = Mesh(np.array(jax.devices()), ("data",))
       rng = np.random.default_rng(0)
@@ -239,7 +239,7 @@ def test_batch_sharded_over_four_devices_matches_xla():
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
       # The Winograd forward, its bands sliced across the sharded batch: same output.
       fwd = lambda impl: jax.jit(lambda x, w, b: conv.conv3x3(x, w, b, impl=impl))(x, w, b)
-      got = jax.jit(lambda x, w, b: conv.winograd_conv3x3(x, w, b, tiles_per_band=3))(x, w, b)
+      got = jax.jit(lambda x, w, b: winograd.winograd_conv3x3(x, w, b, tiles_per_band=3))(x, w, b)
       for y in (fwd("winograd"), got):
         np.testing.assert_allclose(np.asarray(y), np.asarray(fwd("xla")), rtol=1e-4, atol=1e-4)
       print("OK")
@@ -260,11 +260,11 @@ VGG_LAYER_CHANNELS = sorted({(cin, cout) for cin, cout in zip(
 """The 8 distinct (Cin, Cout) of VGG-16's 13 convolutions."""
 
 
-@pytest.mark.parametrize("tile", conv.WINOGRAD_TILES)
+@pytest.mark.parametrize("tile", winograd.WINOGRAD_TILES)
 def test_winograd_matrices_compute_the_correlation(tile):
   """A^T ((G g) * (B^T d)) = sum_k d[i + k] g[k] for random tiles, in float64; in 2-D with
   G g G^T and B^T d B. A^T and B^T are exact in float32 (dyadic entries)."""
-  at, g, bt = conv.winograd_matrices(tile)
+  at, g, bt = winograd.winograd_matrices(tile)
   n = tile + 2
   assert at.shape == (tile, n) and g.shape == (n, 3) and bt.shape == (n, n)
   rng = np.random.default_rng(tile)
@@ -279,19 +279,19 @@ def test_winograd_matrices_compute_the_correlation(tile):
   for m in (at, bt):
     assert np.array_equal(m.astype(np.float32).astype(np.float64), m)
   with pytest.raises(ValueError, match="tile"):
-    conv.winograd_matrices(3)
+    winograd.winograd_matrices(3)
 
 
 def test_winograd_bands_divide_the_work():
-  assert conv.winograd_bands(2, 128, 128, 256) == (1, 2)   # conv1_2 at 512: 2-row bands
-  assert conv.winograd_bands(2, 16, 16, 256) == (1, 16)    # conv4 at 64: one image each
-  assert conv.winograd_bands(2, 8, 8, 256) == (2, 8)       # conv5 at 32: all in one band
-  assert conv.winograd_bands(6, 2, 2, 16) == (3, 2)        # 4 images fit; 3 divides 6
-  assert conv.winograd_bands(1, 7, 5, 12) == (1, 1)        # 2 rows fit; 7 is prime
-  assert conv.winograd_bands(1, 3, 300, 256) == (1, 1)     # never below one row
+  assert winograd.winograd_bands(2, 128, 128, 256) == (1, 2)   # conv1_2 at 512: 2-row bands
+  assert winograd.winograd_bands(2, 16, 16, 256) == (1, 16)    # conv4 at 64: one image each
+  assert winograd.winograd_bands(2, 8, 8, 256) == (2, 8)       # conv5 at 32: all in one band
+  assert winograd.winograd_bands(6, 2, 2, 16) == (3, 2)        # 4 images fit; 3 divides 6
+  assert winograd.winograd_bands(1, 7, 5, 12) == (1, 1)        # 2 rows fit; 7 is prime
+  assert winograd.winograd_bands(1, 3, 300, 256) == (1, 1)     # never below one row
 
 
-@pytest.mark.parametrize("tile", conv.WINOGRAD_TILES)
+@pytest.mark.parametrize("tile", winograd.WINOGRAD_TILES)
 @pytest.mark.parametrize("shape,tiles_per_band", [
     ((2, 9, 7, 3, 4), 1000),   # odd sizes (not multiples of the tile): one band, cropped
     ((1, 1, 1, 2, 3), 1000),   # a single pixel: every tap but the centre is padding
@@ -306,7 +306,7 @@ def test_winograd_float64_equals_direct_convolution(tile, shape, tiles_per_band)
   x, k, bias = (rng.normal(size=s) for s in ((b, h, w, cin), (3, 3, cin, cout), (cout,)))
   with jax.enable_x64(True):
     for act in (None, jax.nn.relu):
-      got = jax.jit(functools.partial(conv.winograd_conv3x3, tile=tile,
+      got = jax.jit(functools.partial(winograd.winograd_conv3x3, tile=tile,
                                       tiles_per_band=tiles_per_band, activation=act))(
           jnp.asarray(x), jnp.asarray(k), jnp.asarray(bias))
       ref = _np_conv(x, k, bias)
@@ -332,7 +332,7 @@ def _winograd_abs_bound(x, k, bias, tile):
   which is the known error growth of F(m, r) that a plain tolerance would not track.
   Computed in float64 from the same float32 inputs.
   """
-  at, g, bt = (np.abs(m) for m in conv.winograd_matrices(tile))
+  at, g, bt = (np.abs(m) for m in winograd.winograd_matrices(tile))
   n = tile + 2
   b, h, w, cin = x.shape
   rows, cols = -(-h // tile), -(-w // tile)
@@ -365,10 +365,10 @@ def test_winograd_float32_within_its_error_bound_on_every_vgg_layer(cin, cout):
   x = _rand(cin, (1, 9, 7, cin))
   k = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
   bias = _rand(cout, (cout,), 0.1)
-  got = np.asarray(jax.jit(functools.partial(conv.winograd_conv3x3, tiles_per_band=3))(
+  got = np.asarray(jax.jit(functools.partial(winograd.winograd_conv3x3, tiles_per_band=3))(
       x, k, bias), np.float64)  # 3 tile rows of 2 tiles: 3 bands of one row
   ref = _np_conv(x.astype(np.float64), k.astype(np.float64), bias.astype(np.float64))
-  bound = _winograd_abs_bound(x, k, bias, conv.DEFAULT_WINOGRAD_TILE)
+  bound = _winograd_abs_bound(x, k, bias, winograd.DEFAULT_WINOGRAD_TILE)
   err = np.abs(got - ref)
   assert np.all(err <= bound), f"max err/bound {np.max(err / bound):.3g}"
   assert bound.max() < 0.1 * np.abs(ref).max()  # the bound itself is not vacuous
@@ -382,7 +382,7 @@ def test_winograd_float32_within_its_error_bound_on_every_vgg_layer(cin, cout):
 def test_winograd_bfloat16_inputs_computed_in_float32():
   x, k, bias = _rand(20, (2, 8, 8, 4)), _rand(21, (3, 3, 4, 5), 0.3), _rand(22, (5,))
   as16 = lambda a: jnp.asarray(a, jnp.bfloat16)
-  got = jax.jit(conv.winograd_conv3x3)(as16(x), as16(k), as16(bias))
+  got = jax.jit(winograd.winograd_conv3x3)(as16(x), as16(k), as16(bias))
   assert got.dtype == jnp.bfloat16
   ref = _np_conv(*(np.asarray(as16(a), np.float64) for a in (x, k, bias)))
   # Only the final rounding to bf16 (8 bits): within 2^-8 relative of the exact output.
@@ -392,12 +392,12 @@ def test_winograd_bfloat16_inputs_computed_in_float32():
 
 def _count_winograd_traces(monkeypatch):
   calls = []
-  original = conv.winograd_conv3x3
+  original = winograd.winograd_conv3x3
 
   def counting(*args, **kwargs):
     calls.append(args[0].shape)
     return original(*args, **kwargs)
-  monkeypatch.setattr(conv, "winograd_conv3x3", counting)
+  monkeypatch.setattr(winograd, "winograd_conv3x3", counting)
   return calls
 
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from rma_jax.configs import ablations, demo
-from rma_jax import (build, checkpointing, config_checks, experiments, models, optimizer,
-                     paper, parallel, report, steps, train)
+from rma_jax import (build, checkpointing, config_checks, models, optimizer, paper, parallel,
+                     report, steps, train)
+from rma_jax.experiments import check, records, runner, tables
 from rma_jax import init as init_lib
 from rma_jax import run as run_lib
 
@@ -220,13 +221,13 @@ def test_a_finished_run_is_skipped_and_an_evaluation_resumes(tmp_path, monkeypat
   base = tiny_base()
   results_dir = str(tmp_path / "results")
   rec = fake_results(0, "rma_AP_K5", base)
-  experiments._write_json(experiments.record_path(results_dir, 0, "rma_AP_K5"), rec)
+  records.write_json(records.record_path(results_dir, 0, "rma_AP_K5"), rec)
 
   def boom(*args, **kwargs):
     raise AssertionError("a finished run must not be trained or evaluated again")
   monkeypatch.setattr(train, "train", boom)
   monkeypatch.setattr(evaluate, "evaluate_and_report", boom)
-  got = experiments.run_one(base, "rma_AP_K5", str(tmp_path / "w"), results_dir, 0)
+  got = runner.run_one(base, "rma_AP_K5", str(tmp_path / "w"), results_dir, 0)
   assert got["protocols"] == rec["protocols"]
 
   # Trained already (train_timing.json) but not evaluated (no record): evaluated only, and
@@ -234,14 +235,14 @@ def test_a_finished_run_is_skipped_and_an_evaluation_resumes(tmp_path, monkeypat
   run_dir = tmp_path / "w" / "seed0" / "rma_SP_K5"
   timing = {"wall_s": 120.0, "cpu_s": 200.0, "loadavg_start": [1.0, 1.0, 1.0],
             "loadavg_end": [1.1, 1.0, 1.0], "summary": {"step": 9, "start_step": 0}}
-  experiments._write_json(str(run_dir / "train_timing.json"), timing)
+  records.write_json(str(run_dir / "train_timing.json"), timing)
   fake = fake_results(0, "rma_SP_K5", base)
   fake = {k: v for k, v in fake.items() if k in ("protocols", "headline", "pointing",
                                                  "attention_recall")}
   monkeypatch.setattr(evaluate, "evaluate_and_report", lambda config, workdir: fake)
-  got = experiments.run_one(base, "rma_SP_K5", str(run_dir), results_dir, 0, "/s1")
-  path = experiments.record_path(results_dir, 0, "rma_SP_K5")
-  saved = experiments.load_record(path)
+  got = runner.run_one(base, "rma_SP_K5", str(run_dir), results_dir, 0, "/s1")
+  path = records.record_path(results_dir, 0, "rma_SP_K5")
+  saved = records.load_record(path)
   assert saved["timing"]["train_wall_s"] == 120.0 and saved["timing"]["train_cpu_s"] == 200.0
   assert saved["timing"]["wall_s"] == pytest.approx(120.0 + saved["timing"]["eval_wall_s"])
   assert saved["timing"]["comparable"] and saved["timing"]["loadavg_start"] == [1.0] * 3
@@ -255,7 +256,7 @@ def test_a_finished_run_is_skipped_and_an_evaluation_resumes(tmp_path, monkeypat
   with open(path, "w") as f:
     json.dump({"status": "running"}, f)
   with pytest.raises(ValueError, match="not a finished run record"):
-    experiments.load_record(path)
+    records.load_record(path)
 
 
 # --------------------------------------------------------------------------- the writers
@@ -281,7 +282,7 @@ def fake_results(seed: int, run: str, base) -> dict:
 
 
 def expected_value(per_seed, seed, run, protocol, metric):
-  """A metric of a fake record, read independently of experiments.metric_value."""
+  """A metric of a fake record, read independently of tables.metric_value."""
   rec = per_seed[seed][run]
   nan = float("nan")
   if metric in ("mAP", "CF1", "OF1"):
@@ -312,9 +313,9 @@ def test_table_writers_on_fake_results(tmp_path, dataset):
   seeds = [0, 1, 2]
   per_seed = {s: {r: fake_results(s, r, base) for r in ALL_RUNS} for s in seeds}
   for t in ablations.table_keys():
-    table = experiments.collect_table(base, t, per_seed)
+    table = tables.collect_table(base, t, per_seed)
     assert not table["partial"]
-    paths = experiments.write_table(table, str(tmp_path))
+    paths = tables.write_table(table, str(tmp_path))
     md = open(paths["md"], encoding="utf-8").read()
     for v, row in zip(ablations.TABLES[t], table["rows"]):
       protocol = ablations.protocol_name(base, v.protocol)
@@ -347,11 +348,11 @@ def test_table_writers_on_fake_results(tmp_path, dataset):
 
 
 def test_mean_std_of_one_seed_and_missing_values():
-  mean, std = experiments.mean_std([0.25])
+  mean, std = tables.mean_std([0.25])
   assert mean == 0.25 and np.isnan(std)
-  assert experiments.format_mean_std(0.25, float("nan")) == "25.0"
-  assert experiments.format_mean_std(float("nan"), float("nan")) == "—"
-  mean, std = experiments.mean_std([0.2, float("nan"), 0.4])
+  assert tables.format_mean_std(0.25, float("nan")) == "25.0"
+  assert tables.format_mean_std(float("nan"), float("nan")) == "—"
+  mean, std = tables.mean_std([0.2, float("nan"), 0.4])
   assert mean == pytest.approx(0.3) and std == pytest.approx(statistics.stdev([0.2, 0.4]))
 
 
@@ -360,16 +361,16 @@ def test_write_tables_from_the_records_only_and_marks_partial_tables(tmp_path):
   results = tmp_path / "results"
   for s in (0, 1):
     for r in ALL_RUNS:
-      experiments._write_json(experiments.record_path(str(results), s, r),
-                              fake_results(s, r, base))
+      records.write_json(records.record_path(str(results), s, r),
+                         fake_results(s, r, base))
   # Seed 2 has only one run: tables that need more are written from seeds 0 and 1.
-  experiments._write_json(experiments.record_path(str(results), 2, "rma_ASP_K5"),
-                          fake_results(2, "rma_ASP_K5", base))
+  records.write_json(records.record_path(str(results), 2, "rma_ASP_K5"),
+                     fake_results(2, "rma_ASP_K5", base))
   # A workdir report is not a record: ignored.
   d = tmp_path / "seed2" / "fixed_anchors_K5" / "report"
   d.mkdir(parents=True)
   (d / "report.json").write_text(json.dumps({"results": fake_results(2, "x", base)}))
-  written = experiments.write_tables(base, str(results), ablations.table_keys(), [0, 1, 2])
+  written = tables.write_tables(base, str(results), ablations.table_keys(), [0, 1, 2])
   assert written[4]["seeds"] == [0, 1] and written[4]["partial"]
   assert written[6]["seeds"] == [0, 1, 2] and not written[6]["partial"]  # only rma_ASP_K5
   md4 = (results / "table_4.md").read_text()
@@ -386,14 +387,14 @@ def _page_with_tables(tmp_path, base):
   results = tmp_path / "docs" / "ablations"
   for s in (0, 1):
     for r in ALL_RUNS:
-      experiments._write_json(experiments.record_path(str(results), s, r),
-                              fake_results(s, r, base))
+      records.write_json(records.record_path(str(results), s, r),
+                         fake_results(s, r, base))
   page = tmp_path / "docs" / "ablations.md"
   page.write_text("# Ablations\n\nHand-written text with 12.3 outside any table.\n\n"
-                  f"{experiments.GENERATED_BEGIN}\nold\n{experiments.GENERATED_END}\n\n"
+                  f"{tables.GENERATED_BEGIN}\nold\n{tables.GENERATED_END}\n\n"
                   "## After\n")
-  experiments.write_tables(base, str(results), ablations.table_keys(), [0, 1],
-                           page=str(page))
+  tables.write_tables(base, str(results), ablations.table_keys(), [0, 1],
+                      page=str(page))
   return page, results
 
 
@@ -402,11 +403,11 @@ def test_page_is_regenerated_from_the_records_and_checked(tmp_path):
   page, results = _page_with_tables(tmp_path, base)
   text = page.read_text()
   assert text.startswith("# Ablations") and text.rstrip().endswith("## After")
-  assert "old" not in text and text.count(experiments.GENERATED_BEGIN) == 1
+  assert "old" not in text and text.count(tables.GENERATED_BEGIN) == 1
   assert "](ablations/table_4.png)" in text and "](ablations/pointing.png)" in text
-  numbers = experiments.table_numbers(text)
+  numbers = check.table_numbers(text)
   assert len(numbers) > 100 and "12.3" not in {n for _, n in numbers}
-  assert experiments.check_page(str(page), str(results)) == []
+  assert check.check_page(str(page), str(results)) == []
 
   # A number in a table that no JSON has: caught, with its line.
   table_4 = json.loads((results / "table_4.json").read_text())
@@ -415,22 +416,22 @@ def test_page_is_regenerated_from_the_records_and_checked(tmp_path):
   bad = line.replace(f"| {shown} ±", "| 1234.5 ±", 1)  # no percentage or wall time is
   assert bad != line
   page.write_text(text.replace(line, bad, 1))  # tables 4 and 5 share this row
-  problems = experiments.check_page(str(page), str(results))
+  problems = check.check_page(str(page), str(results))
   assert len(problems) == 1 and "1234.5 is in no table JSON" in problems[0]
   assert f"ablations.md:{text.splitlines().index(line) + 1}:" in problems[0]
 
   # A table JSON that no longer follows from the records (a record changed): caught.
   page.write_text(text)
-  path = experiments.record_path(str(results), 1, "rma_null_K5")
+  path = records.record_path(str(results), 1, "rma_null_K5")
   rec = json.loads(open(path).read())
   rec["protocols"]["ten_view@48"]["mAP"] += 0.05
-  experiments._write_json(path, rec)
-  problems = experiments.check_page(str(page), str(results))
+  records.write_json(path, rec)
+  problems = check.check_page(str(page), str(results))
   assert problems and all("rma" in p or "null" in p for p in problems)
   assert any("table_4.json: row 'null', mAP" in p for p in problems)
   # Regenerating from the records fixes both.
-  experiments.write_tables(base, str(results), ablations.table_keys(), [0, 1], page=str(page))
-  assert experiments.check_page(str(page), str(results)) == []
+  tables.write_tables(base, str(results), ablations.table_keys(), [0, 1], page=str(page))
+  assert check.check_page(str(page), str(results)) == []
 
 
 def test_write_only_and_check_through_the_cli(tmp_path):
@@ -463,10 +464,10 @@ def test_runner_smoke_table_3_one_seed_then_resume(tmp_path, monkeypatch):
   base = tiny_base()
   workdir, results = str(tmp_path / "work"), str(tmp_path / "docs" / "ablations")
   page = str(tmp_path / "docs" / "ablations.md")
-  written = experiments.run_experiments(base, workdir, [3], [0], results_dir=results,
-                                        page=page)
+  written = runner.run_experiments(base, workdir, [3], [0], results_dir=results,
+                                   page=page)
   for run in ("stage1", "fixed_anchors_K5", "rma_ASP_K5"):
-    rec = experiments.load_record(experiments.record_path(results, 0, run))
+    rec = records.load_record(records.record_path(results, 0, run))
     assert rec["train"]["step"] == 1 and rec["timing"]["train_wall_s"] > 0
     assert rec["timing"]["cpu_s"] > 0 and len(rec["timing"]["loadavg_end"]) == 3
     assert set(rec["protocols"]) == {ablations.protocol_name(base, p)
@@ -477,15 +478,15 @@ def test_runner_smoke_table_3_one_seed_then_resume(tmp_path, monkeypatch):
       assert 0 <= p["model_regions"]["hit_rate"] <= 1 and p["chance"]["num_draws"] == 10
       assert rec["config"]["init"]["from_checkpoint"].endswith("seed0/stage1")
   # The fixed-regions model's regions are the anchor boxes, scored like any other.
-  fixed = experiments.load_record(experiments.record_path(results, 0, "fixed_anchors_K5"))
+  fixed = records.load_record(records.record_path(results, 0, "fixed_anchors_K5"))
   assert fixed["attention_recall"]["model_regions"] == fixed["attention_recall"][
       "fixed_anchor_boxes"]
   table = written[3]
   assert [r["run"] for r in table["rows"]] == ["fixed_anchors_K5", "rma_ASP_K5"]
   assert table["rows"][1]["values"]["pointing"] == [
-      experiments.load_record(experiments.record_path(results, 0, "rma_ASP_K5"))[
+      records.load_record(records.record_path(results, 0, "rma_ASP_K5"))[
           "pointing"]["model_regions"]["hit_rate"]]
-  assert experiments.check_page(page, results) == []
+  assert check.check_page(page, results) == []
 
   _check_protocols_of_one_checkpoint(base, os.path.join(workdir, "seed0", "rma_ASP_K5"),
                                      os.path.join(workdir, "seed0", "stage1"))
@@ -494,7 +495,7 @@ def test_runner_smoke_table_3_one_seed_then_resume(tmp_path, monkeypatch):
     raise AssertionError("finished runs must not be trained or evaluated again")
   monkeypatch.setattr(train, "train", boom)
   monkeypatch.setattr(evaluate, "evaluate_and_report", boom)
-  again = experiments.run_experiments(base, workdir, [3], [0], results_dir=results)
+  again = runner.run_experiments(base, workdir, [3], [0], results_dir=results)
   assert report.to_jsonable(again[3]["rows"]) == report.to_jsonable(table["rows"])
 
 
@@ -525,9 +526,9 @@ def _check_protocols_of_one_checkpoint(base, run_dir, stage1_dir):
   assert results["headline"] == protocol and list(results["protocols"]) == [protocol]
   assert results["protocols"][protocol]["mAP"] == pytest.approx(
       every["protocols"][protocol]["mAP"], abs=1e-6)
-  assert experiments.metric_value(every, "", "attention_recall") == (
+  assert tables.metric_value(every, "", "attention_recall") == (
       every["attention_recall"]["model_regions"])
-  assert experiments.metric_value(every, "", "pointing") == (
+  assert tables.metric_value(every, "", "pointing") == (
       every["pointing"]["model_regions"]["hit_rate"])
 
 
@@ -535,6 +536,6 @@ def test_docs_ablations_page_follows_from_the_committed_json():
   """Every number in docs/ablations.md's tables is in docs/ablations/'s JSON, and every
   table JSON there follows from the per-run records. Regenerate both with the command at
   the top of docs/ablations.md (or only the page: the same command with --write_only)."""
-  problems = experiments.check_page(os.path.join(ROOT, "docs", "ablations.md"),
-                                    os.path.join(ROOT, "docs", "ablations"))
+  problems = check.check_page(os.path.join(ROOT, "docs", "ablations.md"),
+                              os.path.join(ROOT, "docs", "ablations"))
   assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)"

@@ -1,6 +1,6 @@
 """The package's import graph: no cycle among rma_jax modules, no function-local import of an
 rma_jax module (unless on the allow-list of ones that must keep TensorFlow lazy), and the
-model, ops, losses, metrics, steps and evaluation import without TensorFlow."""
+model, ops, losses, metrics, steps, evaluation and the benchmark import without TensorFlow."""
 
 import ast
 import os
@@ -20,7 +20,8 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {}
 TF_FREE = ("rma_jax.models", "rma_jax.ops", "rma_jax.losses", "rma_jax.metrics",
            "rma_jax.regions", "rma_jax.steps", "rma_jax.optimizer", "rma_jax.views",
            "rma_jax.evaluate", "rma_jax.train", "rma_jax.run", "rma_jax.predict",
-           "rma_jax.data")
+           "rma_jax.data", "rma_jax.experiments.runner", "benchmarks.bench",
+           "benchmarks.timing", "benchmarks.bench_torch", "benchmarks.bench_records")
 
 
 def _modules() -> dict[str, str]:
@@ -132,7 +133,7 @@ def test_function_local_imports_of_rma_jax_only_where_tensorflow_must_stay_lazy(
   assert not unexpected, unexpected
 
 
-def test_model_ops_losses_metrics_steps_and_evaluation_import_without_tensorflow():
+def test_model_ops_losses_metrics_steps_evaluation_and_benchmark_import_without_tensorflow():
   code = ("import sys\n" + "".join(f"import {m}\n" for m in TF_FREE) +
           "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))")
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -20,9 +20,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rma_jax import bench, models, ops, steps, views  # noqa: E402
-
-tr = bench.load_torch_rma()
+from benchmarks import torch_rma as tr  # noqa: E402
+from rma_jax import models, ops, steps, views  # noqa: E402
 
 NUM_CLASSES = 5
 DIMS = dict(num_classes=NUM_CLASSES, num_regions=5, sample_size=7, width=16, x_dim=64,

@@ -1,0 +1,87 @@
+"""The records of ``benchmarks.bench``: one dict per case (``RECORD_KEYS``), its JSON line
+and the Markdown table of a run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any, Iterable
+
+import numpy as np
+
+RECORD_KEYS = (
+    "case", "framework", "backend", "device", "num_devices", "input_size", "image_size",
+    "crop_size", "batch", "dtype", "width", "num_regions", "sample_size", "images_per_s",
+    "latency_ms", "step_s", "step_s_all", "compile_s", "compiles_after_first_call",
+    "flops_per_image", "achieved_flops_per_s", "peak_flops_per_s", "flops_utilization",
+    "peak_memory_bytes", "memory_source", "threads", "repeats",
+    "torch_images_per_s", "torch_latency_ms", "torch_step_s", "torch_peak_memory_bytes",
+    "torch_flops_utilization", "ratio")
+"""Keys of every JSON record (torch_* and ratio are None when PyTorch is not run)."""
+
+
+def record(settings: Any, case: str, input_size: int, batch: int, times: list[float],
+           **extra) -> dict[str, Any]:
+  """The record of one case from its step times (``extra`` fills further keys)."""
+  step = statistics.median(times)
+  rec = {k: None for k in RECORD_KEYS}
+  rec.update(case=case, framework="rma_jax", input_size=input_size,
+             image_size=settings.image_size, crop_size=settings.crop_size, batch=batch,
+             dtype=settings.dtype, width=settings.width, num_regions=settings.num_regions,
+             sample_size=settings.sample_size, images_per_s=batch / step,
+             latency_ms=1000.0 * step / batch, step_s=step, step_s_all=times,
+             repeats=len(times))
+  rec.update(extra)
+  return rec
+
+
+def add_torch(rec: dict[str, Any], times: list[float] | None, peak: int | None,
+              peak_flops: float | None) -> None:
+  """Writes the PyTorch figures of the same case (step times, peak RSS) into ``rec``."""
+  if not times:
+    return
+  step = statistics.median(times)
+  rec["torch_step_s"] = step
+  rec["torch_images_per_s"] = rec["batch"] / step
+  rec["torch_latency_ms"] = 1000.0 * step / rec["batch"]
+  rec["torch_peak_memory_bytes"] = peak
+  rec["ratio"] = rec["images_per_s"] / rec["torch_images_per_s"]
+  if rec["flops_per_image"] and peak_flops:
+    rec["torch_flops_utilization"] = rec["flops_per_image"] * rec["torch_images_per_s"] / peak_flops
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+  if value is None:
+    return "–"
+  return format(value * scale, spec)
+
+
+def markdown_table(records: Iterable[dict[str, Any]]) -> str:
+  """A Markdown table of the records, one row per case, PyTorch and the ratio beside."""
+  header = ("| case | input | batch | dtype | rma_jax img/s | PyTorch img/s | ratio | "
+            "latency ms (jax / torch) | compile s | recompiles | GFLOP/img | "
+            "achieved GFLOP/s | % of matmul peak | peak mem MiB (jax / torch) |")
+  lines = [header, "|" + "---|" * (header.count("|") - 1)]
+  for r in records:
+    lines.append("| " + " | ".join([
+        r["case"], f"{r['input_size']}²", str(r["batch"]), r["dtype"],
+        _fmt(r["images_per_s"], ".3g"), _fmt(r["torch_images_per_s"], ".3g"),
+        _fmt(r["ratio"], ".2f"),
+        f"{_fmt(r['latency_ms'], '.4g')} / {_fmt(r['torch_latency_ms'], '.4g')}",
+        _fmt(r["compile_s"], ".1f"), str(r["compiles_after_first_call"]),
+        _fmt(r["flops_per_image"], ".4g", 1e-9), _fmt(r["achieved_flops_per_s"], ".4g", 1e-9),
+        _fmt(r["flops_utilization"], ".1f", 100.0),
+        f"{_fmt(r['peak_memory_bytes'], '.0f', 2**-20)} / "
+        f"{_fmt(r['torch_peak_memory_bytes'], '.0f', 2**-20)}",
+    ]) + " |")
+  return "\n".join(lines)
+
+
+def _json_default(obj: Any) -> Any:
+  if isinstance(obj, (np.floating, np.integer)):
+    return obj.item()
+  return str(obj)
+
+
+def to_json(record: dict[str, Any]) -> str:
+  return json.dumps(record, default=_json_default, sort_keys=False)
