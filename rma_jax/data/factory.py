@@ -45,6 +45,8 @@ def config_errors(data_config: Any) -> list[str]:
     errors.append(f"data.name={name!r}: unknown data set for data.source='tfds' (one of "
                   f"{sorted(tfds_source.TFDS_NAMES)}); for your own data use data.source="
                   "voc, coco or list")
+  if source == "tfds" and tfds_source.missing_message():
+    errors.append(tfds_source.missing_message())
   if (name == "demo") != (source == "demo"):
     errors.append("data.name='demo' goes with data.source='demo' and only with it")
   if source in LOCAL_LAYOUTS + ("local",) and not d.get("data_dir"):
