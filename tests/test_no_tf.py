@@ -71,7 +71,9 @@ def _logged_scalars(stderr: str) -> dict[str, dict[int, float]]:
 
 def test_tiny_demo_trains_and_writes_tensorboard_files_without_tensorflow(tmp_path):
   wd = str(tmp_path / "wd")
-  out = _run_without_tf("--config=configs/demo.py:tiny", f"--workdir={wd}", "--verbosity=1")
+  # One stage (no stage-1 baseline) and single-view evaluation keep it short.
+  out = _run_without_tf("--config=configs/demo.py:tiny", f"--workdir={wd}", "--verbosity=1",
+                        "--config.stage1.num_epochs=0", "--config.eval.ten_view=False")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "LEAKED" not in out.stderr, out.stderr[-3000:]
   assert os.path.isfile(os.path.join(wd, "report", "report.md"))
