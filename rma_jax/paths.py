@@ -10,6 +10,7 @@ tensorstore's own GCS driver.
 from __future__ import annotations
 
 import os
+import posixpath
 import uuid
 
 from etils import epath
@@ -54,3 +55,31 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def isdir(p: str | os.PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def isfile(p: str | os.PathLike) -> bool:
+  return path(p).is_file()
+
+
+def listdir(p: str | os.PathLike) -> list[str]:
+  """The names in a folder (``os.listdir``)."""
+  return [child.name for child in path(p).iterdir()]
+
+
+def getsize(p: str | os.PathLike) -> int:
+  return path(p).stat().length
+
+
+def join_normalized(root: str, name: str) -> str:
+  """``name`` under ``root`` (``name`` itself when absolute or a URL), normalised
+  (``a/./b/../c`` -> ``a/c``; a URL's ``//`` is kept)."""
+  if is_remote(name):
+    return name
+  if is_remote(root):
+    scheme, rest = root.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, name))}"
+  return os.path.normpath(os.path.join(root, name))

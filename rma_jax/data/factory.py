@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Any, Callable, Sequence
 
+from rma_jax import paths
 from rma_jax.data import classes as classes_lib
 from rma_jax.data import coco, demo, imagelist, tfds_source, voc
 from rma_jax.data.source import DataError, Source, Sources, held_out_split
@@ -70,7 +71,7 @@ def detect_layout(data_dir: str, train_split: str) -> str:
       named).
   """
   root = os.path.expanduser(data_dir)
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     raise FileNotFoundError(f"data.data_dir {data_dir!r} does not exist or is not a folder")
   try:
     voc.find_voc_root(root)
@@ -78,8 +79,8 @@ def detect_layout(data_dir: str, train_split: str) -> str:
   except FileNotFoundError:
     pass
   ann = os.path.join(root, "annotations")
-  if os.path.isdir(ann) and any(f.startswith("instances_") and f.endswith(".json")
-                                for f in os.listdir(ann)):
+  if paths.isdir(ann) and any(f.startswith("instances_") and f.endswith(".json")
+                                for f in paths.listdir(ann)):
     return "coco"
   try:
     imagelist.find_list_file(root, train_split)
