@@ -74,6 +74,9 @@ def gcs_env():
          "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:1"}
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # this process reads the bucket back through the same emulator
+  # epath caches whether it uses TensorFlow (EPATH_USE_TF) at its first URL: ask again.
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   try:
     yield env
   finally:
@@ -82,6 +85,7 @@ def gcs_env():
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
     server.stop()
 
 
