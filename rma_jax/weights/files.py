@@ -6,7 +6,6 @@ A file that cannot be read (empty, truncated, another format, given to the wrong
 
 from __future__ import annotations
 
-import os
 import zipfile
 
 from rma_jax import paths
