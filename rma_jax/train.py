@@ -135,52 +135,54 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
     return means
 
-  while step < plan.total_steps:
-    batch = next(batches)
-    if anchor_weight is None:
-      state, step_metrics = step_fn(state, batch)
-    else:  # the validation loss keeps the final weight: one objective for model selection
-      state, step_metrics = step_fn(state, batch, np.float32(anchor_weight(step)))
-    if step == start_step:  # the first step compiles: time the run from its end
-      jax.block_until_ready(step_metrics)
-    step += 1
-    pending.append(step_metrics)
-    if step % config.log_every_steps == 0 or step == plan.total_steps:
-      means = flush_metrics(step)
-      clock.step_done(step)
-      if clock.steps_per_second() is not None:
-        writer.write_scalars(step, {"steps_per_sec": clock.steps_per_second()})
-      logging.info("%s", clock.progress_line(means["loss"]))
-    else:
-      clock.step_done(step)
-    if plan.validates_at(step):
-      flush_metrics(step)
-      clock.step_done(step)
-      started = time.monotonic()
-      val = evaluate_loss(eval_fn, state.params, sources.val, config, sharding)
-      writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
-      improved = val["loss"] < best_val
-      if improved:
-        best_val = val["loss"]
-        checkpointing.save(best, step, state, {"val_loss": val["loss"]})
-      seconds = time.monotonic() - started
-      clock.validation_done(seconds, len(sources.val))
-      logging.info("step %d: val loss %.5f, val mAP %.4f%s (%s)", step, val["loss"],
-                   val["mAP"], ", the best so far" if improved else "",
-                   console.duration(seconds))
-    if step % config.checkpoint_every_steps == 0 or step == plan.total_steps:
-      flush_metrics(step)
-      checkpointing.save(latest, step, state)
-      writer.flush()  # TensorBoard shows what the checkpoint holds (on a bucket: a new file)
-  best.wait_until_finished()
-  clock.stage_done()
-  result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
-            "start_step": start_step}
-  # close() waits for the asynchronous saves on every host, so that no host leaves while
-  # another still waits for it at a checkpoint barrier.
-  latest.close()
-  best.close()
-  writer.close()
+  try:
+    while step < plan.total_steps:
+      batch = next(batches)
+      if anchor_weight is None:
+        state, step_metrics = step_fn(state, batch)
+      else:  # the validation loss keeps the final weight: one objective for model selection
+        state, step_metrics = step_fn(state, batch, np.float32(anchor_weight(step)))
+      if step == start_step:  # the first step compiles: time the run from its end
+        jax.block_until_ready(step_metrics)
+      step += 1
+      pending.append(step_metrics)
+      if step % config.log_every_steps == 0 or step == plan.total_steps:
+        means = flush_metrics(step)
+        clock.step_done(step)
+        if clock.steps_per_second() is not None:
+          writer.write_scalars(step, {"steps_per_sec": clock.steps_per_second()})
+        logging.info("%s", clock.progress_line(means["loss"]))
+      else:
+        clock.step_done(step)
+      if plan.validates_at(step):
+        flush_metrics(step)
+        clock.step_done(step)
+        started = time.monotonic()
+        val = evaluate_loss(eval_fn, state.params, sources.val, config, sharding)
+        writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
+        improved = val["loss"] < best_val
+        if improved:
+          best_val = val["loss"]
+          checkpointing.save(best, step, state, {"val_loss": val["loss"]})
+        seconds = time.monotonic() - started
+        clock.validation_done(seconds, len(sources.val))
+        logging.info("step %d: val loss %.5f, val mAP %.4f%s (%s)", step, val["loss"],
+                     val["mAP"], ", the best so far" if improved else "",
+                     console.duration(seconds))
+      if step % config.checkpoint_every_steps == 0 or step == plan.total_steps:
+        flush_metrics(step)
+        checkpointing.save(latest, step, state)
+        writer.flush()  # TensorBoard shows what the checkpoint holds (on a bucket: a new file)
+    best.wait_until_finished()
+    clock.stage_done()
+    result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
+              "start_step": start_step}
+    # close() waits for the asynchronous saves on every host, so that no host leaves while
+    # another still waits for it at a checkpoint barrier.
+    latest.close()
+    best.close()
+  finally:  # what was logged reaches the event files (on a bucket: is uploaded)
+    writer.close()
   return result
 
 
