@@ -25,7 +25,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from rma_jax import parallel
+from rma_jax import parallel, paths
 
 LATEST = "latest"
 BEST = "best"
@@ -41,7 +41,7 @@ class CorruptCheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str, which: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints", which)
+  return os.path.join(paths.absolute(workdir), "checkpoints", which)
 
 
 def _multiprocessing_options(path: str) -> ocp.options.MultiprocessingOptions:
@@ -77,7 +77,8 @@ def best_manager(workdir: str) -> ocp.CheckpointManager:
 def has_steps(workdir: str, which: str = LATEST) -> bool:
   """Whether WORKDIR/checkpoints/<which> holds a step folder (complete or not); cheap."""
   path = checkpoint_dir(workdir, which)
-  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+  folder = paths.path(path)
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -188,13 +189,13 @@ def _set_aside(manager: ocp.CheckpointManager, bad: list[tuple[str, str]], good:
   for path, reason in bad:
     dest = os.path.join(folder, f"{prefix}_{os.path.basename(path)}")
     n = 1
-    while os.path.exists(dest):
+    while paths.path(dest).exists():
       dest, n = os.path.join(folder, f"{prefix}_{os.path.basename(path)}.{n}"), n + 1
     moves.append((path, dest, reason))
   if jax.process_index() == 0:
-    os.makedirs(folder, exist_ok=True)
+    paths.path(folder).mkdir(parents=True, exist_ok=True)
     for path, dest, _ in moves:
-      os.rename(path, dest)
+      paths.path(path).rename(dest)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("rma_jax.checkpointing.set_aside")
   manager.reload()
@@ -212,7 +213,7 @@ def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointMana
   order = [which] + ([LATEST] if which == BEST else [])
   for name in order:
     path = checkpoint_dir(workdir, name)
-    if os.path.isdir(path):
+    if paths.path(path).is_dir():
       manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
           read_only=True, create=False, save_interval_steps=0,
           multiprocessing_options=_multiprocessing_options(path)),
@@ -222,7 +223,7 @@ def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointMana
       if step is not None:
         return manager, step
   raise FileNotFoundError(
-      f"no checkpoint found under {os.path.join(os.path.abspath(workdir), 'checkpoints')}; "
+      f"no checkpoint found under {os.path.join(paths.absolute(workdir), 'checkpoints')}; "
       "train first with --mode=train")
 
 

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rma_jax import build, checkpointing, metrics, models, parallel, regions, report, svm, views
+from rma_jax import (build, checkpointing, metrics, models, parallel, paths, regions, report, svm,
+                     views)
 from rma_jax import data as data_lib
 
 REPORT_DIR = "report"
@@ -278,7 +279,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   metric_args = dict(ap_mode=ev.ap_mode, k=(ev.top_k if ev.top_k else None),
                      threshold=ev.threshold)
   results: dict[str, Any] = {
-      "workdir": os.path.abspath(workdir), "checkpoint": which, "step": int(step),
+      "workdir": paths.absolute(workdir), "checkpoint": which, "step": int(step),
       "split": split, "data": config.data.name, "model": config.model.name,
       "class_names": class_names, "num_images": int(first["labels"].shape[0]),
       "score_transform": ev.score_transform, "prf_score_transform": prf_transform(config),
@@ -313,11 +314,11 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   results = report.to_jsonable(results, strict=False)
   out_dir = report_dir(workdir)
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez_compressed(
-        os.path.join(out_dir, "scores.npz"),
-        **{f"{name}/{k}": v for name, p in passes.items() for k, v in p.items()
-           if k in ("scores", "labels", "difficult", "index", "id")})
+    paths.path(out_dir).mkdir(parents=True, exist_ok=True)
+    with paths.path(os.path.join(out_dir, "scores.npz")).open("wb") as f:
+      np.savez_compressed(f, **{f"{name}/{k}": v for name, p in passes.items()
+                                for k, v in p.items()
+                                if k in ("scores", "labels", "difficult", "index", "id")})
     report.write_evaluation_report(results, config, out_dir, scales)
   h = results["protocols"][headline]
   logging.info("%s %s: mAP %.4f (%s), mAP_all %.4f, CF1 %.4f, OF1 %.4f", split, headline,
@@ -330,7 +331,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
                  results["pointing"]["model_regions"]["hit_rate"],
                  results["pointing"]["chance"]["hit_rate"])
   logging.info("Wrote %s (report.json and scores.npz beside it)",
-               os.path.join(os.path.abspath(out_dir), "report.md"))
+               os.path.join(paths.absolute(out_dir), "report.md"))
   return results
 
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
-from rma_jax import evaluate, paper, report
+from rma_jax import evaluate, paper, paths, report
 from rma_jax.data.classes import paper_dataset
 from rma_jax.metric_card import metric_card
 
@@ -67,15 +67,14 @@ def load_evaluated(workdir: str) -> Evaluated:
   report_dir = os.path.join(workdir, "report")
   json_path, npz_path = (os.path.join(report_dir, f) for f in ("report.json", "scores.npz"))
   for path in (json_path, npz_path):
-    if not os.path.exists(path):
+    if not paths.path(path).exists():
       raise FileNotFoundError(
           f"{workdir}: no {os.path.relpath(path, workdir)}; evaluate the run first "
           f"(python -m rma_jax.main --config=... --workdir={workdir} --mode=evaluate)")
-  with open(json_path, encoding="utf-8") as f:
-    payload = json.load(f)
+  payload = json.loads(paths.path(json_path).read_text(encoding="utf-8"))
   results = payload["results"]
   protocol = _headline_scores_protocol(results)
-  with np.load(npz_path) as npz:
+  with paths.path(npz_path).open("rb") as f, np.load(f) as npz:
     keys = set(npz.files)
     if f"{protocol}/scores" not in keys:
       raise ValueError(f"{npz_path} has no scores of the headline protocol {protocol!r} "
@@ -162,7 +161,7 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
   workdirs = [w for w in workdirs if w]
   if len(workdirs) < 2:
     raise ValueError(f"fusion needs two or more evaluated workdirs, got {list(workdirs)}")
-  if len({os.path.abspath(w) for w in workdirs}) < len(workdirs):
+  if len({paths.absolute(w) for w in workdirs}) < len(workdirs):
     raise ValueError(f"a workdir is given more than once: {list(workdirs)}")
   runs = [load_evaluated(w) for w in workdirs]
   runs = [runs[0]] + [_align(runs[0], r) for r in runs[1:]]
@@ -181,10 +180,10 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
                                               **metric_args)
   published = paper.PAPER_TABLE6_MAP["two scales + ten-crop"]
   results: dict[str, Any] = {
-      "workdir": os.path.abspath(out_dir), "data": first.dataset,
+      "workdir": paths.absolute(out_dir), "data": first.dataset,
       "split": first.results.get("split"), "class_names": first.results.get("class_names"),
       "num_images": int(first.labels.shape[0]),
-      "inputs": [{"workdir": os.path.abspath(r.workdir), "protocol": r.protocol,
+      "inputs": [{"workdir": paths.absolute(r.workdir), "protocol": r.protocol,
                   "checkpoint": r.results.get("checkpoint"), "step": r.results.get("step")}
                  for r in runs],
       **settings,
@@ -192,10 +191,11 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
       "protocols": protocols, "headline": FUSED,
   }
   report_dir = os.path.join(out_dir, "report")
-  os.makedirs(report_dir, exist_ok=True)
-  np.savez_compressed(os.path.join(report_dir, "scores.npz"), **{
-      f"{FUSED}/scores": fused_scores, f"{FUSED}/labels": first.labels,
-      f"{FUSED}/difficult": first.difficult, f"{FUSED}/id": first.ids})
+  paths.path(report_dir).mkdir(parents=True, exist_ok=True)
+  with paths.path(os.path.join(report_dir, "scores.npz")).open("wb") as f:
+    np.savez_compressed(f, **{
+        f"{FUSED}/scores": fused_scores, f"{FUSED}/labels": first.labels,
+        f"{FUSED}/difficult": first.difficult, f"{FUSED}/id": first.ids})
   scales = [n for r in runs for n in _scales(r.protocol)]
   ten = all(r.protocol.startswith("ten_view") for r in runs)
   h = protocols[FUSED]

@@ -42,6 +42,7 @@ from ml_collections import config_flags
 from rma_jax import configs
 from rma_jax import config_checks, console, evaluate, fuse, predict, run
 from rma_jax import workdir as workdir_lib
+from rma_jax.data import tfds_source
 
 MODES = ("train", "evaluate", "predict", "fuse", "show_config")
 
@@ -92,6 +93,10 @@ def main(argv):
     return
   if FLAGS.workdir is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir=DIR")
+  if (FLAGS.config is not None and FLAGS.config.data.get("source") == "tfds"
+      and tfds_source.missing_message()):
+    # One line before anything starts (validate_config lists it too, for library callers).
+    raise SystemExit(f"error: {tfds_source.missing_message()}")
   _maybe_initialize_distributed()
   _hide_accelerators_from_tf()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),

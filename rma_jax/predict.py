@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from rma_jax import paths as paths_lib
 from rma_jax import build, checkpointing, metrics, regions, views, visualize
 from rma_jax.data import classes as data_classes
 from rma_jax.data import decode, preprocess
@@ -207,9 +208,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   transform = config.eval.score_transform
   max_pixels = config.data.get("max_pixels") or None
 
-  os.makedirs(out_dir, exist_ok=True)
+  paths_lib.path(out_dir).mkdir(parents=True, exist_ok=True)  # local or gs://
   result: dict[str, Any] = {
-      "workdir": os.path.abspath(workdir) if workdir else None, "checkpoint_step": step,
+      "workdir": paths_lib.absolute(workdir) if workdir else None, "checkpoint_step": step,
       "model": config.model.name, "class_names": list(names), "score_transform": transform,
       "input_size": size, "images": [], "skipped": []}
   fn = views.make_scores_fn(model, crop_size=None,
@@ -250,7 +251,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
       else:
         picture = Image.fromarray(image)
       png = _unique_png(out_dir, path, used)
-      picture.save(png)
+      with paths_lib.path(png).open("wb") as f:
+        picture.save(f, format="PNG")
       entry["picture"] = png
       result["images"].append(entry)
       print(f"{path}: " + ", ".join(f"{n} {p:.3f}" for n, p in entry["top"]))
@@ -276,8 +278,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
     if images:
       label(paths, images)
   finally:
-    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    paths_lib.path(os.path.join(out_dir, "predictions.json")).write_text(
+        json.dumps(result, indent=2))
   logging.info("predict: %d images labelled, %d inputs skipped; wrote %s",
                len(result["images"]), len(skipped), out_dir)
   if skipped:

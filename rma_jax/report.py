@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
+from rma_jax import paths
 from rma_jax.data.classes import paper_dataset
 from rma_jax.metric_card import evaluation_card, metric_card, metric_card_from_config
 from rma_jax.paper import (PAPER_COCO2014_PRF, PAPER_TABLE6_MAP, PAPER_VOC2007_AP, PRF_HEADERS,
@@ -232,23 +232,7 @@ def to_jsonable(value: Any, *, strict: bool = True) -> Any:
   return value
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file in the same folder renamed over it,
-  so readers see the old file or the new one. The file gets the usual permissions (0666
-  less the umask), like any file the user writes."""
-  folder = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-  try:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+write_atomic = paths.write_atomic  # the name rma_jax.experiments uses
 
 
 def _views_from_protocol(name: str | None) -> dict[str, Any]:
@@ -322,7 +306,7 @@ def write_report(results: Mapping[str, Any], out_dir: str, *,
     dataset_name = config.data.name if config is not None else str(results.get("data", ""))
   if card is None:
     card = card_for_results(results, dataset_name, config)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   payload = {
       "dataset": dataset_name,
       "method": method_name,
@@ -333,16 +317,15 @@ def write_report(results: Mapping[str, Any], out_dir: str, *,
   }
   json_path = os.path.join(out_dir, "report.json")
   md_path = os.path.join(out_dir, "report.md")
-  write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-  write_atomic(md_path, markdown_report(results, class_names, dataset_name, card,
+  paths.write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+  paths.write_atomic(md_path, markdown_report(results, class_names, dataset_name, card,
                                          method_name=method_name, sections=sections))
   return json_path, md_path
 
 
 def load_report(path: str) -> dict[str, Any]:
   """Reads a ``report.json`` (``null`` values stand for NaN)."""
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.path(path).read_text(encoding="utf-8"))
 
 
 def write_evaluation_report(results: dict[str, Any], config: ml_collections.ConfigDict,

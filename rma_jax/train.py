@@ -7,8 +7,8 @@ scratch), then steps: metrics every ``log_every_steps``, a validation pass every
 checkpoint every ``checkpoint_every_steps``. The steps themselves are ``rma_jax.steps``;
 both stages of the paper's recipe and the final evaluation are ``rma_jax.run``.
 
-Importing this module does not import TensorFlow: the TensorBoard writer
-(``clu.metric_writers``, which does) is imported when a run starts.
+Neither importing this module nor training imports TensorFlow: TensorBoard files are
+written by ``rma_jax.metric_writer`` (TensorFlow is needed for TFDS data only).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
 
-from rma_jax import (build, checkpointing, config_checks, console, init, metrics, optimizer,
-                     parallel, steps)
+from rma_jax import (build, checkpointing, config_checks, console, init, metric_writer, metrics,
+                     optimizer, parallel, steps)
 from rma_jax import data as data_lib
 from rma_jax import workdir as workdir_lib
 
@@ -58,9 +58,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
            changes: dict[str, tuple[Any, Any]], clock: console.JobClock) -> dict[str, Any]:
   """``train_stage`` once the workdir is held and the config checked (``changes`` since the
   last recorded start)."""
-  # TensorFlow (behind the TensorBoard writer) only once a run starts: see the docstring.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
   is_chief = jax.process_index() == 0
 
   # Mesh and data. A workdir keeps the class list of its first run (WORKDIR/classes.json).
@@ -93,7 +90,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   workdir_lib.record_start(config, workdir, changes, start_step if resumed else None)
   best_val = _best_metric(best)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer = metric_writer.create_writer(workdir, just_logging=not is_chief)
   if start_step == 0:
     logging.debug("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
     writer.write_hparams({k: v for k, v in workdir_lib.flatten(config.to_dict()).items()
@@ -138,51 +135,54 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
     return means
 
-  while step < plan.total_steps:
-    batch = next(batches)
-    if anchor_weight is None:
-      state, step_metrics = step_fn(state, batch)
-    else:  # the validation loss keeps the final weight: one objective for model selection
-      state, step_metrics = step_fn(state, batch, np.float32(anchor_weight(step)))
-    if step == start_step:  # the first step compiles: time the run from its end
-      jax.block_until_ready(step_metrics)
-    step += 1
-    pending.append(step_metrics)
-    if step % config.log_every_steps == 0 or step == plan.total_steps:
-      means = flush_metrics(step)
-      clock.step_done(step)
-      if clock.steps_per_second() is not None:
-        writer.write_scalars(step, {"steps_per_sec": clock.steps_per_second()})
-      logging.info("%s", clock.progress_line(means["loss"]))
-    else:
-      clock.step_done(step)
-    if plan.validates_at(step):
-      flush_metrics(step)
-      clock.step_done(step)
-      started = time.monotonic()
-      val = evaluate_loss(eval_fn, state.params, sources.val, config, sharding)
-      writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
-      improved = val["loss"] < best_val
-      if improved:
-        best_val = val["loss"]
-        checkpointing.save(best, step, state, {"val_loss": val["loss"]})
-      seconds = time.monotonic() - started
-      clock.validation_done(seconds, len(sources.val))
-      logging.info("step %d: val loss %.5f, val mAP %.4f%s (%s)", step, val["loss"],
-                   val["mAP"], ", the best so far" if improved else "",
-                   console.duration(seconds))
-    if step % config.checkpoint_every_steps == 0 or step == plan.total_steps:
-      flush_metrics(step)
-      checkpointing.save(latest, step, state)
-  best.wait_until_finished()
-  clock.stage_done()
-  result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
-            "start_step": start_step}
-  # close() waits for the asynchronous saves on every host, so that no host leaves while
-  # another still waits for it at a checkpoint barrier.
-  latest.close()
-  best.close()
-  writer.flush()
+  try:
+    while step < plan.total_steps:
+      batch = next(batches)
+      if anchor_weight is None:
+        state, step_metrics = step_fn(state, batch)
+      else:  # the validation loss keeps the final weight: one objective for model selection
+        state, step_metrics = step_fn(state, batch, np.float32(anchor_weight(step)))
+      if step == start_step:  # the first step compiles: time the run from its end
+        jax.block_until_ready(step_metrics)
+      step += 1
+      pending.append(step_metrics)
+      if step % config.log_every_steps == 0 or step == plan.total_steps:
+        means = flush_metrics(step)
+        clock.step_done(step)
+        if clock.steps_per_second() is not None:
+          writer.write_scalars(step, {"steps_per_sec": clock.steps_per_second()})
+        logging.info("%s", clock.progress_line(means["loss"]))
+      else:
+        clock.step_done(step)
+      if plan.validates_at(step):
+        flush_metrics(step)
+        clock.step_done(step)
+        started = time.monotonic()
+        val = evaluate_loss(eval_fn, state.params, sources.val, config, sharding)
+        writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
+        improved = val["loss"] < best_val
+        if improved:
+          best_val = val["loss"]
+          checkpointing.save(best, step, state, {"val_loss": val["loss"]})
+        seconds = time.monotonic() - started
+        clock.validation_done(seconds, len(sources.val))
+        logging.info("step %d: val loss %.5f, val mAP %.4f%s (%s)", step, val["loss"],
+                     val["mAP"], ", the best so far" if improved else "",
+                     console.duration(seconds))
+      if step % config.checkpoint_every_steps == 0 or step == plan.total_steps:
+        flush_metrics(step)
+        checkpointing.save(latest, step, state)
+        writer.flush()  # TensorBoard shows what the checkpoint holds (on a bucket: a new file)
+    best.wait_until_finished()
+    clock.stage_done()
+    result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
+              "start_step": start_step}
+    # close() waits for the asynchronous saves on every host, so that no host leaves while
+    # another still waits for it at a checkpoint barrier.
+    latest.close()
+    best.close()
+  finally:  # what was logged reaches the event files (on a bucket: is uploaded)
+    writer.close()
   return result
 
 

@@ -11,7 +11,9 @@
 process ends, however it ends (``kill -9`` included), so a stale ``run.lock`` never blocks a
 resume. On paths without POSIX locks (``gs://...`` and other remote URLs, or a file system
 that refuses ``flock``) no lock is taken and a warning says so: there, keeping one run per
-workdir is up to the user.
+workdir is up to the user. (A bucket has no lock that its holder's death releases; a lease
+with a heartbeat would need every start to wait out a dead holder's lease, so none is
+kept.) The config record below is a bucket's objects like any other file.
 
 **Resuming checks the config.** When WORKDIR already holds checkpoints, the new config is
 compared with the last recorded one (``recorded_config``):
@@ -40,6 +42,8 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+
+from rma_jax import paths
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
@@ -71,10 +75,6 @@ class ConfigChangeError(ValueError):
 _held: dict[str, int] = {}  # workdir -> depth of this process's (re-entrant) hold
 
 
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
 def _holder_description(lock_path: str) -> str:
   try:
     with open(lock_path) as f:
@@ -96,7 +96,7 @@ def hold(workdir: str) -> Iterator[None]:
   Raises:
     WorkdirInUseError: another run holds the workdir (the message names it).
   """
-  key = workdir if _is_remote(workdir) else os.path.abspath(workdir)
+  key = paths.absolute(workdir)
   if key in _held:
     _held[key] += 1
     try:
@@ -126,7 +126,7 @@ def hold(workdir: str) -> Iterator[None]:
 
 def _try_lock(path: str) -> tuple[int | None, str]:
   """(fd holding the lock or None, refusal message or '')."""
-  if _is_remote(path):
+  if paths.is_remote(path):
     logging.warning("%s is a remote path without POSIX locks: nothing stops a second run from "
                     "using it at the same time; start one run per workdir", path)
     return None, ""
@@ -175,20 +175,19 @@ def recorded_config(workdir: str) -> dict[str, Any] | None:
   history = _read_history(workdir)
   if history:
     return history[-1]["config"]
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.path(os.path.join(workdir, CONFIG_FILE))
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def _read_history(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, HISTORY_FILE)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     return []
   entries = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
+  for n, line in enumerate(paths.path(path).read_text().splitlines(), 1):
+    if line.strip():
       try:
         entries.append(json.loads(line))
       except ValueError:  # a start killed while writing its line
@@ -261,16 +260,26 @@ def record_start(config: ml_collections.ConfigDict, workdir: str,
     multihost_utils.sync_global_devices("rma_jax.workdir.record_start")
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  first = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(first):
-    with open(first, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
+  first = paths.path(os.path.join(workdir, CONFIG_FILE))
+  if not first.exists():
+    first.write_text(config.to_json_best_effort(indent=2))
   entry = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
            "host": socket.gethostname(), "pid": os.getpid(), "resumed_from_step": resumed_from,
            "changed": {k: [a, b] for k, (a, b) in changes.items()},
            "config": _as_json(config)}
-  with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-    f.write(json.dumps(entry) + "\n")
+  _append_line(os.path.join(workdir, HISTORY_FILE), json.dumps(entry))
+
+
+def _append_line(path: str, line: str) -> None:
+  """Appends a line to a text file; on a bucket (objects cannot be appended to) the object is
+  rewritten whole, which one run per workdir makes safe."""
+  if paths.is_remote(path):
+    p = paths.path(path)
+    old = p.read_text() if p.exists() else ""
+    p.write_text(old + line + "\n")
+    return
+  with open(path, "a") as f:
+    f.write(line + "\n")
     f.flush()
     os.fsync(f.fileno())

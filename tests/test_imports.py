@@ -12,16 +12,17 @@ PACKAGE = os.path.join(ROOT, "rma_jax")
 
 # Function-local imports of rma_jax modules that keep TensorFlow out of an import: (module,
 # imported module) pairs, each with its reason. None today: TensorFlow and TFDS are imported
-# lazily where they are used (the TensorBoard writer in rma_jax.train, TFDS in
-# rma_jax.data.tfds_source), which are imports of other packages.
+# lazily where they are used (TFDS in rma_jax.data.tfds_source), which are imports of other
+# packages.
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {}
 
 # Importing these must not import TensorFlow (or TFDS).
 TF_FREE = ("rma_jax.models", "rma_jax.ops", "rma_jax.losses", "rma_jax.metrics",
            "rma_jax.regions", "rma_jax.steps", "rma_jax.optimizer", "rma_jax.views",
            "rma_jax.evaluate", "rma_jax.train", "rma_jax.run", "rma_jax.predict",
-           "rma_jax.data", "rma_jax.experiments.runner", "benchmarks.bench",
-           "benchmarks.timing", "benchmarks.bench_torch", "benchmarks.bench_records")
+           "rma_jax.data", "rma_jax.metric_writer", "rma_jax.paths", "rma_jax.main",
+           "rma_jax.experiments.runner", "benchmarks.bench", "benchmarks.timing",
+           "benchmarks.bench_torch", "benchmarks.bench_records")
 
 
 def _modules() -> dict[str, str]:

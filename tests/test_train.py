@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-from clu import metric_writers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,8 @@ import optax
 import pytest
 
 from rma_jax.configs import ablations, demo
-from rma_jax import (build, checkpointing, config_checks, losses, optimizer, parallel,
-                     steps, train)
+from rma_jax import (build, checkpointing, config_checks, losses, metric_writer, optimizer,
+                     parallel, steps, train)
 from rma_jax import init as init_lib
 from rma_jax import data as data_lib
 
@@ -599,7 +598,7 @@ def test_accumulated_gradient_equals_the_full_batch_gradient():
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
 
 
-class _RecordingWriter(metric_writers.LoggingWriter):
+class _RecordingWriter(metric_writer.LoggingWriter):
   """The run's metric writer, keeping every scalar it is given."""
 
   def __init__(self):
@@ -617,7 +616,7 @@ def test_accumulated_run_decays_at_the_first_optimizer_step_of_the_epoch(tmp_pat
   state) is 1e-3 for steps 1..12 and 1e-4 from step 13, the first of epoch 3; max_steps and
   the checkpoints count optimizer steps too."""
   writer = _RecordingWriter()
-  monkeypatch.setattr(metric_writers, "create_default_writer", lambda *a, **k: writer)
+  monkeypatch.setattr(metric_writer, "create_writer", lambda *a, **k: writer)
   config = tiny_config(**{"model.name": "baseline", "loss.classification": "sigmoid_bce"})
   config.data.demo.num_train = 32
   config.optim.update(grad_accum_steps=2, schedule="step", decay_epochs=(3,),

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from etils import epath
 
+from rma_jax import paths
 from rma_jax.data import files
 
 # The 20 classes in the data set's own (alphabetical) order, as in TFDS voc/2007.
@@ -121,10 +122,9 @@ def save_run_classes(workdir: str | os.PathLike, class_names: Sequence[str], *,
                      origin: str, dataset: str) -> epath.Path:
   """Writes ``WORKDIR/classes.json`` (the class list a run trains on), atomically."""
   path = epath.Path(workdir) / RUN_CLASSES_FILE
-  tmp = path.parent / f".tmp-{RUN_CLASSES_FILE}"
-  tmp.write_text(json.dumps({"class_names": list(class_names), "origin": origin,
-                             "dataset": dataset}, indent=2) + "\n")
-  tmp.replace(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  paths.write_atomic(path, json.dumps({"class_names": list(class_names), "origin": origin,
+                                       "dataset": dataset}, indent=2) + "\n")
   return path
 
 

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rma_jax import paths
 from rma_jax.data import classes as classes_lib
 from rma_jax.data import decode
 from rma_jax.data import files
@@ -54,13 +55,13 @@ def coco_split_paths(root: str, split: str) -> tuple[str, str]:
     FileNotFoundError: naming the missing paths.
   """
   root = os.path.expanduser(root)
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     raise FileNotFoundError(f"data.data_dir {root!r} does not exist or is not a folder")
   split = _SPLIT_ALIASES.get(split, split)
   anns = [os.path.join(root, "annotations", f"instances_{split}{y}.json") for y in ("2014", "")]
   dirs = [os.path.join(root, f"{split}{y}") for y in ("2014", "")]
-  ann = next((p for p in anns if os.path.isfile(p)), None)
-  img_dir = next((p for p in dirs if os.path.isdir(p)), None)
+  ann = next((p for p in anns if paths.isfile(p)), None)
+  img_dir = next((p for p in dirs if paths.isdir(p)), None)
   if ann is None:
     raise FileNotFoundError(f"COCO annotation file {anns[0]!r} does not exist (split {split!r}; "
                             f"nor {os.path.basename(anns[1])}); expected "
@@ -227,7 +228,7 @@ def load_coco_split(root: str, split: str, *, max_pixels: int | None = None,
       skipped.add_scan(f"{path} ({ann_path}, image id {image_id!r})",
                        "; ".join(p for p, _ in problems[:3]), problems[0][1])
       continue
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       skipped.add_scan(path, "image file missing", "image file missing")
       continue
     b = np.asarray(boxes, np.float32).reshape(-1, 4)  # x, y, w, h in pixels

@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from rma_jax import paths
+
 
 class BadImageError(ValueError):
   """An image that cannot be decoded (corrupt, truncated, too large, missing)."""
@@ -40,7 +42,8 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int | None = No
   if name is None:
     name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<bytes>"
   try:
-    fp = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else open(data, "rb")
+    fp = (io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview))
+          else paths.path(data).open("rb"))
   except OSError as e:
     raise BadImageError(f"cannot open image {name}: {e}") from e
   with fp:
@@ -86,7 +89,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      with Image.open(path) as img:
+      with paths.path(path).open("rb") as f, Image.open(f) as img:
         return img.size
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
     return None

@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Any, Callable, Sequence
 
+from rma_jax import paths
 from rma_jax.data import classes as classes_lib
 from rma_jax.data import coco, demo, imagelist, tfds_source, voc
 from rma_jax.data.source import DataError, Source, Sources, held_out_split
@@ -45,6 +46,8 @@ def config_errors(data_config: Any) -> list[str]:
     errors.append(f"data.name={name!r}: unknown data set for data.source='tfds' (one of "
                   f"{sorted(tfds_source.TFDS_NAMES)}); for your own data use data.source="
                   "voc, coco or list")
+  if source == "tfds" and tfds_source.missing_message():
+    errors.append(tfds_source.missing_message())
   if (name == "demo") != (source == "demo"):
     errors.append("data.name='demo' goes with data.source='demo' and only with it")
   if source in LOCAL_LAYOUTS + ("local",) and not d.get("data_dir"):
@@ -68,7 +71,7 @@ def detect_layout(data_dir: str, train_split: str) -> str:
       named).
   """
   root = os.path.expanduser(data_dir)
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     raise FileNotFoundError(f"data.data_dir {data_dir!r} does not exist or is not a folder")
   try:
     voc.find_voc_root(root)
@@ -76,8 +79,8 @@ def detect_layout(data_dir: str, train_split: str) -> str:
   except FileNotFoundError:
     pass
   ann = os.path.join(root, "annotations")
-  if os.path.isdir(ann) and any(f.startswith("instances_") and f.endswith(".json")
-                                for f in os.listdir(ann)):
+  if paths.isdir(ann) and any(f.startswith("instances_") and f.endswith(".json")
+                                for f in paths.listdir(ann)):
     return "coco"
   try:
     imagelist.find_list_file(root, train_split)

@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 from etils import epath
 import numpy as np
 
+from rma_jax import paths
 from rma_jax.data import classes as classes_lib
 from rma_jax.data import files
 from rma_jax.data.source import RecordSource, SkipReport, make_record
@@ -194,7 +195,7 @@ def load_list_split(path: str, *, image_root: str = "", max_pixels: int | None =
     if error:
       skipped.add_scan(where, error, "malformed line")
       continue
-    image_path = os.path.normpath(os.path.join(root, os.path.expanduser(image.strip())))
+    image_path = paths.join_normalized(root, os.path.expanduser(image.strip()))
     e = entries.setdefault(image_path, {"lines": [], "labels": [], "boxes": []})
     e["lines"].append(line)
     e["labels"] += labels

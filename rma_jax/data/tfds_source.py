@@ -17,6 +17,7 @@ already 0-based (``x / W``) and are used as stored.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
 from typing import Any, Mapping, Sequence
@@ -34,6 +35,35 @@ _SPLITS = {
                 "test": "test"},
     "coco2014": {"train": "train", "val": "validation", "test": "test"},
 }
+
+
+INSTALL_HINT = ('pip install -e ".[tfds]" in a checkout of rma_jax, or pip install '
+                '"rma_jax[tfds]"')
+"""How to install TensorFlow and TFDS (the ``tfds`` extra); only TFDS data needs them."""
+
+
+def missing_modules() -> list[str]:
+  """The TFDS branch's packages that cannot be imported (``tensorflow``,
+  ``tensorflow_datasets``); empty when both are installed. Imports neither."""
+  missing = []
+  for module in ("tensorflow", "tensorflow_datasets"):
+    try:
+      found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+      found = False
+    if not found:
+      missing.append(module)
+  return missing
+
+
+def missing_message() -> str | None:
+  """The one-line error for data.source='tfds' without TFDS installed, or None."""
+  missing = missing_modules()
+  if not missing:
+    return None
+  return (f"data.source='tfds' needs TensorFlow Datasets, and {' and '.join(missing)} "
+          f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_HINT} (local "
+          "trees and list files need neither: data.source=voc, coco or list)")
 
 
 def _get(example: Mapping[str, Any], key: str, default=None):
@@ -239,6 +269,8 @@ def load_tfds_split(name: str, split: str, *, data_dir: str | None = None,
     ValueError: unknown split.
   """
   # Lazy: TFDS (and TensorFlow) load only when a TFDS source is opened.
+  if missing_message():
+    raise ModuleNotFoundError(missing_message())
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds_name = TFDS_NAMES[name]
   tfds_split = _SPLITS[name].get(split, split)

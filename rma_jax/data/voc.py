@@ -25,6 +25,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from rma_jax import paths
 from rma_jax.data import classes as classes_lib
 from rma_jax.data import decode
 from rma_jax.data import files
@@ -43,10 +44,10 @@ def find_voc_root(data_dir: str) -> str:
       ImageSets/Main.
   """
   data_dir = os.path.expanduser(data_dir)
-  if not os.path.isdir(data_dir):
+  if not paths.isdir(data_dir):
     raise FileNotFoundError(f"data.data_dir {data_dir!r} does not exist or is not a folder")
   for root in (data_dir, os.path.join(data_dir, "VOC2007")):
-    if all(os.path.isdir(os.path.join(root, sub))
+    if all(paths.isdir(os.path.join(root, sub))
            for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main"))):
       return root
   raise FileNotFoundError(
@@ -64,7 +65,7 @@ def parse_voc_xml(path: str) -> dict:
   Raises:
     OSError, ET.ParseError, ValueError: unreadable or malformed file.
   """
-  root = ET.parse(path).getroot()
+  root = ET.fromstring(paths.path(path).read_bytes())
   size = root.find("size")
   wh = None
   if size is not None and size.findtext("width") and size.findtext("height"):
@@ -110,8 +111,8 @@ def read_split_ids(root: str, split: str) -> list[str]:
   ids = []
   for part in split.split("+"):
     path = os.path.join(root, "ImageSets", "Main", f"{part}.txt")
-    if not os.path.isfile(path):
-      have = sorted(f[:-4] for f in os.listdir(os.path.join(root, "ImageSets", "Main"))
+    if not paths.isfile(path):
+      have = sorted(f[:-4] for f in paths.listdir(os.path.join(root, "ImageSets", "Main"))
                     if f.endswith(".txt") and "_" not in f)
       raise FileNotFoundError(f"split list {path!r} does not exist (split {part!r}); "
                               f"available: {have}")
@@ -122,7 +123,7 @@ def read_split_ids(root: str, split: str) -> list[str]:
 def _has_voc_class_files(root: str) -> bool:
   """True for a real VOC tree: ImageSets/Main holds ``<class>_<split>.txt`` for all 20."""
   main = os.path.join(root, "ImageSets", "Main")
-  prefixes = {f.rsplit("_", 1)[0] for f in os.listdir(main) if f.endswith(".txt") and "_" in f}
+  prefixes = {f.rsplit("_", 1)[0] for f in paths.listdir(main) if f.endswith(".txt") and "_" in f}
   return set(VOC_CLASSES) <= prefixes
 
 
@@ -170,7 +171,7 @@ def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
   for id_ in read_split_ids(root, split):
     xml_path = os.path.join(root, "Annotations", f"{id_}.xml")
     img_path = os.path.join(root, "JPEGImages", f"{id_}.jpg")
-    if not os.path.isfile(xml_path):
+    if not paths.isfile(xml_path):
       skipped.add_scan(xml_path, "annotation file missing", "annotation file missing")
       continue
     try:
@@ -207,7 +208,7 @@ def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
                        f"{classes_lib.describe(class_names)}",
                        "unknown class")
       continue
-    if not os.path.isfile(img_path):
+    if not paths.isfile(img_path):
       skipped.add_scan(img_path, "image file missing", "image file missing")
       continue
     wh = ann["size"]

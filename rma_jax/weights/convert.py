@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rma_jax import models
+from rma_jax import models, paths
 from rma_jax.weights import keras_h5, torch_pth
 
 Params = dict[str, Any]
@@ -207,7 +207,7 @@ def load_pretrained(path: str | os.PathLike, *,
     (params, pixel_convention): ``{'conv1_1': {'kernel', 'bias'}, …, 'fc6', 'fc7'}`` as
     float32 NumPy arrays (no fc6/fc7 from a ``_notop`` file), and the recorded convention.
   """
-  path = os.path.abspath(os.fspath(path))
+  path = paths.absolute(path)  # a gs:// checkpoint is read from the bucket
   with ocp.StandardCheckpointer() as checkpointer:
     recorded = (checkpointer.metadata(path).custom_metadata or {}).get("pixel_convention")
     params = checkpointer.restore(path)

