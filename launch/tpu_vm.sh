@@ -16,7 +16,8 @@
 #
 # Commands:
 #   create              gcloud compute tpus tpu-vm create (SPOT=1 for a spot slice)
-#   install             copy the code to every worker and pip install it (+ jax[tpu]) in a venv
+#   install             copy the code to every worker and pip install it with the extras
+#                       RMA_JAX_EXTRAS (default tfds,gcs: TFDS data, gs:// paths) + jax[tpu]
 #   run FLAGS...        python -m rma_jax.main FLAGS... on every worker (DETACH=1: in the
 #                       background with nohup, log in ~/rma_run.log on each worker)
 #   ssh COMMAND         run any shell command on every worker (e.g. 'tail ~/rma_run.log')
@@ -104,7 +105,7 @@ else git clone ${REPO_URL} ${remote_dir}; fi"
     fi
     on_all_workers "set -e; ${fetch}; python3 -m venv ${venv}; \
 ${venv}/bin/pip install -q -U pip; ${venv}/bin/pip install -q -U 'jax[tpu]'; \
-${venv}/bin/pip install -q -e ${remote_dir}; \
+${venv}/bin/pip install -q -e \"${remote_dir}[${RMA_JAX_EXTRAS:-tfds,gcs}]\"; \
 ${venv}/bin/python -c 'import jax; print(jax.process_index(), jax.local_devices())'"
     ;;
 

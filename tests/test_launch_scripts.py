@@ -92,6 +92,7 @@ def test_tpu_vm_runs_the_same_command_on_all_workers():
   assert any("scp" in c and "--worker=all" in c for c in install)
   ssh = install[-1]
   assert "--worker=all" in ssh and "pip install" in ssh[-1] and "jax[tpu]" in ssh[-1]
+  assert "[tfds,gcs]" in ssh[-1]  # TFDS data and gs:// paths on every worker
 
 
 def test_slurm_script_runs_main_under_srun():
