@@ -2,7 +2,7 @@
 
 Never imported by the ``rma_jax`` package: ``benchmarks.bench`` imports it only when torch is
 installed, and ``tests/test_torch_crosscheck.py`` uses it as a numerical cross-check. It
-re-derives the network from the paper (and SPEC §1–2) in plain PyTorch, so that a bug in one
+re-derives the network from the paper (and docs/design.md §1–2) in plain PyTorch, so that a bug in one
 implementation shows up as a mismatch against the other:
 
 * VGG-16 conv1_1 … conv5_3 (3x3, ReLU, 2x2 max-pool after blocks 1–4, no pool5), NCHW, run

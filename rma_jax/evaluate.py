@@ -1,4 +1,4 @@
-"""Evaluation as in the paper (§5.1-5.3, SPEC §4): every protocol of ``rma_jax.views`` over
+"""Evaluation as in the paper (§5.1-5.3, docs/design.md §4): every protocol of ``rma_jax.views`` over
 a split, the optional SVM head (``rma_jax.svm``), attention recall and the pointing game
 (``rma_jax.regions``), and the report (``rma_jax.report``).
 

@@ -1,4 +1,4 @@
-"""The training loop: one stage of training in one workdir (SPEC §3).
+"""The training loop: one stage of training in one workdir (docs/design.md §3).
 
 ``train`` opens the data, builds the model and optimizer, starts from the state
 ``rma_jax.init.initial_state`` chooses (resume, stage-1 checkpoint, ImageNet weights or

@@ -29,8 +29,8 @@ def test_readme_is_short_with_the_two_set_up_commands():
   assert first_block == [
       "pip install -e . && python -m rma_jax.main --config=configs/demo.py "
       "--workdir=/tmp/rma_demo",
-      'pip install -e ".[test]" && python -m pytest -q']
-  for placeholder in ("DEMO_TABLE", "DEMO_CONSOLE", "PERF_TABLE", "TEST_TIME", "TEST_QUICK"):
+      'pip install -e ".[test]" && python -m pytest -q -n 2']
+  for placeholder in ("DEMO_TABLE", "DEMO_CONSOLE", "PERF_ROWS", "TEST_TIME", "QUICK_TIME"):
     assert placeholder not in readme
 
 

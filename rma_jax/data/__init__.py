@@ -1,4 +1,4 @@
-"""The input pipeline: data sources, preprocessing and batch iterators (SPEC §3, §5).
+"""The input pipeline: data sources, preprocessing and batch iterators (docs/data.md).
 
 Importing this package never imports TensorFlow or TFDS; only opening a TFDS source does.
 

@@ -1,4 +1,4 @@
-"""An embedded multi-label data set that needs no download (SPEC §5).
+"""An embedded multi-label data set that needs no download (docs/data.md).
 
 Each image is a dark, slightly noisy RGB canvas with 1-4 handwritten digits from
 scikit-learn's bundled ``load_digits`` (1797 8x8 images) pasted at random positions and sizes,

@@ -1,4 +1,4 @@
-"""The paper's preprocessing (SPEC §3): host-side geometry in numpy/Pillow, pixels on device.
+"""The paper's preprocessing (docs/design.md §3): host-side geometry in numpy/Pillow, pixels on device.
 
 Geometry runs on the host per image (Pillow releases the GIL, so a thread pool decodes and
 resizes in parallel): training resizes to N x N ignoring the aspect ratio, takes a random
