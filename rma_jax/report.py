@@ -232,7 +232,6 @@ def to_jsonable(value: Any, *, strict: bool = True) -> Any:
   return value
 
 
-write_atomic = paths.write_atomic  # the name rma_jax.experiments uses
 
 
 def _views_from_protocol(name: str | None) -> dict[str, Any]:

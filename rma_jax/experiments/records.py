@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
+from rma_jax import paths as paths_lib
 from rma_jax import report
 from rma_jax.configs import ablations
 
@@ -29,7 +30,7 @@ def record_path(results_dir: str, seed: int, run: str) -> str:
 def write_json(path: str, payload: Any) -> None:
   """Strict JSON (NaN -> null), written atomically: a reader sees the old file or the new."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  report.write_atomic(
+  paths_lib.write_atomic(
       path, json.dumps(report.to_jsonable(payload), indent=1, allow_nan=False) + "\n")
 
 

@@ -14,7 +14,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from rma_jax import report
+from rma_jax import paths as paths_lib
 from rma_jax.configs import ablations
 from rma_jax.experiments import records
 
@@ -260,7 +260,7 @@ def write_table(table: Mapping[str, Any], out_dir: str) -> dict[str, str]:
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, f"table_{table['table']}")
   paths = {"md": stem + ".md", "json": stem + ".json", "png": stem + ".png"}
-  report.write_atomic(paths["md"], table_markdown(table))
+  paths_lib.write_atomic(paths["md"], table_markdown(table))
   records.write_json(paths["json"], table)
   plot_table(table, paths["png"])
   return paths
@@ -383,7 +383,7 @@ def write_tables(base: ml_collections.ConfigDict, results_dir: str, tables: Sequ
     figures.append(("attention recall", "attention_recall.png"))
   summary = summary_markdown(base, written, figures)
   os.makedirs(results_dir, exist_ok=True)
-  report.write_atomic(os.path.join(results_dir, "summary.md"),
+  paths_lib.write_atomic(os.path.join(results_dir, "summary.md"),
                       f"# Ablations on {base.data.name}\n\n" + summary)
   if page:
     update_page(page, summary_markdown(base, written, figures,
@@ -422,4 +422,4 @@ def update_page(page: str, generated: str) -> None:
     text = head + block + tail
   else:
     text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-  report.write_atomic(page, text)
+  paths_lib.write_atomic(page, text)
