@@ -306,6 +306,31 @@ def expected_value(per_seed, seed, run, protocol, metric):
 ALL_RUNS = list(ablations.RUNS) + [ablations.STAGE1]
 
 
+def test_wall_times_only_of_runs_timed_alone(tmp_path, monkeypatch):
+  """A run that shared the machine (--concurrent_trainings=2) or resumed keeps its record,
+  metrics and raw timing, but the tables' wall time is the mean of the runs timed alone."""
+  base = tiny_base()
+  seeds = [0, 1, 2]
+  per_seed = {s: {r: fake_results(s, r, base) for r in ALL_RUNS} for s in seeds}
+  run = "rma_ASP_K5"
+  per_seed[1][run]["timing"].update(comparable=False, concurrent_trainings=2)
+  per_seed[2][run]["timing"].update(comparable=False, resumed_from_step=40)
+  table = tables.collect_table(base, 3, per_seed)
+  row = next(r for r in table["rows"] if r["run"] == run)
+  alone = per_seed[0][run]["timing"]["wall_s"] / 60
+  assert row["mean"]["wall_min"] == pytest.approx(alone) and np.isnan(row["std"]["wall_min"])
+  maps = [per_seed[s][run]["protocols"][row["protocol"]]["mAP"] for s in seeds]
+  assert row["mean"]["mAP"] == pytest.approx(statistics.mean(maps))
+  # The runner records what it was told: two trainings sharing the machine.
+  rec = records.run_record(run=run, seed=1, config=base, results=fake_results(1, run, base),
+                           train_timing={"wall_s": 60.0, "cpu_s": 50.0, "summary": {}},
+                           eval_timing={"wall_s": 5.0, "cpu_s": 5.0},
+                           concurrent_trainings=2)
+  assert rec["timing"]["concurrent_trainings"] == 2 and not rec["timing"]["comparable"]
+  assert tables.metric_value(rec, row["protocol"], "wall_min") != tables.metric_value(
+      rec, row["protocol"], "wall_min")  # NaN
+
+
 @pytest.mark.parametrize("dataset", ["demo", "voc2007"])
 def test_table_writers_on_fake_results(tmp_path, dataset):
   base = tiny_base()

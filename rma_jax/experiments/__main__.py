@@ -32,6 +32,8 @@ def main(argv: Sequence[str]) -> None:
   tables = ablations.parse_table(FLAGS.table)
   if FLAGS.seeds < 1:
     raise app.UsageError("--seeds must be >= 1")
+  if FLAGS.concurrent_trainings < 1:
+    raise app.UsageError("--concurrent_trainings must be >= 1")
   seeds = list(range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds))
   if not (FLAGS.results_dir or FLAGS.workdir):
     raise app.UsageError("give --results_dir (and --workdir to train)")
@@ -51,7 +53,8 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required to train (or pass --write_only)")
   runner.run_experiments(base, FLAGS.workdir, tables, seeds, results_dir=results_dir,
-                  share_stage1=FLAGS.share_stage1, page=FLAGS.page)
+                  share_stage1=FLAGS.share_stage1, page=FLAGS.page,
+                  concurrent_trainings=FLAGS.concurrent_trainings)
 
 
 def _define_flags() -> None:
@@ -70,6 +73,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("first_seed", 0, "The first seed.")
   flags.DEFINE_bool("share_stage1", False, "Train stage 1 once for all seeds (the seed "
                     "spread then covers stage 2 only).")
+  flags.DEFINE_integer("concurrent_trainings", 1, "How many trainings share this machine "
+                       "(e.g. one runner per seed, --first_seed=S --seeds=1 each): recorded "
+                       "in each run's timing; the tables' wall times leave such runs out.")
   flags.DEFINE_string("compilation_cache", "", "A folder for JAX's persistent compilation "
                       "cache (shared by the seeds' identical programs); '' = off.")
   flags.DEFINE_bool("write_only", False, "Only (re)write the tables (and --page) from the "

@@ -86,7 +86,8 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
 
 def run_record(*, run: str, seed: int, config: ml_collections.ConfigDict,
                results: Mapping[str, Any], train_timing: Mapping[str, Any],
-               eval_timing: Mapping[str, Any]) -> dict[str, Any]:
+               eval_timing: Mapping[str, Any], concurrent_trainings: int = 1
+               ) -> dict[str, Any]:
   """The compact, committable record of one finished run.
 
   Args:
@@ -96,6 +97,8 @@ def run_record(*, run: str, seed: int, config: ml_collections.ConfigDict,
     results: ``evaluate.evaluate_and_report``'s results.
     train_timing: ``timed`` of the training plus ``summary`` (``train.train``'s return).
     eval_timing: ``timed`` of the evaluation.
+    concurrent_trainings: how many trainings shared the machine (``--concurrent_trainings``);
+      above 1 the wall times are kept but not ``comparable``.
 
   Returns:
     A JSON-ready dict: ``status`` 'complete', ``run``, ``seed``, ``kind``, ``protocols``
@@ -116,9 +119,10 @@ def run_record(*, run: str, seed: int, config: ml_collections.ConfigDict,
       "loadavg_train_end": train_timing.get("loadavg_end"),
       "loadavg_end": eval_timing.get("loadavg_end"),
       "resumed_from_step": resumed,
-      # A run resumed mid-training measured its last session only.
-      "comparable": resumed == 0,
-      "concurrent_trainings": 1,
+      # A run resumed mid-training measured its last session only; one that shared the
+      # machine with other trainings measured them too.
+      "comparable": resumed == 0 and concurrent_trainings == 1,
+      "concurrent_trainings": int(concurrent_trainings),
   }
   keep = ("headline", "class_names", "num_images", "step", "checkpoint", "split", "data",
           "model", "score_transform", "prf_score_transform", "ap_mode", "top_k", "threshold",

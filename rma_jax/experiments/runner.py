@@ -37,7 +37,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_one(base: ml_collections.ConfigDict, run: str, run_dir: str, results_dir: str,
-            seed: int, stage1_dir: str = "") -> dict[str, Any]:
+            seed: int, stage1_dir: str = "", *, concurrent_trainings: int = 1
+            ) -> dict[str, Any]:
   """Trains and evaluates one run of one seed unless its record exists; returns the record.
 
   The run trains in ``run_dir`` (resuming from a checkpoint there), its training time is
@@ -51,6 +52,8 @@ def run_one(base: ml_collections.ConfigDict, run: str, run_dir: str, results_dir
     results_dir: the records' folder.
     seed: the seed.
     stage1_dir: the stage-1 folder a stage-2 run starts from.
+    concurrent_trainings: how many trainings share the machine (recorded; see
+      ``records.run_record``).
   """
   path = records.record_path(results_dir, seed, run)
   config = ablations.run_config(base, run, stage1_dir=stage1_dir, seed=seed)
@@ -77,7 +80,8 @@ def run_one(base: ml_collections.ConfigDict, run: str, run_dir: str, results_dir
                  train_timing["wall_s"], summary)
   results, eval_timing = records.timed(lambda: evaluate.evaluate_and_report(config, run_dir))
   rec = records.run_record(run=run, seed=seed, config=config, results=results,
-                   train_timing=train_timing, eval_timing=eval_timing)
+                   train_timing=train_timing, eval_timing=eval_timing,
+                   concurrent_trainings=concurrent_trainings)
   records.write_json(path, rec)
   logging.info("seed %d / %s: finished (training %.0f s, evaluation %.0f s), %s mAP %.4f; "
                "wrote %s", seed, run, train_timing["wall_s"], eval_timing["wall_s"],
@@ -86,13 +90,14 @@ def run_one(base: ml_collections.ConfigDict, run: str, run_dir: str, results_dir
 
 
 def ensure_stage1(base: ml_collections.ConfigDict, stage1_dir: str, results_dir: str,
-                  seed: int, *, need_checkpoint: bool) -> None:
+                  seed: int, *, need_checkpoint: bool, concurrent_trainings: int = 1) -> None:
   """Stage 1 of a seed: trained, evaluated and recorded (``run_one``), and with
   ``need_checkpoint`` its checkpoint present in ``stage1_dir`` for the stage-2 runs.
 
   When the record exists but the checkpoint does not (committed records, a fresh WORKDIR)
   and stage-2 runs still need it, stage 1 is trained again and the record kept."""
-  run_one(base, ablations.STAGE1, stage1_dir, results_dir, seed)
+  run_one(base, ablations.STAGE1, stage1_dir, results_dir, seed,
+          concurrent_trainings=concurrent_trainings)
   if need_checkpoint and not os.path.exists(os.path.join(stage1_dir, "train_timing.json")):
     logging.warning("seed %d: stage 1 has a record but no checkpoint in %s; training it "
                     "again for the stage-2 runs (the record is kept)", seed, stage1_dir)
@@ -103,8 +108,8 @@ def ensure_stage1(base: ml_collections.ConfigDict, stage1_dir: str, results_dir:
 
 def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Sequence[Any],
                     seeds: Sequence[int], *, results_dir: str | None = None,
-                    share_stage1: bool = False, page: str = ""
-                    ) -> dict[Any, dict[str, Any]]:
+                    share_stage1: bool = False, page: str = "",
+                    concurrent_trainings: int = 1) -> dict[Any, dict[str, Any]]:
   """Trains/evaluates every run the tables need for every seed, one at a time, then writes
   the tables from the records.
 
@@ -121,6 +126,8 @@ def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Seque
       that seed's) for all seeds instead of once per seed: cheaper, but the seed spread
       then covers stage 2 only, and the stage-1 row of the budget table has one seed.
     page: a Markdown page whose generated section is rewritten (``update_page``).
+    concurrent_trainings: how many trainings (e.g. other seeds' runners) share the machine;
+      recorded, and the tables' wall-time columns leave such runs out.
 
   Returns:
     table key -> the table dict (see ``collect_table``) of the last write.
@@ -145,10 +152,13 @@ def run_experiments(base: ml_collections.ConfigDict, workdir: str, tables: Seque
                              (seed, os.path.join(seed_dir, ablations.STAGE1)))
       todo = [r for r in stage2 if not os.path.exists(records.record_path(results_dir, seed, r))]
       if todo or (ablations.STAGE1 in runs and s1_seed == seed):
-        ensure_stage1(base, stage1_dir, results_dir, s1_seed, need_checkpoint=bool(todo))
+        ensure_stage1(base, stage1_dir, results_dir, s1_seed, need_checkpoint=bool(todo),
+                      concurrent_trainings=concurrent_trainings)
     for run in stage2:
-      run_one(base, run, os.path.join(seed_dir, run), results_dir, seed, stage1_dir)
+      run_one(base, run, os.path.join(seed_dir, run), results_dir, seed, stage1_dir,
+              concurrent_trainings=concurrent_trainings)
     for run in budget:
-      run_one(base, run, os.path.join(seed_dir, run), results_dir, seed)
+      run_one(base, run, os.path.join(seed_dir, run), results_dir, seed,
+              concurrent_trainings=concurrent_trainings)
     written = tables_lib.write_tables(base, results_dir, tables, seeds, page=page)
   return written

@@ -54,8 +54,11 @@ def metric_value(results: Mapping[str, Any], protocol: str, metric: str) -> floa
     key = "mean_iou" if metric == "pointing_iou" else "hit_rate"
     value = results.get("pointing", {}).get(which, {}).get(key)
   elif metric == "wall_min":
-    value = results.get("timing", {}).get("wall_s")
-    value = None if value is None else value / 60.0
+    timing = results.get("timing", {})
+    value = timing.get("wall_s")
+    # Only runs measured alone from step 0: a resumed run timed its last session only, and
+    # one that shared the machine (--concurrent_trainings) timed the others too.
+    value = None if value is None or not timing.get("comparable", True) else value / 60.0
   elif metric == "wall_min_total":
     raise ValueError("wall_min_total needs the seed's stage-1 record: use collect_table")
   else:
@@ -180,7 +183,8 @@ def table_markdown(table: Mapping[str, Any]) -> str:
   lines = [f"### {table['title']}", "",
            f"{status}Data set: {dataset}; {n} seed(s) {table['seeds']}; AP: "
            f"{table['ap_mode']}; mean ± sample std over seeds, in % (wall times in "
-           "minutes, the run's own training and evaluation); pointing: the single-view "
+           "minutes, the run's own training and evaluation, over the seeds whose run was "
+           "timed alone); pointing: the single-view "
            "pointing game of the run's regions, and of random boxes of the same sizes "
            "(chance).", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
