@@ -232,8 +232,6 @@ def to_jsonable(value: Any, *, strict: bool = True) -> Any:
   return value
 
 
-
-
 def _views_from_protocol(name: str | None) -> dict[str, Any]:
   """'ten_view@512+640' -> views/scales for the card; {} for names without that pattern."""
   if not name or "@" not in name:

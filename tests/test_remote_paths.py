@@ -208,7 +208,7 @@ def test_checkpoint_discovery_on_a_bucket(gcs_env):
     checkpointing.find_checkpoint(f"gs://{BUCKET}/none")
 
 
-def _cli(wd, env, *extra):
+def _cli(wd, *extra):
   return [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py:tiny",
           f"--workdir={wd}", "--config.stage1.num_epochs=0",
           "--config.checkpoint_every_steps=8", "--config.optim.num_epochs=250", *extra]
@@ -234,11 +234,11 @@ def test_cli_run_on_a_bucket_is_killed_resumes_and_reports(gcs_env):
   env = dict(os.environ, **gcs_env, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   latest = f"{wd}/checkpoints/latest"
-  first = subprocess.Popen(_cli(wd, env, "--config.max_steps=2000"), cwd=ROOT, env=env,
+  first = subprocess.Popen(_cli(wd, "--config.max_steps=2000"), cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   # Killed once its log passes step 40 (saves at 8, 16, ... are asynchronous: some may be
   # in flight). The bucket is not polled meanwhile: listing it from this process while the
-  # run saves stalls the in-process emulator (a test artefact, not seen with real GCS).
+  # run saves stalls the emulator, which runs in a thread of this process (a test artefact).
   try:
     deadline = time.time() + 300
     for line in first.stderr:
@@ -254,7 +254,7 @@ def test_cli_run_on_a_bucket_is_killed_resumes_and_reports(gcs_env):
   assert 8 <= killed_at <= 40 and killed_at % 8 == 0
   fs = _bucket()
   assert not fs.glob(f"{BUCKET}/cli_run/report/report.json")  # it never got that far
-  resumed = subprocess.run(_cli(wd, env, f"--config.max_steps={killed_at + 8}"), cwd=ROOT,
+  resumed = subprocess.run(_cli(wd, f"--config.max_steps={killed_at + 8}"), cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from" in resumed.stderr and f"at step {killed_at}" in resumed.stderr

@@ -184,9 +184,8 @@ def table_markdown(table: Mapping[str, Any]) -> str:
            f"{status}Data set: {dataset}; {n} seed(s) {table['seeds']}; AP: "
            f"{table['ap_mode']}; mean ± sample std over seeds, in % (wall times in "
            "minutes, the run's own training and evaluation, over the seeds whose run was "
-           "timed alone); pointing: the single-view "
-           "pointing game of the run's regions, and of random boxes of the same sizes "
-           "(chance).", "",
+           "timed alone); pointing: the single-view pointing game of the run's regions, and "
+           "of random boxes of the same sizes (chance).", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in table["rows"]:
     cells = [row["name"]]
