@@ -20,8 +20,13 @@ installed package). For one model configuration it measures, each as one JSON li
 With PyTorch importable (and ``--torch``), ``benchmarks/torch_rma.py`` runs the same network
 with the same weights, shapes, batch and thread count in the same process; every record then
 carries the PyTorch figure and ``ratio`` = rma_jax images/s / PyTorch images/s (> 1: rma_jax
-is faster). Times are medians over ``--repeats`` calls after ``--warmup`` calls; the machine
-is shared, so compare the two columns of one run rather than runs of different days.
+is faster). Times are medians over ``--repeats`` calls after ``--warmup`` calls; in the
+evaluation cases the two frameworks' timed calls alternate (``timing.interleaved_times``), so
+that a shared machine's drift reaches both sides of the ratio alike. Compare the two
+columns of one run rather than runs of different days.
+
+The evaluation cases first prepare the evaluation-only parameter forms once
+(``rma_jax.eval_params``), as every evaluation pass does; ``prepare_s`` records its time.
 
 FLOPs are the model's: XLA's cost analysis of the same step with ``model.conv_impl='xla'``
 (direct convolutions, no loops: the cost analysis counts a loop body once), whichever
@@ -53,7 +58,7 @@ import ml_collections
 import numpy as np
 
 from rma_jax import configs
-from rma_jax import build, config_checks, models, optimizer, parallel, steps, views
+from rma_jax import build, config_checks, eval_params, models, optimizer, parallel, steps, views
 from rma_jax.data import preprocess
 from rma_jax.configs import default as default_config
 
@@ -190,7 +195,7 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
   peak_flops = timing.matmul_peak_flops(device, settings.dtype, settings.matmul_size)
   run_torch = settings.torch and bench_torch.torch_available() and device.platform == "cpu"
   common = dict(backend=device.platform, device=str(device.device_kind), threads=threads,
-                peak_flops_per_s=peak_flops)
+                peak_flops_per_s=peak_flops, glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
 
   def finish(rec, flops_total, compile_s, compiles, mesh_size, torch_times=None,
              torch_peak=None):
@@ -202,6 +207,7 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
       rec["achieved_flops_per_s"] = rec["flops_per_image"] * rec["images_per_s"]
       rec["flops_utilization"] = rec["achieved_flops_per_s"] / (peak_flops * mesh_size)
     bench_records.add_torch(rec, torch_times, torch_peak, peak_flops)
+    rec["load_average"] = os.getloadavg()[0]
     emit(rec)
     return rec
 
@@ -249,24 +255,35 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
     images_host = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     images = jax.device_put(images_host, NamedSharding(mesh, P("data")))
     variables = jax.device_put({"params": params}, NamedSharding(mesh, P()))
+    # As every evaluation pass: the evaluation-only parameter forms once, then the calls.
+    start = time.perf_counter()
+    variables = jax.block_until_ready(eval_params.prepare_fn(model.conv_impl)(variables))
+    prepare_s = time.perf_counter() - start
     jitted = jax.jit(fn)
     timing.reset_peak_memory()
     start = time.perf_counter()
     jitted.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
     flops = timing.cost_flops(jax.jit(make_fn(flops_model)).lower(variables, images).compile())
+    calls = {"rma_jax": lambda: jitted(variables, images)}
     with timing.CompileCounter() as counter:
-      times = timing.time_calls(lambda: jitted(variables, images), warmup=settings.warmup,
-                                repeats=settings.repeats)
-    mem, source = timing.peak_memory(device)
-    rec = bench_records.record(settings, case, size, batch_size, times, peak_memory_bytes=mem,
-                  memory_source=source, **common, **extra)
-    torch_times = torch_peak = None
-    if torch_runner:
-      timing.reset_peak_memory()
-      torch_times = timing.time_calls(getattr(torch_runner, torch_fn_name)(images_host),
-                                      warmup=settings.warmup, repeats=settings.repeats)
-      torch_peak = timing.peak_rss_bytes()
+      for _ in range(settings.warmup):
+        jax.block_until_ready(calls["rma_jax"]())
+      mem, source = timing.peak_memory(device)
+      torch_peak = None
+      if torch_runner:
+        calls["torch"] = getattr(torch_runner, torch_fn_name)(images_host)
+        timing.reset_peak_memory()
+        for _ in range(settings.warmup):
+          calls["torch"]()
+        torch_peak = timing.peak_rss_bytes()
+      # Round-robin, one call of each framework in turn: a shared machine's speed drifts
+      # over minutes, and both sides of the ratio then see the same drift.
+      times = timing.interleaved_times(calls, settings.repeats, warmup=False)
+    rec = bench_records.record(settings, case, size, batch_size, times["rma_jax"],
+                  peak_memory_bytes=mem, memory_source=source, prepare_s=prepare_s,
+                  prepared_bytes=eval_params.nbytes(variables), **common, **extra)
+    torch_times = times.get("torch")
     return finish(rec, flops * mesh.size if flops else None, compile_s, counter.count,
                   mesh.size, torch_times, torch_peak)
 

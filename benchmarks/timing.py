@@ -64,13 +64,15 @@ def cpu_seconds() -> float:
 
 
 def interleaved_times(calls: Mapping[str, Callable[[], Any]], repeats: int,
-                      cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-  """Seconds of each zero-argument call, timed round-robin (one warm-up call each).
+                      cpu: dict[str, list[float]] | None = None,
+                      warmup: bool = True) -> dict[str, list[float]]:
+  """Seconds of each zero-argument call, timed round-robin (after one warm-up call each,
+  unless ``warmup`` is False: the caller has warmed them up).
 
   With a dict ``cpu``, also the process CPU seconds (user + system) of each call into it:
   on a shared machine they vary less than wall time with the other jobs' load.
   """
-  for c in calls.values():
+  for c in calls.values() if warmup else ():
     jax.block_until_ready(c())
   times: dict[str, list[float]] = {k: [] for k in calls}
   if cpu is not None:

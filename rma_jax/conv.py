@@ -62,6 +62,9 @@ AUTO_WINOGRAD_MIN_CHANNELS = 64
 AUTO_WINOGRAD_MIN_TILES = 64
 AUTO_WINOGRAD_MIN_FLOPS = 2e9
 
+INFERENCE_COLLECTION = "inference"
+"""The variable collection of evaluation-only parameter forms (``rma_jax.eval_params``)."""
+
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 """Size of one patch tile of the chunked kernel gradient (fits in this CPU's L2/L3)."""
 
@@ -164,36 +167,39 @@ def _activate(activation, y):
   return y if activation is None else activation(y)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _conv3x3_custom(x, kernel, bias, tile, backward, method, activation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _conv3x3_custom(x, kernel, bias, u, tile, backward, method, activation):
   # The primal is what runs when the convolution is NOT differentiated (evaluation,
-  # prediction): Winograd's F(tile x tile, 3 x 3) if a tile is given, else XLA's conv.
-  # Differentiated (a train step), JAX runs _fwd and _bwd instead: XLA's forward always.
+  # prediction): Winograd's F(tile x tile, 3 x 3) if a tile is given (with ``u``, its
+  # transformed kernel, if precomputed), else XLA's conv. Differentiated (a train step),
+  # JAX runs _fwd and _bwd instead: XLA's forward always, and ``u`` gets a zero cotangent.
   if tile:
-    return winograd.winograd_conv3x3(x, kernel, bias, tile=tile, activation=activation)
+    return winograd.winograd_conv3x3(x, kernel, bias, tile=tile, activation=activation,
+                                     transformed_kernel=u)
   return _activate(activation, _conv(x, kernel) + bias)
 
 
-def _fwd(x, kernel, bias, tile, backward, method, activation):
+def _fwd(x, kernel, bias, u, tile, backward, method, activation):
   del tile, backward, method
   z = _conv(x, kernel) + bias
-  return _activate(activation, z), (x, kernel, bias, None if activation is None else z)
+  return _activate(activation, z), (x, kernel, bias, None if activation is None else z,
+                                    None if u is None else jnp.zeros_like(u))
 
 
 def _bwd(tile, backward, method, activation, res, dy):
   del tile
-  x, kernel, bias, z = res
+  x, kernel, bias, z, du = res
   if activation is not None:  # exactly autodiff of activation(z), as applied outside
     dy = jax.vjp(activation, z)[1](dy)[0]
   if backward == "xla":  # exactly autodiff of the plain forward (impl='xla')
-    return jax.vjp(lambda x_, k_, b_: _conv(x_, k_) + b_, x, kernel, bias)[1](dy)
+    return (*jax.vjp(lambda x_, k_, b_: _conv(x_, k_) + b_, x, kernel, bias)[1](dy), du)
   # Input gradient: the transposed convolution, exactly what autodiff of the forward gives
   # (XLA already sends it to its fast kernels).
   (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel), x)(dy)
   dw = kernel_grad(x, dy, method)
   db = jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.promote_types(dy.dtype, jnp.float32)
                ).astype(dy.dtype)
-  return dx, dw, db
+  return dx, dw, db, du
 
 
 _conv3x3_custom.defvjp(_fwd, _bwd)
@@ -236,7 +242,8 @@ def use_winograd(in_shape: tuple[int, ...], out_channels: int, dtype: Dtype,
 
 def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "auto",
             method: str = "chunked", tile: int = winograd.DEFAULT_WINOGRAD_TILE,
-            activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+            activation: Callable[[jax.Array], jax.Array] | None = None,
+            winograd_kernel: jax.Array | None = None) -> jax.Array:
   """3x3 convolution, stride 1, zero padding 1, plus bias, then ``activation``.
 
   Args:
@@ -255,6 +262,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
     activation: optional elementwise function of the biased output (e.g. ``jax.nn.relu``);
       the Winograd forward applies it while writing each band, once; differentiated, its
       gradient is autodiff's.
+    winograd_kernel: ``winograd.transform_kernel(kernel, tile)``, if precomputed (evaluation
+      computes it once per parameter version, ``rma_jax.eval_params``); used only where
+      the Winograd forward runs, ignored elsewhere.
 
   Returns:
     (B, H, W, Cout) in ``x.dtype``.
@@ -262,10 +272,14 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
   forward_winograd = use_winograd(x.shape, kernel.shape[-1], x.dtype, impl)
   backward = "patches" if use_patches(x.shape, impl) else "xla"
   if forward_winograd:
-    return _conv3x3_custom(x, kernel, bias, tile, backward, method, activation)
+    if winograd_kernel is not None and winograd_kernel.shape[0] != (tile + 2) ** 2:
+      winograd_kernel = None  # transformed for another tile size
+    return _conv3x3_custom(x, kernel, bias, winograd_kernel, tile, backward, method,
+                           activation)
   if backward == "xla":
     return _activate(activation, _conv(x, kernel) + bias)
-  return _activate(activation, _conv3x3_custom(x, kernel, bias, None, backward, method, None))
+  return _activate(activation,
+                   _conv3x3_custom(x, kernel, bias, None, None, backward, method, None))
 
 
 class Conv3x3(nn.Module):
@@ -283,6 +297,10 @@ class Conv3x3(nn.Module):
     impl: 'xla' | 'patches' | 'winograd' | 'auto' (see ``conv3x3``).
     activation: optional elementwise function applied after the bias (e.g. ``nn.relu``);
       inside the convolution so that the Winograd forward writes its output once.
+
+  Evaluation may pass the transformed kernel of the Winograd forward as the variable
+  ``winograd_kernel`` of the ``rma_jax.eval_params.COLLECTION`` collection (computed once
+  per parameter version by ``eval_params.prepare``); without it, it is computed per call.
   """
   features: int
   dtype: Dtype | None = None
@@ -301,5 +319,8 @@ class Conv3x3(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    return conv3x3(inputs, kernel, bias, impl=self.impl, activation=self.activation)
+    winograd_kernel = (self.get_variable(INFERENCE_COLLECTION, "winograd_kernel")
+                       if self.has_variable(INFERENCE_COLLECTION, "winograd_kernel") else None)
+    return conv3x3(inputs, kernel, bias, impl=self.impl, activation=self.activation,
+                   winograd_kernel=winograd_kernel)
 

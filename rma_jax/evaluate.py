@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rma_jax import (build, checkpointing, metrics, models, parallel, paths, regions, report, svm,
-                     views)
+from rma_jax import (build, checkpointing, eval_params, metrics, models, parallel, paths,
+                     regions, report, svm, views)
 from rma_jax import data as data_lib
 
 REPORT_DIR = "report"
@@ -243,6 +243,9 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   model = build.build_model(config, len(class_names))
   mesh = parallel.make_mesh()
   variables = jax.device_put({"params": params}, parallel.replicated(mesh))
+  # Once for every pass below: the parameters in the forms the CPU forward wants.
+  variables = eval_params.prepare_fn(config.model.conv_impl,
+                                     out_shardings=parallel.replicated(mesh))(variables)
   convention = config.data.pixel_convention
   want_features = bool(ev.get("svm", False))
   common = dict(batch_size=ev.batch_size, mesh=mesh, num_workers=config.data.num_workers,

@@ -169,6 +169,35 @@ class VGG16(nn.Module):
     return out
 
 
+# From this many rows on, fc6's product is faster with its (out, in) copy on XLA:CPU (20
+# rows: 82 vs 145 ms; 4 rows: 40 vs 84 ms in an ad hoc run); at 2 rows it is slower (68 vs
+# 48 ms), so there the stored layout stays (benchmarks/eval_params_ab.py, docs/performance.md).
+DENSE_TRANSPOSED_MIN_ROWS = 4
+
+
+class Dense(nn.Dense):
+  """``nn.Dense`` (same parameters, initialisers and numerics) that multiplies by the
+  evaluation copy of its kernel in (features, in) layout, ``kernel_t`` of the
+  ``conv.INFERENCE_COLLECTION`` collection, where one is given (``rma_jax.eval_params``)
+  and the input has at least ``DENSE_TRANSPOSED_MIN_ROWS`` rows: the same product, in the
+  layout XLA:CPU's small-batch matmul runs fastest with."""
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """(..., in) -> (..., features)."""
+    rows = int(np.prod(inputs.shape[:-1]))
+    if (rows < DENSE_TRANSPOSED_MIN_ROWS
+        or not self.has_variable(conv.INFERENCE_COLLECTION, "kernel_t")):
+      return super().__call__(inputs)
+    kernel_t = self.get_variable(conv.INFERENCE_COLLECTION, "kernel_t")
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel_t, bias = self.promote_dtype(inputs, kernel_t, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(inputs, kernel_t, (((inputs.ndim - 1,), (1,)), ((), ())),
+                            precision=self.precision)
+    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
 class AttentionSettings(nn.Module):
   """The settings of the recurrent memorized-attention module, declared once.
 
@@ -239,7 +268,7 @@ class AttentionCell(AttentionSettings):
       # Control of the paper's Table 3: the same module, regions given instead of predicted.
       fixed = jnp.asarray(self.fixed_regions, out_dtype)
       theta = jnp.broadcast_to(fixed[step], theta.shape)
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=jnp.float32,
                               kernel_init=nn.initializers.xavier_uniform())
     region = ops.sample_regions(features, theta[:, None, :], self.sample_size)[:, 0]
     x = nn.relu(dense(self.x_dim, name="fc6")(region.reshape(region.shape[0], -1)))
@@ -278,7 +307,9 @@ class RecurrentAttention(AttentionSettings):
     if self.num_regions < 1:
       raise ValueError(f"num_regions (K) must be >= 1, got {self.num_regions}")
     batch = features.shape[0]
-    scan = nn.scan(AttentionCell, variable_broadcast="params", split_rngs={"params": False},
+    # The evaluation-only parameter forms (rma_jax.eval_params) are broadcast like params.
+    scan = nn.scan(AttentionCell, variable_broadcast=["params", conv.INFERENCE_COLLECTION],
+                   split_rngs={"params": False},
                    in_axes=(0, nn.broadcast), out_axes=0, length=self.num_regions + 1)
     cell = scan(**self.attention_settings(), name="cell")
     out_dtype = output_dtype(self.dtype)

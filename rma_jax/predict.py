@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from rma_jax import paths as paths_lib
-from rma_jax import build, checkpointing, metrics, regions, views, visualize
+from rma_jax import build, checkpointing, eval_params, metrics, regions, views, visualize
 from rma_jax.data import classes as data_classes
 from rma_jax.data import decode, preprocess
 
@@ -259,6 +259,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
 
   files, skipped = list_inputs(inputs)
   result["skipped"] = skipped
+  if -(-len(files) // batch_size) >= eval_params.MIN_CALLS:
+    variables = eval_params.prepare_fn(config.model.conv_impl)(variables)
   for s in skipped:
     print(f"skipped {s['file']}: {s['reason']}")
   try:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 import ml_collections
 import optax
 
-from rma_jax import losses, optimizer, parallel
+from rma_jax import conv, losses, optimizer, parallel
 from rma_jax.data import preprocess
 
 TrainState = train_state.TrainState
@@ -79,9 +79,15 @@ class LossConfig:
 
 
 def model_outputs(params: Any, apply_fn: Callable, images: jax.Array,
-                  pixel_convention: str, **kwargs) -> dict[str, jax.Array]:
-  """Normalises uint8 images on device and runs the model; always returns a dict."""
-  out = apply_fn({"params": params}, preprocess.normalize(images, pixel_convention), **kwargs)
+                  pixel_convention: str, inference: Any = None, **kwargs
+                  ) -> dict[str, jax.Array]:
+  """Normalises uint8 images on device and runs the model; always returns a dict.
+  ``inference``: the evaluation-only parameter forms of ``params``, if prepared
+  (``rma_jax.eval_params``; never in a train step)."""
+  variables = {"params": params}
+  if inference:
+    variables[conv.INFERENCE_COLLECTION] = inference
+  out = apply_fn(variables, preprocess.normalize(images, pixel_convention), **kwargs)
   return out if isinstance(out, dict) else {"scores": out}
 
 
@@ -185,14 +191,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
   return state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], apply_fn: Callable,
-              loss_cfg: LossConfig) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], inference: Any = None, *,
+              apply_fn: Callable, loss_cfg: LossConfig) -> dict[str, jax.Array]:
   """Loss and scores on an evaluation batch (padding rows have ``mask`` 0).
+
+  ``inference``: the evaluation-only forms of ``params`` (``eval_params.prepare``'s
+  ``COLLECTION``), prepared once per validation pass; ``{}`` or None: none.
 
   Returns ``loss`` (batch mean over real, labelled images), ``weight`` (their number, to
   average across batches), ``scores`` (B, C) raw scores.
   """
-  outputs = model_outputs(params, apply_fn, batch["image"], loss_cfg.pixel_convention)
+  outputs = model_outputs(params, apply_fn, batch["image"], loss_cfg.pixel_convention,
+                          inference)
   mask = batch["mask"]
   loss, _ = loss_cfg.total_loss(outputs, batch["labels"], mask)
   weight = jnp.sum(losses.loss_weights(batch["labels"], mask, loss_cfg.classification)["cls"])
@@ -215,8 +225,9 @@ def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1, 
 
 
 def jit_eval_step(apply_fn: Callable, loss_cfg: LossConfig, mesh: Mesh) -> Callable:
-  """``eval_step`` jitted over ``mesh``: parameters replicated, batch and scores sharded."""
+  """``eval_step`` jitted over ``mesh``: ``fn(params, batch, inference)``, parameters and
+  their evaluation-only forms (``{}`` for none) replicated, batch and scores sharded."""
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg),
-                 in_shardings=(replicated, sharded),
+                 in_shardings=(replicated, sharded, replicated),
                  out_shardings={"loss": replicated, "weight": replicated, "scores": sharded})

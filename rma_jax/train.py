@@ -13,6 +13,7 @@ written by ``rma_jax.metric_writer`` (TensorFlow is needed for TFDS data only).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -24,8 +25,8 @@ from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
 
-from rma_jax import (build, checkpointing, config_checks, console, init, metric_writer, metrics,
-                     optimizer, parallel, steps)
+from rma_jax import (build, checkpointing, config_checks, console, eval_params, init,
+                     metric_writer, metrics, optimizer, parallel, steps)
 from rma_jax import data as data_lib
 from rma_jax import workdir as workdir_lib
 
@@ -101,6 +102,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   step_fn = steps.jit_train_step(loss_cfg, mesh, o.grad_accum_steps,
                                  scheduled_anchor=anchor_weight is not None)
   eval_fn = steps.jit_eval_step(model.apply, loss_cfg, mesh)
+  forms_fn = jax.jit(functools.partial(eval_params.forms, conv_impl=config.model.conv_impl),
+                     out_shardings=parallel.replicated(mesh))
   sharding = parallel.batch_sharding(mesh)
   batches = data_lib.device_put_batches(
       data_lib.train_batches(sources.train, global_batch_size=o.batch_size,
@@ -158,7 +161,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         flush_metrics(step)
         clock.step_done(step)
         started = time.monotonic()
-        val = evaluate_loss(eval_fn, state.params, sources.val, config, sharding)
+        val = evaluate_loss(eval_fn, state.params, sources.val, config, sharding, forms_fn)
         writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
         improved = val["loss"] < best_val
         if improved:
@@ -208,8 +211,13 @@ def _nonfinite_error(metrics_: dict[str, Any], step: int, latest: Any,
 
 
 def evaluate_loss(eval_fn: Callable, params: Any, source: Any, config: ml_collections.ConfigDict,
-                  sharding: NamedSharding) -> dict[str, float]:
-  """Validation loss (the paper's model-selection criterion) and single-view mAP."""
+                  sharding: NamedSharding, forms_fn: Callable | None = None
+                  ) -> dict[str, float]:
+  """Validation loss (the paper's model-selection criterion) and single-view mAP.
+
+  ``forms_fn``: ``eval_params.forms`` (jitted), run once on ``params`` for the whole pass.
+  """
+  inference = {} if forms_fn is None else forms_fn(params)
   batches = data_lib.device_put_batches(
       data_lib.eval_batches(source, global_batch_size=config.eval.batch_size,
                             image_size=config.data.crop_size,
@@ -218,7 +226,7 @@ def evaluate_loss(eval_fn: Callable, params: Any, source: Any, config: ml_collec
   total, weight = 0.0, 0.0
   scores, labels, masks = [], [], []
   for batch in batches:
-    out = eval_fn(params, batch)
+    out = eval_fn(params, batch, inference)
     w = float(out["weight"])
     total += float(out["loss"]) * w
     weight += w

@@ -109,9 +109,16 @@ def _winograd_input(xt: jax.Array, bt: np.ndarray, rows: int, cols: int) -> jax.
   return v.reshape((n * n,) + v.shape[2:])
 
 
-def _winograd_kernel(kernel: jax.Array, g: np.ndarray) -> jax.Array:
-  """(3, 3, Cin, Cout) HWIO kernel -> (n*n, Cin, Cout): ``G w G^T`` per channel pair, point
-  (p, q) at index p*n + q, as one (n*n, 9) @ (9, Cin*Cout) matmul with kron(G, G)."""
+def transform_kernel(kernel: jax.Array, tile: int = DEFAULT_WINOGRAD_TILE) -> jax.Array:
+  """(3, 3, Cin, Cout) HWIO kernel -> (n*n, Cin, Cout): ``G w G^T`` of F(tile x tile, 3 x 3)
+  per channel pair, point (p, q) at index p*n + q (n = tile + 2), as one (n*n, 9) @
+  (9, Cin*Cout) matmul with kron(G, G); computed in float32 for 16-bit kernels.
+
+  ``winograd_conv3x3`` computes it on every call unless given it (``transformed_kernel``):
+  evaluation computes it once per parameter version (``rma_jax.eval_params``).
+  """
+  g = winograd_matrices(tile)[1]
+  kernel = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
   y = jnp.dot(jnp.asarray(np.kron(g, g), kernel.dtype), kernel.reshape(9, -1))
   return y.reshape(-1, *kernel.shape[2:])
 
@@ -178,7 +185,8 @@ def _fill_band(buf: jax.Array, x: jax.Array, image: jax.Array, row: jax.Array) -
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
                      tile: int = DEFAULT_WINOGRAD_TILE,
                      tiles_per_band: int = DEFAULT_TILES_PER_BAND,
-                     activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+                     activation: Callable[[jax.Array], jax.Array] | None = None,
+                     transformed_kernel: jax.Array | None = None) -> jax.Array:
   """3x3 'SAME' convolution (stride 1, zero padding 1) by Winograd's minimal filtering.
 
   F(m x m, 3 x 3) (Lavin & Gray, "Fast algorithms for convolutional neural networks",
@@ -204,19 +212,28 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
     tile: m, one of ``WINOGRAD_TILES``.
     tiles_per_band: band size in tiles.
     activation: elementwise function applied to the biased output (e.g. ``jax.nn.relu``).
+    transformed_kernel: ``transform_kernel(kernel, tile)`` if already computed, (n*n, Cin,
+      Cout); then ``kernel`` is not read.
 
   Returns:
     (B, H, W, Cout) in ``x.dtype``; computed in float32 for 16-bit inputs.
   """
-  at, g, bt = winograd_matrices(tile)
+  at, _, bt = winograd_matrices(tile)
   n = tile + 2
   b, h, w, cin = x.shape
-  cout = kernel.shape[-1]
+  cout = bias.shape[-1]
   out_dtype = x.dtype
   dtype = jnp.promote_types(x.dtype, jnp.float32)
-  x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+  x, bias = x.astype(dtype), bias.astype(dtype)
   rows, cols = -(-h // tile), -(-w // tile)
-  u = _winograd_kernel(kernel, g)  # (n*n, Cin, Cout)
+  if transformed_kernel is None:
+    u = transform_kernel(kernel.astype(dtype), tile)  # (n*n, Cin, Cout)
+  elif transformed_kernel.shape != (n * n, cin, cout):
+    raise ValueError(f"transformed_kernel of F({tile}x{tile}, 3x3) for {cin} -> {cout} "
+                     f"channels must have shape {(n * n, cin, cout)}, got "
+                     f"{transformed_kernel.shape}")
+  else:
+    u = transformed_kernel.astype(dtype)
 
   def band(xt):  # (images, r*m+2, cols*m+2, Cin) -> (images, r*m, w, Cout)
     r = (xt.shape[1] - 2) // tile
