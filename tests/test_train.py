@@ -137,8 +137,10 @@ def test_sharded_step_equals_single_device_step():
   finals = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh = parallel.make_mesh(devices)
-    tx = optimizer.make_optimizer(config.optim, optimizer.learning_rate_schedule(
-        1e-3, config.optim, 8, 3))
+    # SGD, not the recipe's Adam: Adam normalises each gradient, so reduction-order noise in
+    # a near-zero gradient becomes a step of O(lr), and how much depends on the CPU. SGD's
+    # update is linear in the gradient, so this compares the gradients themselves.
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)  # the step logs the lr
     state = steps.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
     step = steps.jit_train_step(loss_cfg, mesh)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -148,9 +150,7 @@ def test_sharded_step_equals_single_device_step():
     assert len(state.params["trunk"]["conv1_1"]["kernel"].sharding.device_set) == len(devices)
     finals.append(jax.device_get(state.params))
   for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
-    # Adam's normalised update turns reduction-order noise in near-zero gradients into
-    # differences of ~1e-6 (a step is up to 1e-3 here).
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), finals[0],
                                        jax.device_get(steps.create_train_state(
                                            model, tx, jax.random.key(0), (48, 48, 3),
