@@ -94,23 +94,27 @@ def forms(params: Mapping[str, Any], conv_impl: str = "auto") -> dict[str, Any]:
   return _prepare_tree(params, min_winograd_channels(conv_impl))
 
 
+def _with_forms(variables: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+  return dict(variables, **({COLLECTION: extra} if extra else {}))
+
+
 def prepare(variables: Mapping[str, Any], conv_impl: str = "auto") -> dict[str, Any]:
   """``variables`` (``{'params': ...}``) plus ``COLLECTION``: ``forms`` of its params, if
   any. Call it once per parameter version (``prepare_fn``) and pass the result to every
   scores call of the pass."""
-  extra = forms(variables["params"], conv_impl)
-  return dict(variables, **({COLLECTION: extra} if extra else {}))
+  return _with_forms(variables, forms(variables["params"], conv_impl))
+
+
+def forms_fn(conv_impl: str = "auto", **jit_kwargs) -> Callable[[Mapping[str, Any]], dict]:
+  """``forms`` jitted for one ``conv_impl`` (``jit_kwargs``: e.g. ``out_shardings``)."""
+  return jax.jit(functools.partial(forms, conv_impl=conv_impl), **jit_kwargs)
 
 
 def prepare_fn(conv_impl: str = "auto", **jit_kwargs) -> Callable[[Mapping[str, Any]], dict]:
-  """``prepare`` with ``forms`` jitted (``jit_kwargs``: e.g. ``out_shardings``); the
-  parameters themselves are passed through, not copied."""
-  jitted = jax.jit(functools.partial(forms, conv_impl=conv_impl), **jit_kwargs)
-
-  def fn(variables: Mapping[str, Any]) -> dict[str, Any]:
-    extra = jitted(variables["params"])
-    return dict(variables, **({COLLECTION: extra} if extra else {}))
-  return fn
+  """``prepare`` with ``forms`` jitted (``forms_fn``); the parameters themselves are passed
+  through, not copied."""
+  jitted = forms_fn(conv_impl, **jit_kwargs)
+  return lambda variables: _with_forms(variables, jitted(variables["params"]))
 
 
 def nbytes(variables: Mapping[str, Any]) -> int:

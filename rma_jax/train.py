@@ -13,7 +13,6 @@ written by ``rma_jax.metric_writer`` (TensorFlow is needed for TFDS data only).
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any, Callable
@@ -102,8 +101,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   step_fn = steps.jit_train_step(loss_cfg, mesh, o.grad_accum_steps,
                                  scheduled_anchor=anchor_weight is not None)
   eval_fn = steps.jit_eval_step(model.apply, loss_cfg, mesh)
-  forms_fn = jax.jit(functools.partial(eval_params.forms, conv_impl=config.model.conv_impl),
-                     out_shardings=parallel.replicated(mesh))
+  forms_fn = eval_params.forms_fn(config.model.conv_impl,
+                                  out_shardings=parallel.replicated(mesh))
   sharding = parallel.batch_sharding(mesh)
   batches = data_lib.device_put_batches(
       data_lib.train_batches(sources.train, global_batch_size=o.batch_size,
