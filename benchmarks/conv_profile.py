@@ -23,8 +23,9 @@ models.py is untouched) and PyTorch's, interleaved step by step:
     python benchmarks/conv_profile.py --train_step --size=448 --batch=2 --repeats=3
 
 ``--winograd`` times, per layer, the evaluation forward (not differentiated) of XLA's conv,
-``rma_jax.winograd.winograd_conv3x3`` with each ``--variants`` tile:tiles_per_band, and torch's
-``conv2d`` (channels_last, inference mode), interleaved:
+``rma_jax.winograd.winograd_conv3x3`` with each ``--variants`` tile:tiles_per_band (its kernel
+transformed once, as evaluation does), ``conv3x3(impl='auto')`` (what the model runs) and
+torch's ``conv2d`` (channels_last, inference mode), interleaved:
 
     python benchmarks/conv_profile.py --winograd --size=512 --batch=2 --repeats=3 \
         --variants=2:256,4:256,6:256
@@ -204,10 +205,17 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
     calls = {"xla": functools.partial(jax.jit(lambda x, w, b: jax.nn.relu(_conv(x, w) + b)),
                                       x, w, b)}
     for v in variants:
-      tile, tpb = map(int, v.split(":"))
+      tile, tpb = v.split(":")
+      u = winograd.transform_kernel(w, int(tile))  # once, as evaluation does (eval_params)
       calls[f"winograd_{v}"] = functools.partial(jax.jit(functools.partial(
-          winograd.winograd_conv3x3, tile=tile, tiles_per_band=tpb, activation=jax.nn.relu)),
-          x, w, b)
+          winograd.winograd_conv3x3, tile=int(tile), activation=jax.nn.relu,
+          tiles_per_band=None if tpb == "default" else int(tpb))), x, w, b,
+          transformed_kernel=u)
+    # What the model runs in evaluation: impl='auto' (im2col, Winograd with its default
+    # bands and prepared kernel, or XLA's conv).
+    calls["auto"] = functools.partial(jax.jit(functools.partial(
+        conv.conv3x3, impl="auto", activation=jax.nn.relu)), x, w, b,
+        winograd_kernel=winograd.transform_kernel(w))
     if use_torch:
       import torch  # pylint: disable=g-import-not-at-top
       xt, wt, _, _ = _torch_operands(x_np, w_np, x_np[..., :0], "float32")
@@ -223,12 +231,15 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
     rec = {"layer": name, "hw": hw, "cin": cin, "cout": cout, "batch": batch,
            "gflop": 2.0 * batch * hw * hw * cin * cout * 9 / 1e9,
            "auto_uses_winograd": conv.use_winograd(x.shape, cout, x.dtype, "auto"),
+           "auto_forward": ("winograd" if conv.use_winograd(x.shape, cout, x.dtype, "auto")
+                            else "im2col" if conv.use_im2col(x.shape, cout, x.dtype, "auto")
+                            else "xla"),
            "load_avg": os.getloadavg()[0]}
     for k, t in times.items():
       rec[f"{k}_ms"] = 1000 * statistics.median(t)
       rec[f"{k}_best_ms"] = 1000 * min(t)
       rec[f"{k}_cpu_ms"] = 1000 * statistics.median(cpu[k])
-      if k.startswith("winograd"):
+      if k.startswith("winograd") or k == "auto":
         rec[f"{k}_rel_err"] = float(np.abs(np.asarray(calls[k]()) - ref).max()
                                     / np.abs(ref).max())
     print(json.dumps(rec), flush=True)
@@ -315,7 +326,8 @@ def main():
   p.add_argument("--winograd", action="store_true",
                  help="evaluation forward per layer: XLA's conv vs Winograd vs torch")
   p.add_argument("--variants", default="4:256",
-                 help="--winograd: comma-separated tile:tiles_per_band of winograd_conv3x3")
+                 help="--winograd: comma-separated tile:tiles_per_band of winograd_conv3x3 "
+                      "(tiles_per_band 'default': winograd.default_tiles_per_band)")
   p.add_argument("--train_step", action="store_true",
                  help="full RMA train step: XLA convs vs Conv3x3(impl='auto') vs torch")
   a = p.parse_args()
@@ -336,22 +348,22 @@ def main():
   if a.winograd:
     variants = a.variants.split(",")
     recs = winograd_compare(a.size, a.batch, a.repeats, a.torch == "true", layers, variants)
-    cols = ["xla"] + [f"winograd_{v}" for v in variants] + (["torch"] if a.torch == "true" else [])
+    cols = (["xla"] + [f"winograd_{v}" for v in variants] + ["auto"]
+            + (["torch"] if a.torch == "true" else []))
     print(f"\n{a.size}² input, batch {a.batch}, float32, conv + bias + ReLU; medians of "
-          f"{a.repeats} interleaved calls, wall ms (process CPU ms); speed-up = xla / best "
-          "Winograd, wall (CPU)\n")
+          f"{a.repeats} interleaved calls, wall ms (process CPU ms); speed-up = xla / auto "
+          "(what the model runs), wall (CPU)\n")
     print("| layer | HxW | Cin→Cout | GFLOP | " + " | ".join(cols) +
           " | speed-up | vs torch | rel. err | auto | load |")
     print("|---|---|---|---|" + "---|" * len(cols) + "---|---|---|---|---|")
     for r in recs:
-      best = min((f"winograd_{v}" for v in variants), key=lambda k: r[f"{k}_ms"])
+      best = "auto"
       vs_torch = (f"{r['torch_ms'] / r[best + '_ms']:.2f} "
                   f"({r['torch_cpu_ms'] / r[best + '_cpu_ms']:.2f})" if "torch_ms" in r else "–")
       print(f"| {r['layer']} | {r['hw']}² | {r['cin']}→{r['cout']} | {r['gflop']:.1f} | " +
             " | ".join(f"{r[c + '_ms']:.0f} ({r[c + '_cpu_ms']:.0f})" for c in cols) +
             f" | {r['xla_ms'] / r[best + '_ms']:.2f} ({r['xla_cpu_ms'] / r[best + '_cpu_ms']:.2f})"
-            f"{' ' + best[9:] if len(variants) > 1 else ''} | {vs_torch} | "
-            f"{r[best + '_rel_err']:.1e} | {'winograd' if r['auto_uses_winograd'] else 'xla'}"
+            f" | {vs_torch} | {r[best + '_rel_err']:.1e} | {r['auto_forward']}"
             f" | {r['load_avg']:.1f} |")
     return
   if a.compare:

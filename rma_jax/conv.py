@@ -62,6 +62,16 @@ AUTO_WINOGRAD_MIN_CHANNELS = 64
 AUTO_WINOGRAD_MIN_TILES = 64
 AUTO_WINOGRAD_MIN_FLOPS = 2e9
 
+# The im2col rule of impl='auto' on CPU (docs/performance.md, "conv1_1"): layers with fewer
+# input channels than Winograd wants (VGG's conv1_1, 3 channels) run, when not
+# differentiated, as banded matrix products of the (pixels, 9 * Cin) patch matrix: XLA runs their direct
+# convolution on one thread (1.3-1.4x slower here at 448-512 px). From 64 output channels
+# and 0.5 GFLOP (a single 448 px image): the width/8 demo and the tests keep XLA's.
+AUTO_IM2COL_MIN_FLOPS = 5e8
+IM2COL_BAND_PIXELS = 2**15
+"""Pixels per band of ``im2col_conv3x3``: a (pixels, 9 * Cin) patch tile that stays in cache
+(measured best of 16 to 128 rows at 448 and 512 px)."""
+
 INFERENCE_COLLECTION = "inference"
 """The variable collection of evaluation-only parameter forms (``rma_jax.eval_params``)."""
 
@@ -163,34 +173,85 @@ def kernel_grad(x: jax.Array, dy: jax.Array, method: str = "chunked",
   return dw.astype(x.dtype)
 
 
-def _activate(activation, y):
-  return y if activation is None else activation(y)
+def im2col_band_rows(height: int, width: int, band_pixels: int = IM2COL_BAND_PIXELS) -> int:
+  """The largest divisor of ``height`` whose bands of that many rows hold at most
+  ``band_pixels`` pixels; at least 1."""
+  rows = max(1, min(height, band_pixels // width))
+  while height % rows:
+    rows -= 1
+  return rows
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _conv3x3_custom(x, kernel, bias, u, tile, backward, method, activation):
+def im2col_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
+                   activation: Callable[[jax.Array], jax.Array] | None = None,
+                   band_pixels: int = IM2COL_BAND_PIXELS) -> jax.Array:
+  """3x3 'SAME' convolution as banded matrix products: for each band of image rows, the
+  (rows * W, 9 * Cin) patch matrix of 9 shifted slices of the zero-padded input (HWIO
+  order) times the (9 * Cin, Cout) kernel, plus bias, then ``activation``, in a ``lax.scan``
+  so that each band's patches stay in cache; the evaluation forward of few-channel layers.
+
+  Args:
+    x: (B, H, W, Cin).
+    kernel: (3, 3, Cin, Cout) HWIO.
+    bias: (Cout,).
+    activation: elementwise function applied to the biased output.
+    band_pixels: at most this many output pixels per band (``im2col_band_rows``).
+
+  Returns:
+    (B, H, W, Cout) in ``x.dtype``.
+  """
+  b, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  rows = im2col_band_rows(h, w, band_pixels)
+  bands = h // rows
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # small: few channels
+  k = kernel.reshape(9 * cin, cout)
+
+  def band(_, idx):
+    t = jax.lax.dynamic_slice(xp, (idx // bands, idx % bands * rows, 0, 0),
+                              (1, rows + 2, w + 2, cin))[0]
+    patches = jnp.concatenate([t[i:i + rows, j:j + w] for i in range(3) for j in range(3)],
+                              axis=-1)  # (rows, W, 9 * Cin)
+    return None, _activate(activation, patches @ k + bias)
+
+  _, ys = jax.lax.scan(band, None, jnp.arange(b * bands))
+  return ys.reshape(b, h, w, cout)
+
+
+def _activate(activation, y, pool=False):
+  y = y if activation is None else activation(y)
+  # nn.max_pool, exactly as VGG16 applied it outside (and so its gradient in a train step).
+  return nn.max_pool(y, (2, 2), strides=(2, 2)) if pool else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _conv3x3_custom(x, kernel, bias, u, tile, backward, method, activation, pool):
   # The primal is what runs when the convolution is NOT differentiated (evaluation,
   # prediction): Winograd's F(tile x tile, 3 x 3) if a tile is given (with ``u``, its
-  # transformed kernel, if precomputed), else XLA's conv. Differentiated (a train step),
-  # JAX runs _fwd and _bwd instead: XLA's forward always, and ``u`` gets a zero cotangent.
+  # transformed kernel, if precomputed), the banded im2col product for tile 'im2col', else
+  # XLA's conv. Differentiated (a train step), JAX runs _fwd and _bwd instead: XLA's forward
+  # always, and ``u`` gets a zero cotangent.
+  if tile == "im2col":
+    return _activate(None, im2col_conv3x3(x, kernel, bias, activation=activation), pool)
   if tile:
     return winograd.winograd_conv3x3(x, kernel, bias, tile=tile, activation=activation,
-                                     transformed_kernel=u)
-  return _activate(activation, _conv(x, kernel) + bias)
+                                     transformed_kernel=u, pool=pool)
+  return _activate(activation, _conv(x, kernel) + bias, pool)
 
 
-def _fwd(x, kernel, bias, u, tile, backward, method, activation):
+def _fwd(x, kernel, bias, u, tile, backward, method, activation, pool):
   del tile, backward, method
   z = _conv(x, kernel) + bias
-  return _activate(activation, z), (x, kernel, bias, None if activation is None else z,
-                                    None if u is None else jnp.zeros_like(u))
+  keep_z = activation is not None or pool
+  return _activate(activation, z, pool), (x, kernel, bias, z if keep_z else None,
+                                          None if u is None else jnp.zeros_like(u))
 
 
-def _bwd(tile, backward, method, activation, res, dy):
+def _bwd(tile, backward, method, activation, pool, res, dy):
   del tile
   x, kernel, bias, z, du = res
-  if activation is not None:  # exactly autodiff of activation(z), as applied outside
-    dy = jax.vjp(activation, z)[1](dy)[0]
+  if z is not None:  # exactly autodiff of activation(z) and the pooling, as applied outside
+    dy = jax.vjp(lambda z_: _activate(activation, z_, pool), z)[1](dy)[0]
   if backward == "xla":  # exactly autodiff of the plain forward (impl='xla')
     return (*jax.vjp(lambda x_, k_, b_: _conv(x_, k_) + b_, x, kernel, bias)[1](dy), du)
   # Input gradient: the transposed convolution, exactly what autodiff of the forward gives
@@ -240,10 +301,23 @@ def use_winograd(in_shape: tuple[int, ...], out_channels: int, dtype: Dtype,
   return impl == "winograd"
 
 
+def use_im2col(in_shape: tuple[int, ...], out_channels: int, dtype: Dtype, impl: str) -> bool:
+  """Whether ``impl`` means the banded im2col forward (``im2col_conv3x3``) for an input of
+  ``in_shape`` (B, H, W, Cin) when the convolution is not differentiated: 'auto' only, on
+  the CPU backend, float32, for layers with too few input channels for Winograd, at least
+  as many output channels and ``AUTO_IM2COL_MIN_FLOPS`` (VGG's conv1_1)."""
+  _check_impl(impl)
+  b, h, w, cin = in_shape
+  flops = 2 * 9 * b * h * w * cin * out_channels
+  return (impl == "auto" and jax.default_backend() == "cpu"
+          and jnp.dtype(dtype) == jnp.float32 and cin < AUTO_WINOGRAD_MIN_CHANNELS
+          <= out_channels and flops >= AUTO_IM2COL_MIN_FLOPS)
+
+
 def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "auto",
             method: str = "chunked", tile: int = winograd.DEFAULT_WINOGRAD_TILE,
             activation: Callable[[jax.Array], jax.Array] | None = None,
-            winograd_kernel: jax.Array | None = None) -> jax.Array:
+            winograd_kernel: jax.Array | None = None, pool: bool = False) -> jax.Array:
   """3x3 convolution, stride 1, zero padding 1, plus bias, then ``activation``.
 
   Args:
@@ -255,7 +329,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
       (``winograd.winograd_conv3x3`` when not differentiated; differentiated, exactly
       'xla') or
       'auto' (on the CPU backend: Winograd when not differentiated where ``use_winograd``
-      says it wins, and the matmul kernel gradient for inputs of at least
+      says it wins, the banded im2col product where ``use_im2col`` does (conv1_1), and
+      the matmul kernel gradient for inputs of at least
       ``AUTO_MIN_PIXELS`` pixels; XLA otherwise and on GPU/TPU).
     method: how 'patches' builds the kernel gradient (see ``kernel_grad``).
     tile: Winograd output tile m of F(m x m, 3 x 3) (see ``winograd.winograd_conv3x3``).
@@ -265,9 +340,12 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
     winograd_kernel: ``winograd.transform_kernel(kernel, tile)``, if precomputed (evaluation
       computes it once per parameter version, ``rma_jax.eval_params``); used only where
       the Winograd forward runs, ignored elsewhere.
+    pool: then 2x2 max pooling, stride 2 (``nn.max_pool(y, (2, 2), strides=(2, 2))``);
+      the Winograd forward applies it in each band's write, so that the full-size output is
+      never written (VGG's blocks end so); differentiated, its gradient is autodiff's.
 
   Returns:
-    (B, H, W, Cout) in ``x.dtype``.
+    (B, H, W, Cout), or (B, H // 2, W // 2, Cout) with ``pool``, in ``x.dtype``.
   """
   forward_winograd = use_winograd(x.shape, kernel.shape[-1], x.dtype, impl)
   backward = "patches" if use_patches(x.shape, impl) else "xla"
@@ -275,11 +353,15 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
     if winograd_kernel is not None and winograd_kernel.shape[0] != (tile + 2) ** 2:
       winograd_kernel = None  # transformed for another tile size
     return _conv3x3_custom(x, kernel, bias, winograd_kernel, tile, backward, method,
-                           activation)
+                           activation, pool)
+  if use_im2col(x.shape, kernel.shape[-1], x.dtype, impl):
+    return _conv3x3_custom(x, kernel, bias, None, "im2col", backward, method, activation,
+                           pool)
   if backward == "xla":
-    return _activate(activation, _conv(x, kernel) + bias)
+    return _activate(activation, _conv(x, kernel) + bias, pool)
   return _activate(activation,
-                   _conv3x3_custom(x, kernel, bias, None, None, backward, method, None))
+                   _conv3x3_custom(x, kernel, bias, None, None, backward, method, None,
+                                   False), pool)
 
 
 class Conv3x3(nn.Module):
@@ -297,6 +379,8 @@ class Conv3x3(nn.Module):
     impl: 'xla' | 'patches' | 'winograd' | 'auto' (see ``conv3x3``).
     activation: optional elementwise function applied after the bias (e.g. ``nn.relu``);
       inside the convolution so that the Winograd forward writes its output once.
+    pool: then 2x2 max pooling, stride 2 (as ``nn.max_pool(y, (2, 2), strides=(2, 2))``),
+      also inside, so that the Winograd forward writes only the pooled output.
 
   Evaluation may pass the transformed kernel of the Winograd forward as the variable
   ``winograd_kernel`` of the ``rma_jax.eval_params.COLLECTION`` collection (computed once
@@ -309,10 +393,12 @@ class Conv3x3(nn.Module):
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
   impl: str = "auto"
   activation: Callable[[jax.Array], jax.Array] | None = None
+  pool: bool = False
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    """(B, H, W, Cin) -> (B, H, W, features)."""
+    """(B, H, W, Cin) -> (B, H, W, features), or (B, H // 2, W // 2, features) with
+    ``pool``."""
     if inputs.ndim != 4:
       raise ValueError(f"Conv3x3 expects (B, H, W, C) inputs, got shape {inputs.shape}")
     kernel = self.param("kernel", self.kernel_init, (3, 3, inputs.shape[-1], self.features),
@@ -322,5 +408,5 @@ class Conv3x3(nn.Module):
     winograd_kernel = (self.get_variable(INFERENCE_COLLECTION, "winograd_kernel")
                        if self.has_variable(INFERENCE_COLLECTION, "winograd_kernel") else None)
     return conv3x3(inputs, kernel, bias, impl=self.impl, activation=self.activation,
-                   winograd_kernel=winograd_kernel)
+                   winograd_kernel=winograd_kernel, pool=self.pool)
 

@@ -107,6 +107,9 @@ class VGG16(nn.Module):
     if self.init_scheme not in TRUNK_INITS:
       raise ValueError(f"init_scheme must be one of {TRUNK_INITS}, got {self.init_scheme!r}")
     channels = [c // self.width for b in VGG16_BLOCKS for c in b]
+    # Blocks 1-4 end in a 2x2 max pool, inside their last conv (the Winograd forward pools
+    # while writing its bands); no pool5: conv5_3 keeps stride 16.
+    pooled = {f"conv{b + 1}_{len(VGG16_BLOCKS[b])}" for b in range(4)}
     for name, cin, cout in zip(vgg16_layer_names(), [3] + channels[:-1], channels):
       # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers on
       # average; ImageNet or stage-1 weights replace it.
@@ -114,16 +117,15 @@ class VGG16(nn.Module):
       # ReLU inside the conv: the Winograd forward applies it while writing its output.
       setattr(self, name, conv.Conv3x3(cout, dtype=self.dtype, param_dtype=jnp.float32,
                                        kernel_init=init, impl=self.conv_impl,
-                                       activation=nn.relu, name=name))
+                                       activation=nn.relu, pool=name in pooled,
+                                       name=name))
     if self.num_classes is not None:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
                            name="head")
 
   def _block(self, x: jax.Array, block: int) -> jax.Array:
     for i in range(len(VGG16_BLOCKS[block])):
-      x = getattr(self, f"conv{block + 1}_{i + 1}")(x)  # ReLU included
-    if block < 4:  # no pool5: conv5_3 keeps stride 16
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = getattr(self, f"conv{block + 1}_{i + 1}")(x)  # ReLU (and the block's pool) included
     return x
 
   def __call__(self, images: jax.Array) -> jax.Array:

@@ -16,13 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# F(4x4, 3x3) in bands of 256 tiles, by measurement (docs/performance.md): F(2x2, 3x3) is
-# slower on every VGG layer (its 2.25x fewer multiplications do not pay for 4x the
-# transformed data), F(6x6, 3x3) is slower or level (64 points, dense transforms, a 1.8x
-# larger kernel transform) and twice as inexact; 128 to 512 tiles per band are within
-# noise of each other, larger or unbanded runs out of cache.
+# F(4x4, 3x3), by measurement (docs/performance.md): F(2x2, 3x3) is slower on every VGG
+# layer (its 2.25x fewer multiplications do not pay for 4x the transformed data), F(6x6,
+# 3x3) is slower or level (64 points, dense transforms, a 1.8x larger kernel transform) and
+# twice as inexact.
 DEFAULT_WINOGRAD_TILE = 4
-DEFAULT_TILES_PER_BAND = 256
+
+# Bands of at least 256 tiles (fewer run out of loop overhead, unbanded out of cache), and
+# of at least 2**17 products per transform point (tiles x C_out): below that XLA:CPU runs a
+# band's batched matmul on one thread (measured: 256 tiles of a 64- or 128-channel layer
+# used 1.0-1.2 of 2 cores), so the 64- and 128-channel layers take 512 to 2048 tiles per
+# band (1.2-1.4x faster on 2 cores, docs/performance.md).
+MIN_TILES_PER_BAND = 256
+MIN_BAND_PRODUCTS = 2**17
+
+
+def default_tiles_per_band(out_channels: int) -> int:
+  """Tiles per band of ``winograd_conv3x3`` for ``out_channels`` (see MIN_BAND_PRODUCTS)."""
+  return max(MIN_TILES_PER_BAND, MIN_BAND_PRODUCTS // max(1, out_channels))
 
 WINOGRAD_TILES = (2, 4, 6)
 """Output tile sizes m of the Winograd algorithms F(m x m, 3 x 3) that ``winograd_conv3x3``
@@ -184,9 +195,10 @@ def _fill_band(buf: jax.Array, x: jax.Array, image: jax.Array, row: jax.Array) -
 
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
                      tile: int = DEFAULT_WINOGRAD_TILE,
-                     tiles_per_band: int = DEFAULT_TILES_PER_BAND,
+                     tiles_per_band: int | None = None,
                      activation: Callable[[jax.Array], jax.Array] | None = None,
-                     transformed_kernel: jax.Array | None = None) -> jax.Array:
+                     transformed_kernel: jax.Array | None = None,
+                     pool: bool = False) -> jax.Array:
   """3x3 'SAME' convolution (stride 1, zero padding 1) by Winograd's minimal filtering.
 
   F(m x m, 3 x 3) (Lavin & Gray, "Fast algorithms for convolutional neural networks",
@@ -210,13 +222,17 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
     kernel: (3, 3, Cin, Cout) HWIO.
     bias: (Cout,).
     tile: m, one of ``WINOGRAD_TILES``.
-    tiles_per_band: band size in tiles.
+    tiles_per_band: band size in tiles; ``None``: ``default_tiles_per_band(Cout)``.
     activation: elementwise function applied to the biased output (e.g. ``jax.nn.relu``).
     transformed_kernel: ``transform_kernel(kernel, tile)`` if already computed, (n*n, Cin,
       Cout); then ``kernel`` is not read.
+    pool: then 2x2 max pooling, stride 2 (``nn.max_pool(y, (2, 2), strides=(2, 2))``),
+      applied in each band's write for even H and W (the output is written at a quarter of
+      its size; VGG's blocks end so), after the loop otherwise.
 
   Returns:
-    (B, H, W, Cout) in ``x.dtype``; computed in float32 for 16-bit inputs.
+    (B, H, W, Cout), or (B, H // 2, W // 2, Cout) with ``pool``, in ``x.dtype``; computed
+    in float32 for 16-bit inputs.
   """
   at, _, bt = winograd_matrices(tile)
   n = tile + 2
@@ -240,8 +256,14 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
     v = _winograd_input(xt, bt, r, cols).reshape(n * n, -1, cin)  # (n*n, tiles, Cin)
     prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (n*n, tiles, Cout)
     y = _winograd_output(prod.reshape(n * n, xt.shape[0], r, cols, cout), at)[:, :, :w] + bias
-    return y if activation is None else activation(y)
+    y = y if activation is None else activation(y)
+    return max_pool_2x2(y) if pool_in_bands else y
 
+  # Band heights (r * m rows) are even, so in-band pooling equals pooling the whole output.
+  pool_in_bands = pool and h % 2 == 0 and w % 2 == 0
+
+  if tiles_per_band is None:
+    tiles_per_band = default_tiles_per_band(cout)
   images, band_rows = winograd_bands(b, rows, cols, tiles_per_band)
   if images == b and band_rows == rows:  # one band: no loop
     y = band(jnp.pad(x, ((0, 0), (1, rows * tile + 1 - h), (1, cols * tile + 1 - w), (0, 0))))
@@ -256,6 +278,18 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
 
     buf = jnp.zeros((images, band_rows * tile + 2, cols * tile + 2, cin), dtype)
     _, ys = jax.lax.scan(step, buf, jnp.arange(b // images * row_bands))
-    y = ys.reshape(b, rows * tile, w, cout)  # bands in row-major order
+    scale = 2 if pool_in_bands else 1
+    y = ys.reshape(b, rows * tile // scale, w // scale, cout)  # bands in row-major order
     # (rows * tile - h) zero-padded rows at the bottom of x gave rows of junk: cropped.
-  return y[:, :h].astype(out_dtype)
+  if pool_in_bands:
+    return y[:, :h // 2].astype(out_dtype)
+  y = y[:, :h]
+  return (max_pool_2x2(y) if pool else y).astype(out_dtype)
+
+
+def max_pool_2x2(y: jax.Array) -> jax.Array:
+  """(..., H, W, C) -> (..., H // 2, W // 2, C): 2x2 max pooling, stride 2, 'VALID' (a
+  trailing odd row or column is dropped, as ``nn.max_pool``)."""
+  *lead, h, w, c = y.shape
+  y = y[..., :h // 2 * 2, :w // 2 * 2, :]
+  return y.reshape(*lead, h // 2, 2, w // 2, 2, c).max(axis=(-4, -2))

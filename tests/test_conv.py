@@ -446,3 +446,114 @@ def test_winograd_rule_of_auto():
   assert conv.use_winograd((1, 2, 2, 1), 1, f32, "winograd")
   with pytest.raises(ValueError, match="impl"):
     conv.use_winograd((1, 4, 4, 1), 1, f32, "winograd6")
+
+
+def test_default_tiles_per_band():
+  # At least 2**17 products per transform point, at least 256 tiles (winograd.py).
+  assert [winograd.default_tiles_per_band(c) for c in (64, 128, 256, 512)] == [
+      2048, 1024, 512, 256]
+  assert winograd.default_tiles_per_band(4096) == winograd.MIN_TILES_PER_BAND
+
+
+@pytest.mark.parametrize("shape,band_pixels", [
+    ((2, 9, 7, 3, 64), 2**15),  # odd sizes, one band per image
+    ((2, 12, 5, 3, 8), 20),     # 20 // 5 = 4-row bands: 3 per image
+    ((1, 7, 6, 2, 3), 6),       # 1-row bands (7 is prime)
+    ((1, 1, 1, 3, 2), 2**15),   # a single pixel: every tap but the centre is padding
+])
+def test_im2col_float64_equals_direct_convolution(shape, band_pixels):
+  b, h, w, cin, cout = shape
+  x, k, bias = _rand(40, (b, h, w, cin)), _rand(41, (3, 3, cin, cout)), _rand(42, (cout,))
+  with jax.enable_x64(True):
+    got = jax.jit(functools.partial(conv.im2col_conv3x3, band_pixels=band_pixels,
+                                    activation=jax.nn.relu))(
+        *(jnp.asarray(a, jnp.float64) for a in (x, k, bias)))
+    assert got.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(got), np.maximum(_np_conv(
+      *(a.astype(np.float64) for a in (x, k, bias))), 0), rtol=1e-12, atol=1e-12)
+
+
+def test_im2col_band_rows():
+  assert conv.im2col_band_rows(512, 512) == 64   # conv1_1 at 512: 32768 pixels a band
+  assert conv.im2col_band_rows(448, 448) == 64   # 73 rows fit; 64 divides 448
+  assert conv.im2col_band_rows(7, 10, 35) == 1   # 3 rows fit; 7 is prime
+  assert conv.im2col_band_rows(3, 10**6) == 1    # never below one row
+
+
+def test_im2col_rule_of_auto():
+  f32 = jnp.float32
+  assert conv.use_im2col((2, 448, 448, 3), 64, f32, "auto")        # conv1_1, 1.4 GFLOP
+  assert conv.use_im2col((1, 448, 448, 3), 64, f32, "auto")        # 0.69 GFLOP
+  assert not conv.use_im2col((1, 224, 224, 3), 64, f32, "auto")    # 0.17 GFLOP
+  assert not conv.use_im2col((100, 112, 112, 3), 8, f32, "auto")   # the width/8 demo
+  assert not conv.use_im2col((2, 448, 448, 64), 64, f32, "auto")   # Winograd's
+  assert not conv.use_im2col((2, 448, 448, 3), 64, jnp.bfloat16, "auto")
+  for impl in ("xla", "patches", "winograd"):
+    assert not conv.use_im2col((2, 448, 448, 3), 64, f32, impl)
+
+
+def test_im2col_only_when_not_differentiated(monkeypatch):
+  """'auto' evaluates conv1_1-like layers by im2col; differentiated, it is XLA's forward
+  and the matmul kernel gradient ('patches'), as before: equal gradients, ReLU included,
+  and a differentiated forward that never traces the im2col product."""
+  calls = []
+  original = conv.im2col_conv3x3
+  monkeypatch.setattr(conv, "im2col_conv3x3",
+                      lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw))
+  x = jnp.asarray(_rand(43, (1, 400, 400, 3)))  # 0.55 GFLOP with 64 outputs
+  k, bias = jnp.asarray(_rand(44, (3, 3, 3, 64), 0.2)), jnp.asarray(_rand(45, (64,), 0.1))
+  dy = jnp.asarray(_rand(46, (1, 400, 400, 64)))
+  assert conv.use_im2col(x.shape, 64, x.dtype, "auto") and conv.use_patches(x.shape, "auto")
+
+  def f(impl):
+    return lambda x, k, b: conv.conv3x3(x, k, b, impl=impl, activation=jax.nn.relu)
+  y = jax.jit(f("auto"))(x, k, bias)
+  assert len(calls) == 1
+  np.testing.assert_allclose(y, jax.nn.relu(_lax_conv(x, k) + bias), rtol=1e-5, atol=1e-5)
+
+  def grads(impl):
+    loss = lambda x, k, b: jnp.sum(f(impl)(x, k, b) * dy)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, bias)
+  got = grads("auto")
+  assert len(calls) == 1
+  for a, b in zip(got, grads("patches")):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("shape,tiles_per_band", [
+    ((2, 12, 8, 3, 4), 1000),  # one band
+    ((1, 16, 12, 2, 3), 3),    # 1-tile-row bands (4 output rows: 2 pooled)
+    ((3, 10, 6, 2, 2), 2),     # the last band past the bottom edge: junk rows cropped
+    ((1, 9, 7, 2, 3), 4),      # odd sizes: pooled after the loop, the last row/column dropped
+])
+def test_winograd_pool_equals_max_pool_of_the_output(shape, tiles_per_band):
+  b, h, w, cin, cout = shape
+  x, k, bias = _rand(50, (b, h, w, cin)), _rand(51, (3, 3, cin, cout)), _rand(52, (cout,))
+  with jax.enable_x64(True):
+    args = [jnp.asarray(a, jnp.float64) for a in (x, k, bias)]
+    got = jax.jit(functools.partial(winograd.winograd_conv3x3, tiles_per_band=tiles_per_band,
+                                    activation=jax.nn.relu, pool=True))(*args)
+  ref = np.maximum(_np_conv(*(a.astype(np.float64) for a in (x, k, bias))), 0)
+  ref = ref[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, cout).max((2, 4))
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["winograd", "auto", "patches", "xla"])
+def test_conv3x3_pool_equals_nn_max_pool_forward_and_gradients(impl):
+  """pool=True is relu(conv) then nn.max_pool, evaluated (Winograd pools in its bands) and
+  differentiated (autodiff of nn.max_pool)."""
+  x = jnp.asarray(_rand(53, (1, 84, 84, 128)))  # 'auto' takes Winograd (2.1 GFLOP, 441 tiles)
+  k, bias = jnp.asarray(_rand(54, (3, 3, 128, 128), 0.03)), jnp.asarray(_rand(55, (128,), 0.1))
+  dy = jnp.asarray(_rand(56, (1, 42, 42, 128)))
+  assert conv.use_winograd(x.shape, 128, x.dtype, impl) == (impl in ("winograd", "auto"))
+  fused = lambda x, k, b: conv.conv3x3(x, k, b, impl=impl, activation=jax.nn.relu, pool=True)
+  plain = lambda x, k, b: nn.max_pool(jax.nn.relu(_lax_conv(x, k) + b), (2, 2), strides=(2, 2))
+  np.testing.assert_allclose(jax.jit(fused)(x, k, bias), plain(x, k, bias), rtol=1e-4,
+                             atol=1e-4)
+
+  def grads(f):
+    return jax.jit(jax.grad(lambda x, k, b: jnp.sum(f(x, k, b) * dy), argnums=(0, 1, 2)))(
+        x, k, bias)
+  for a, b in zip(grads(fused), grads(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
