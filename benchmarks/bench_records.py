@@ -1,11 +1,13 @@
 """The records of ``benchmarks.bench``: one dict per case (``RECORD_KEYS``), its JSON line
-and the Markdown table of a run."""
+and the Markdown table of a run; and the JSON file of the jax-vs-jax A/B benchmarks
+(``write_ab_result``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -90,3 +92,17 @@ def _json_default(obj: Any) -> Any:
 
 def to_json(record: dict[str, Any]) -> str:
   return json.dumps(record, default=_json_default, sort_keys=False)
+
+
+def write_ab_result(parts: dict[str, Callable[[], Any]], json_out: str | None) -> dict:
+  """Runs each part of an A/B benchmark in order and returns, prints and (if ``json_out``)
+  writes ``{"load_average_start", <part>: its result, ..., "load_average_end"}``."""
+  result = {"load_average_start": os.getloadavg()[0]}
+  result.update({name: part() for name, part in parts.items()})
+  result["load_average_end"] = os.getloadavg()[0]
+  text = json.dumps(result, indent=1)
+  print(text)
+  if json_out:
+    with open(json_out, "w") as f:
+      f.write(text + "\n")
+  return result

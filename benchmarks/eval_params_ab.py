@@ -16,8 +16,6 @@ JSON:
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from typing import Sequence
 
@@ -26,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import bench, timing
+from benchmarks import bench, bench_records, timing
 from rma_jax import build, eval_params
 from rma_jax.data import preprocess
 
@@ -84,15 +82,9 @@ def model_part(repeats: int, rounds: int) -> list[dict]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  result = {"load_average_start": os.getloadavg()[0],
-            "dense": dense_part(FLAGS.repeats),
-            "model": model_part(FLAGS.repeats, FLAGS.rounds)}
-  result["load_average_end"] = os.getloadavg()[0]
-  text = json.dumps(result, indent=1)
-  print(text)
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      f.write(text + "\n")
+  bench_records.write_ab_result({"dense": lambda: dense_part(FLAGS.repeats),
+                                 "model": lambda: model_part(FLAGS.repeats, FLAGS.rounds)},
+                                FLAGS.json_out)
 
 
 if __name__ == "__main__":

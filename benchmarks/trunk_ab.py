@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import statistics
 import time
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import bench
+from benchmarks import bench, bench_records
 from rma_jax import build, conv, eval_params, winograd
 from rma_jax.data import preprocess
 
@@ -111,13 +110,7 @@ def model_part(rounds: int) -> list[dict]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  result = {"load_average_start": os.getloadavg()[0], "model": model_part(FLAGS.rounds)}
-  result["load_average_end"] = os.getloadavg()[0]
-  text = json.dumps(result, indent=1)
-  print(text)
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      f.write(text + "\n")
+  bench_records.write_ab_result({"model": lambda: model_part(FLAGS.rounds)}, FLAGS.json_out)
 
 
 if __name__ == "__main__":
