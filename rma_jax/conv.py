@@ -62,11 +62,12 @@ AUTO_WINOGRAD_MIN_CHANNELS = 64
 AUTO_WINOGRAD_MIN_TILES = 64
 AUTO_WINOGRAD_MIN_FLOPS = 2e9
 
-# The im2col rule of impl='auto' on CPU (docs/performance.md, "conv1_1"): layers with fewer
-# input channels than Winograd wants (VGG's conv1_1, 3 channels) run, when not
-# differentiated, as banded matrix products of the (pixels, 9 * Cin) patch matrix: XLA runs their direct
-# convolution on one thread (1.3-1.4x slower here at 448-512 px). From 64 output channels
-# and 0.5 GFLOP (a single 448 px image): the width/8 demo and the tests keep XLA's.
+# The im2col rule of impl='auto' on CPU (docs/performance.md, "Both cores in the band
+# loops"): layers with fewer input channels than Winograd wants (VGG's conv1_1, 3 channels)
+# run, when not differentiated, as banded matrix products of the (pixels, 9 * Cin) patch
+# matrix; XLA runs their direct convolution on one thread (1.2-1.4x slower here at 448-512
+# px). From 64 output channels and 0.5 GFLOP (one 448 px image): the width/8 demo and the
+# tests keep XLA's.
 AUTO_IM2COL_MIN_FLOPS = 5e8
 IM2COL_BAND_PIXELS = 2**15
 """Pixels per band of ``im2col_conv3x3``: a (pixels, 9 * Cin) patch tile that stays in cache

@@ -22,11 +22,11 @@ import numpy as np
 # twice as inexact.
 DEFAULT_WINOGRAD_TILE = 4
 
-# Bands of at least 256 tiles (fewer run out of loop overhead, unbanded out of cache), and
-# of at least 2**17 products per transform point (tiles x C_out): below that XLA:CPU runs a
-# band's batched matmul on one thread (measured: 256 tiles of a 64- or 128-channel layer
-# used 1.0-1.2 of 2 cores), so the 64- and 128-channel layers take 512 to 2048 tiles per
-# band (1.2-1.4x faster on 2 cores, docs/performance.md).
+# Bands of at least 256 tiles (128 to 512 measured level before; unbanded runs out of
+# cache), and of at least 2**17 products per transform point (tiles x C_out): below that
+# XLA:CPU runs a band's batched matmul on one thread (256 tiles of a 64- or 128-channel
+# layer used 1.0-1.2 of 2 cores), so layers of 64, 128 and 256 outputs take 2048, 1024 and
+# 512 tiles a band, 1.3-1.4x faster (docs/performance.md, "Both cores in the band loops").
 MIN_TILES_PER_BAND = 256
 MIN_BAND_PRODUCTS = 2**17
 
