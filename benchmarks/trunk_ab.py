@@ -20,10 +20,9 @@ all three compute the same scores (their largest difference is recorded).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import resource
 import statistics
-import time
 from typing import Sequence
 
 from absl import app, flags
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import bench, bench_records
+from benchmarks import bench, bench_records, timing
 from rma_jax import build, conv, eval_params, winograd
 from rma_jax.data import preprocess
 
@@ -60,11 +59,6 @@ def _variant(name: str):
     winograd.default_tiles_per_band, conv.use_im2col, winograd.winograd_conv3x3 = saved
 
 
-def _cpu_s() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
 def model_part(rounds: int) -> list[dict]:
   settings = bench.settings_from_config(bench.load_config(), image_size=512, crop_size=448,
                                         batch=2)
@@ -86,22 +80,20 @@ def model_part(rounds: int) -> list[dict]:
       jax.clear_caches()
       with _variant(name):
         compiled[name] = jax.jit(lambda v, x: fn(v, x)).lower(variables, images).compile()
-    scores = {n: f(variables, images) for n, f in compiled.items()}
-    wall = {n: [] for n in compiled}
-    cpu = {n: [] for n in compiled}
-    for _ in range(rounds):
-      for name, f in compiled.items():
-        t, c = time.perf_counter(), _cpu_s()
-        jax.block_until_ready(f(variables, images))
-        wall[name].append(1000 * (time.perf_counter() - t))
-        cpu[name].append(1000 * (_cpu_s() - c))
+    # Also the warm-up; finished before the timing (else the first timed call waits for
+    # the other variants' dispatched calls).
+    scores = jax.block_until_ready({n: f(variables, images) for n, f in compiled.items()})
+    cpu = {}
+    wall = timing.interleaved_times(
+        {n: functools.partial(f, variables, images) for n, f in compiled.items()}, rounds,
+        cpu, warmup=False)
     rec = {"case": case, "input_size": size, "batch": 2, "rounds": rounds,
            "max_abs_score_diff": max(float(jnp.max(jnp.abs(s - scores["now"])))
                                      for s in scores.values())}
     for name in compiled:
-      rec[f"{name}_ms"] = statistics.median(wall[name])
-      rec[f"{name}_cpu_ms"] = statistics.median(cpu[name])
-      rec[f"{name}_ms_all"] = wall[name]
+      rec[f"{name}_ms"] = 1000 * statistics.median(wall[name])
+      rec[f"{name}_cpu_ms"] = 1000 * statistics.median(cpu[name])
+      rec[f"{name}_ms_all"] = [1000 * t for t in wall[name]]
     rec["speedup"] = rec["before_ms"] / rec["now_ms"]
     print(json.dumps({k: v for k, v in rec.items() if not k.endswith("_all")}), flush=True)
     out.append(rec)

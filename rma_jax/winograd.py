@@ -251,16 +251,16 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
   else:
     u = transformed_kernel.astype(dtype)
 
-  def band(xt):  # (images, r*m+2, cols*m+2, Cin) -> (images, r*m, w, Cout)
+  # Band heights (r * m rows) are even, so in-band pooling equals pooling the whole output.
+  pool_in_bands = pool and h % 2 == 0 and w % 2 == 0
+
+  def band(xt):  # (images, r*m+2, cols*m+2, Cin) -> (images, r*m, w, Cout), pooled: halved
     r = (xt.shape[1] - 2) // tile
     v = _winograd_input(xt, bt, r, cols).reshape(n * n, -1, cin)  # (n*n, tiles, Cin)
     prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (n*n, tiles, Cout)
     y = _winograd_output(prod.reshape(n * n, xt.shape[0], r, cols, cout), at)[:, :, :w] + bias
     y = y if activation is None else activation(y)
     return max_pool_2x2(y) if pool_in_bands else y
-
-  # Band heights (r * m rows) are even, so in-band pooling equals pooling the whole output.
-  pool_in_bands = pool and h % 2 == 0 and w % 2 == 0
 
   if tiles_per_band is None:
     tiles_per_band = default_tiles_per_band(cout)
