@@ -10,11 +10,14 @@ and called round-robin ``--rounds`` times (wall and process CPU ms per call, med
   pools after the convolutions, conv1_1 on XLA's convolution;
 * ``bands_im2col``: bands of ``winograd.default_tiles_per_band`` tiles and conv1_1 by
   ``conv.im2col_conv3x3`` (``conv.use_im2col``), the pools still after;
-* ``now``: the code as it is (the pools also inside the Winograd bands).
+* ``pools_in_bands``: also the pools inside the Winograd bands, conv1_1's map still
+  stored whole;
+* ``now``: the code as it is (conv1_1 also computed inside conv1_2's Winograd bands,
+  ``conv.conv3x3_pair``).
 
-The first two are rebuilt by swapping those three functions while tracing (and clearing
-JAX's trace caches between compilations, else the custom VJP's cached primal is reused);
-all three compute the same scores (their largest difference is recorded).
+The first three are rebuilt by swapping those functions while tracing (and clearing JAX's
+trace caches between compilations, else the custom VJP's cached primal is reused); all
+four compute the same scores to float32 rounding (their largest difference is recorded).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ flags.DEFINE_string("json_out", None, "write the results here")
 @contextlib.contextmanager
 def _variant(name: str):
   """Swaps in the trunk of variant ``name`` while tracing."""
-  saved = (winograd.default_tiles_per_band, conv.use_im2col, winograd.winograd_conv3x3)
+  saved = (winograd.default_tiles_per_band, conv.use_im2col, winograd.winograd_conv3x3,
+           conv.use_fused_pair)
   conv_fn = saved[2]
 
   def pool_after(*args, pool=False, **kwargs):  # VGG's nn.max_pool after the conv, as before
@@ -53,10 +57,13 @@ def _variant(name: str):
   if name == "before":
     winograd.default_tiles_per_band = lambda out_channels: 256
     conv.use_im2col = lambda *args: False
+  if name != "now":
+    conv.use_fused_pair = lambda *args: False
   try:
     yield
   finally:
-    winograd.default_tiles_per_band, conv.use_im2col, winograd.winograd_conv3x3 = saved
+    (winograd.default_tiles_per_band, conv.use_im2col, winograd.winograd_conv3x3,
+     conv.use_fused_pair) = saved
 
 
 def model_part(rounds: int) -> list[dict]:
@@ -76,7 +83,7 @@ def model_part(rounds: int) -> list[dict]:
   for case, (fn, size) in cases.items():
     images = jnp.asarray(rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8))
     compiled = {}
-    for name in ("before", "bands_im2col", "now"):
+    for name in ("before", "bands_im2col", "pools_in_bands", "now"):
       jax.clear_caches()
       with _variant(name):
         compiled[name] = jax.jit(lambda v, x: fn(v, x)).lower(variables, images).compile()
@@ -95,6 +102,7 @@ def model_part(rounds: int) -> list[dict]:
       rec[f"{name}_cpu_ms"] = 1000 * statistics.median(cpu[name])
       rec[f"{name}_ms_all"] = [1000 * t for t in wall[name]]
     rec["speedup"] = rec["before_ms"] / rec["now_ms"]
+    rec["speedup_fused_pair"] = rec["pools_in_bands_ms"] / rec["now_ms"]
     print(json.dumps({k: v for k, v in rec.items() if not k.endswith("_all")}), flush=True)
     out.append(rec)
   return out

@@ -206,14 +206,11 @@ def im2col_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
   rows = im2col_band_rows(h, w, band_pixels)
   bands = h // rows
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # small: few channels
-  k = kernel.reshape(9 * cin, cout)
 
   def band(_, idx):
     t = jax.lax.dynamic_slice(xp, (idx // bands, idx % bands * rows, 0, 0),
                               (1, rows + 2, w + 2, cin))[0]
-    patches = jnp.concatenate([t[i:i + rows, j:j + w] for i in range(3) for j in range(3)],
-                              axis=-1)  # (rows, W, 9 * Cin)
-    return None, _activate(activation, patches @ k + bias)
+    return None, _activate(activation, winograd.patch_product(t, kernel, bias, rows, w))
 
   _, ys = jax.lax.scan(band, None, jnp.arange(b * bands))
   return ys.reshape(b, h, w, cout)
@@ -365,6 +362,103 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
                                    False), pool)
 
 
+def use_fused_pair(in_shape: tuple[int, ...], mid_channels: int, out_channels: int,
+                   dtype: Dtype, impl: str) -> bool:
+  """Whether ``conv3x3_pair`` computes its first convolution inside the second's Winograd
+  bands for an input of ``in_shape`` (B, H, W, Cin) when not differentiated: where 'auto'
+  would evaluate the first by im2col (``use_im2col``) and the second by Winograd
+  (``use_winograd``), i.e. VGG's conv1_1 -> conv1_2 on CPU."""
+  b, h, w, _ = in_shape
+  return (use_im2col(in_shape, mid_channels, dtype, impl)
+          and use_winograd((b, h, w, mid_channels), out_channels, dtype, impl))
+
+
+def _chained(settings, x, kernel1, bias1, kernel2, bias2, winograd_kernel=None):
+  impl, method, tile, activation, pool = settings
+  y = conv3x3(x, kernel1, bias1, impl=impl, method=method, tile=tile, activation=activation)
+  return conv3x3(y, kernel2, bias2, impl=impl, method=method, tile=tile,
+                 activation=activation, winograd_kernel=winograd_kernel, pool=pool)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pair_custom(x, kernel1, bias1, kernel2, bias2, u, settings):
+  # Not differentiated: the second conv's Winograd forward computes the first's output band
+  # by band. Differentiated: _fwd/_bwd of exactly the two convolutions (``u``: zero
+  # cotangent).
+  _, _, tile, activation, pool = settings
+  return winograd.winograd_conv3x3(x, kernel2, bias2, tile=tile, activation=activation,
+                                   transformed_kernel=u, pool=pool,
+                                   input_conv=(kernel1, bias1, activation))
+
+
+def _pair_fwd(x, kernel1, bias1, kernel2, bias2, u, settings):
+  y, vjp = jax.vjp(functools.partial(_chained, settings), x, kernel1, bias1, kernel2, bias2)
+  return y, (vjp, None if u is None else jnp.zeros_like(u))
+
+
+def _pair_bwd(settings, res, dy):
+  del settings
+  vjp, du = res
+  return (*vjp(dy), du)
+
+
+_pair_custom.defvjp(_pair_fwd, _pair_bwd)
+
+
+def conv3x3_pair(x: jax.Array, kernel1: jax.Array, bias1: jax.Array, kernel2: jax.Array,
+                 bias2: jax.Array, *, impl: str = "auto", method: str = "chunked",
+                 tile: int = winograd.DEFAULT_WINOGRAD_TILE,
+                 activation: Callable[[jax.Array], jax.Array] | None = None,
+                 winograd_kernel: jax.Array | None = None, pool: bool = False) -> jax.Array:
+  """Two 3x3 convolutions in a row: ``conv3x3(conv3x3(x, kernel1, bias1, activation),
+  kernel2, bias2, activation, winograd_kernel, pool)``, both with ``impl``, ``method`` and
+  ``tile`` (see ``conv3x3``).
+
+  Not differentiated, where ``use_fused_pair`` holds (VGG's conv1_1 -> conv1_2 under 'auto'
+  on CPU), the first one's output is computed band by band inside the second's Winograd
+  forward, by im2col products with 2 halo rows a band (``winograd.winograd_conv3x3``'s
+  ``input_conv``), and its full-size map is never stored; differentiated, and elsewhere,
+  exactly the two calls.
+
+  Args:
+    x: (B, H, W, Cin).
+    kernel1, bias1: (3, 3, Cin, Cmid), (Cmid,).
+    kernel2, bias2: (3, 3, Cmid, Cout), (Cout,).
+    winograd_kernel: the second conv's transformed kernel, if precomputed.
+
+  Returns:
+    (B, H, W, Cout), or (B, H // 2, W // 2, Cout) with ``pool``, in ``x.dtype``.
+  """
+  settings = (impl, method, tile, activation, pool)
+  if not use_fused_pair(x.shape, kernel1.shape[-1], kernel2.shape[-1], x.dtype, impl):
+    return _chained(settings, x, kernel1, bias1, kernel2, bias2, winograd_kernel)
+  if winograd_kernel is not None and winograd_kernel.shape[0] != (tile + 2) ** 2:
+    winograd_kernel = None  # transformed for another tile size
+  return _pair_custom(x, kernel1, bias1, kernel2, bias2, winograd_kernel, settings)
+
+
+def apply_pair(first: "Conv3x3", second: "Conv3x3", inputs: jax.Array) -> jax.Array:
+  """``second(first(inputs))`` for two bound ``Conv3x3`` modules, by ``conv3x3_pair`` where
+  it may fuse them: the same impl, activation and dtype, no pool after the first, and
+  parameters that exist (while initialising, the two calls create them).
+
+  Args:
+    first, second: bound ``Conv3x3`` modules (e.g. a parent's submodules).
+    inputs: (B, H, W, Cin).
+
+  Returns:
+    what ``second(first(inputs))`` returns.
+  """
+  if (first.is_initializing() or first.pool or (first.impl, first.activation, first.dtype)
+      != (second.impl, second.activation, second.dtype)):
+    return second(first(inputs))
+  x, kernel1, bias1, _ = first.operands(inputs)
+  _, kernel2, bias2, winograd_kernel = second.operands(x)
+  return conv3x3_pair(x, kernel1, bias1, kernel2, bias2, impl=first.impl,
+                      activation=first.activation, winograd_kernel=winograd_kernel,
+                      pool=second.pool)
+
+
 class Conv3x3(nn.Module):
   """Drop-in ``nn.Conv(features, (3, 3), padding=1)`` with a selectable backward pass.
 
@@ -405,9 +499,20 @@ class Conv3x3(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (3, 3, inputs.shape[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    inputs, kernel, bias, winograd_kernel = self._promoted(inputs, kernel, bias)
+    return conv3x3(inputs, kernel, bias, impl=self.impl, activation=self.activation,
+                   winograd_kernel=winograd_kernel, pool=self.pool)
+
+  def _promoted(self, inputs, kernel, bias):
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     winograd_kernel = (self.get_variable(INFERENCE_COLLECTION, "winograd_kernel")
                        if self.has_variable(INFERENCE_COLLECTION, "winograd_kernel") else None)
-    return conv3x3(inputs, kernel, bias, impl=self.impl, activation=self.activation,
-                   winograd_kernel=winograd_kernel, pool=self.pool)
+    return inputs, kernel, bias, winograd_kernel
+
+  def operands(self, inputs: jax.Array) -> tuple[jax.Array, ...]:
+    """``(inputs, kernel, bias, winograd_kernel)`` as ``__call__`` passes them to ``conv3x3``
+    (promoted to ``dtype``; ``winograd_kernel`` ``None`` unless given), for a bound module
+    whose parameters exist (``apply_pair``)."""
+    params = self.variables["params"]
+    return self._promoted(inputs, params["kernel"], params["bias"])
 

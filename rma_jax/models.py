@@ -124,8 +124,11 @@ class VGG16(nn.Module):
                            name="head")
 
   def _block(self, x: jax.Array, block: int) -> jax.Array:
-    for i in range(len(VGG16_BLOCKS[block])):
-      x = getattr(self, f"conv{block + 1}_{i + 1}")(x)  # ReLU (and the block's pool) included
+    layers = [getattr(self, f"conv{block + 1}_{i + 1}") for i in range(len(VGG16_BLOCKS[block]))]
+    if block == 0:  # 'auto' on CPU evaluates conv1_1 inside conv1_2's Winograd bands
+      return conv.apply_pair(*layers, x)
+    for layer in layers:
+      x = layer(x)  # ReLU (and the block's pool) included
     return x
 
   def __call__(self, images: jax.Array) -> jax.Array:

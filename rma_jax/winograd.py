@@ -193,12 +193,45 @@ def _fill_band(buf: jax.Array, x: jax.Array, image: jax.Array, row: jax.Array) -
   return buf
 
 
+def patch_product(t: jax.Array, kernel: jax.Array, bias: jax.Array, rows: int,
+                  width: int) -> jax.Array:
+  """(..., rows + 2, width + 2, C) zero-padded input rows -> (..., rows, width, Cout): their
+  3x3 convolution as one product of the (rows, width, 9 * C) patch matrix (9 shifted slices,
+  HWIO order) with the (9 * C, Cout) ``kernel``, plus ``bias``: the im2col form, for few
+  input channels (VGG's conv1_1; ``rma_jax.conv.im2col_conv3x3``)."""
+  c = t.shape[-1]
+  patches = jnp.concatenate([t[..., i:i + rows, j:j + width, :] for i in range(3)
+                             for j in range(3)], axis=-1)
+  return patches @ kernel.reshape(9 * c, -1) + bias
+
+
+def _fill_band_from_conv(buf: jax.Array, xp: jax.Array, input_conv: tuple, height: int,
+                         image: jax.Array, row: jax.Array) -> jax.Array:
+  """``_fill_band`` for a band whose input is the output of a preceding 3x3 convolution.
+
+  ``buf`` (images, R + 2, width + 2, Cin) gets rows ``row - 1 .. row + R`` of
+  ``activation0(conv(x0, kernel0) + bias0)`` at columns 1 .. W, computed here by
+  ``patch_product`` from ``xp``, the preceding conv's input x0 (B, H, W, C0) zero-padded by 2
+  rows above, at least 2 below and 1 column each side; rows outside 0 .. ``height`` - 1 are
+  zeros (this conv's 'SAME' padding), and so are the columns never written.
+  """
+  kernel0, bias0, activation0 = input_conv
+  images, r2, w = buf.shape[0], buf.shape[1], xp.shape[2] - 2
+  t = jax.lax.dynamic_slice(xp, (image, row, 0, 0), (images, r2 + 2, w + 2, xp.shape[3]))
+  y = patch_product(t, kernel0, bias0, r2, w)
+  y = y if activation0 is None else activation0(y)
+  r = row - 1 + jnp.arange(r2)
+  y = jnp.where(((r >= 0) & (r < height))[:, None, None], y, jnp.zeros_like(y))
+  return jax.lax.dynamic_update_slice(buf, y.astype(buf.dtype), (0, 0, 1, 0))
+
+
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
                      tile: int = DEFAULT_WINOGRAD_TILE,
                      tiles_per_band: int | None = None,
                      activation: Callable[[jax.Array], jax.Array] | None = None,
                      transformed_kernel: jax.Array | None = None,
-                     pool: bool = False) -> jax.Array:
+                     pool: bool = False,
+                     input_conv: tuple | None = None) -> jax.Array:
   """3x3 'SAME' convolution (stride 1, zero padding 1) by Winograd's minimal filtering.
 
   F(m x m, 3 x 3) (Lavin & Gray, "Fast algorithms for convolutional neural networks",
@@ -218,7 +251,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
   loop.
 
   Args:
-    x: (B, H, W, Cin).
+    x: (B, H, W, Cin), or (B, H, W, C0) with ``input_conv``.
     kernel: (3, 3, Cin, Cout) HWIO.
     bias: (Cout,).
     tile: m, one of ``WINOGRAD_TILES``.
@@ -229,6 +262,12 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
     pool: then 2x2 max pooling, stride 2 (``nn.max_pool(y, (2, 2), strides=(2, 2))``),
       applied in each band's write for even H and W (the output is written at a quarter of
       its size; VGG's blocks end so), after the loop otherwise.
+    input_conv: ``(kernel0, bias0, activation0)``, (3, 3, C0, Cin), (Cin,) and an
+      elementwise function or ``None``: then ``x`` (B, H, W, C0) is the input of a
+      preceding 3x3 'SAME' convolution, ``activation0(conv(x, kernel0) + bias0)``, whose
+      output is this convolution's input. Each band computes its rows of it (im2col
+      products, ``patch_product``, 2 halo rows a band), so that its full-size map is never
+      stored (VGG's conv1_1 -> conv1_2: 103 MB at 448², batch 2).
 
   Returns:
     (B, H, W, Cout), or (B, H // 2, W // 2, Cout) with ``pool``, in ``x.dtype``; computed
@@ -241,6 +280,10 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
   out_dtype = x.dtype
   dtype = jnp.promote_types(x.dtype, jnp.float32)
   x, bias = x.astype(dtype), bias.astype(dtype)
+  if input_conv is not None:
+    kernel0, bias0, activation0 = input_conv
+    input_conv = (kernel0.astype(dtype), bias0.astype(dtype), activation0)
+    cin = kernel0.shape[-1]
   rows, cols = -(-h // tile), -(-w // tile)
   if transformed_kernel is None:
     u = transform_kernel(kernel.astype(dtype), tile)  # (n*n, Cin, Cout)
@@ -265,15 +308,25 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
   if tiles_per_band is None:
     tiles_per_band = default_tiles_per_band(cout)
   images, band_rows = winograd_bands(b, rows, cols, tiles_per_band)
-  if images == b and band_rows == rows:  # one band: no loop
-    y = band(jnp.pad(x, ((0, 0), (1, rows * tile + 1 - h), (1, cols * tile + 1 - w), (0, 0))))
+  if input_conv is not None:  # band inputs computed from x (few channels), 2 halo rows each
+    xp = jnp.pad(x, ((0, 0), (2, rows * tile + 2 - h), (1, 1), (0, 0)))
+    fill = functools.partial(_fill_band_from_conv, xp=xp, input_conv=input_conv, height=h)
+  elif rows * tile != h:  # the last band would read past the image: pad the bottom once
+    fill = functools.partial(_fill_band, x=jnp.pad(x, ((0, 0), (0, rows * tile - h), (0, 0),
+                                                       (0, 0))))
   else:
-    if rows * tile != h:  # the last band would read past the image: pad the bottom once
-      x = jnp.pad(x, ((0, 0), (0, rows * tile - h), (0, 0), (0, 0)))
+    fill = functools.partial(_fill_band, x=x)
+  if images == b and band_rows == rows:  # one band: no loop
+    if input_conv is None:
+      xt = jnp.pad(x, ((0, 0), (1, rows * tile + 1 - h), (1, cols * tile + 1 - w), (0, 0)))
+    else:
+      xt = fill(jnp.zeros((b, rows * tile + 2, cols * tile + 2, cin), dtype), image=0, row=0)
+    y = band(xt)
+  else:
     row_bands = rows // band_rows
 
     def step(buf, idx):
-      buf = _fill_band(buf, x, idx // row_bands * images, idx % row_bands * band_rows * tile)
+      buf = fill(buf, image=idx // row_bands * images, row=idx % row_bands * band_rows * tile)
       return buf, band(buf)
 
     buf = jnp.zeros((images, band_rows * tile + 2, cols * tile + 2, cin), dtype)

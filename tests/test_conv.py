@@ -557,3 +557,109 @@ def test_conv3x3_pool_equals_nn_max_pool_forward_and_gradients(impl):
         x, k, bias)
   for a, b in zip(grads(fused), grads(plain)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("shape,tiles_per_band,pool", [
+    ((2, 9, 7, 3, 4, 5), 1000, False),  # odd sizes: one band, no loop, cropped
+    ((3, 13, 6, 2, 3, 2), 1, True),     # 1-tile-row bands; the last past the bottom edge
+    ((6, 5, 4, 2, 3, 3), 8, False),     # several whole images per band
+    ((1, 16, 12, 3, 4, 2), 3, True),    # pooled in the bands
+    ((1, 1, 1, 3, 2, 2), 1000, False),  # a single pixel
+])
+def test_winograd_input_conv_float64_equals_the_two_convolutions(shape, tiles_per_band, pool):
+  """``input_conv``: the preceding conv computed band by band (im2col rows with a 2-row
+  halo, zeros outside the image as this conv's SAME padding) is exact to rounding."""
+  b, h, w, c0, c1, c2 = shape
+  rng = np.random.default_rng(60)
+  x, k0, b0, k, bias = (rng.normal(size=s) for s in (
+      (b, h, w, c0), (3, 3, c0, c1), (c1,), (3, 3, c1, c2), (c2,)))
+  with jax.enable_x64(True):
+    got = jax.jit(lambda x, k0, b0, k, bias: winograd.winograd_conv3x3(
+        x, k, bias, tiles_per_band=tiles_per_band, activation=jax.nn.relu, pool=pool,
+        input_conv=(k0, b0, jax.nn.relu)))(*map(jnp.asarray, (x, k0, b0, k, bias)))
+    assert got.dtype == jnp.float64
+  ref = np.maximum(_np_conv(np.maximum(_np_conv(x, k0, b0), 0), k, bias), 0)
+  if pool:
+    ref = ref[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c2).max((2, 4))
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def _pair_operands():
+  # conv1_1 -> conv1_2 of VGG at 400^2: 'auto' evaluates the first by im2col (0.55 GFLOP)
+  # and the second by Winograd, so use_fused_pair holds.
+  x = jnp.asarray(_rand(61, (1, 400, 400, 3)))
+  k1, b1 = jnp.asarray(_rand(62, (3, 3, 3, 64), 0.2)), jnp.asarray(_rand(63, (64,), 0.1))
+  k2, b2 = jnp.asarray(_rand(64, (3, 3, 64, 64), 0.05)), jnp.asarray(_rand(65, (64,), 0.1))
+  assert conv.use_fused_pair(x.shape, 64, 64, x.dtype, "auto")
+  return x, k1, b1, k2, b2
+
+
+def test_use_fused_pair_rule():
+  f32 = jnp.float32
+  assert conv.use_fused_pair((2, 448, 448, 3), 64, 64, f32, "auto")       # VGG conv1_1 -> 1_2
+  assert not conv.use_fused_pair((100, 112, 112, 3), 8, 8, f32, "auto")   # the width/8 demo
+  assert not conv.use_fused_pair((1, 224, 224, 3), 64, 64, f32, "auto")   # conv1_1 on XLA's
+  for impl in ("xla", "patches", "winograd"):
+    assert not conv.use_fused_pair((2, 448, 448, 3), 64, 64, f32, impl)
+
+
+def test_conv3x3_pair_fused_only_when_not_differentiated(monkeypatch):
+  """Evaluated, one Winograd forward with ``input_conv`` and no im2col of the whole map;
+  differentiated, exactly the two ``conv3x3`` calls: the same gradients, and the fused
+  forward never traced."""
+  calls = _count_winograd_traces(monkeypatch)
+  x, k1, b1, k2, b2 = _pair_operands()
+  dy = jnp.asarray(_rand(66, (1, 200, 200, 64)))
+  pair = lambda x, k1, b1, k2, b2: conv.conv3x3_pair(x, k1, b1, k2, b2, activation=jax.nn.relu,
+                                                     pool=True)
+  chained = lambda x, k1, b1, k2, b2: conv.conv3x3(
+      conv.conv3x3(x, k1, b1, activation=jax.nn.relu), k2, b2, activation=jax.nn.relu,
+      pool=True)
+  plain = lambda x, k1, b1, k2, b2: nn.max_pool(jax.nn.relu(_lax_conv(
+      jax.nn.relu(_lax_conv(x, k1) + b1), k2) + b2), (2, 2), strides=(2, 2))
+  y = jax.jit(pair)(x, k1, b1, k2, b2)
+  assert len(calls) == 1 and calls[0] == x.shape  # the 3-channel input went in
+  ref = plain(x, k1, b1, k2, b2)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+  def grads(f):
+    loss = lambda *a: jnp.sum(f(*a) * dy)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, k1, b1, k2, b2)
+  got = grads(pair)
+  assert len(calls) == 1
+  for a, b in zip(got, grads(chained)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+
+
+def test_apply_pair_equals_the_two_modules(monkeypatch):
+  """``conv.apply_pair`` in a parent module (as VGG16's block 1): the same parameters as
+  two ``Conv3x3`` calls, the same output, the prepared Winograd kernel used."""
+
+  class Pair(nn.Module):
+    fuse: bool
+
+    def setup(self):
+      self.a = conv.Conv3x3(64, activation=nn.relu)
+      self.b = conv.Conv3x3(64, activation=nn.relu, pool=True)
+
+    def __call__(self, x):
+      return conv.apply_pair(self.a, self.b, x) if self.fuse else self.b(self.a(x))
+
+  x = _pair_operands()[0]
+  variables = Pair(True).init(jax.random.key(0), x)
+  assert (jax.tree.map(jnp.shape, variables)
+          == jax.tree.map(jnp.shape, Pair(False).init(jax.random.key(0), x)))
+  calls = _count_winograd_traces(monkeypatch)
+  u = winograd.transform_kernel(variables["params"]["b"]["kernel"])
+  prepared = {**variables, conv.INFERENCE_COLLECTION: {"b": {"winograd_kernel": u}}}
+  ref = jax.jit(Pair(False).apply)(variables, x)
+  for v in (variables, prepared):
+    got = jax.jit(Pair(True).apply)(v, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+  assert len(calls) == 3 and all(c == x.shape for c in calls[1:])  # ref's: 64 channels
+  # The prepared kernel is the one used: a zero one leaves relu(bias) everywhere.
+  zero = {**variables, conv.INFERENCE_COLLECTION: {"b": {"winograd_kernel": 0 * u}}}
+  got = jax.jit(Pair(True).apply)(zero, x)
+  np.testing.assert_array_equal(got, jnp.broadcast_to(
+      jax.nn.relu(variables["params"]["b"]["bias"]), got.shape))
