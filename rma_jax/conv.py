@@ -19,7 +19,10 @@ Evaluation. When the convolution is not differentiated (evaluation, prediction),
 ``jax.custom_vjp``'s primal runs instead of its forward rule, and it can be Winograd's
 minimal filtering F(4x4, 3x3) (``rma_jax.winograd``): 4x fewer multiplications than the
 direct convolution, as 36 batched matrix products over channels, 2-3x faster than XLA's
-conv per VGG layer here. A train step still differentiates XLA's conv, exactly as before.
+conv per VGG layer here; conv1_1 (3 input channels) is banded im2col products
+(``im2col_conv3x3``), computed inside conv1_2's Winograd bands where the two run in a row
+(``conv3x3_pair``, ``apply_pair``). A train step still differentiates XLA's conv, exactly as
+before.
 
 ``Conv3x3`` is a drop-in replacement for ``nn.Conv(features, (3, 3), padding=1)`` with the
 same parameter names, shapes, initialisers and dtype promotion.
