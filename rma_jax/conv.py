@@ -315,6 +315,14 @@ def use_im2col(in_shape: tuple[int, ...], out_channels: int, dtype: Dtype, impl:
           <= out_channels and flops >= AUTO_IM2COL_MIN_FLOPS)
 
 
+def _for_tile(winograd_kernel: jax.Array | None, tile: int) -> jax.Array | None:
+  """A precomputed transformed kernel if it is F(tile x tile, 3 x 3)'s, else ``None`` (then
+  the Winograd forward transforms the kernel itself)."""
+  if winograd_kernel is not None and winograd_kernel.shape[0] != (tile + 2) ** 2:
+    return None
+  return winograd_kernel
+
+
 def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "auto",
             method: str = "chunked", tile: int = winograd.DEFAULT_WINOGRAD_TILE,
             activation: Callable[[jax.Array], jax.Array] | None = None,
@@ -351,10 +359,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
   forward_winograd = use_winograd(x.shape, kernel.shape[-1], x.dtype, impl)
   backward = "patches" if use_patches(x.shape, impl) else "xla"
   if forward_winograd:
-    if winograd_kernel is not None and winograd_kernel.shape[0] != (tile + 2) ** 2:
-      winograd_kernel = None  # transformed for another tile size
-    return _conv3x3_custom(x, kernel, bias, winograd_kernel, tile, backward, method,
-                           activation, pool)
+    return _conv3x3_custom(x, kernel, bias, _for_tile(winograd_kernel, tile), tile, backward,
+                           method, activation, pool)
   if use_im2col(x.shape, kernel.shape[-1], x.dtype, impl):
     return _conv3x3_custom(x, kernel, bias, None, "im2col", backward, method, activation,
                            pool)
@@ -435,9 +441,8 @@ def conv3x3_pair(x: jax.Array, kernel1: jax.Array, bias1: jax.Array, kernel2: ja
   settings = (impl, method, tile, activation, pool)
   if not use_fused_pair(x.shape, kernel1.shape[-1], kernel2.shape[-1], x.dtype, impl):
     return _chained(settings, x, kernel1, bias1, kernel2, bias2, winograd_kernel)
-  if winograd_kernel is not None and winograd_kernel.shape[0] != (tile + 2) ** 2:
-    winograd_kernel = None  # transformed for another tile size
-  return _pair_custom(x, kernel1, bias1, kernel2, bias2, winograd_kernel, settings)
+  return _pair_custom(x, kernel1, bias1, kernel2, bias2, _for_tile(winograd_kernel, tile),
+                      settings)
 
 
 def apply_pair(first: "Conv3x3", second: "Conv3x3", inputs: jax.Array) -> jax.Array:
