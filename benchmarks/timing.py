@@ -154,11 +154,12 @@ def matmul_peak_flops(device: jax.Device, dtype: str = "float32", size: int = 0,
   return 2.0 * size ** 3 / min(times)
 
 
-def cost_flops(compiled: Any) -> float | None:
-  """FLOPs of a compiled XLA executable (per device), from its cost analysis; None where
+def cost_flops(stage: Any) -> float | None:
+  """FLOPs from XLA's cost analysis of a ``Lowered`` function (the whole computation, before
+  it is compiled or split over devices) or of a ``Compiled`` one (per device); None where
   the backend gives none."""
   try:
-    analysis = compiled.cost_analysis()
+    analysis = stage.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # not every backend implements it
     return None
   if isinstance(analysis, (list, tuple)):

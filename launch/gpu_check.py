@@ -134,7 +134,7 @@ def train_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dic
   times, state = timing.time_steps(step, state, batch_data, warmup=args.warmup,
                                    repeats=args.repeats)  # state donated: the last one kept
   dt = statistics.median(times)
-  cache = getattr(step, "_cache_size", lambda: None)()
+  cache = getattr(step.jitted, "_cache_size", lambda: None)()
   del state
   return dict(case="train", N=image, crop=crop, batch=batch, dtype=dtype,
               images_per_s=batch / dt, step_ms=1000 * dt, compile_s=compile_s,

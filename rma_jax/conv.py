@@ -220,7 +220,15 @@ def im2col_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
 
 
 def _activate(activation, y, pool=False):
-  y = y if activation is None else activation(y)
+  if activation is not None and y.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    # XLA:CPU of jaxlib 0.12 (its YNNPACK fusions) turns two or more jitted bfloat16 convs,
+    # each with a bf16 max(z, 0), followed by any reduction (the blocks' max pool, a mean)
+    # into NaN/inf. A float32 ReLU is not fused so: op by op it gives the same values and
+    # gradient, bitwise; jitted, XLA may round to bf16 at other places (scores differ
+    # within bf16's rounding). Off CPU the activation stays in bf16.
+    y = activation(y.astype(jnp.float32)).astype(y.dtype)
+  elif activation is not None:
+    y = activation(y)
   # nn.max_pool, exactly as VGG16 applied it outside (and so its gradient in a train step).
   return nn.max_pool(y, (2, 2), strides=(2, 2)) if pool else y
 

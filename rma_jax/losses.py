@@ -163,17 +163,14 @@ def _localization_per_image(theta: jax.Array, *, alpha: float = 0.5, beta: float
                             lambda_anchor: float = 0.01, lambda_positive: float = 0.1,
                             use_anchor: bool = True, use_scale: bool = True,
                             use_positive: bool = True, min_scale: float = 0.0) -> jax.Array:
+  # Every setting may be traced (a jitted step shared by the ablations' loss variants), so
+  # the switches select terms instead of skipping them; a term switched off adds exactly 0.
   terms = localization_terms(theta, alpha=alpha, beta=beta, min_scale=min_scale)
-  per_image = jnp.zeros(theta.shape[:1], terms["scale"].dtype)
-  if use_scale:
-    per_image += terms["scale"]
-  if use_anchor:
-    per_image += lambda_anchor * terms["anchor"]
-  if use_positive:
-    per_image += lambda_positive * terms["positive"]
-  if min_scale > 0:
-    per_image += terms["min_scale"]
-  return per_image
+  zero = jnp.zeros(theta.shape[:1], terms["scale"].dtype)
+  per_image = zero + jnp.where(use_scale, terms["scale"], zero)
+  per_image += jnp.where(use_anchor, lambda_anchor * terms["anchor"], zero)
+  per_image += jnp.where(use_positive, lambda_positive * terms["positive"], zero)
+  return per_image + jnp.where(jnp.asarray(min_scale) > 0, terms["min_scale"], zero)
 
 
 def localization_loss(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1,
@@ -186,13 +183,14 @@ def localization_loss(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1
   Args:
     theta: (B, K, 4) transforms of regions 1..K (not the identity of step 0).
     alpha, beta: thresholds of Eq. 11 and 12.
-    lambda_anchor, lambda_positive: lambda1 and lambda2 of Eq. 13 (``lambda_anchor`` may
-      be a traced scalar, e.g. from a schedule).
+    lambda_anchor, lambda_positive: lambda1 and lambda2 of Eq. 13.
     use_anchor, use_scale, use_positive: switch each constraint (Tables 4–5).
     min_scale: > 0 adds the lower bound on the region half-sizes
       ``max(0, min_scale - |s|)^2`` (both axes, weight 1 like l_S; not in the paper);
       0 (default) leaves Eq. 13 as published.
     mask: optional (B,) weights; padding examples get 0.
+
+  Every setting may be a traced scalar (bool for the switches).
 
   Returns:
     Scalar loss.

@@ -23,8 +23,8 @@ connects the processes before anything else touches JAX.
 import os
 import sys
 
-# TensorFlow is only used by the input pipeline and the TensorBoard writer: keep its C++
-# logging quiet and keep it off the accelerators JAX owns. Its oneDNN CPU kernels (which
+# TensorFlow is only imported by the TFDS reader (rma_jax.data.tfds_source, which keeps it off
+# the accelerators JAX owns): keep its C++ logging quiet. Its oneDNN CPU kernels (which
 # announce themselves on stderr) compute nothing of ours.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -64,15 +64,6 @@ DEFAULT_CONFIG = pathlib.Path(configs.config_file("default"))
 _HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h", "--helpfull", "-helpfull")
 
 
-def _hide_accelerators_from_tf() -> None:
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  tf.config.set_visible_devices([], "GPU")
-  tf.config.set_visible_devices([], "TPU")
-
-
 def _maybe_initialize_distributed() -> None:
   """Connects the processes of a multi-host run; a single process just runs."""
   if FLAGS.coordinator_address:
@@ -98,7 +89,6 @@ def main(argv):
     # One line before anything starts (validate_config lists it too, for library callers).
     raise SystemExit(f"error: {tfds_source.missing_message()}")
   _maybe_initialize_distributed()
-  _hide_accelerators_from_tf()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   if FLAGS.mode == "fuse":

@@ -3,8 +3,8 @@
 ``train_step`` is one pure function jitted over a ``Mesh`` (``rma_jax.parallel``) whose
 single axis ``data`` spans every device of every host: the batch is sharded along it,
 parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce
-because the loss is a mean over the global batch. ``LossConfig`` is the hashable part of the
-config the steps need (a static argument of ``jax.jit``). Nothing here imports TensorFlow.
+because the loss is a mean over the global batch. ``LossConfig`` holds the loss settings
+the steps need. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import struct
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
+import numpy as np
 import optax
 
 from rma_jax import conv, losses, optimizer, parallel
@@ -27,10 +29,17 @@ from rma_jax.data import preprocess
 TrainState = train_state.TrainState
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class LossConfig:
-  """The hashable part of the config the steps need (a static argument of ``jax.jit``)."""
-  classification: str = "softmax_euclidean"
+  """The loss settings of the steps (``config.loss``), and the pixel convention of the data.
+
+  A pytree: the numbers and switches of Eq. 9-14 are its leaves, so a jitted step takes them
+  as traced arguments and one compiled step serves every setting of the same structure (the
+  ablations' loss variants; an anchor weight that changes by epoch). ``classification``
+  (which loss function) and ``pixel_convention`` are static.
+  """
+  classification: str = struct.field(pytree_node=False, default="softmax_euclidean")
+  pixel_convention: str = struct.field(pytree_node=False, default="caffe")
   gamma: float = 0.1
   alpha: float = 0.5
   beta: float = 0.1
@@ -40,20 +49,18 @@ class LossConfig:
   use_scale: bool = True
   use_positive: bool = True
   min_scale: float = 0.0
-  pixel_convention: str = "caffe"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
     # Fields missing from an older config keep their defaults (the paper's setting).
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    del fields["pixel_convention"]
+    fields = {f.name: f.default for f in dataclasses.fields(cls)
+              if f.name != "pixel_convention"}
     return cls(pixel_convention=config.data.pixel_convention,
                **{k: config.loss.get(k, d) for k, d in fields.items()})
 
   def total_loss(self, outputs: dict[str, jax.Array], labels: jax.Array,
                  mask: jax.Array | None = None,
-                 denominators: dict[str, jax.Array] | None = None,
-                 lambda_anchor: jax.Array | None = None
+                 denominators: dict[str, jax.Array] | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 14 (``losses.total_loss``) with these settings on the model's outputs.
 
@@ -62,8 +69,6 @@ class LossConfig:
         identity of step 0, is not a region and is left out).
       labels: (B, C); mask: optional (B,).
       denominators: see ``losses.total_loss`` (micro-batches of a larger batch).
-      lambda_anchor: a scalar (a value of ``optimizer.anchor_weight_schedule``; may be
-        traced) that replaces ``self.lambda_anchor``; None keeps it.
 
     Returns:
       (loss, {'loss', 'cls_loss', 'loc_loss'}).
@@ -71,11 +76,17 @@ class LossConfig:
     theta = outputs.get("theta")
     kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name != "pixel_convention"}
-    if lambda_anchor is not None:
-      kwargs["lambda_anchor"] = lambda_anchor
     return losses.total_loss(outputs["scores"], labels,
                              None if theta is None else theta[:, 1:], mask=mask,
                              denominators=denominators, return_terms=True, **kwargs)
+
+  def as_arrays(self) -> "LossConfig":
+    """The same settings as NumPy leaves (float32; bool for the ``use_*`` switches): one
+    input signature for a jitted step, whatever Python types the values were given as."""
+    return self.replace(**{
+        f.name: np.asarray(getattr(self, f.name),
+                           np.bool_ if f.name.startswith("use_") else np.float32)
+        for f in dataclasses.fields(self) if f.metadata.get("pytree_node", True)})
 
 
 def model_outputs(params: Any, apply_fn: Callable, images: jax.Array,
@@ -129,8 +140,7 @@ def _micro_batches(x: jax.Array, num: int) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossConfig,
-               grad_accum_steps: int = 1, lambda_anchor: jax.Array | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a (global) batch.
 
   With ``grad_accum_steps`` = n > 1 the batch is split into n micro-batches that run one
@@ -142,10 +152,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
   Args:
     state: the train state (replicated).
     batch: ``image`` uint8 (B, h, w, 3), ``labels`` (B, C), ``mask`` (B,) (sharded on B).
-    loss_cfg: static loss settings.
+    loss_cfg: the loss settings (their numbers may be traced).
     grad_accum_steps: n, micro-batches per step (static; B / n a multiple of the devices).
-    lambda_anchor: optional scalar anchor weight of this step
-      (``optimizer.anchor_weight_schedule``); None uses ``loss_cfg.lambda_anchor``.
 
   Returns:
     The new state and scalar metrics: the loss terms of the whole batch, gradient and
@@ -163,8 +171,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
 
   def loss_fn(params, micro):
     outputs = model_outputs(params, state.apply_fn, micro["image"], loss_cfg.pixel_convention)
-    return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators,
-                               lambda_anchor=lambda_anchor)
+    return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps <= 1:
@@ -186,8 +193,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
                  learning_rate=optimizer.applied_learning_rate(state.opt_state),
                  nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32),
                  nonfinite_state=count_nonfinite((state.params, state.opt_state)))
-  if lambda_anchor is not None:
-    metrics["lambda_anchor"] = jnp.asarray(lambda_anchor, jnp.float32)
   return state, metrics
 
 
@@ -209,19 +214,39 @@ def eval_step(params: Any, batch: dict[str, jax.Array], inference: Any = None, *
   return {"loss": loss, "weight": weight, "scores": outputs["scores"]}
 
 
-def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1, *,
-                   scheduled_anchor: bool = False) -> Callable:
-  """``train_step`` jitted over ``mesh``: batch sharded on ``data``, state replicated and
-  donated (updated in place). With ``scheduled_anchor`` the step takes a third argument,
-  the scalar anchor weight of the step (``fn(state, batch, lambda_anchor)``)."""
-  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  in_shardings = (replicated, sharded) + ((replicated,) if scheduled_anchor else ())
-  accum = max(1, grad_accum_steps)
+@dataclasses.dataclass(frozen=True)
+class JittedTrainStep:
+  """``train_step`` jitted over a mesh (``jit_train_step``), with default loss settings.
 
-  def step(state, batch, *lambda_anchor):
-    return train_step(state, batch, loss_cfg, accum, *lambda_anchor)
-  return jax.jit(step, in_shardings=in_shardings, out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  ``step(state, batch, loss=None)`` runs it; ``step.lower(...)`` lowers it (cost analysis,
+  ahead-of-time compilation). The loss settings are a traced argument (default
+  ``loss_cfg``), so other values of them, e.g. the anchor weight of this epoch
+  (``optimizer.anchor_weight_schedule``), reuse the compiled step.
+  """
+  jitted: Callable
+  loss_cfg: LossConfig
+
+  def _args(self, state, batch, loss):
+    return state, batch, (self.loss_cfg if loss is None else loss).as_arrays()
+
+  def __call__(self, state: TrainState, batch: dict[str, jax.Array],
+               loss: LossConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self.jitted(*self._args(state, batch, loss))
+
+  def lower(self, state: TrainState, batch: dict[str, jax.Array],
+            loss: LossConfig | None = None) -> Any:
+    return self.jitted.lower(*self._args(state, batch, loss))
+
+
+def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1
+                   ) -> JittedTrainStep:
+  """``train_step`` jitted over ``mesh``: batch sharded on ``data``, state replicated and
+  donated (updated in place), loss settings ``loss_cfg`` unless a call gives others."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  jitted = jax.jit(functools.partial(train_step, grad_accum_steps=max(1, grad_accum_steps)),
+                   in_shardings=(replicated, sharded, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return JittedTrainStep(jitted, loss_cfg)
 
 
 def jit_eval_step(apply_fn: Callable, loss_cfg: LossConfig, mesh: Mesh) -> Callable:

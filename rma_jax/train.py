@@ -98,8 +98,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   loss_cfg = steps.LossConfig.from_config(config)
   anchor_weight = optimizer.anchor_weight_schedule(config.loss, plan.steps_per_epoch)
-  step_fn = steps.jit_train_step(loss_cfg, mesh, o.grad_accum_steps,
-                                 scheduled_anchor=anchor_weight is not None)
+  step_fn = steps.jit_train_step(loss_cfg, mesh, o.grad_accum_steps)
   eval_fn = steps.jit_eval_step(model.apply, loss_cfg, mesh)
   forms_fn = eval_params.forms_fn(config.model.conv_impl,
                                   out_shardings=parallel.replicated(mesh))
@@ -143,7 +142,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       if anchor_weight is None:
         state, step_metrics = step_fn(state, batch)
       else:  # the validation loss keeps the final weight: one objective for model selection
-        state, step_metrics = step_fn(state, batch, np.float32(anchor_weight(step)))
+        state, step_metrics = step_fn(
+            state, batch, loss_cfg.replace(lambda_anchor=anchor_weight(step)))
+        step_metrics = dict(step_metrics, lambda_anchor=np.float32(anchor_weight(step)))
       if step == start_step:  # the first step compiles: time the run from its end
         jax.block_until_ready(step_metrics)
       step += 1

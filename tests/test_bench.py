@@ -20,38 +20,6 @@ N, CROP = TINY.data.image_size, TINY.data.crop_size
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_run_benchmarks_smoke_records():
-  settings = bench.smoke_settings(cases=("train", "latency"), repeats=2,
-                                  torch=bench_torch.torch_available())
-  emitted = []
-  records = bench.run_benchmarks(settings, emit=emitted.append)
-  assert [r["case"] for r in records] == ["train", "latency_single_view", "latency_ten_view"]
-  assert emitted == records
-  for r in records:
-    assert set(r) == set(bench_records.RECORD_KEYS)
-    json.loads(bench_records.to_json(r))  # every record is one JSON line
-    assert r["width"] == TINY.model.width and r["backend"] == jax.default_backend()
-    assert r["repeats"] == len(r["step_s_all"]) == 2
-    assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"])
-    # No retracing/recompilation once the step is compiled (donated state, fixed shapes).
-    assert r["compiles_after_first_call"] == 0
-    assert r["flops_per_image"] > 0 and r["peak_memory_bytes"] > 0
-    assert r["flops_utilization"] == pytest.approx(
-        r["flops_per_image"] * r["images_per_s"] / (r["peak_flops_per_s"] * r["num_devices"]))
-    if settings.torch:
-      assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
-    else:
-      assert r["ratio"] is None
-  train, single, ten = records
-  assert (train["batch"], single["batch"], ten["batch"]) == (2, 1, 1)
-  assert (train["input_size"], single["input_size"], ten["input_size"]) == (CROP, CROP, N)
-  assert single["latency_ms"] == pytest.approx(1000.0 * single["step_s"])
-  # Backward ~ 2x forward; ten-view runs the trunk on N x N ((N / crop)^2 the pixels of a
-  # crop) plus ten attention passes.
-  assert 2.0 * single["flops_per_image"] < train["flops_per_image"]
-  assert (N / CROP) ** 2 * single["flops_per_image"] < ten["flops_per_image"]
-
-
 def test_compile_counter_counts_new_shapes():
   f = jax.jit(lambda x: jnp.sin(x) * 2.0)
   x3, x4, x5 = (np.ones(n, np.float32) for n in (3, 4, 5))  # host arrays: no jnp compiles
@@ -104,21 +72,48 @@ def test_markdown_table_rows_and_ratio():
   assert row[10] == "200" and row[12] == "50.0" and row[13] == "1024 / –"
 
 
-def test_cli_smoke_writes_json_and_markdown(tmp_path):
+def test_cli_smoke_records_every_case_as_json_and_markdown(tmp_path):
+  """``python -m benchmarks.bench --smoke``: one JSON record per case, printed and appended
+  to --json_out, with PyTorch beside it where torch is installed, and the Markdown table."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   out_json, out_md = tmp_path / "b.jsonl", tmp_path / "b.md"
+  torch = bench_torch.torch_available()
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.bench", "--smoke", "--cases=ten_view",
-       "--torch=false", f"--json_out={out_json}", f"--markdown_out={out_md}"],
+      [sys.executable, "-m", "benchmarks.bench", "--smoke", "--cases=train,latency",
+       f"--torch={str(torch).lower()}", "--repeats=2", f"--json_out={out_json}",
+       f"--markdown_out={out_md}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = out_json.read_text().splitlines()
-  assert len(lines) == 1
-  rec = json.loads(lines[0])
-  assert set(rec) == set(bench_records.RECORD_KEYS) and rec["case"] == "ten_view"
-  assert rec["torch_images_per_s"] is None
-  assert f"| ten_view | {N}² | 2 |" in out_md.read_text()
+  records = [json.loads(line) for line in out_json.read_text().splitlines()]
+  printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert printed == records
+  assert [r["case"] for r in records] == ["train", "latency_single_view", "latency_ten_view"]
+  for r in records:
+    assert set(r) == set(bench_records.RECORD_KEYS)
+    assert r["width"] == TINY.model.width and r["backend"] == "cpu"
+    assert r["repeats"] == len(r["step_s_all"]) == 2
+    assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+    # No retracing/recompilation once the step is compiled (donated state, fixed shapes).
+    assert r["compiles_after_first_call"] == 0
+    assert r["flops_per_image"] > 0 and r["peak_memory_bytes"] > 0
+    assert r["flops_utilization"] == pytest.approx(
+        r["flops_per_image"] * r["images_per_s"] / (r["peak_flops_per_s"] * r["num_devices"]))
+    if torch:
+      assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
+    else:
+      assert r["ratio"] is None and r["torch_images_per_s"] is None
+  train, single, ten = records
+  assert (train["batch"], single["batch"], ten["batch"]) == (2, 1, 1)
+  assert (train["input_size"], single["input_size"], ten["input_size"]) == (CROP, CROP, N)
+  assert single["latency_ms"] == pytest.approx(1000.0 * single["step_s"])
+  # Backward ~ 2x forward; ten-view runs the trunk on N x N ((N / crop)^2 the pixels of a
+  # crop) plus ten attention passes.
+  assert 2.0 * single["flops_per_image"] < train["flops_per_image"]
+  assert (N / CROP) ** 2 * single["flops_per_image"] < ten["flops_per_image"]
+  table = out_md.read_text()
+  assert table.startswith("`python -m benchmarks.bench --smoke")
+  assert f"| train | {CROP}² | 2 |" in table and f"| latency_ten_view | {N}² | 1 |" in table
 
 
 def test_gpu_check_smoke_runs_on_cpu():

@@ -208,7 +208,7 @@ def test_every_training_run_takes_one_step_from_the_shared_stage1(stage1, demo_b
     assert float(metrics["loc_loss"]) == pytest.approx(0.0, abs=1e-7)
   elif config.loss.use_anchor and config.model.num_regions > 1:
     assert float(metrics["loc_loss"]) > 0.0, run  # regions start near the centre
-  out = model.apply({"params": new}, np.zeros((1, 32, 32, 3), np.float32))
+  out = jax.jit(model.apply)({"params": new}, np.zeros((1, 32, 32, 3), np.float32))
   assert out["theta"].shape == (1, config.model.num_regions + 1, 4)
   if config.model.fixed_regions == "anchors":
     np.testing.assert_allclose(np.asarray(out["theta"][0]),

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 
+from benchmarks.timing import CompileCounter
 from rma_jax.configs import ablations, demo
 from rma_jax import (build, checkpointing, config_checks, losses, metric_writer, optimizer,
                      parallel, steps, train)
@@ -174,7 +175,8 @@ def test_anchor_weight_schedule_and_the_step_that_takes_it():
   with pytest.raises(ValueError, match="lambda_anchor_start"):
     config_checks.validate_config(config, num_devices=1)
 
-  # The step's lambda_anchor argument is the config's lambda_anchor, step by step.
+  # The step takes the loss settings as a traced argument: the anchor weight of each epoch
+  # reaches the loss without a new compilation.
   model = build.build_model(config, 10)
   mesh = parallel.make_mesh(jax.devices()[:1])
   tx = optimizer.make_optimizer(config.optim, lambda _: 1e-3)
@@ -182,25 +184,34 @@ def test_anchor_weight_schedule_and_the_step_that_takes_it():
                                       global_batch_size=8, image_size=64, crop_size=48,
                                       seed=0))
   cfg = steps.LossConfig.from_config(config)
-  scheduled = steps.jit_train_step(cfg, mesh, scheduled_anchor=True)
-  fixed = steps.jit_train_step(dataclasses.replace(cfg, lambda_anchor=1.0), mesh)
+  step = steps.jit_train_step(cfg, mesh)
+  fixed = steps.jit_train_step(cfg.replace(lambda_anchor=1.0), mesh)
   first = steps.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
   new_state = lambda: jax.tree.map(jnp.copy, first)  # the steps donate their input state
-  a_state, a = scheduled(new_state(), batch, np.float32(1.0))
+  a_state, a = step(new_state(), batch, cfg.replace(lambda_anchor=1.0))
   b_state, b = fixed(new_state(), batch)
-  _, c = scheduled(new_state(), batch, np.float32(0.01))
+  with CompileCounter() as compiles:
+    _, c = step(new_state(), batch, cfg.replace(lambda_anchor=0.01))
+    _, d = step(new_state(), batch, cfg.replace(use_anchor=False, gamma=0.5))
+  assert compiles.count == 0
   assert float(a["loc_loss"]) == pytest.approx(float(b["loc_loss"]), rel=1e-6)
-  assert float(a["loc_loss"]) > float(c["loc_loss"]) > 0  # regions start off their anchors
-  assert float(a["lambda_anchor"]) == 1.0 and "lambda_anchor" not in b
+  assert float(a["loc_loss"]) > float(c["loc_loss"]) > float(d["loc_loss"]) > 0
+  assert float(d["loss"]) == pytest.approx(float(d["cls_loss"]) + 0.5 * float(d["loc_loss"]),
+                                           rel=1e-6)
   for x, y in zip(jax.tree.leaves(a_state.params), jax.tree.leaves(b_state.params)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_training_loop_with_the_anchor_schedule(tmp_path):
-  """The loop feeds the scheduled weight to the step (the run completes and resumes)."""
+def test_training_loop_with_the_anchor_schedule(tmp_path, monkeypatch):
+  """The loop feeds the scheduled weight to the step and logs it: 1.0 in epoch 0 (8 steps
+  of 8 images), then the final 0.01."""
+  writer = _RecordingWriter()
+  monkeypatch.setattr(metric_writer, "create_writer", lambda *a, **k: writer)
   config = tiny_config(**{"loss.anchor_schedule_epochs": 1, "loss.lambda_anchor_start": 1.0,
-                          "max_steps": 2})
-  assert train.train(config, str(tmp_path))["step"] == 2
+                          "max_steps": 10, "log_every_steps": 1})
+  assert train.train(config, str(tmp_path))["step"] == 10
+  weights = writer.scalars["train/lambda_anchor"]
+  assert [weights[s] for s in range(1, 11)] == pytest.approx([1.0] * 8 + [0.01] * 2)
 
 
 def test_main_job_resumes_and_writes_checkpoints_and_events(finished_run, tmp_path):

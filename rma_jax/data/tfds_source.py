@@ -17,6 +17,7 @@ already 0-based (``x / W``) and are used as stored.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import struct
@@ -196,11 +197,20 @@ class TFRecordIndex:
     return data
 
 
+@functools.cache
+def import_tensorflow():
+  """TensorFlow, imported on first use and kept off the accelerators JAX owns (it only reads
+  files here). Importing this module never imports it: a run on other data never pays its
+  start-up (seconds)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU")
+  return tf
+
+
 def _open(path: str):
   if "://" in path:  # gs://, s3://...: through TensorFlow's file system layer.
-    # Lazy: TensorFlow loads only for remote TFDS files, never when this module is imported.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.io.gfile.GFile(path, "rb")
+    return import_tensorflow().io.gfile.GFile(path, "rb")
   return open(path, "rb")
 
 
@@ -271,6 +281,7 @@ def load_tfds_split(name: str, split: str, *, data_dir: str | None = None,
   # Lazy: TFDS (and TensorFlow) load only when a TFDS source is opened.
   if missing_message():
     raise ModuleNotFoundError(missing_message())
+  import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds_name = TFDS_NAMES[name]
   tfds_split = _SPLITS[name].get(split, split)
