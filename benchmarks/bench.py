@@ -26,11 +26,14 @@ that a shared machine's drift reaches both sides of the ratio alike. Compare the
 columns of one run rather than runs of different days.
 
 The evaluation cases first prepare the evaluation-only parameter forms once
-(``rma_jax.eval_params``), as every evaluation pass does; ``prepare_s`` records its time.
+(``rma_jax.kernels.prepare_fn``), as every evaluation pass does; ``prepare_s`` records its
+time. Every record names the CPU (``cpu_model``) and its vector extensions
+(``cpu_extensions``): a ratio measured on one CPU kind does not hold on another.
 
 FLOPs are the model's: XLA's cost analysis of the same step with ``model.conv_impl='xla'``
 (direct convolutions, no loops: the cost analysis counts a loop body once), whichever
-``conv_impl`` runs. The Winograd forward (``rma_jax.winograd``) does 4x fewer multiplications
+``conv_impl`` runs. The Winograd forward (``rma_jax.kernels.cpu.winograd``) does 4x fewer
+multiplications
 in the convolutions, so its achieved FLOP/s, and % of matmul peak, are effective figures
 that can exceed the peak.
 
@@ -58,9 +61,9 @@ import ml_collections
 import numpy as np
 
 from rma_jax import configs
-from rma_jax import build, config_checks, eval_params, models, optimizer, parallel, steps, views
-from rma_jax.data import preprocess
+from rma_jax import build, config_checks, kernels, models, optimizer, parallel, steps, views
 from rma_jax.configs import default as default_config
+from rma_jax.data import classes as data_classes
 
 from benchmarks import bench_records, bench_torch, timing
 
@@ -118,7 +121,8 @@ def settings_from_config(config: ml_collections.ConfigDict, **overrides) -> Benc
   values = dict(image_size=d.image_size, crop_size=d.crop_size, batch=config.optim.batch_size,
                 dtype=m.dtype, width=m.width, num_regions=m.num_regions,
                 sample_size=m.sample_size, x_dim=m.x_dim, hidden_dim=m.hidden_dim,
-                z_dim=m.z_dim, num_classes=build.NUM_CLASSES.get(d.name, 20))
+                z_dim=m.z_dim,
+                num_classes=len(data_classes.BUILTIN_CLASSES.get(d.name, range(20))))
   values.update({k: v for k, v in overrides.items() if v is not None})
   return BenchSettings(**values)
 
@@ -147,13 +151,12 @@ def mesh_for_batch(batch: int, devices: Sequence[jax.Device] | None = None):
   return parallel.make_mesh(devices[:n])
 
 
-def ten_view_fn(model: models.RMA, crop_size: int, convention: str) -> Callable:
+def ten_view_fn(model: models.RMA, crop_size: int) -> Callable:
   """(variables, uint8 (B, N, N, 3) images) -> (B, C) ten-view scores, through
   ``rma_jax.views.ten_view_scores`` (trunk once, the ten views in one attention call)."""
 
   def fn(variables, images):
-    return views.ten_view_scores(model, variables, images, crop_size=crop_size,
-                                 pixel_convention=convention)["scores"]
+    return views.ten_view_scores(model, variables, images, crop_size=crop_size)["scores"]
   return fn
 
 
@@ -196,7 +199,9 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
   rng = np.random.default_rng(settings.seed)
   peak_flops = timing.matmul_peak_flops(device, settings.dtype, settings.matmul_size)
   run_torch = settings.torch and bench_torch.torch_available() and device.platform == "cpu"
+  cpu_model, cpu_extensions = timing.cpu_description()
   common = dict(backend=device.platform, device=str(device.device_kind), threads=threads,
+                cpu_model=cpu_model, cpu_extensions=cpu_extensions,
                 peak_flops_per_s=peak_flops, glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
 
   def finish(rec, flops_total, compile_s, compiles, mesh_size, torch_times=None,
@@ -225,8 +230,11 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
     schedule = optimizer.learning_rate_schedule(config.optim.learning_rate, config.optim, 100, 1000)
     tx = optimizer.make_optimizer(config.optim, schedule)
     timing.reset_peak_memory()
-    state = steps.create_train_state(model, tx, jax.random.key(settings.seed),
-                                     (settings.crop_size, settings.crop_size, 3), mesh)
+    # The parameters of the evaluation cases (one compiled initialisation), copied: the
+    # train step donates its state.
+    state = jax.jit(lambda p: steps.TrainState.create(
+        apply_fn=model.apply, params=jax.tree.map(jnp.copy, p), tx=tx),
+                    out_shardings=parallel.replicated(mesh))(params)
     host_batch = random_batch(rng, settings.batch, settings.crop_size, settings.num_classes)
     batch = jax.device_put(host_batch, NamedSharding(mesh, P("data")))  # data on device
     step_fn = steps.jit_train_step(loss_cfg, mesh)
@@ -258,7 +266,8 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
     variables = jax.device_put({"params": params}, NamedSharding(mesh, P()))
     # As every evaluation pass: the evaluation-only parameter forms once, then the calls.
     start = time.perf_counter()
-    variables = jax.block_until_ready(eval_params.prepare_fn(model.conv_impl)(variables))
+    variables = jax.block_until_ready(
+        kernels.prepare_fn(config.model.conv_impl, mesh)(variables))
     prepare_s = time.perf_counter() - start
     jitted = jax.jit(fn)
     timing.reset_peak_memory()
@@ -283,15 +292,15 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
       times = timing.interleaved_times(calls, settings.repeats, warmup=False)
     rec = bench_records.record(settings, case, size, batch_size, times["rma_jax"],
                   peak_memory_bytes=mem, memory_source=source, prepare_s=prepare_s,
-                  prepared_bytes=eval_params.nbytes(variables), **common, **extra)
+                  prepared_bytes=kernels.nbytes(variables), **common, **extra)
     torch_times = times.get("torch")
     return finish(rec, flops, compile_s, counter.count, mesh.size, torch_times, torch_peak)
 
   def single(model_):
-    return lambda v, x: model_.apply(v, preprocess.normalize(x, convention))["scores"]
+    return lambda v, x: model_.apply(v, x)["scores"]
 
   def ten(model_):
-    return ten_view_fn(model_, settings.crop_size, convention)
+    return ten_view_fn(model_, settings.crop_size)
 
   if "single_view" in settings.cases:
     records.append(eval_case("single_view", single, settings.crop_size, settings.batch,
@@ -368,9 +377,11 @@ def main(argv: Sequence[str]) -> None:
     json_file.close()
   table = bench_records.markdown_table(records)
   command = "python -m benchmarks.bench " + " ".join(sys.argv[1:])
-  print(f"\n{command}\n\n{table}")
+  cpu = records[0]["cpu_model"] if records else ""
+  where = f"CPU: {cpu} ({records[0]['cpu_extensions']})" if cpu else ""
+  print(f"\n{command}\n{where}\n\n{table}")
   if f.markdown_out:
-    pathlib.Path(f.markdown_out).write_text(f"`{command}`\n\n{table}\n")
+    pathlib.Path(f.markdown_out).write_text(f"`{command}`\n\n{where}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ RECORD_KEYS = (
     "peak_memory_bytes", "memory_source", "threads", "repeats",
     "torch_images_per_s", "torch_latency_ms", "torch_step_s", "torch_peak_memory_bytes",
     "torch_flops_utilization", "ratio", "prepare_s", "prepared_bytes", "load_average",
-    "glibc_tunables")
+    "glibc_tunables", "cpu_model", "cpu_extensions")
 """Keys of every JSON record (torch_* and ratio are None when PyTorch is not run;
 ``prepare_s``/``prepared_bytes``, of the evaluation cases only: the time and size of
-``rma_jax.eval_params.prepare``, run once before the timed calls as an evaluation pass does;
-``load_average``: the 1-minute load average after the case; ``glibc_tunables``: the
-environment's ``GLIBC_TUNABLES``, which changes how both frameworks' buffers are paged)."""
+``rma_jax.kernels.prepare_fn``'s function, run once before the timed calls as an evaluation
+pass does; ``load_average``: the 1-minute load average after the case; ``glibc_tunables``:
+the environment's ``GLIBC_TUNABLES``, which changes how both frameworks' buffers are paged;
+``cpu_model``, ``cpu_extensions``: the CPU and its vector extensions (``timing.cpu_description``):
+ratios hold for one CPU kind only)."""
 
 
 def record(settings: Any, case: str, input_size: int, batch: int, times: list[float],

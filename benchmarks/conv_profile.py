@@ -12,18 +12,18 @@ The XLA-vs-torch ratio per pass shows which of the three is slow, and the HLO pr
 ``--dump_hlo`` shows what XLA lowers each one to.
 
 ``--compare`` times, per layer and interleaved round by round, one forward + backward pass
-(gradients in input and kernel, as in a train step) of ``rma_jax.conv.conv3x3`` with
-``impl='xla'`` and ``impl='patches'`` against torch, and the kernel gradient alone by each
-``rma_jax.conv.kernel_grad`` method. ``--train_step`` times the full RMA train step
-(``rma_jax.train``, the benchmark config of ``benchmarks.bench``) with XLA's convolutions, with
-``Conv3x3`` swapped in for every 3x3 ``nn.Conv`` (via ``flax.linen.intercept_methods``, so
-models.py is untouched) and PyTorch's, interleaved step by step:
+(gradients in input and kernel, as in a train step) of ``rma_jax.kernels.cpu.conv.conv3x3``
+with ``impl='xla'`` and ``impl='patches'`` against torch, and the kernel gradient alone
+(``conv.kernel_grad``). ``--train_step`` times the full RMA train step (``rma_jax.steps``,
+the benchmark config of ``benchmarks.bench``) with ``model.conv_impl='xla'`` (XLA's
+convolutions), with ``'auto'`` (the CPU kernels) and PyTorch's, interleaved step by step:
 
     python benchmarks/conv_profile.py --compare --size=448 --repeats=3
     python benchmarks/conv_profile.py --train_step --size=448 --batch=2 --repeats=3
 
 ``--winograd`` times, per layer, the evaluation forward (not differentiated) of XLA's conv,
-``rma_jax.winograd.winograd_conv3x3`` with each ``--variants`` tile:tiles_per_band (its kernel
+``rma_jax.kernels.cpu.winograd.winograd_conv3x3`` with each ``--variants``
+tile:tiles_per_band (its kernel
 transformed once, as evaluation does), ``conv3x3(impl='auto')`` (what the model runs) and
 torch's ``conv2d`` (channels_last, inference mode), interleaved:
 
@@ -139,10 +139,9 @@ def _interleaved_ms(calls, repeats):
           for k, v in timing.interleaved_times(calls, repeats).items()}
 
 
-def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layers=None,
-            methods=("chunked", "concat", "lax_patches")):
-  """Forward+backward of conv3x3 per impl (and torch), kernel gradient per method."""
-  from rma_jax import conv  # pylint: disable=g-import-not-at-top
+def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layers=None):
+  """Forward+backward of conv3x3 per impl (and torch), and the kernel gradient alone."""
+  from rma_jax.kernels.cpu import conv  # pylint: disable=g-import-not-at-top
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   out = []
   for name in _chosen(sorted(ALL_LAYERS), layers):
@@ -159,9 +158,7 @@ def compare(size=224, batch=2, repeats=3, use_torch=True, dtype="float32", layer
       calls[f"fb_{impl}"] = functools.partial(f, x, w, b, g)
     calls["dw_xla"] = functools.partial(
         jax.jit(lambda x, w, g: jax.vjp(lambda w: _conv(x, w), w)[1](g)[0]), x, w, g)
-    for m in methods:
-      calls[f"dw_{m}"] = functools.partial(
-          jax.jit(lambda x, g, m=m: conv.kernel_grad(x, g, m)), x, g)
+    calls["dw_patches"] = functools.partial(jax.jit(conv.kernel_grad), x, g)
     if use_torch:
       import torch  # pylint: disable=g-import-not-at-top
       xt, wt, gt, tdt = _torch_operands(x_np, w_np, g_np, dtype)
@@ -192,11 +189,11 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
   """Evaluation forward per layer: XLA's conv, Winograd variants and torch, interleaved.
 
   Each is conv + bias + ReLU, as in the model. ``variants``: 'tile:tiles_per_band' strings
-  for ``rma_jax.winograd.winograd_conv3x3``. Each record has the medians (ms), the best time,
+  for ``rma_jax.kernels.cpu.winograd.winograd_conv3x3``. Each record has the medians (ms), the best time,
   and the Winograd output's largest error relative to the largest output of XLA's (float32,
   both).
   """
-  from rma_jax import conv, winograd  # pylint: disable=g-import-not-at-top
+  from rma_jax.kernels.cpu import conv, winograd  # pylint: disable=g-import-not-at-top
   out = []
   for name in _chosen(sorted(ALL_LAYERS), layers):
     _, cin, cout = ALL_LAYERS[name]
@@ -206,7 +203,7 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
                                       x, w, b)}
     for v in variants:
       tile, tpb = v.split(":")
-      u = winograd.transform_kernel(w, int(tile))  # once, as evaluation does (eval_params)
+      u = winograd.transform_kernel(w, int(tile))  # once, as evaluation does (its forms)
       calls[f"winograd_{v}"] = functools.partial(jax.jit(functools.partial(
           winograd.winograd_conv3x3, tile=int(tile), activation=jax.nn.relu,
           tiles_per_band=None if tpb == "default" else int(tpb))), x, w, b,
@@ -249,35 +246,16 @@ def winograd_compare(size=512, batch=2, repeats=3, use_torch=True, layers=None,
 
 def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="float32",
                        impls=("xla", "auto")):
-  """The full RMA train step (rma_jax.train) per conv impl and PyTorch's, interleaved."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  """The full RMA train step (rma_jax.steps) per model.conv_impl and PyTorch's,
+  interleaved."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from benchmarks import bench, bench_torch  # pylint: disable=g-import-not-at-top
-  from rma_jax import build, conv, optimizer, steps  # pylint: disable=g-import-not-at-top
-
-  swapped = {}
-
-  def swap_convs(impl):
-    """Runs every 3x3, stride-1, padding-1 nn.Conv as conv.conv3x3(impl=impl) instead."""
-    swapped[impl] = 0
-
-    def interceptor(next_fun, args, kwargs, context):
-      m = context.module
-      if (impl == "xla" or type(m) is not nn.Conv or context.method_name != "__call__"
-          or tuple(m.kernel_size) != (3, 3) or m.padding not in (1, ((1, 1), (1, 1)))
-          or m.strides not in (None, 1, (1, 1)) or not m.has_variable("params", "kernel")):
-        return next_fun(*args, **kwargs)
-      x, k, b = nn.dtypes.promote_dtype(args[0], m.get_variable("params", "kernel"),
-                                        m.get_variable("params", "bias"), dtype=m.dtype)
-      swapped[impl] += conv.use_patches(x.shape, impl)  # traced layers on the custom VJP
-      return conv.conv3x3(x, k, b, impl=impl)
-    return nn.intercept_methods(interceptor)
+  from rma_jax import build, optimizer, steps  # pylint: disable=g-import-not-at-top
 
   settings = bench.settings_from_config(bench.load_config(), image_size=size + 64,
                                        crop_size=size, batch=batch, dtype=dtype,
                                        torch=use_torch)
   config = bench.bench_config(settings)
-  model = build.build_model(config, settings.num_classes)
   loss_cfg = steps.LossConfig.from_config(config)
   mesh = bench.mesh_for_batch(batch)
   tx = optimizer.make_optimizer(config.optim, optimizer.learning_rate_schedule(
@@ -286,10 +264,12 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
   data = jax.device_put(host_batch, NamedSharding(mesh, P("data")))
   calls, compile_s, states = {}, {}, {}
   for impl in impls:
+    config.model.conv_impl = impl
+    model = build.build_model(config, settings.num_classes)
     state = steps.create_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
     t = time.perf_counter()
-    with swap_convs(impl):  # the interception happens while tracing
-      step = steps.jit_train_step(loss_cfg, mesh).lower(state, data).compile()
+    compiled = steps.jit_train_step(loss_cfg, mesh).lower(state, data).compile()
+    step = functools.partial(lambda c, s_, d: c(s_, d, loss_cfg.as_arrays()), compiled)
     compile_s[impl] = time.perf_counter() - t
     states[impl] = state
 
@@ -304,8 +284,7 @@ def train_step_compare(size=448, batch=2, repeats=3, use_torch=True, dtype="floa
   ms = _interleaved_ms(calls, repeats)
   rec = {"case": "train_step", "input_size": size, "batch": batch, "dtype": dtype,
          "repeats": repeats, **{f"{k}_ms": v for k, v in ms.items()},
-         **{f"compile_s_{k}": v for k, v in compile_s.items()},
-         **{f"custom_vjp_layers_{k}": v for k, v in swapped.items()}}
+         **{f"compile_s_{k}": v for k, v in compile_s.items()}}
   if use_torch:
     rec.update({f"ratio_{k}": ms["torch"] / v for k, v in ms.items() if k != "torch"})
   return rec
@@ -329,7 +308,7 @@ def main():
                  help="--winograd: comma-separated tile:tiles_per_band of winograd_conv3x3 "
                       "(tiles_per_band 'default': winograd.default_tiles_per_band)")
   p.add_argument("--train_step", action="store_true",
-                 help="full RMA train step: XLA convs vs Conv3x3(impl='auto') vs torch")
+                 help="full RMA train step: conv_impl xla vs auto vs torch")
   a = p.parse_args()
   if a.torch == "true":
     import torch  # pylint: disable=g-import-not-at-top
@@ -369,14 +348,13 @@ def main():
   if a.compare:
     recs = compare(a.size, a.batch, a.repeats, a.torch == "true", a.dtype, layers)
     print("\n| layer | HxW | Cin→Cout | fwd+bwd ms: xla / patches / torch | "
-          "dw ms: xla / chunked / concat / lax_patches / torch | auto |")
+          "dw ms: xla / patches / torch | auto |")
     print("|---|---|---|---|---|---|")
     for r in recs:
       g = lambda k: f"{r[k]:.0f}" if k in r else "–"
       print(f"| {r['layer']} | {r['hw']}² | {r['cin']}→{r['cout']} | {g('fb_xla_ms')} / "
             f"{g('fb_patches_ms')} / {g('fb_torch_ms')} | {g('dw_xla_ms')} / "
-            f"{g('dw_chunked_ms')} / {g('dw_concat_ms')} / {g('dw_lax_patches_ms')} / "
-            f"{g('dw_torch_ms')} | {'patches' if r['auto_uses_patches'] else 'xla'} |")
+            f"{g('dw_patches_ms')} / {g('dw_torch_ms')} | {'patches' if r['auto_uses_patches'] else 'xla'} |")
     return
   recs = profile(a.size, a.batch, a.repeats, a.torch == "true", a.dtype, layers, a.dump_hlo)
   for r in recs:

@@ -1,4 +1,4 @@
-"""What the evaluation-only parameter forms (``rma_jax.eval_params``) change, jax against jax.
+"""What the evaluation-only parameter forms (``rma_jax.kernels.cpu.forms``) change, jax against jax.
 
     python -m benchmarks.eval_params_ab --json_out=docs/benchmarks/eval_params_ab.json
 
@@ -6,7 +6,7 @@ Two parts, both medians of ``--repeats`` calls after one warm-up, printed and wr
 JSON:
 
 * ``dense``: fc6's product (M rows of 25088 by its 4096 outputs) with the kernel in the
-  stored (in, out) layout and in the (out, in) one ``eval_params`` prepares, the two
+  stored (in, out) layout and in the (out, in) one ``kernels.prepare_fn`` prepares, the two
   interleaved call by call, for the M of single view (2 images) and ten-view (20 views);
 * ``model``: the full-size RMA model's single view (448², batch 2) and ten-view (512²,
   batch 2) with and without the prepared forms, each timed in blocks of consecutive calls
@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import bench, bench_records, timing
-from rma_jax import build, eval_params
-from rma_jax.data import preprocess
+from rma_jax import build, kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 5, "timed calls per measurement")
@@ -56,13 +55,11 @@ def model_part(repeats: int, rounds: int) -> list[dict]:
   model = build.build_model(config, settings.num_classes)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 448, 448, 3)))["params"]
   plain = {"params": params}
-  prepared = eval_params.prepare_fn(model.conv_impl)(plain)
+  prepared = kernels.prepare_fn(config.model.conv_impl)(plain)
   rng = np.random.default_rng(0)
-  convention = config.data.pixel_convention
   cases = {
-      "single_view": (jax.jit(lambda v, x: model.apply(
-          v, preprocess.normalize(x, convention))["scores"]), 448),
-      "ten_view": (jax.jit(bench.ten_view_fn(model, 448, convention)), 512)}
+      "single_view": (jax.jit(lambda v, x: model.apply(v, x)["scores"]), 448),
+      "ten_view": (jax.jit(bench.ten_view_fn(model, 448)), 512)}
   out = []
   for case, (fn, size) in cases.items():
     images = jnp.asarray(rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8))

@@ -6,6 +6,7 @@
 * ``CompileCounter``: XLA compilations inside a ``with`` block (no retracing must happen).
 * ``reset_peak_memory`` / ``peak_memory``: the device's peak bytes, else the process's RSS.
 * ``matmul_peak_flops``: the practical FLOP/s peak; ``cost_flops``: XLA's FLOP count.
+* ``cpu_description``: the CPU model and its vector extensions, which every record names.
 
 Imports JAX and ``rma_jax.build`` only (no TensorFlow, no torch).
 """
@@ -106,6 +107,31 @@ class CompileCounter(contextlib.AbstractContextManager):
   def __exit__(self, *exc):
     jax.monitoring.unregister_event_duration_listener(self._listener)
     return False
+
+
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd",
+                     "sve")
+"""The CPU flags a benchmark record names (``cpu_description``): the vector units XLA:CPU and
+PyTorch's kernels use."""
+
+
+def cpu_description() -> tuple[str, str]:
+  """(CPU model name, its vector extensions among ``VECTOR_EXTENSIONS``, space-separated),
+  from /proc/cpuinfo; ('', '') where it is not readable."""
+  model, flags = "", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+          model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  return model, " ".join(e for e in VECTOR_EXTENSIONS if e in flags)
 
 
 def peak_rss_bytes() -> int:

@@ -3,7 +3,7 @@
     python -m benchmarks.trunk_ab --json_out=docs/benchmarks/trunk_ab.json
 
 The full-size RMA model's ten-view (512², batch 2) and single view (448², batch 2), its
-evaluation-only forms prepared (``rma_jax.eval_params``), compiled three ways in one process
+evaluation-only forms prepared (``rma_jax.kernels.cpu.forms``), compiled three ways in one process
 and called round-robin ``--rounds`` times (wall and process CPU ms per call, medians):
 
 * ``before``: the evaluation trunk as it was: Winograd in bands of 256 tiles, VGG's 2x2 max
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import bench, bench_records, timing
-from rma_jax import build, conv, eval_params, winograd
-from rma_jax.data import preprocess
+from rma_jax import build, kernels
+from rma_jax.kernels.cpu import conv, winograd
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 5, "round-robin calls of each variant")
@@ -72,13 +72,11 @@ def model_part(rounds: int) -> list[dict]:
   config = bench.bench_config(settings)
   model = build.build_model(config, settings.num_classes)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 448, 448, 3)))["params"]
-  variables = eval_params.prepare_fn(model.conv_impl)({"params": params})
-  convention = config.data.pixel_convention
+  variables = kernels.prepare_fn(config.model.conv_impl)({"params": params})
   rng = np.random.default_rng(0)
   cases = {
-      "ten_view": (bench.ten_view_fn(model, 448, convention), 512),
-      "single_view": (lambda v, x: model.apply(v, preprocess.normalize(x, convention))[
-          "scores"], 448)}
+      "ten_view": (bench.ten_view_fn(model, 448), 512),
+      "single_view": (lambda v, x: model.apply(v, x)["scores"], 448)}
   out = []
   for case, (fn, size) in cases.items():
     images = jnp.asarray(rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8))

@@ -71,6 +71,21 @@ def make_config(width: int, dims: dict, dtype: str, crop: int, image: int, batch
   return ml_collections.ConfigDict(c)
 
 
+_PARAMS: dict = {}
+
+
+def initial_params(width: int, dims: dict) -> dict:
+  """The float32 parameters of the RMA of ``width`` and ``dims`` (every case and dtype uses
+  the same; one compiled initialisation), on the host CPU."""
+  key = (width, tuple(sorted(dims.items())))
+  if key not in _PARAMS:
+    model = models.RMA(num_classes=20, width=width, **dims)
+    with jax.default_device(jax.devices("cpu")[0]):
+      _PARAMS[key] = jax.device_get(jax.jit(model.init)(
+          jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+  return _PARAMS[key]
+
+
 def correctness(args, dims, device) -> list[dict]:
   """f32 and bf16 on ``device`` vs f32 on the host CPU; same params and images."""
   cpu = jax.devices("cpu")[0]
@@ -79,9 +94,7 @@ def correctness(args, dims, device) -> list[dict]:
   images = rng.normal(0, 50, (batch, crop, crop, 3)).astype(np.float32)
   labels = (rng.random((batch, 20)) < 0.2).astype(np.float32)
   labels[:, 0] = 1
-  ref_model = models.RMA(num_classes=20, width=args.width, **dims)
-  with jax.default_device(cpu):
-    params = jax.jit(ref_model.init)(jax.random.key(0), jnp.zeros((1, crop, crop, 3)))["params"]
+  params = initial_params(args.width, dims)
   loss_cfg = steps.LossConfig()
 
   def forward(dtype):
@@ -119,7 +132,10 @@ def train_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dic
   mesh = parallel.make_mesh()
   tx = optimizer.make_optimizer(config.optim, optimizer.learning_rate_schedule(
       1e-5, config.optim, 100, 1000))
-  state = steps.create_train_state(model, tx, jax.random.key(0), (crop, crop, 3), mesh)
+  params = jax.device_put(initial_params(args.width, dims), parallel.replicated(mesh))
+  state = jax.jit(lambda p: steps.TrainState.create(
+      apply_fn=model.apply, params=jax.tree.map(jnp.copy, p), tx=tx),
+                  out_shardings=parallel.replicated(mesh))(params)
   rng = np.random.default_rng(0)
   labels = (rng.random((batch, 20)) < 0.2).astype(np.float32)
   labels[:, 0] = 1
@@ -145,11 +161,10 @@ def train_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dic
 def ten_view_case(args, dims, image: int, crop: int, batch: int, dtype: str) -> dict:
   config = make_config(args.width, dims, dtype, crop, image, batch)
   model = build.build_model(config, 20)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, crop, crop, 3)))["params"]
+  params = jax.device_put(initial_params(args.width, dims))
   images = jax.device_put(np.random.default_rng(0).integers(
       0, 256, (batch, image, image, 3), dtype=np.uint8))
-  fn = jax.jit(lambda v, x: views.ten_view_scores(
-      model, v, x, crop_size=crop, pixel_convention="caffe")["scores"])
+  fn = jax.jit(lambda v, x: views.ten_view_scores(model, v, x, crop_size=crop)["scores"])
   t0 = time.perf_counter()
   compiled = fn.lower({"params": params}, images).compile()
   compile_s = time.perf_counter() - t0

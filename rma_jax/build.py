@@ -1,76 +1,70 @@
-"""From a config to the model: ``build_model`` (``config.model`` -> ``RMA`` or ``VGG16``).
+"""From a config to the model: ``build_model(config, num_classes)``.
 
-The module's own fields are the list of settings: every field of ``models.RMA`` (or of
-``models.VGG16`` for the baseline) is read from the ``config.model`` field of the same name
-(``_CONFIG_KEYS`` names the few that differ), and ``_FROM_CONFIG`` turns the few config
-values that are names (a dtype, ``'anchors'``) into what the module takes. A field missing
-from an older config keeps the module's default.
+Two tables, each entry a function that reads its ``config.model`` fields by name:
+``TRUNKS`` (``model.trunk`` -> the trunk module) and ``HEADS`` (``model.name`` -> the model
+on that trunk). A new trunk joins ``TRUNKS`` with one line (docs/architecture.md, "Add a
+trunk"). The platform-specific building blocks of ``model.conv_impl`` come from
+``rma_jax.kernels``; the models themselves name none.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from rma_jax import models
-from rma_jax.data import classes as data_classes
+from rma_jax import kernels, models
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MODEL_NAMES = ("rma", "baseline")
-NUM_CLASSES = {name: len(names) for name, names in data_classes.BUILTIN_CLASSES.items()}
-"""The number of classes of the data sets with a fixed class list (``data.name``)."""
-
-# Module field -> the config.model key it is read from, where the names differ.
-_CONFIG_KEYS = {
-    models.VGG16: {"head_pool": "baseline_pool", "init_scheme": "trunk_init"},
-    models.RMA: {"step_theta_init": "region_init"},
-}
 
 
 def _rows(array: Any) -> tuple[tuple[float, ...], ...]:
   return tuple(map(tuple, array.tolist()))
 
 
-# Module field -> value from (the config value, config.model).
-_FROM_CONFIG: dict[str, Callable[[Any, ml_collections.ConfigDict], Any]] = {
-    "dtype": lambda value, m: DTYPES[value],
-    "fixed_regions": lambda value, m: (
-        _rows(models.fixed_region_thetas(m.num_regions)) if value == "anchors" else None),
-    "step_theta_init": lambda value, m: (
-        _rows(models.anchor_step_offsets(m.num_regions, tuple(m.theta_bias)))
-        if value == "anchors" else None),
-}
+def vgg16(m: ml_collections.ConfigDict) -> nn.Module:
+  """``model.trunk='vgg16'``: the paper's trunk."""
+  return models.VGG16(width=m.width, dtype=DTYPES[m.dtype], remat=m.remat,
+                      init_scheme=m.get("trunk_init", "he"),
+                      block=kernels.vgg_block(m.get("conv_impl", "auto")))
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> nn.Module:
-  """The module named by ``config.model.name``: ``RMA`` or the ``VGG16`` baseline.
+def rma(m: ml_collections.ConfigDict, trunk: nn.Module, num_classes: int,
+        pixel_convention: str) -> nn.Module:
+  """``model.name='rma'``: the paper's model on ``trunk``."""
+  k = m.num_regions
+  return models.RMA(
+      trunk=trunk, num_classes=num_classes, num_regions=k, sample_size=m.sample_size,
+      x_dim=m.x_dim, hidden_dim=m.hidden_dim, z_dim=m.z_dim, standard_lstm=m.standard_lstm,
+      theta_bias=tuple(m.theta_bias), theta_kernel_scale=m.theta_kernel_scale,
+      fixed_regions=(_rows(models.fixed_region_thetas(k)) if m.fixed_regions == "anchors"
+                     else None),
+      step_theta_init=(_rows(models.anchor_step_offsets(k, tuple(m.theta_bias)))
+                       if m.get("region_init", "") == "anchors" else None),
+      dtype=DTYPES[m.dtype], dense=kernels.dense(m.get("conv_impl", "auto")),
+      pixel_convention=pixel_convention)
 
-  Args:
-    config: a run config (``configs/default.py``).
-    num_classes: C; default the fixed class count of ``config.data.name`` (a run on its
-      own classes has them in ``WORKDIR/classes.json``).
-  """
+
+def baseline(m: ml_collections.ConfigDict, trunk: nn.Module, num_classes: int,
+             pixel_convention: str) -> nn.Module:
+  """``model.name='baseline'``: global pooling and a linear classifier on ``trunk``."""
+  return models.Baseline(trunk=trunk, num_classes=num_classes, pool=m.baseline_pool,
+                         pixel_convention=pixel_convention)
+
+
+TRUNKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"vgg16": vgg16}
+"""``model.trunk`` -> its builder."""
+
+HEADS: dict[str, Callable[..., nn.Module]] = {"rma": rma, "baseline": baseline}
+"""``model.name`` -> its builder ``(config.model, trunk, num_classes, pixel_convention)``."""
+
+MODEL_NAMES = tuple(HEADS)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The model ``config`` describes, for ``num_classes`` classes (the run's class list)."""
   m = config.model
-  if num_classes is None:
-    if config.data.name not in NUM_CLASSES:
-      raise ValueError(f"data.name={config.data.name!r} has no fixed class list: pass "
-                       "num_classes (a run's classes are in WORKDIR/classes.json)")
-    num_classes = NUM_CLASSES[config.data.name]
-  cls = models.VGG16 if m.name == "baseline" else models.RMA
-  keys = _CONFIG_KEYS[cls]
-  kwargs = {}
-  for field in dataclasses.fields(cls):
-    key = keys.get(field.name, field.name)
-    if not field.init or field.name in ("parent", "name", "num_classes") or key not in m:
-      continue
-    value = m[key]
-    if field.name in _FROM_CONFIG:
-      value = _FROM_CONFIG[field.name](value, m)
-    elif isinstance(value, (list, tuple)):
-      value = tuple(value)
-    kwargs[field.name] = value
-  return cls(num_classes=num_classes, **kwargs)
+  trunk = TRUNKS[m.get("trunk", "vgg16")](m)
+  return HEADS[m.name](m, trunk, num_classes, config.data.pixel_convention)

@@ -7,6 +7,11 @@ Layout of a workdir::
     WORKDIR/checkpoints/unusable/        steps a resume could not restore, set aside
     WORKDIR/config.json, config_history.jsonl, run.lock   see ``rma_jax.workdir``
 
+Every step carries the checkpoint format it was written in (``FORMAT``, in Orbax's custom
+step metadata); a step without one was written before the format was recorded (format 0, the
+same parameter and optimizer trees) and restores; a step of a newer format is refused with
+the version that can read it.
+
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-save resumes from the last complete checkpoint. A step damaged afterwards (a truncated or
 deleted array file, missing metadata, an empty step folder) is skipped by ``restore_newest``:
@@ -25,19 +30,29 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from rma_jax import parallel, paths
+from rma_jax import errors, parallel, paths
 
 LATEST = "latest"
 BEST = "best"
 UNUSABLE = "unusable"
 
+FORMAT = 1
+"""The checkpoint format this version writes and the newest it reads. 1: the train state
+(``steps.TrainState``: step, params, opt_state) with the format in the step's custom metadata;
+0 (no format recorded): the same trees, written before the format was recorded."""
+FORMAT_KEY = "rma_jax_checkpoint_format"
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A checkpoint holds other arrays (names or shapes) than the state it is restored into."""
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(errors.UserError, RuntimeError):
   """No step of a checkpoint folder can be restored."""
+
+
+class CheckpointFormatError(errors.UserError, ValueError):
+  """A checkpoint of a newer format than this version reads."""
 
 
 def checkpoint_dir(workdir: str, which: str) -> str:
@@ -83,7 +98,23 @@ def has_steps(workdir: str, which: str = LATEST) -> bool:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+               custom_metadata={FORMAT_KEY: FORMAT})
+
+
+def checkpoint_format(manager: ocp.CheckpointManager, step: int) -> int:
+  """The format a step was written in (0 when it records none).
+
+  Raises:
+    CheckpointFormatError: the step is of a newer format than this version reads.
+  """
+  custom = getattr(manager.metadata(step), "custom_metadata", None) or {}
+  version = int(custom.get(FORMAT_KEY, 0))
+  if version > FORMAT:
+    raise CheckpointFormatError(
+        f"{step_path(manager, step)} is a checkpoint of format {version}, written by a newer "
+        f"rma_jax; this one reads formats up to {FORMAT}: upgrade rma_jax to use it")
+  return version
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
@@ -161,6 +192,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
     if metadata is None and reason is None:
       reason = "its metadata file default/_METADATA is missing"
     if reason is None:
+      checkpoint_format(manager, step)
       _check_same_arrays(metadata, target, path)
       try:
         state = manager.restore(step, args=ocp.args.StandardRestore(target))
@@ -233,12 +265,15 @@ def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
   sharding = parallel.replicated(parallel.make_mesh())
   path = step_path(manager, step)
   try:
+    checkpoint_format(manager, step)
     metadata = manager.item_metadata(step)
     if metadata is None:
       raise FileNotFoundError("its metadata file default/_METADATA is missing")
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                           metadata)
     return manager.restore(step, args=ocp.args.StandardRestore(target))
+  except CheckpointFormatError:
+    raise
   except Exception as e:  # pylint: disable=broad-except  # TensorStore/asyncio errors
     raise CorruptCheckpointError(
         f"checkpoint {path} cannot be restored ({_first_line(e)}); it is damaged: delete it "

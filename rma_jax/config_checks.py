@@ -13,28 +13,37 @@ from typing import Any
 import jax
 import ml_collections
 
-from rma_jax import build, conv, losses, models
+from rma_jax import build, kernels, losses, models, pixels
+from rma_jax import errors as errors_lib
 from rma_jax import data as data_lib
-from rma_jax.data import preprocess
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ValueError for config values that cannot work, before anything is compiled."""
+  """Raises ``errors.ConfigError`` (a ValueError) for config values that cannot work,
+  before anything is compiled: one message naming every problem's field."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   d, m, o = config.data, config.model, config.optim
   errors = data_lib.config_errors(d)
   if d.crop_size >= d.image_size:
     errors.append(f"data.crop_size={d.crop_size} must be smaller than data.image_size="
                   f"{d.image_size} (the paper crops N-64 from N)")
-  for name in ("image_size", "crop_size"):
-    if d[name] <= 0 or d[name] % models.VGG16_STRIDE:
-      errors.append(f"data.{name}={d[name]} must be a positive multiple of "
-                    f"{models.VGG16_STRIDE} (the conv5_3 stride) for the ten-view crops")
-  if d.pixel_convention not in preprocess.CONVENTIONS:
+  trunk = m.get("trunk", "vgg16")
+  if trunk not in build.TRUNKS:
+    errors.append(f"model.trunk={trunk!r}: one of {sorted(build.TRUNKS)}")
+  else:
+    try:
+      stride = build.TRUNKS[trunk](m).stride
+    except (KeyError, ValueError):  # another field is wrong: reported below
+      stride = None
+    for name in ("image_size", "crop_size") if stride else ():
+      if d[name] <= 0 or d[name] % stride:
+        errors.append(f"data.{name}={d[name]} must be a positive multiple of {stride} (the "
+                      f"stride of model.trunk={trunk!r}) for the ten-view crops")
+  if d.pixel_convention not in pixels.CONVENTIONS:
     errors.append(f"data.pixel_convention={d.pixel_convention!r}: one of "
-                  f"{preprocess.CONVENTIONS}")
+                  f"{pixels.CONVENTIONS}")
   if m.name not in build.MODEL_NAMES:
-    errors.append(f"model.name={m.name!r}: 'rma' or 'baseline'")
+    errors.append(f"model.name={m.name!r}: one of {build.MODEL_NAMES}")
   if m.num_regions < 1:
     errors.append(f"model.num_regions (K)={m.num_regions} must be >= 1")
   if m.sample_size < 1:
@@ -43,10 +52,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.width={m.width} must divide 64")
   if m.dtype not in build.DTYPES:
     errors.append(f"model.dtype={m.dtype!r}: one of {sorted(build.DTYPES)}")
-  if m.conv_impl not in conv.IMPLS:
-    errors.append(f"model.conv_impl={m.conv_impl!r}: one of {conv.IMPLS}")
-  if m.baseline_pool not in ("avg", "max"):
-    errors.append(f"model.baseline_pool={m.baseline_pool!r}: 'avg' or 'max'")
+  if m.conv_impl not in kernels.IMPLS:
+    errors.append(f"model.conv_impl={m.conv_impl!r}: one of {kernels.IMPLS}")
+  if m.baseline_pool not in models.POOLS:
+    errors.append(f"model.baseline_pool={m.baseline_pool!r}: one of {models.POOLS}")
   if m.get("trunk_init", "he") not in models.TRUNK_INITS:
     errors.append(f"model.trunk_init={m.trunk_init!r}: one of {models.TRUNK_INITS}")
   if m.fixed_regions not in ("", "anchors"):
@@ -93,7 +102,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
                   "to choose the best checkpoint on: set data.val_fraction > 0 or "
                   "data.val_split")
   if errors:
-    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    raise errors_lib.ConfigError(errors_lib.refusal("invalid config", errors))
 
 
 def check_sources(config: ml_collections.ConfigDict, sources: Any) -> None:
@@ -121,7 +130,4 @@ def check_sources(config: ml_collections.ConfigDict, sources: Any) -> None:
     errors.append(f"the test split ({sources.test.name}) is empty: the final report would "
                   "have no image; check data.test_split (demo: data.demo.num_test)")
   if errors:
-    raise ValueError("unusable data splits:\n  " + "\n  ".join(errors))
-
-
-# --------------------------------------------------------------------------- model and loss
+    raise errors_lib.ConfigError(errors_lib.refusal("unusable data splits", errors))

@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rma_jax import (build, checkpointing, eval_params, metrics, models, parallel, paths,
-                     regions, report, svm, views)
+from rma_jax import (build, checkpointing, context, kernels, metrics, models, parallel, paths,
+                     regions, report, steps, svm, views)
 from rma_jax import data as data_lib
 
 REPORT_DIR = "report"
@@ -110,7 +110,7 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
     if (i + 1) % 50 == 0:
       logging.info("%s: %d / %d batches", desc, i + 1, total)
   if not chunks or not sum(len(v) for v in chunks["index"]):
-    raise ValueError(f"{desc}: 0 of {len(source)} images of {source.name} could be scored; "
+    raise data_lib.DataError(f"{desc}: 0 of {len(source)} images of {source.name} could be scored; "
                      f"no metric can be computed. {source.skipped.summary()}")
   out = {}
   for k, v in chunks.items():
@@ -121,6 +121,50 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
                   constant_values=-1 if k == "box_labels" else 0) for a in v]
     out[k] = np.concatenate(v, axis=0)
   return out
+
+
+def validation_fn(model: Any, config: ml_collections.ConfigDict, mesh: Mesh
+                  ) -> Callable[[Any, Any], dict[str, float]]:
+  """A training run's validation pass: ``fn(params, source) -> {'loss', 'mAP'}``, the
+  validation loss (the paper's model-selection criterion) and single-view mAP.
+
+  One jitted evaluation step (``steps.jit_eval_step``) for the whole run; each call prepares
+  the parameters' evaluation-only forms once (``kernels.prepare_fn``) for all its batches.
+  """
+  loss_cfg = steps.LossConfig.from_config(config)
+  eval_fn = steps.jit_eval_step(model.apply, loss_cfg, mesh)
+  prepare = kernels.prepare_fn(config.model.conv_impl, mesh)
+  sharding = parallel.batch_sharding(mesh)
+
+  def validate(params: Any, source: Any) -> dict[str, float]:
+    variables = prepare({"params": params})
+    batches = data_lib.device_put_batches(
+        data_lib.eval_batches(source, global_batch_size=config.eval.batch_size,
+                              image_size=config.data.crop_size,
+                              num_workers=config.data.num_workers),
+        sharding, prefetch=config.data.prefetch)
+    total, weight = 0.0, 0.0
+    scores, labels, masks = [], [], []
+    for batch in batches:
+      out = eval_fn(variables, batch)
+      w = float(out["weight"])
+      total += float(out["loss"]) * w
+      weight += w
+      scores.append(parallel.to_host(out["scores"]))
+      labels.append(parallel.to_host(batch["labels"]))
+      masks.append(parallel.to_host(batch["mask"]) > 0)
+    keep = np.concatenate(masks)
+    if weight == 0:
+      # A loss of 0/0 would be kept as the best one: the model would be chosen on nothing.
+      raise data_lib.DataError(
+          f"validation pass over {source.name}: 0 of {len(source)} images scored "
+          f"({int(keep.sum())} read, none with a label the loss counts); no checkpoint can be "
+          f"chosen on it. {source.skipped.summary()}")
+    s = metrics.score_transform(np.concatenate(scores)[keep], config.eval.score_transform)
+    y = np.concatenate(labels)[keep]
+    return {"loss": total / weight,
+            "mAP": float(metrics.mean_average_precision(s, y, mode="all"))}
+  return validate
 
 
 def prf_transform(config: Any) -> str:
@@ -186,7 +230,7 @@ def pointing_scores(scored: Mapping[str, np.ndarray], *, seed: int = POINTING_CH
 # --------------------------------------------------------------------------- the report
 
 
-def _scales(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+def _scales(config: ml_collections.ConfigDict, stride: int) -> list[tuple[int, int]]:
   """(N, crop) per evaluation scale, keeping the config's image_size - crop_size offset."""
   offset = config.data.image_size - config.data.crop_size
   scales = list(config.eval.get("scales", ()) or (config.data.image_size,))
@@ -194,15 +238,16 @@ def _scales(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
   for n in scales:
     n = int(n)
     crop = n - offset
-    if crop <= 0 or crop % models.VGG16_STRIDE or n % models.VGG16_STRIDE:
+    if crop <= 0 or crop % stride or n % stride:
       raise ValueError(f"eval.scales entry {n}: N and N - {offset} must be positive "
-                       f"multiples of {models.VGG16_STRIDE}")
+                       f"multiples of {stride} (the trunk's stride)")
     out.append((n, crop))
   return out
 
 
 def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
-                        which: str = "best", split: str = "test") -> dict[str, Any]:
+                        which: str = "best", split: str = "test",
+                        ctx: context.RunContext | None = None) -> dict[str, Any]:
   """Evaluates a run's checkpoint on a split and writes WORKDIR/report/.
 
   Protocols (each with every metric of ``rma_jax.metrics``; scores after
@@ -224,29 +269,26 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   of every protocol go to ``report/scores.npz``.
 
   Args:
-    config: the run's config (configs/default.py).
+    config: the run's config (configs/default.py), checked.
     workdir: the run's folder (checkpoints are read from it, the report written into it).
     which: 'best' (lowest validation loss) or 'latest' checkpoint.
     split: 'test' (default), 'val' or 'train'.
+    ctx: the run's opened data (``context.open_run``); default: opened here, with the class
+      list the run recorded.
 
   Returns:
     the results dict that is written to report.json.
   """
   ev = config.eval
   params, step = checkpointing.load_params(workdir, which)
-  # The trained run's classes (recorded at training time; None for older workdirs).
-  sources = data_lib.get_sources(
-      config.data, seed=config.seed, class_names=data_lib.load_run_classes(workdir),
-      class_origin=os.path.join(workdir, data_lib.RUN_CLASSES_FILE))
+  ctx = ctx if ctx is not None else context.open_run(config, [workdir], check=False)
+  sources, mesh = ctx.sources, ctx.mesh
   source = getattr(sources, split)
-  class_names = list(sources.class_names)
+  class_names = list(ctx.class_names)
   model = build.build_model(config, len(class_names))
-  mesh = parallel.make_mesh()
   variables = jax.device_put({"params": params}, parallel.replicated(mesh))
-  # Once for every pass below: the parameters in the forms the CPU forward wants.
-  variables = eval_params.prepare_fn(config.model.conv_impl,
-                                     out_shardings=parallel.replicated(mesh))(variables)
-  convention = config.data.pixel_convention
+  # Once for every pass below: the parameters in the forms the CPU kernels want.
+  variables = kernels.prepare_fn(config.model.conv_impl, mesh)(variables)
   want_features = bool(ev.get("svm", False))
   common = dict(batch_size=ev.batch_size, mesh=mesh, num_workers=config.data.num_workers,
                 prefetch=config.data.prefetch)
@@ -254,15 +296,14 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
                workdir, split, len(source))
 
   passes: dict[str, dict[str, np.ndarray]] = {}
-  scales = _scales(config)
+  scales = _scales(config, model.stride)
 
   compiled: dict[tuple[int, bool], Callable] = {}  # one jitted function per (size, views)
 
   def run_protocol(src, name: str, n: int, crop: int, ten: bool) -> dict[str, np.ndarray]:
     if (crop, ten) not in compiled:
       compiled[crop, ten] = views.make_scores_fn(
-          model, crop_size=crop if ten else None, pixel_convention=convention,
-          return_features=want_features, mesh=mesh)
+          model, crop_size=crop if ten else None, return_features=want_features, mesh=mesh)
     fn = compiled[crop, ten]
     return score_source(fn, variables, src, image_size=n if ten else crop,
                         desc=f"{split}:{name}" if src is source else name, **common)

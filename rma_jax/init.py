@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from rma_jax import checkpointing, models, parallel, steps
+from rma_jax import checkpointing, errors, models, parallel, steps
 from rma_jax import workdir as workdir_lib
 from rma_jax.weights import WeightsMismatchError, load_pretrained
 
@@ -129,8 +129,8 @@ def _check_pixel_convention(workdir: str, convention: str) -> None:
     return
   trained = recorded.get("data", {}).get("pixel_convention")
   if trained and trained != convention:
-    raise ValueError(f"{workdir} was trained with data.pixel_convention={trained!r}, this run "
-                     f"uses {convention!r}; set them equal")
+    raise errors.ConfigError(f"{workdir} was trained with data.pixel_convention={trained!r}, "
+                             f"this run uses {convention!r}; set them equal")
 
 
 # --------------------------------------------------------------------------- tree surgery
@@ -141,16 +141,6 @@ def _unwrap(tree: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
   if set(tree) == {"params"}:
     return tree["params"], True
   return tree, False
-
-
-def _trunk_of(params: Mapping[str, Any], what: str) -> tuple[Mapping[str, Any], tuple[str, ...]]:
-  """The conv1_1 … conv5_3 subtree of a VGG16 (top level) or RMA (``trunk``) tree."""
-  if "trunk" in params:
-    return params["trunk"], ("trunk",)
-  if "conv1_1" in params:
-    return params, ()
-  raise ValueError(f"{what} is neither a VGG16 nor an RMA parameter tree "
-                   f"(top-level keys {sorted(params)})")
 
 
 def _like(value: Any, old: Any) -> Any:
@@ -192,7 +182,7 @@ def _copy_layers(params: Mapping[str, Any], prefix: tuple[str, ...],
     if name not in source:
       errors.append(f"{name}: missing from the {what}")
       continue
-    for leaf in ("kernel", "bias"):
+    for leaf in target.get(name) or ("kernel", "bias"):
       full = "/".join(prefix + (name, leaf))
       if leaf not in source[name] or leaf not in target.get(name, {}):
         errors.append(f"{full}: missing")
@@ -229,8 +219,8 @@ def init_trunk_from_pretrained(params: Mapping[str, Any], pretrained_params: Map
   """
   tree, wrapped = _unwrap(params)
   source, _ = _unwrap(pretrained_params)
-  source_trunk, _ = _trunk_of(source, "pretrained_params")
-  _, prefix = _trunk_of(tree, "params")
+  source_trunk, _ = models.trunk_params(source)
+  _, prefix = models.trunk_params(tree)
   new = _copy_layers(tree, prefix, source_trunk, models.vgg16_layer_names(), width,
                      "pretrained parameters")
   cell = new.get("attention", {}).get("cell", {})
@@ -244,21 +234,19 @@ def init_trunk_from_pretrained(params: Mapping[str, Any], pretrained_params: Map
   return {"params": new} if wrapped else new
 
 
-def init_rma_from_baseline(rma_params: Mapping[str, Any], baseline_params: Mapping[str, Any],
-                           *, fc6: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Stage 2 of the paper's two-step initialisation (§5.1).
+def init_rma_from_baseline(rma_params: Mapping[str, Any],
+                           baseline_params: Mapping[str, Any]) -> dict[str, Any]:
+  """Stage 2 of the paper's two-step initialisation (§5.1): the attention model's trunk from
+  the stage-1 baseline's.
 
   Args:
     rma_params: a freshly initialised ``RMA`` tree (bare or ``{'params': …}``); its
-      attention layers other than fc6 (LSTM, ``W_hz``, ``W_zs``, ``W_zm``) are kept.
-    baseline_params: the stage-1 ``VGG16`` tree (its ``head`` is not used), or any tree
-      with the trunk convs at the top or under ``trunk``.
-    fc6: ``{'kernel': (S*S*C, x_dim), 'bias': (x_dim,)}``, the ImageNet fc6 to initialise
-      ``W_fx`` with (e.g. ``load_pretrained(dir)[0]['fc6']``); ``None`` keeps the fresh
-      ``W_fx``. Shapes must match exactly.
+      attention layers (``W_fx``, the LSTM, ``W_hz``, ``W_zs``, ``W_zm``) are kept.
+    baseline_params: the stage-1 ``Baseline`` tree (its ``head`` is not used), or any tree
+      with the same trunk at the top or under ``trunk``.
 
   Returns:
-    A new RMA tree: trunk = stage-1 convs, ``W_fx`` = fc6 when given, the rest unchanged.
+    A new RMA tree: every layer of its trunk from stage 1, the rest unchanged.
 
   Raises:
     WeightsMismatchError: naming every missing or mismatching tensor.
@@ -267,9 +255,7 @@ def init_rma_from_baseline(rma_params: Mapping[str, Any], baseline_params: Mappi
   if "trunk" not in tree or "attention" not in tree:
     raise ValueError(f"rma_params is not an RMA tree (top-level keys {sorted(tree)})")
   source, _ = _unwrap(baseline_params)
-  source_trunk, _ = _trunk_of(source, "baseline_params")
-  new = _copy_layers(tree, ("trunk",), source_trunk, models.vgg16_layer_names(), 1,
+  source_trunk, _ = models.trunk_params(source)
+  new = _copy_layers(tree, ("trunk",), source_trunk, sorted(tree["trunk"]), 1,
                      "stage-1 parameters")
-  if fc6 is not None:
-    new = _copy_layers(new, ("attention", "cell"), {"fc6": fc6}, ["fc6"], 1, "fc6 weights")
   return {"params": new} if wrapped else new

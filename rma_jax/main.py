@@ -13,7 +13,10 @@ Modes (--mode): train (both stages of the recipe, then the evaluation and the re
 from WORKDIR), evaluate (the report of a trained WORKDIR), predict (label images and draw
 their regions), fuse (average evaluated runs), show_config (print the config and stop).
 Every config field can be set with --config.FIELD=VALUE; --help lists them with their
-defaults. Library INFO lines (Orbax, clu, JAX) are shown with --verbosity=1.
+defaults. A run refused for a reason you can fix (a config value, unusable data, a workdir in
+use, a missing file) prints one line that names the field or file and the fix, and exits with
+status 2. --verbosity=1 shows library INFO lines (Orbax, clu, JAX) and such a refusal's
+traceback.
 
 Multi-host: start the same command on every host. With --coordinator_address (and
 --num_processes, --process_id) or on Cloud TPU / SLURM, ``jax.distributed.initialize()``
@@ -40,9 +43,8 @@ import ml_collections
 from ml_collections import config_flags
 
 from rma_jax import configs
-from rma_jax import config_checks, console, evaluate, fuse, predict, run
+from rma_jax import config_checks, console, errors, evaluate, fuse, predict, run
 from rma_jax import workdir as workdir_lib
-from rma_jax.data import tfds_source
 
 MODES = ("train", "evaluate", "predict", "fuse", "show_config")
 
@@ -84,35 +86,42 @@ def main(argv):
     return
   if FLAGS.workdir is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir=DIR")
-  if (FLAGS.config is not None and FLAGS.config.data.get("source") == "tfds"
-      and tfds_source.missing_message()):
-    # One line before anything starts (validate_config lists it too, for library callers).
-    raise SystemExit(f"error: {tfds_source.missing_message()}")
+  if FLAGS.mode == "fuse" and len(FLAGS.fuse_workdirs) < 2:
+    raise app.UsageError("--mode=fuse needs --fuse_workdirs=WORKDIR1,WORKDIR2[,...]")
+  if FLAGS.mode != "fuse" and FLAGS.config is None:
+    raise app.UsageError(f"--mode={FLAGS.mode} needs --config=CONFIG_FILE")
+  if FLAGS.mode == "predict" and not FLAGS.inputs:
+    raise app.UsageError("--mode=predict needs --inputs=FILE_OR_FOLDER[,...]")
   _maybe_initialize_distributed()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
-  if FLAGS.mode == "fuse":
-    if len(FLAGS.fuse_workdirs) < 2:
-      raise app.UsageError("--mode=fuse needs --fuse_workdirs=WORKDIR1,WORKDIR2[,...]")
-    fuse.fuse_workdirs(FLAGS.fuse_workdirs, FLAGS.workdir)
-    return
-  config = FLAGS.config
-  if config is None:
-    raise app.UsageError(f"--mode={FLAGS.mode} needs --config=CONFIG_FILE")
-  if FLAGS.mode == "train":
-    run.train_and_evaluate(config, FLAGS.workdir)  # checks the config first
-    return
-  config_checks.validate_config(config)
-  if FLAGS.mode == "evaluate":
-    evaluate.evaluate_and_report(config, FLAGS.workdir)
+  try:
+    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  except (errors.UserError, FileNotFoundError) as e:
+    if FLAGS.verbosity >= 1:
+      raise
+    # A refusal the user acts on: its message names the field or file and the fix.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_STATUS)
+
+
+def run_mode(mode: str, config: ml_collections.ConfigDict | None, workdir: str) -> None:
+  """What ``--mode`` asks for, once the flags are checked."""
+  if mode == "fuse":
+    fuse.fuse_workdirs(FLAGS.fuse_workdirs, workdir)
+  elif mode == "train":
+    run.train_and_evaluate(config, workdir)  # checks the config first
   else:
-    if not FLAGS.inputs:
-      raise app.UsageError("--mode=predict needs --inputs=FILE_OR_FOLDER[,...]")
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")
-    result = predict.run(config, FLAGS.workdir, FLAGS.inputs, out)
+    config_checks.validate_config(config)
+    if mode == "evaluate":
+      evaluate.evaluate_and_report(config, workdir)
+      return
+    out = FLAGS.out or os.path.join(workdir, "predictions")
+    result = predict.run(config, workdir, FLAGS.inputs, out)
     if not result["images"]:
-      raise SystemExit(f"predict: no image was labelled; the {len(result['skipped'])} skipped "
-                       f"inputs and why are in {os.path.join(out, 'predictions.json')}")
+      raise errors.UserError(
+          f"predict: no image was labelled; the {len(result['skipped'])} skipped inputs and "
+          f"why are in {os.path.join(out, 'predictions.json')}")
 
 
 # ----------------------------------------------------------------------------- --help

@@ -32,11 +32,9 @@ from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from rma_jax import paths
+
 HPARAMS_TAG = "hparams"
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
 
 
 class LoggingWriter:
@@ -69,7 +67,7 @@ class SummaryWriter(LoggingWriter):
   def __init__(self, logdir: str | os.PathLike, *, roll_on_flush: bool | None = None):
     self._logdir = epath.Path(logdir)
     self._logdir.mkdir(parents=True, exist_ok=True)
-    self._roll = _is_remote(os.fspath(logdir)) if roll_on_flush is None else roll_on_flush
+    self._roll = paths.is_remote(logdir) if roll_on_flush is None else roll_on_flush
     self._count = 0
     self._file = None
     self._records: RecordWriter | None = None

@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import optax
 
+from rma_jax import models
+
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
@@ -92,11 +94,6 @@ def anchor_weight_schedule(loss: ml_collections.ConfigDict, steps_per_epoch: int
   return weight
 
 
-def _is_trunk(path: tuple[Any, ...]) -> bool:
-  name = str(getattr(path[0], "key", path[0]))
-  return name == "trunk" or name.startswith("conv")
-
-
 def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
   """Adam (b1, b2) with optional global-norm clipping and a trunk learning-rate multiplier.
@@ -115,7 +112,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule
       tx = optax.multi_transform(
           {"trunk": adam(optim.trunk_lr_multiplier), "head": adam(1.0)},
           lambda params: jax.tree_util.tree_map_with_path(
-              lambda p, _: "trunk" if _is_trunk(p) else "head", params))
+              lambda p, _: "trunk" if models.is_trunk_param(p) else "head", params))
     else:
       tx = adam(1.0)
     if optim.grad_clip_norm > 0:

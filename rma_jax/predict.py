@@ -36,31 +36,10 @@ import numpy as np
 from PIL import Image
 
 from rma_jax import paths as paths_lib
-from rma_jax import build, checkpointing, eval_params, metrics, regions, views, visualize
-from rma_jax.data import classes as data_classes
+from rma_jax import build, checkpointing, context, kernels, metrics, regions, views, visualize
 from rma_jax.data import decode, preprocess
 
 _DRAW_MAX_SIDE = 1024  # pictures of larger images are drawn on a downscaled copy
-
-
-def class_names_for(config: ml_collections.ConfigDict, num_classes: int | None = None,
-                    workdir: str | None = None) -> tuple[str, ...]:
-  """The class names of a trained run, in the model's order (no data is read).
-
-  From ``WORKDIR/classes.json`` (written by training); for workdirs without it (older runs,
-  or none given), the fixed list of ``config.data.name`` (voc2007, coco2014, demo).
-  """
-  name = config.data.name
-  names = data_classes.load_run_classes(workdir)
-  if names is None:
-    if name not in data_classes.BUILTIN_CLASSES:
-      raise ValueError(f"no class list: {workdir or 'no workdir'} has no "
-                       f"{data_classes.RUN_CLASSES_FILE} and data.name={name!r} has no fixed "
-                       "class list; point --workdir at the trained run")
-    names = data_classes.BUILTIN_CLASSES[name]
-  if num_classes is not None and len(names) != num_classes:
-    raise ValueError(f"{name} has {len(names)} classes, the model {num_classes}")
-  return tuple(names)
 
 
 def _not_regular(path: str) -> str | None:
@@ -200,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   step = None
   if params is None:
     params, step = checkpointing.load_params(workdir, which)
-  names = class_names_for(config, workdir=workdir)
+  names = context.trained_class_names(config, workdir)
   model = build.build_model(config, len(names))
   size = config.data.crop_size
   batch_size = batch_size or config.eval.batch_size
@@ -213,8 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
       "workdir": paths_lib.absolute(workdir) if workdir else None, "checkpoint_step": step,
       "model": config.model.name, "class_names": list(names), "score_transform": transform,
       "input_size": size, "images": [], "skipped": []}
-  fn = views.make_scores_fn(model, crop_size=None,
-                            pixel_convention=config.data.pixel_convention)
+  fn = views.make_scores_fn(model, crop_size=None)
   variables = {"params": params}
   used: set[str] = set()
 
@@ -259,8 +237,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
 
   files, skipped = list_inputs(inputs)
   result["skipped"] = skipped
-  if -(-len(files) // batch_size) >= eval_params.MIN_CALLS:
-    variables = eval_params.prepare_fn(config.model.conv_impl)(variables)
+  if -(-len(files) // batch_size) >= kernels.MIN_CALLS:
+    variables = kernels.prepare_fn(config.model.conv_impl)(variables)
   for s in skipped:
     print(f"skipped {s['file']}: {s['reason']}")
   try:

@@ -23,23 +23,21 @@ import ml_collections
 import numpy as np
 import optax
 
-from rma_jax import conv, losses, optimizer, parallel
-from rma_jax.data import preprocess
+from rma_jax import losses, optimizer, parallel
 
 TrainState = train_state.TrainState
 
 
 @struct.dataclass
 class LossConfig:
-  """The loss settings of the steps (``config.loss``), and the pixel convention of the data.
+  """The loss settings of the steps (``config.loss``).
 
   A pytree: the numbers and switches of Eq. 9-14 are its leaves, so a jitted step takes them
   as traced arguments and one compiled step serves every setting of the same structure (the
   ablations' loss variants; an anchor weight that changes by epoch). ``classification``
-  (which loss function) and ``pixel_convention`` are static.
+  (which loss function) is static.
   """
   classification: str = struct.field(pytree_node=False, default="softmax_euclidean")
-  pixel_convention: str = struct.field(pytree_node=False, default="caffe")
   gamma: float = 0.1
   alpha: float = 0.5
   beta: float = 0.1
@@ -53,10 +51,7 @@ class LossConfig:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
     # Fields missing from an older config keep their defaults (the paper's setting).
-    fields = {f.name: f.default for f in dataclasses.fields(cls)
-              if f.name != "pixel_convention"}
-    return cls(pixel_convention=config.data.pixel_convention,
-               **{k: config.loss.get(k, d) for k, d in fields.items()})
+    return cls(**{f.name: config.loss.get(f.name, f.default) for f in dataclasses.fields(cls)})
 
   def total_loss(self, outputs: dict[str, jax.Array], labels: jax.Array,
                  mask: jax.Array | None = None,
@@ -74,8 +69,7 @@ class LossConfig:
       (loss, {'loss', 'cls_loss', 'loc_loss'}).
     """
     theta = outputs.get("theta")
-    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name != "pixel_convention"}
+    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     return losses.total_loss(outputs["scores"], labels,
                              None if theta is None else theta[:, 1:], mask=mask,
                              denominators=denominators, return_terms=True, **kwargs)
@@ -87,19 +81,6 @@ class LossConfig:
         f.name: np.asarray(getattr(self, f.name),
                            np.bool_ if f.name.startswith("use_") else np.float32)
         for f in dataclasses.fields(self) if f.metadata.get("pytree_node", True)})
-
-
-def model_outputs(params: Any, apply_fn: Callable, images: jax.Array,
-                  pixel_convention: str, inference: Any = None, **kwargs
-                  ) -> dict[str, jax.Array]:
-  """Normalises uint8 images on device and runs the model; always returns a dict.
-  ``inference``: the evaluation-only parameter forms of ``params``, if prepared
-  (``rma_jax.eval_params``; never in a train step)."""
-  variables = {"params": params}
-  if inference:
-    variables[conv.INFERENCE_COLLECTION] = inference
-  out = apply_fn(variables, preprocess.normalize(images, pixel_convention), **kwargs)
-  return out if isinstance(out, dict) else {"scores": out}
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
@@ -170,7 +151,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
       labels, mask, loss_cfg.classification).items()}
 
   def loss_fn(params, micro):
-    outputs = model_outputs(params, state.apply_fn, micro["image"], loss_cfg.pixel_convention)
+    outputs = state.apply_fn({"params": params}, micro["image"])
     return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -196,18 +177,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
   return state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], inference: Any = None, *,
-              apply_fn: Callable, loss_cfg: LossConfig) -> dict[str, jax.Array]:
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
+              loss_cfg: LossConfig) -> dict[str, jax.Array]:
   """Loss and scores on an evaluation batch (padding rows have ``mask`` 0).
 
-  ``inference``: the evaluation-only forms of ``params`` (``eval_params.prepare``'s
-  ``COLLECTION``), prepared once per validation pass; ``{}`` or None: none.
+  ``variables``: ``{'params': ...}``, and any further collection the model's building blocks
+  read in evaluation.
 
   Returns ``loss`` (batch mean over real, labelled images), ``weight`` (their number, to
   average across batches), ``scores`` (B, C) raw scores.
   """
-  outputs = model_outputs(params, apply_fn, batch["image"], loss_cfg.pixel_convention,
-                          inference)
+  outputs = apply_fn(variables, batch["image"])
   mask = batch["mask"]
   loss, _ = loss_cfg.total_loss(outputs, batch["labels"], mask)
   weight = jnp.sum(losses.loss_weights(batch["labels"], mask, loss_cfg.classification)["cls"])
@@ -250,9 +230,9 @@ def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1
 
 
 def jit_eval_step(apply_fn: Callable, loss_cfg: LossConfig, mesh: Mesh) -> Callable:
-  """``eval_step`` jitted over ``mesh``: ``fn(params, batch, inference)``, parameters and
-  their evaluation-only forms (``{}`` for none) replicated, batch and scores sharded."""
+  """``eval_step`` jitted over ``mesh``: ``fn(variables, batch)``, variables replicated,
+  batch and scores sharded."""
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg),
-                 in_shardings=(replicated, sharded, replicated),
+                 in_shardings=(replicated, sharded),
                  out_shardings={"loss": replicated, "weight": replicated, "scores": sharded})

@@ -1,11 +1,12 @@
 """The training loop: one stage of training in one workdir (docs/design.md §3).
 
-``train`` opens the data, builds the model and optimizer, starts from the state
+``train_stage`` builds the model and optimizer, starts from the state
 ``rma_jax.init.initial_state`` chooses (resume, stage-1 checkpoint, ImageNet weights or
 scratch), then steps: metrics every ``log_every_steps``, a validation pass every
 ``eval_every_epochs`` (the best checkpoint by validation loss, paper §5.1), the latest
-checkpoint every ``checkpoint_every_steps``. The steps themselves are ``rma_jax.steps``;
-both stages of the paper's recipe and the final evaluation are ``rma_jax.run``.
+checkpoint every ``checkpoint_every_steps``. The steps themselves are ``rma_jax.steps``,
+the validation pass ``rma_jax.evaluate.validation_fn``; ``train`` is one stage on its own,
+and both stages of the paper's recipe and the final evaluation are ``rma_jax.run``.
 
 Neither importing this module nor training imports TensorFlow: TensorBoard files are
 written by ``rma_jax.metric_writer`` (TensorFlow is needed for TFDS data only).
@@ -13,70 +14,61 @@ written by ``rma_jax.metric_writer`` (TensorFlow is needed for TFDS data only).
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 from clu import parameter_overview
 import jax
-from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
 
-from rma_jax import (build, checkpointing, config_checks, console, eval_params, init,
-                     metric_writer, metrics, optimizer, parallel, steps)
+from rma_jax import (build, checkpointing, config_checks, console, context, errors, evaluate,
+                     init, metric_writer, optimizer, parallel, steps)
 from rma_jax import data as data_lib
 from rma_jax import workdir as workdir_lib
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """One training run; checks the config first (``config_checks.validate_config``).
+  """One training run on its own, in one workdir: checks the config
+  (``config_checks.validate_config``), holds the workdir (``rma_jax.workdir.hold``: a second
+  run on it stops at once), checks a resume's config against the recorded one, opens the
+  data and trains (``train_stage``).
 
   Returns:
     {'step', 'best_val_loss', 'best_step', 'start_step'} (the step it started or resumed
     from).
   """
   config_checks.validate_config(config)
-  return train_stage(config, workdir, console.JobClock([("Training", config)]))
-
-
-def train_stage(config: ml_collections.ConfigDict, workdir: str,
-                clock: console.JobClock) -> dict[str, Any]:
-  """``train`` of a config the caller has checked, as the next stage of ``clock``'s job.
-
-  Holds the workdir (``rma_jax.workdir.hold``: a second run on it stops at once) and, when
-  it resumes, checks the config against the recorded one before anything else.
-  """
   with workdir_lib.hold(workdir):
-    changes = workdir_lib.check_config(config, workdir,
-                                       checkpointing.has_steps(workdir, checkpointing.LATEST))
-    return _train(config, workdir, changes, clock)
+    changes = check_resume(config, workdir)
+    ctx = context.open_run(config, [workdir])
+    return train_stage(config, workdir, ctx, changes, console.JobClock([("Training", config)]))
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           changes: dict[str, tuple[Any, Any]], clock: console.JobClock) -> dict[str, Any]:
-  """``train_stage`` once the workdir is held and the config checked (``changes`` since the
-  last recorded start)."""
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
+  """The config changes since the workdir's last recorded start; raises when a resume may
+  not make them (``workdir.check_config``)."""
+  return workdir_lib.check_config(config, workdir,
+                                  checkpointing.has_steps(workdir, checkpointing.LATEST))
+
+
+def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.RunContext,
+                changes: dict[str, tuple[Any, Any]], clock: console.JobClock
+                ) -> dict[str, Any]:
+  """One stage of a run whose config is checked (``changes``: ``check_resume``'s), whose
+  workdir is held and whose data is open (``ctx``), as the next stage of ``clock``'s job;
+  returns as ``train``."""
   is_chief = jax.process_index() == 0
-
-  # Mesh and data. A workdir keeps the class list of its first run (WORKDIR/classes.json).
-  mesh = parallel.make_mesh()
-  recorded = data_lib.load_run_classes(workdir)
-  sources = data_lib.get_sources(
-      config.data, seed=config.seed, class_names=recorded,
-      class_origin=os.path.join(workdir, data_lib.RUN_CLASSES_FILE) + " (this workdir's run)")
-  if is_chief and recorded is None:
-    data_lib.save_run_classes(workdir, sources.class_names, origin=sources.class_origin,
-                              dataset=config.data.name)
-  config_checks.check_sources(config, sources)
+  mesh, sources = ctx.mesh, ctx.sources
+  ctx.record_classes(workdir, config.data.name)
   o = config.optim
   # Every step count (schedule, warm-up, max_steps, logging, checkpoints, the ETA) is in
   # optimizer steps: one global batch, however many micro-batches the step accumulates.
   plan = optimizer.StepPlan.from_config(config, len(sources.train))
 
   # Model, optimizer, state: resumed or initialised (the order is in rma_jax.init).
-  model = build.build_model(config, len(sources.class_names))
+  model = build.build_model(config, len(ctx.class_names))
   schedule = optimizer.learning_rate_schedule(o.learning_rate, o, plan.steps_per_epoch,
                                               plan.total_steps)
   tx = optimizer.make_optimizer(o, schedule)
@@ -99,9 +91,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   loss_cfg = steps.LossConfig.from_config(config)
   anchor_weight = optimizer.anchor_weight_schedule(config.loss, plan.steps_per_epoch)
   step_fn = steps.jit_train_step(loss_cfg, mesh, o.grad_accum_steps)
-  eval_fn = steps.jit_eval_step(model.apply, loss_cfg, mesh)
-  forms_fn = eval_params.forms_fn(config.model.conv_impl,
-                                  out_shardings=parallel.replicated(mesh))
+  validate = evaluate.validation_fn(model, config, mesh)
   sharding = parallel.batch_sharding(mesh)
   batches = data_lib.device_put_batches(
       data_lib.train_batches(sources.train, global_batch_size=o.batch_size,
@@ -161,7 +151,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         flush_metrics(step)
         clock.step_done(step)
         started = time.monotonic()
-        val = evaluate_loss(eval_fn, state.params, sources.val, config, sharding, forms_fn)
+        val = validate(state.params, sources.val)
         writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
         improved = val["loss"] < best_val
         if improved:
@@ -189,8 +179,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   return result
 
 
+class NonFiniteError(errors.UserError, FloatingPointError):
+  """A non-finite loss or state stopped the run (the message names the last checkpoint)."""
+
+
 def _nonfinite_error(metrics_: dict[str, Any], step: int, latest: Any,
-                     best: Any) -> FloatingPointError:
+                     best: Any) -> NonFiniteError:
   """The error that stops a run at a non-finite loss or state, naming the last checkpoint."""
   if metrics_["nonfinite"] > 0:
     what = f"non-finite loss at step {step}"
@@ -207,43 +201,7 @@ def _nonfinite_error(metrics_: dict[str, Any], step: int, latest: Any,
     where = (f"Nothing of it was saved; the newest checkpoint, step {last} in "
              f"{latest.directory}, holds finite values. Lower optim.learning_rate or set "
              "optim.grad_clip_norm and resume from it with --config.allow_config_change=True.")
-  return FloatingPointError(f"{what}: the run stops here. {where}")
-
-
-def evaluate_loss(eval_fn: Callable, params: Any, source: Any, config: ml_collections.ConfigDict,
-                  sharding: NamedSharding, forms_fn: Callable | None = None
-                  ) -> dict[str, float]:
-  """Validation loss (the paper's model-selection criterion) and single-view mAP.
-
-  ``forms_fn``: ``eval_params.forms`` (jitted), run once on ``params`` for the whole pass.
-  """
-  inference = {} if forms_fn is None else forms_fn(params)
-  batches = data_lib.device_put_batches(
-      data_lib.eval_batches(source, global_batch_size=config.eval.batch_size,
-                            image_size=config.data.crop_size,
-                            num_workers=config.data.num_workers),
-      sharding, prefetch=config.data.prefetch)
-  total, weight = 0.0, 0.0
-  scores, labels, masks = [], [], []
-  for batch in batches:
-    out = eval_fn(params, batch, inference)
-    w = float(out["weight"])
-    total += float(out["loss"]) * w
-    weight += w
-    scores.append(parallel.to_host(out["scores"]))
-    labels.append(parallel.to_host(batch["labels"]))
-    masks.append(parallel.to_host(batch["mask"]) > 0)
-  keep = np.concatenate(masks)
-  if weight == 0:
-    # A loss of 0/0 would be kept as the best one: the model would be chosen on nothing.
-    raise ValueError(
-        f"validation pass over {source.name}: 0 of {len(source)} images scored ({int(keep.sum())}"
-        f" read, none with a label the loss counts); no checkpoint can be chosen on it. "
-        f"{source.skipped.summary()}")
-  s = metrics.score_transform(np.concatenate(scores)[keep], config.eval.score_transform)
-  y = np.concatenate(labels)[keep]
-  return {"loss": total / weight,
-          "mAP": float(metrics.mean_average_precision(s, y, mode="all"))}
+  return NonFiniteError(f"{what}: the run stops here. {where}")
 
 
 def _best_metric(manager) -> float:

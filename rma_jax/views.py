@@ -32,13 +32,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
-from rma_jax import models, parallel
-from rma_jax.data import preprocess
+from rma_jax import parallel
 
 NUM_VIEWS = 10
-VIEW_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "centre",
-              "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip",
-              "centre_flip")
 
 
 
@@ -63,7 +59,7 @@ def crop_views(fmap: jax.Array, patch: int | tuple[int, int]) -> jax.Array:
     patch: crop size on the map (``crop_size // 16``), an int or (h, w).
 
   Returns:
-    (10, B, h, w, C) in the order of ``VIEW_NAMES``.
+    (10, B, h, w, C) in the view order of the module docstring.
   """
   ph, pw = (patch, patch) if isinstance(patch, int) else patch
   _, h, w, _ = fmap.shape
@@ -73,7 +69,8 @@ def crop_views(fmap: jax.Array, patch: int | tuple[int, int]) -> jax.Array:
 
 
 def trunk_features(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-  """(B, H, W, 3) normalised images -> (B, H/16, W/16, C') conv5_3 map (``model.features``)."""
+  """(B, H, W, 3) images -> the trunk's (B, H/s, W/s, C') map (``model.features``; s the
+  trunk's stride, 16 for VGG-16's conv5_3)."""
   return model.apply(variables, images, method="features")
 
 
@@ -90,40 +87,37 @@ def head_outputs(model: nn.Module, variables: Any, fmaps: jax.Array,
 
 
 def single_view_scores(model: nn.Module, variables: Any, images: jax.Array, *,
-                       pixel_convention: str | None = None,
                        return_features: bool = False) -> dict[str, jax.Array]:
   """Scores whole images (resized to the single-view size, e.g. N - 64).
 
   Args:
-    model: ``RMA`` or the ``VGG16`` baseline (with ``num_classes``).
+    model: ``models.RMA`` or ``models.Baseline``.
     variables: ``{'params': ...}``.
-    images: (B, S, S, 3), uint8 when ``pixel_convention`` is given (normalised here, on
-      device), else already-normalised floats.
-    pixel_convention: 'caffe' | 'torch' | 'unit', or None.
+    images: (B, S, S, 3) images as the model takes them (uint8, normalised by the model to
+      its ``pixel_convention``).
     return_features: also return ``features`` (see ``head_outputs``).
 
   Returns:
     ``scores`` (B, C) raw scores; RMA: ``region_scores`` (B, K, C), ``theta`` (B, K+1, 4);
     optionally ``features`` (B, D).
   """
-  fmap = trunk_features(model, variables, preprocess.normalize(images, pixel_convention))
+  fmap = trunk_features(model, variables, images)
   return head_outputs(model, variables, fmap, return_features)
 
 
 def ten_view_scores(model: nn.Module, variables: Any, images: jax.Array, *, crop_size: int,
-                    pixel_convention: str | None = None,
                     return_features: bool = False) -> dict[str, jax.Array]:
   """Ten-view scores from one trunk pass per image (paper §5.1, docs/design.md §4).
 
-  Jittable; ``model``, ``crop_size``, ``pixel_convention`` and ``return_features`` are
-  static (see ``make_scores_fn``).
+  Jittable; ``model``, ``crop_size`` and ``return_features`` are static (see
+  ``make_scores_fn``).
 
   Args:
-    model: ``RMA`` or the ``VGG16`` baseline (with ``num_classes``).
+    model: ``models.RMA`` or ``models.Baseline``.
     variables: ``{'params': ...}``.
-    images: (B, N, N, 3), uint8 when ``pixel_convention`` is given, else normalised floats.
-    crop_size: the patch size in pixels (N - 64 in the paper); a multiple of 16.
-    pixel_convention: 'caffe' | 'torch' | 'unit', or None.
+    images: (B, N, N, 3) images as the model takes them.
+    crop_size: the patch size in pixels (N - 64 in the paper); a multiple of the trunk's
+      stride (``model.stride``).
     return_features: also return ``features``.
 
   Returns:
@@ -132,11 +126,12 @@ def ten_view_scores(model: nn.Module, variables: Any, images: jax.Array, *, crop
     ``theta`` (B, 10, K+1, 4) per view, in the view's own frame; with ``return_features``:
     ``features`` (B, D), the view-averaged max-pooled region features (the SVM input).
   """
-  if crop_size % models.VGG16_STRIDE:
-    raise ValueError(f"crop_size={crop_size} must be a multiple of {models.VGG16_STRIDE}")
+  if crop_size % model.stride:
+    raise ValueError(f"crop_size={crop_size} must be a multiple of the trunk's stride "
+                     f"{model.stride}")
   batch = images.shape[0]
-  fmap = trunk_features(model, variables, preprocess.normalize(images, pixel_convention))
-  views = crop_views(fmap, crop_size // models.VGG16_STRIDE)  # (10, B, p, p, C')
+  fmap = trunk_features(model, variables, images)
+  views = crop_views(fmap, crop_size // model.stride)  # (10, B, p, p, C')
   # One attention call on all views: the batch axis is (view, image), view-major.
   out = head_outputs(model, variables, views.reshape(NUM_VIEWS * batch, *views.shape[2:]),
                      return_features)
@@ -150,16 +145,15 @@ def ten_view_scores(model: nn.Module, variables: Any, images: jax.Array, *, crop
   return result
 
 
-def make_scores_fn(model: nn.Module, *, crop_size: int | None, pixel_convention: str | None,
-                   return_features: bool = False, mesh: Mesh | None = None) -> Callable:
+def make_scores_fn(model: nn.Module, *, crop_size: int | None, return_features: bool = False,
+                   mesh: Mesh | None = None) -> Callable:
   """``fn(variables, images) -> dict``: single view (``crop_size=None``) or ten-view, jitted
   once; with a mesh, variables replicated and the batch sharded over ``data``."""
   if crop_size is None:
-    fn = functools.partial(single_view_scores, model, pixel_convention=pixel_convention,
-                           return_features=return_features)
+    fn = functools.partial(single_view_scores, model, return_features=return_features)
   else:
     fn = functools.partial(ten_view_scores, model, crop_size=crop_size,
-                           pixel_convention=pixel_convention, return_features=return_features)
+                           return_features=return_features)
   if mesh is None:
     return jax.jit(fn)
   return jax.jit(fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),

@@ -43,16 +43,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from rma_jax import paths
+from rma_jax import errors, paths
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 
 ARCHITECTURE_FIELDS = (
-    "data.name", "model.name", "model.width", "model.num_regions", "model.sample_size",
-    "model.x_dim", "model.hidden_dim", "model.z_dim", "model.standard_lstm",
-    "model.fixed_regions")
+    "data.name", "model.name", "model.trunk", "model.width", "model.num_regions",
+    "model.sample_size", "model.x_dim", "model.hidden_dim", "model.z_dim",
+    "model.standard_lstm", "model.fixed_regions")
 """Fields that define the model a checkpoint holds (data.name: the number of classes)."""
 
 FREE_FIELDS = (
@@ -64,11 +64,11 @@ this workdir (a stage-1 run checks its own fields in WORKDIR/stage1); remat and 
 give the same results."""
 
 
-class WorkdirInUseError(RuntimeError):
+class WorkdirInUseError(errors.UserError, RuntimeError):
   """Another run holds the workdir."""
 
 
-class ConfigChangeError(ValueError):
+class ConfigChangeError(errors.UserError, ValueError):
   """A resume with a config the checkpoints were not trained with."""
 
 

@@ -28,8 +28,8 @@ def main_cli(workdir, *flags, timeout=600):
   import subprocess  # pylint: disable=g-import-not-at-top
   cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/demo.py:tiny",
          f"--workdir={workdir}", *TINY, *flags]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=1 " + os.environ.get("RMA_TEST_XLA_FLAGS", "")))
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
 

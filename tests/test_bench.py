@@ -72,11 +72,12 @@ def test_markdown_table_rows_and_ratio():
   assert row[10] == "200" and row[12] == "50.0" and row[13] == "1024 / –"
 
 
+@pytest.mark.slow
 def test_cli_smoke_records_every_case_as_json_and_markdown(tmp_path):
   """``python -m benchmarks.bench --smoke``: one JSON record per case, printed and appended
   to --json_out, with PyTorch beside it where torch is installed, and the Markdown table."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ.get("RMA_TEST_XLA_FLAGS", "")  # one device
   out_json, out_md = tmp_path / "b.jsonl", tmp_path / "b.md"
   torch = bench_torch.torch_available()
   proc = subprocess.run(
@@ -116,10 +117,11 @@ def test_cli_smoke_records_every_case_as_json_and_markdown(tmp_path):
   assert f"| train | {CROP}² | 2 |" in table and f"| latency_ten_view | {N}² | 1 |" in table
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_on_cpu():
   """launch/gpu_check.py --smoke: correctness vs the CPU reference passes, one table."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ.get("RMA_TEST_XLA_FLAGS", "")  # one device
   proc = subprocess.run([sys.executable, "launch/gpu_check.py", "--smoke"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rma_jax.pixels import normalize
 from rma_jax.data import (BadExampleError, RecordSource, device_put_batches, eval_batches,
-                          eval_transform, normalize, train_batches, train_transform)
+                          eval_transform, train_batches, train_transform)
 from rma_jax.data.source import make_record
 
 N, CROP, C = 32, 24, 5
@@ -250,8 +251,8 @@ def test_device_put_batches_on_four_host_devices():
         np.testing.assert_array_equal(np.asarray(b["image"]), h["image"])
       print("OK")
       """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=4 " + os.environ.get("RMA_TEST_XLA_FLAGS", "")))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                      text=True, timeout=120)

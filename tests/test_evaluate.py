@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.svm import LinearSVC
 
-from rma_jax import (build, checkpointing, evaluate, models, regions, report, steps,
+from rma_jax import (build, checkpointing, evaluate, models, pixels, regions, report, steps,
                      svm)
 from rma_jax import views as views_lib
 from rma_jax.data import preprocess
@@ -25,11 +25,10 @@ from rma_jax.data import preprocess
 K = 3
 C = 4
 TOL = dict(rtol=1e-4, atol=1e-5)
-STATIC = dict(static_argnums=0,
-              static_argnames=("crop_size", "pixel_convention", "return_features"))
+STATIC = dict(static_argnums=0, static_argnames=("crop_size", "return_features"))
 ten_view = jax.jit(views_lib.ten_view_scores, **STATIC)
 single_view = jax.jit(views_lib.single_view_scores, static_argnums=0,
-                      static_argnames=("pixel_convention", "return_features"))
+                      static_argnames=("return_features",))
 
 
 def fast_params(model, image_size=32, seed=0):
@@ -155,11 +154,13 @@ def test_equals_single_view_when_crop_is_the_whole_image(rma_and_vars):
   np.testing.assert_allclose(ten["scores"], (single["scores"] + flipped["scores"]) / 2, **TOL)
 
 
-def test_uint8_input_is_normalised_on_device(rma_and_vars):
+def test_uint8_input_is_normalised_by_the_model_on_device(rma_and_vars):
+  """A model with a pixel convention takes uint8 images and normalises them as its first
+  operation: the same scores as the model without one on the normalised images."""
   model, variables = rma_and_vars
   raw = jax.random.randint(jax.random.key(3), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
-  a = ten_view(model, variables, raw, crop_size=48, pixel_convention="caffe")
-  b = ten_view(model, variables, preprocess.normalize(raw, "caffe"), crop_size=48)
+  a = ten_view(model.clone(pixel_convention="caffe"), variables, raw, crop_size=48)
+  b = ten_view(model, variables, pixels.normalize(raw, "caffe"), crop_size=48)
   np.testing.assert_allclose(a["scores"], b["scores"], **TOL)
 
 
@@ -167,7 +168,7 @@ def test_uint8_input_is_normalised_on_device(rma_and_vars):
 def test_baseline_ten_view_matches_a_loop(pool):
   """Each view pooled as the baseline's own head pools (model.baseline_pool), by a loop;
   single view and the whole-image view are the model's own forward pass."""
-  model = models.VGG16(width=16, num_classes=C, head_pool=pool)
+  model = models.Baseline(models.VGG16(width=16), num_classes=C, pool=pool)
   pool_fn = np.max if pool == "max" else np.mean
   variables = fast_params(model, seed=1)
   x = images(2, 80, seed=2)
@@ -187,7 +188,7 @@ def test_baseline_ten_view_matches_a_loop(pool):
                                **TOL)
   np.testing.assert_allclose(out["features"], np.mean(pooled_views, axis=0), **TOL)
   # crop == N: the unflipped views are the model's own output; so is the single view.
-  direct = jax.jit(model.apply)(variables, x)
+  direct = jax.jit(model.apply)(variables, x)["scores"]
   whole = ten_view(model, variables, x, crop_size=80)
   np.testing.assert_allclose(whole["view_scores"][:, 0], direct, **TOL)
   np.testing.assert_allclose(single_view(model, variables, x)["scores"], direct, **TOL)
@@ -259,7 +260,7 @@ def demo_config(workdir_scales=(64, 80), svm=True):
 def test_evaluate_and_report_end_to_end(tmp_path):
   config = demo_config()
   wd = str(tmp_path)
-  model = build.build_model(config)
+  model = build.build_model(config, 10)
   # The state steps.create_train_state makes, with fast_params (its jitted init is slow).
   state = steps.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
                                   tx=optax.adam(1e-3))
@@ -279,8 +280,7 @@ def test_evaluate_and_report_end_to_end(tmp_path):
   ex = [test[i] for i in range(len(test))]
   x = np.stack([preprocess.eval_transform(e["image"], 48) for e in ex])
   y = np.stack([e["labels"] for e in ex])
-  out = jax.jit(model.apply)({"params": jax.device_get(state.params)},
-                             preprocess.normalize(jnp.asarray(x), "unit"))
+  out = jax.jit(model.apply)({"params": jax.device_get(state.params)}, jnp.asarray(x))
   probs = np.asarray(jax.nn.softmax(out["scores"], axis=-1))
   aps = [average_precision_score(y[:, c], probs[:, c]) for c in range(10) if y[:, c].any()]
   assert protocols["single_view@48"]["mAP_all"] == pytest.approx(np.mean(aps), abs=1e-5)
@@ -365,7 +365,7 @@ def two_evaluated_runs(tmp_path_factory):
   """Two evaluated demo workdirs: two seeds of parameters stand in for models trained at two
   scales, each evaluated (ten-view headline) on the same 12 test images."""
   config = demo_config(workdir_scales=(64,), svm=False)
-  model = build.build_model(config)
+  model = build.build_model(config, 10)
   workdirs = []
   for seed in (0, 1):
     wd = str(tmp_path_factory.mktemp(f"seed{seed}"))

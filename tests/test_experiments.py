@@ -42,12 +42,15 @@ def tiny_base():
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def stage1(shared_once):
+  """The shared one-step stage-1 baseline, trained once per session."""
   base = tiny_base()
-  workdir = str(tmp_path_factory.mktemp("abl") / "stage1")
-  summary = train.train(run_lib.stage1_config(base), workdir)
-  assert summary["step"] == 1
-  return base, workdir
+
+  def build(root):
+    summary = train.train(run_lib.stage1_config(base), str(root / "stage1"))
+    assert summary["step"] == 1
+    return str(root / "stage1")
+  return base, shared_once("experiments_stage1", build)
 
 
 # --------------------------------------------------------------------------- the variants
@@ -158,6 +161,26 @@ def demo_batch(stage1):
 FAST_RUNS = ("fixed_anchors_K5", "baseline_sigmoid", "baseline_sigmoid_budget")
 
 
+def _random_params(model, config):
+  """Random parameters of ``model`` (He-scaled normal; the regions' transform near its
+  initial box, as the model's own initialisation), on the host, without compiling
+  ``model.init``."""
+  import jax
+  import jax.numpy as jnp
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  rng = np.random.default_rng(zlib.crc32(repr(config.model).encode()))
+
+  def fill(path, leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
+    value = rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)
+    if jax.tree_util.keystr(path).endswith("['zm']['kernel']"):
+      value *= config.model.theta_kernel_scale
+    if jax.tree_util.keystr(path).endswith("['zm']['bias']"):
+      value = np.asarray(config.model.theta_bias)
+    return value.astype(np.float32)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 @pytest.mark.parametrize("run", [
     r if r in FAST_RUNS else pytest.param(r, marks=pytest.mark.slow) for r in ablations.RUNS])
 def test_every_training_run_takes_one_step_from_the_shared_stage1(stage1, demo_batch, run):
@@ -172,15 +195,20 @@ def test_every_training_run_takes_one_step_from_the_shared_stage1(stage1, demo_b
   batch = jax.device_put(demo_batch, NamedSharding(mesh, P("data")))
   lr = base.optim.learning_rate
   config = ablations.run_config(base, run, stage1_dir=stage1_dir)
-  model = build.build_model(config)
+  model = build.build_model(config, 10)
   tx = optimizer.make_optimizer(config.optim, lambda _: lr)
-  state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
-  params, note = init_lib.initial_params(config, jax.device_get(state.params))
+  # The runner's initialisation order (rma_jax.init) on fresh parameters of the model's
+  # shapes; the fresh values are random here, not the model's initialisers, whose compiled
+  # code (seconds per model structure) tests/test_models.py checks.
+  fresh = _random_params(model, config)
+  params, note = init_lib.initial_params(config, fresh)
+  state = steps.TrainState.create(apply_fn=model.apply, tx=tx,
+                                  params=jax.device_put(fresh, parallel.replicated(mesh)))
   if ablations.run_kind(run) == "budget":
     # Not from stage 1's weights but from its initialisation: the same module, seed, init.
     s1 = ablations.run_config(base, ablations.STAGE1)
     assert note.startswith("from scratch"), run
-    assert build.build_model(config) == build.build_model(s1)
+    assert build.build_model(config, 10) == build.build_model(s1, 10)
     assert config.seed == s1.seed and config.init == s1.init
     assert config.optim.learning_rate == s1.optim.learning_rate
     state, metrics = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)(
@@ -188,6 +216,7 @@ def test_every_training_run_takes_one_step_from_the_shared_stage1(stage1, demo_b
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])), run
     return
   assert "stage-1" in note, run
+  params = jax.device_put(params, parallel.replicated(mesh))
   state = state.replace(params=params, opt_state=tx.init(params))
   state, metrics = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)(
       state, batch)
@@ -208,10 +237,12 @@ def test_every_training_run_takes_one_step_from_the_shared_stage1(stage1, demo_b
     assert float(metrics["loc_loss"]) == pytest.approx(0.0, abs=1e-7)
   elif config.loss.use_anchor and config.model.num_regions > 1:
     assert float(metrics["loc_loss"]) > 0.0, run  # regions start near the centre
-  out = jax.jit(model.apply)({"params": new}, np.zeros((1, 32, 32, 3), np.float32))
+  images = np.zeros((1, 32, 32, 3), np.uint8)
+  out = jax.eval_shape(model.apply, {"params": new}, images)
   assert out["theta"].shape == (1, config.model.num_regions + 1, 4)
   if config.model.fixed_regions == "anchors":
-    np.testing.assert_allclose(np.asarray(out["theta"][0]),
+    theta = jax.jit(model.apply)({"params": new}, images)["theta"]
+    np.testing.assert_allclose(np.asarray(theta[0]),
                                models.fixed_region_thetas(config.model.num_regions),
                                atol=1e-6)
 
@@ -458,6 +489,7 @@ def test_page_is_regenerated_from_the_records_and_checked(tmp_path):
   assert check.check_page(str(page), str(results)) == []
 
 
+@pytest.mark.slow
 def test_write_only_and_check_through_the_cli(tmp_path):
   base = tiny_base()
   page, results = _page_with_tables(tmp_path, base)
@@ -481,6 +513,7 @@ def test_write_only_and_check_through_the_cli(tmp_path):
   assert bad.returncode != 0 and "is in no table JSON" in bad.stdout
 
 
+@pytest.mark.slow
 def test_runner_smoke_table_3_one_seed_then_resume(tmp_path, monkeypatch):
   """The whole runner at test size: stage 1, the two runs of Table 3, one step each, every
   protocol evaluated; records, tables and the page written; a second call trains nothing."""

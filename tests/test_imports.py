@@ -17,7 +17,8 @@ PACKAGE = os.path.join(ROOT, "rma_jax")
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {}
 
 # Importing these must not import TensorFlow (or TFDS).
-TF_FREE = ("rma_jax.models", "rma_jax.ops", "rma_jax.losses", "rma_jax.metrics",
+TF_FREE = ("rma_jax.models", "rma_jax.kernels", "rma_jax.build", "rma_jax.ops",
+           "rma_jax.losses", "rma_jax.metrics",
            "rma_jax.regions", "rma_jax.steps", "rma_jax.optimizer", "rma_jax.views",
            "rma_jax.evaluate", "rma_jax.train", "rma_jax.run", "rma_jax.predict",
            "rma_jax.data", "rma_jax.metric_writer", "rma_jax.paths", "rma_jax.main",
@@ -142,3 +143,36 @@ def test_model_ops_losses_metrics_steps_evaluation_and_benchmark_import_without_
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def _reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+  seen, todo = set(), [start]
+  while todo:
+    node = todo.pop()
+    for nxt in edges.get(node, ()):
+      if nxt not in seen:
+        seen.add(nxt)
+        todo.append(nxt)
+  return seen
+
+
+def test_the_model_steps_and_loop_name_no_platform_kernel():
+  """The models, the jitted steps and the training loop are plain: they import nothing of
+  ``rma_jax.kernels`` (directly or through another module of theirs) and name neither the
+  kernels' evaluation forms nor their variable collection; the kernels reach a model only as
+  building blocks ``rma_jax.build`` hands in, and evaluation prepares the forms."""
+  edges, _ = _graph()
+  plain = [m for m in edges if m == "rma_jax.models" or m.startswith("rma_jax.models.")]
+  for module in plain + ["rma_jax.steps"]:
+    kernel_imports = [m for m in _reachable(edges, module) | edges[module]
+                      if m.startswith("rma_jax.kernels")]
+    assert not kernel_imports, (module, kernel_imports)
+  assert not [m for m in edges["rma_jax.train"] if m.startswith("rma_jax.kernels")]
+  assert "rma_jax.kernels" in edges["rma_jax.build"] and "rma_jax.kernels" in edges[
+      "rma_jax.evaluate"]
+  modules = _modules()
+  for module in plain + ["rma_jax.steps", "rma_jax.train"]:
+    text = open(modules[module], encoding="utf-8").read()
+    for word in ("winograd", "im2col", "cpu_forms", "prepare_fn", "default_backend",
+                 "INFERENCE_COLLECTION", "kernel_t"):
+      assert word not in text, (module, word)

@@ -1,4 +1,5 @@
-"""VGG-16 structure and the scanned attention module against an explicit loop."""
+"""VGG-16 structure, the heads on a trunk, and the scanned attention module against an
+explicit loop."""
 
 import subprocess
 import sys
@@ -24,21 +25,52 @@ def test_vgg16_full_width_parameter_count_and_stride():
   params = variables["params"]
   assert list(params) == models.vgg16_layer_names()
   assert _count(params) == 14_714_688
+  assert (model.stride, model.channels) == (16, 512)
   out = jax.eval_shape(model.apply, variables, x)
   assert out.shape == (1, 64 // 16, 64 // 16, 512)
   out = jax.eval_shape(model.apply, variables, jnp.zeros((2, 96, 160, 3)))
   assert out.shape == (2, 6, 10, 512)
 
 
-def test_vgg16_head_and_width():
-  model = models.VGG16(width=8, num_classes=5)
+def test_baseline_on_a_trunk_and_width():
+  """The baseline's tree is its trunk's at the top level plus ``head`` (today's checkpoints
+  and weight files); its scores are the pooled map through the linear layer."""
+  model = models.Baseline(models.VGG16(width=8), num_classes=5)
   x = jnp.ones((2, 32, 32, 3))
   variables = model.init(jax.random.key(0), x)
-  assert variables["params"]["conv5_3"]["kernel"].shape == (3, 3, 64, 64)
-  assert variables["params"]["head"]["kernel"].shape == (64, 5)
-  assert model.apply(variables, x).shape == (2, 5)
+  params = variables["params"]
+  assert list(params) == models.vgg16_layer_names() + ["head"]
+  assert params["conv5_3"]["kernel"].shape == (3, 3, 64, 64)
+  assert params["head"]["kernel"].shape == (64, 5)
+  out = jax.jit(lambda v: model.apply(v, x, return_features=True))(variables)
+  fmap = models.VGG16(width=8).apply({"params": {k: params[k] for k in params if k != "head"}},
+                                     x)
+  pooled = np.asarray(fmap).mean(axis=(1, 2))
+  np.testing.assert_allclose(out["features"], pooled, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["scores"], pooled @ params["head"]["kernel"]
+                             + params["head"]["bias"], rtol=1e-5, atol=1e-5)
+  assert model.stride == 16
   with pytest.raises(ValueError, match="width"):
     models.VGG16(width=3).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="pool"):
+    models.Baseline(models.VGG16(width=8), num_classes=5, pool="median").init(
+        jax.random.key(0), x)
+
+
+def test_rma_takes_a_trunk_handed_in_with_the_same_tree():
+  """``RMA(trunk=VGG16(...))`` and the default trunk built from ``width`` are the same model;
+  the default trunk's settings cannot be mixed with a trunk handed in."""
+  x = jnp.ones((1, 32, 32, 3))
+  given = models.RMA(trunk=models.VGG16(width=16), **{k: v for k, v in SMALL.items()
+                                                      if k != "width"})
+  default = models.RMA(**SMALL)
+  a = jax.eval_shape(given.init, jax.random.key(0), x)
+  b = jax.eval_shape(default.init, jax.random.key(0), x)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  assert sorted(a["params"]) == ["attention", "trunk"]
+  assert list(a["params"]["trunk"]) == models.vgg16_layer_names()
+  with pytest.raises(ValueError, match="set them on that trunk"):
+    models.RMA(trunk=models.VGG16(width=16), **SMALL).init(jax.random.key(0), x)
 
 
 def _attention_loop(cell_params, features, cfg, num_regions):
@@ -183,7 +215,7 @@ def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   config = demo.get_config("tiny")
   config.model.region_init = "anchors"
   config.model.theta_kernel_scale = 0.0
-  model = build.build_model(config)
+  model = build.build_model(config, 10)
   variables = model.init(jax.random.key(0), images)
   np.testing.assert_allclose(variables["params"]["attention"]["cell"]["zm_step"], offsets)
   out = model.apply(jax.device_get(variables), images)  # host (NumPy) parameters work too
@@ -197,7 +229,7 @@ def test_region_init_at_anchors_starts_every_region_at_its_fixed_box():
   np.testing.assert_allclose(off[1:3, 2:] + bias[2:], losses.anchor_points(3), atol=1e-6)
   # Default: no per-step parameter (the paper's single b_m).
   config.model.region_init = ""
-  assert "zm_step" not in build.build_model(config).init(
+  assert "zm_step" not in build.build_model(config, 10).init(
       jax.random.key(0), images)["params"]["attention"]["cell"]
 
 

@@ -83,7 +83,8 @@ def _free_port() -> int:
 def _start(args: list[str], workdir: str, devices: int, log: str, dump_dir: str | None = None
            ) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
+                        + os.environ.get("RMA_TEST_XLA_FLAGS", "")),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   entry = ["-m", "rma_jax.main"]
   if dump_dir is not None:
@@ -121,22 +122,24 @@ def _wait_all(procs: dict[str, tuple[subprocess.Popen, str]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Runs the 2-process and the 1-process job side by side; returns their folders."""
-  root = tmp_path_factory.mktemp("multihost")
-  multi, single, dumps = root / "two_processes", root / "one_process", root / "dumps"
-  dumps.mkdir()
-  port = _free_port()
-  procs = {}
-  for i in range(2):
-    log = str(root / f"process_{i}.log")
-    procs[f"process {i} of 2"] = (_start(
-        [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-        str(multi), devices=2, log=log, dump_dir=str(dumps)), log)
-  log = str(root / "single.log")
-  procs["single process"] = (_start([], str(single), devices=4, log=log), log)
-  _wait_all(procs)
-  return {"multi": str(multi), "single": str(single), "dumps": str(dumps), "root": str(root)}
+def runs(shared_once):
+  """Runs the 2-process and the 1-process job side by side, once per session; returns their
+  folders."""
+  def build(root):
+    multi, single, dumps = root / "two_processes", root / "one_process", root / "dumps"
+    dumps.mkdir()
+    port = _free_port()
+    procs = {}
+    for i in range(2):
+      log = str(root / f"process_{i}.log")
+      procs[f"process {i} of 2"] = (_start(
+          [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+           f"--process_id={i}"], str(multi), devices=2, log=log, dump_dir=str(dumps)), log)
+    log = str(root / "single.log")
+    procs["single process"] = (_start([], str(single), devices=4, log=log), log)
+    _wait_all(procs)
+    return {"multi": str(multi), "single": str(single), "dumps": str(dumps), "root": str(root)}
+  return shared_once("multihost_runs", build)
 
 
 def _dump(runs, process: int) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import sys
 import types
 
 import numpy as np
+import pytest
 # tensorboard's readers use TensorFlow's file layer when TensorFlow is installed (seconds to
 # import); this module, when present, makes them use their own TF-free layer instead.
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
@@ -69,6 +70,7 @@ def _logged_scalars(stderr: str) -> dict[str, dict[int, float]]:
   return out
 
 
+@pytest.mark.slow
 def test_tiny_demo_trains_and_writes_tensorboard_files_without_tensorflow(tmp_path):
   wd = str(tmp_path / "wd")
   # One stage (no stage-1 baseline) and single-view evaluation keep it short.

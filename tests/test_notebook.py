@@ -82,6 +82,7 @@ def test_notebook_parameters_cell_has_the_short_setting():
   assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
 
+@pytest.mark.slow
 def test_notebook_installs_and_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   nbclient = pytest.importorskip("nbclient")
   python, site = _fresh_venv(tmp_path / "venv")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rma_jax.configs import default
-from rma_jax import predict
+from rma_jax import context
 from rma_jax.data import DataError, classes, coco, get_sources, imagelist, voc
 
 import data_trees as trees
@@ -286,12 +286,12 @@ def test_run_class_record_is_what_predict_and_evaluation_read(tmp_path):
   config = default.get_config()
   config.data.name = "shapes"
   with pytest.raises(ValueError, match="no fixed class list"):
-    predict.class_names_for(config, workdir=str(tmp_path))
+    context.trained_class_names(config, str(tmp_path))
   classes.save_run_classes(tmp_path, ("b", "a"), origin="test", dataset="shapes")
   assert classes.load_run_classes(tmp_path) == ("b", "a")
-  assert predict.class_names_for(config, workdir=str(tmp_path)) == ("b", "a")
+  assert context.trained_class_names(config, str(tmp_path)) == ("b", "a")
   config.data.name = "coco2014"  # an old workdir without the record: the fixed list
-  assert len(predict.class_names_for(config, workdir=str(tmp_path / "old"))) == 80
+  assert len(context.trained_class_names(config, str(tmp_path / "old"))) == 80
   # A run's list overrides the tree's own; a fixed data set must match it.
   devkit, _, _ = _voc_tree(tmp_path / "t")
   s = get_sources(_data_config(name="shapes", source="voc", data_dir=str(devkit)), seed=0,
@@ -308,6 +308,7 @@ def _report(workdir):
     return json.load(f), open(os.path.join(workdir, "report", "report.md")).read()
 
 
+@pytest.mark.slow
 def test_cli_voc_tree_of_own_classes_trains_and_reports_them(tmp_path):
   devkit, _, _ = _voc_tree(tmp_path, bom=True)
   wd = tmp_path / "run"
@@ -327,6 +328,7 @@ def test_cli_voc_tree_of_own_classes_trains_and_reports_them(tmp_path):
   assert "no positive image in the test split (ring; their recall counts as 0)" in md
 
 
+@pytest.mark.slow
 def test_cli_coco_tree_of_3_classes_trains_evaluates_and_predicts(tmp_path):
   root = _coco_tree(tmp_path / "coco")
   wd = tmp_path / "run"

@@ -65,12 +65,14 @@ def test_bfloat16_forward_agrees_with_float32(f32_model_and_params):
   assert np.mean(np.argmax(s16, -1) == np.argmax(s32, -1)) >= 0.75
 
 
+@pytest.mark.slow
 def test_bfloat16_training_keeps_float32_parameters_and_optimizer_state():
   config = default.get_config()
   config.data.pixel_convention = "unit"
   config.optim.learning_rate = 1e-3
   # The baseline (same bf16 trunk, a smaller program to compile than the attention model).
-  model = models.VGG16(width=16, num_classes=10, dtype=jnp.bfloat16)
+  model = models.Baseline(models.VGG16(width=16, dtype=jnp.bfloat16), num_classes=10,
+                          pixel_convention="unit")
   tx = optimizer.make_optimizer(config.optim, lambda step: config.optim.learning_rate)
   mesh = parallel.make_mesh(jax.devices()[:1])
   state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
@@ -93,6 +95,7 @@ def _residual_bytes(fn, *args) -> int:
   return int(compiled.memory_analysis().output_size_in_bytes)
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results(f32_model_and_params):
   model, params = f32_model_and_params
   remat = models.RMA(**SMALL, remat=True)

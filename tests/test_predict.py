@@ -14,7 +14,8 @@ import optax
 import pytest
 from PIL import Image, ImageFile
 
-from rma_jax import build, checkpointing, predict, steps, visualize
+from rma_jax import build, checkpointing, context, predict, steps, visualize
+from rma_jax import data as data_lib
 from rma_jax.data import preprocess
 from test_evaluate import K, demo_config, fast_params
 
@@ -97,7 +98,7 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
   config = demo_config()
   config.data.max_pixels = 250 * 250  # big.png (300 x 300) is over it
   config.eval.batch_size = 4  # 5 readable images: two batches, the second padded
-  model = build.build_model(config)
+  model = build.build_model(config, 10)
   params = fast_params(model)["params"]
   wd = str(tmp_path / "run")
   state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
@@ -148,7 +149,7 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
   # Independent check of one image: the model on the resized RGB array, boxes by hand.
   e = result["images"][1]
   gray = np.asarray(Image.open(e["file"]).convert("RGB"))
-  x = preprocess.normalize(jnp.asarray(preprocess.eval_transform(gray, 48))[None], "unit")
+  x = jnp.asarray(preprocess.eval_transform(gray, 48))[None]  # the model normalises it
   ref = jax.jit(model.apply)({"params": params}, x)
   np.testing.assert_allclose(e["raw_scores"], ref["scores"][0], rtol=1e-4, atol=1e-5)
   sx, sy, tx, ty = np.asarray(ref["theta"][0, 1])
@@ -181,7 +182,7 @@ def test_predict_cli_skips_pipes_and_says_what_it_ignored(tmp_path):
   was written); ignored files, a missing path and an empty folder went unmentioned."""
   from test_train import ROOT, TINY, _ENV, tiny_config
   config = tiny_config()
-  model = build.build_model(config)
+  model = build.build_model(config, 10)
   state = steps.TrainState.create(apply_fn=model.apply, params=fast_params(model)["params"],
                                   tx=optax.adam(1e-3))
   wd = str(tmp_path / "run")
@@ -224,10 +225,16 @@ def test_predict_cli_skips_pipes_and_says_what_it_ignored(tmp_path):
   assert written["images"] == [] and len(written["skipped"]) == 2
 
 
-def test_class_names_for_each_data_set():
+def test_class_names_for_each_data_set(tmp_path):
+  """Without a workdir's record, the fixed list of data.name; with one, the record."""
   config = demo_config()
-  assert predict.class_names_for(config) == tuple("0123456789")
+  assert context.trained_class_names(config, None) == tuple("0123456789")
   config.data.name = "voc2007"
-  assert predict.class_names_for(config, 20)[:2] == ("aeroplane", "bicycle")
+  assert context.trained_class_names(config, str(tmp_path))[:2] == ("aeroplane", "bicycle")
   config.data.name = "coco2014"
-  assert len(predict.class_names_for(config)) == 80
+  assert len(context.trained_class_names(config, None)) == 80
+  data_lib.save_run_classes(str(tmp_path), ["cat", "dog"], origin="test", dataset="mine")
+  config.data.name = "mine"
+  assert context.trained_class_names(config, str(tmp_path)) == ("cat", "dog")
+  with pytest.raises(ValueError, match="no class list"):
+    context.trained_class_names(config, None)

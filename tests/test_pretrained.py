@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from rma_jax import models  # noqa: E402
+from rma_jax import models, pixels  # noqa: E402
 from rma_jax import init  # noqa: E402
 from rma_jax import pretrained  # noqa: E402
 from rma_jax import weights as weights_lib  # noqa: E402
@@ -65,13 +65,9 @@ def _fc(params, conv5_3):
 
 
 def _check_normalize(image, convention, expected):
-  """The input pipeline's normalize, under the convention the checkpoint records, is the
-  preprocessing these weights need (skipped while rma_jax.data.preprocess is absent)."""
-  try:
-    from rma_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  np.testing.assert_allclose(preprocess.normalize(image.astype(np.uint8), convention), expected,
+  """The models' normalisation (``rma_jax.pixels``), under the convention the checkpoint
+  records, is the preprocessing these weights need."""
+  np.testing.assert_allclose(pixels.normalize(image.astype(np.uint8), convention), expected,
                              rtol=1e-6, atol=1e-4)
 
 
@@ -85,6 +81,7 @@ def _assert_close(ours, ref, rtol=2e-4):
 # Keras.
 
 
+@pytest.mark.slow
 def test_keras_vgg16_h5_gives_keras_activations(tmp_path):
   keras = pytest.importorskip("keras")
   model = keras.applications.VGG16(weights=None)
@@ -469,7 +466,7 @@ def test_init_trunk_from_pretrained_rma_width1_copies_convs_and_fc6():
 def test_init_trunk_from_pretrained_thin_baseline_and_errors():
   rng = np.random.default_rng(5)
   imagenet = _random_imagenet(rng, with_fc=False)
-  fresh = {"params": _random_like(models.VGG16(width=8, num_classes=4),
+  fresh = {"params": _random_like(models.Baseline(models.VGG16(width=8), num_classes=4),
                                   jnp.zeros((1, 32, 32, 3)), 1)}
   new = init.init_trunk_from_pretrained(fresh, imagenet, width=8)
   assert set(new) == {"params"}
@@ -509,13 +506,10 @@ def test_init_rma_from_baseline_stage2():
   fresh = fresh_init()
   assert jax.tree.structure(fresh) == jax.tree.structure(
       jax.eval_shape(rma.init, jax.random.key(0), images)["params"])
-  stage1 = _random_like(models.VGG16(width=8, num_classes=5), images, 1)
-  rng = np.random.default_rng(6)
-  fc6 = {"kernel": rng.standard_normal((2 * 2 * 64, 32), dtype=np.float32),
-         "bias": rng.standard_normal(32, dtype=np.float32)}
+  stage1 = _random_like(models.Baseline(models.VGG16(width=8), num_classes=5), images, 1)
   fresh_before, stage1_before = _leaves(fresh), _leaves(stage1)
 
-  new = init.init_rma_from_baseline(fresh, stage1, fc6=fc6)
+  new = init.init_rma_from_baseline(fresh, stage1)
 
   # A fresh init computed independently of the tree that was passed in.
   reference = _leaves(fresh_init())
@@ -524,25 +518,15 @@ def test_init_rma_from_baseline_stage2():
   for name in CONVS:
     for leaf in ("kernel", "bias"):
       np.testing.assert_array_equal(new["trunk"][name][leaf], stage1[name][leaf])
-  for leaf in ("kernel", "bias"):
-    np.testing.assert_array_equal(new["attention"]["cell"]["fc6"][leaf], fc6[leaf])
-  others = [k for k in got if "trunk" not in k and "'fc6'" not in k]
-  assert len(others) == 9  # lstm_x (kernel, bias), lstm_h (kernel), hz, zs, zm
+  others = [k for k in got if "trunk" not in k]
+  assert len(others) == 11  # fc6 (W_fx), lstm_x (kernel, bias), lstm_h (kernel), hz, zs, zm
   for key in others:
     np.testing.assert_array_equal(got[key], reference[key])
   # Inputs untouched; the stage-1 head is not used.
   jax.tree.map(np.testing.assert_array_equal, _leaves(fresh), fresh_before)
   jax.tree.map(np.testing.assert_array_equal, _leaves(stage1), stage1_before)
 
-  # Without fc6, W_fx keeps its fresh init.
-  no_fc6 = init.init_rma_from_baseline(fresh, stage1)
-  np.testing.assert_array_equal(no_fc6["attention"]["cell"]["fc6"]["kernel"],
-                                reference["['attention']['cell']['fc6']['kernel']"])
-
   # Mismatches are named.
-  with pytest.raises(weights_lib.WeightsMismatchError, match="attention/cell/fc6/kernel"):
-    init.init_rma_from_baseline(fresh, stage1, fc6={"kernel": fc6["kernel"][:-1],
-                                                          "bias": fc6["bias"]})
   wide = _random_like(models.VGG16(width=4), images, 2)
   with pytest.raises(weights_lib.WeightsMismatchError, match="trunk/conv3_1/kernel"):
     init.init_rma_from_baseline(fresh, wide)

@@ -226,13 +226,14 @@ def _committed_steps(folder):
                 if c.name.isdigit() and (c / "commit_success.txt").exists())
 
 
+@pytest.mark.slow
 def test_cli_run_on_a_bucket_is_killed_resumes_and_reports(gcs_env):
   """`python -m rma_jax.main --workdir=gs://...`: killed (SIGKILL) after its first
   checkpoints, started again, it resumes from the bucket's newest complete checkpoint,
   finishes, and writes its report, scores and TensorBoard files to the bucket."""
   wd = f"gs://{BUCKET}/cli_run"
-  env = dict(os.environ, **gcs_env, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, **gcs_env, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=1 " + os.environ.get("RMA_TEST_XLA_FLAGS", "")))
   latest = f"{wd}/checkpoints/latest"
   first = subprocess.Popen(_cli(wd, "--config.max_steps=2000"), cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -109,6 +109,7 @@ def test_tfds_reads_what_the_local_reader_reads(prepared, fmt):
   assert any(local[i]["labels"].sum() > 1 for i in range(len(local)))
 
 
+@pytest.mark.slow
 def test_cli_trains_on_tfrecord_and_evaluates_on_array_record(prepared, tmp_path):
   wd = tmp_path / "run"
   flags = ["--config.data.name=voc2007", "--config.data.source=tfds",

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+import types
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -24,8 +26,8 @@ import pytest
 
 from benchmarks.timing import CompileCounter
 from rma_jax.configs import ablations, demo
-from rma_jax import (build, checkpointing, config_checks, losses, metric_writer, optimizer,
-                     parallel, steps, train)
+from rma_jax import (build, checkpointing, config_checks, evaluate, losses, metric_writer,
+                     models, optimizer, parallel, pixels, steps, train)
 from rma_jax import init as init_lib
 from rma_jax import data as data_lib
 
@@ -47,8 +49,8 @@ def _cmd(workdir, *extra, config="configs/demo.py"):
           f"--workdir={workdir}", *TINY, *extra]
 
 
-_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-            JAX_PLATFORMS="cpu")
+_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+    "--xla_force_host_platform_device_count=1 " + os.environ.get("RMA_TEST_XLA_FLAGS", "")))
 
 
 def _main(workdir, *extra, config="configs/demo.py", **kw):
@@ -80,24 +82,27 @@ NO_CLIP = "--config.optim.grad_clip_norm=0"
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  """One 4-step run of the main job (checkpoints at steps 2 and 4, then the report); tests
-  copy it (``_copy``) and resume the copy. Its stderr goes to a file, as a log file would
-  (not a terminal): ``result.stderr`` is that file's text."""
-  root = tmp_path_factory.mktemp("finished")
-  wd = str(root / "run")
-  with open(root / "stderr.txt", "w") as err:
-    result = subprocess.run(_cmd(wd, "--config.max_steps=4", NO_CLIP), cwd=ROOT, env=_ENV,
-                            stdout=subprocess.PIPE, stderr=err, text=True, timeout=600)
-  result.stderr = (root / "stderr.txt").read_text()
-  assert result.returncode == 0, result.stderr[-3000:]
-  return wd, result
+def finished_run(shared_once):
+  """One 4-step run of the main job (checkpoints at steps 2 and 4, then the report), made
+  once per session; tests copy it (``_copy``) and resume the copy. Its stderr goes to a file,
+  as a log file would (not a terminal): ``result.stderr`` is that file's text."""
+  def build(root):
+    with open(root / "stderr.txt", "w") as err:
+      result = subprocess.run(_cmd(str(root / "run"), "--config.max_steps=4", NO_CLIP),
+                              cwd=ROOT, env=_ENV, stdout=subprocess.PIPE, stderr=err,
+                              text=True, timeout=600)
+    stderr = (root / "stderr.txt").read_text()
+    assert result.returncode == 0, stderr[-3000:]
+    return {"workdir": str(root / "run"), "stderr": stderr}
+  run = shared_once("finished_run", build)
+  return run["workdir"], types.SimpleNamespace(returncode=0, stderr=run["stderr"])
 
 
 _OUR_FILES = {os.path.basename(p) for p in glob.glob(
     os.path.join(ROOT, "rma_jax", "**", "*.py"), recursive=True)}
 
 
+@pytest.mark.slow
 def test_console_of_the_main_job(finished_run):
   """What a person reads in the log file of a run: no library INFO line (Orbax's manager
   dumps, "Renaming ... tmp", "Finished saving", clu's hyperparameter and scalar dumps; these
@@ -127,6 +132,7 @@ def _copy(finished_run, tmp_path):
   return wd
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
   assert jax.device_count() >= 4, "conftest forces 4 host devices"
   config = tiny_config()
@@ -135,14 +141,17 @@ def test_sharded_step_equals_single_device_step():
   batches = list(zip(range(3), data_lib.train_batches(
       sources.train, global_batch_size=8, image_size=64, crop_size=48, seed=0)))
   loss_cfg = steps.LossConfig.from_config(config)
+  # SGD, not the recipe's Adam: Adam normalises each gradient, so reduction-order noise in
+  # a near-zero gradient becomes a step of O(lr), and how much depends on the CPU. SGD's
+  # update is linear in the gradient, so this compares the gradients themselves.
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)  # the step logs the lr
+  initial = jax.device_get(steps.create_train_state(
+      model, tx, jax.random.key(0), (48, 48, 3), parallel.make_mesh(jax.devices()[:1])).params)
   finals = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh = parallel.make_mesh(devices)
-    # SGD, not the recipe's Adam: Adam normalises each gradient, so reduction-order noise in
-    # a near-zero gradient becomes a step of O(lr), and how much depends on the CPU. SGD's
-    # update is linear in the gradient, so this compares the gradients themselves.
-    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)  # the step logs the lr
-    state = steps.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+    params = jax.device_put(initial, parallel.replicated(mesh))
+    state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     step = steps.jit_train_step(loss_cfg, mesh)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     for _, batch in batches:
@@ -152,13 +161,11 @@ def test_sharded_step_equals_single_device_step():
     finals.append(jax.device_get(state.params))
   for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), finals[0],
-                                       jax.device_get(steps.create_train_state(
-                                           model, tx, jax.random.key(0), (48, 48, 3),
-                                           parallel.make_mesh(jax.devices()[:1])).params)))
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), finals[0], initial))
   assert max(moved) > 1e-4
 
 
+@pytest.mark.slow
 def test_anchor_weight_schedule_and_the_step_that_takes_it():
   import dataclasses
   config = tiny_config()
@@ -221,6 +228,9 @@ def test_main_job_resumes_and_writes_checkpoints_and_events(finished_run, tmp_pa
   assert "Dirac" in line and "He/Xavier" not in line, line
   wd = _copy(finished_run, tmp_path)
   assert _steps(wd) == [2, 4]
+  latest = checkpointing.latest_manager(wd)
+  assert [checkpointing.checkpoint_format(latest, s) for s in (2, 4)] == [
+      checkpointing.FORMAT] * 2 == [1, 1]
   assert glob.glob(os.path.join(wd, "events.out.tfevents.*"))
   assert os.path.exists(os.path.join(wd, "report", "report.json"))
   with open(os.path.join(wd, "config.json")) as f:
@@ -240,6 +250,7 @@ def test_main_job_resumes_and_writes_checkpoints_and_events(finished_run, tmp_pa
   assert history[1]["config"]["max_steps"] == 8
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
   """Killed at any moment (its lock is stale then), the run resumes; a resume with another
   learning rate is refused and leaves the record as it was."""
@@ -413,18 +424,22 @@ def _voc_tree(root, splits):
   return root
 
 
+@pytest.mark.slow
 def test_validation_pass_that_scores_no_image_stops_the_run(tmp_path):
   """Every validation image unreadable: the validation loss used to be 0.00000, kept as the
   best, and the run ended with a report and exit 0."""
   root = _voc_tree(str(tmp_path / "VOCdevkit" / "VOC2007"),
                    {"train": (16, True), "val": (8, False), "test": (8, True)})
   wd = tmp_path / "run"
+  # A VOC tree of 10 own classes: the tiny demo model (its compiled steps are the suite's).
   result = _main(str(wd), "--config.data.source=local", f"--config.data.data_dir={root}",
+                 "--config.data.name=dogs", "--config.data.class_names=" + ",".join(
+                     ["dog", "cat", "bird", "cow", "horse", "sheep", "car", "bus", "boat",
+                      "train"]),
                  "--config.data.train_split=train", "--config.data.val_split=val",
-                 "--config.eval_every_epochs=1", "--config.max_steps=4",
-                 config="configs/voc.py", timeout=600)
-  assert result.returncode != 0
-  assert "validation pass over voc2007:val: 0 of 8 images scored" in result.stderr
+                 "--config.eval_every_epochs=1", "--config.max_steps=4", timeout=600)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "validation pass over dogs:val: 0 of 8 images scored" in result.stderr
   assert "8 unreadable images" in result.stderr
   assert not checkpointing.has_steps(str(wd), checkpointing.BEST)
   assert not os.path.exists(wd / "report")
@@ -471,6 +486,7 @@ def test_check_sources_by_case():
   config_checks.check_sources(config, sources(64, 1, 1))
 
 
+@pytest.mark.slow
 def test_baseline_learns_beyond_the_class_priors():
   """A real learning signal: the demo's baseline (its Dirac-initialised trunk included) fits
   32 canvases far below the loss of the best constant predictor, the training priors, which
@@ -510,6 +526,7 @@ class _ScoresAndTheta(nn.Module):
 
   @nn.compact
   def __call__(self, images):
+    images = pixels.normalize(images, "unit")  # uint8 in, as the real models
     x = jnp.mean(nn.relu(nn.Conv(4, (3, 3), strides=2)(images)), axis=(1, 2))
     bias = jnp.tile(jnp.asarray([0.9, 0.05, 0.3, -0.2]), NUM_REGIONS + 1)
     theta = nn.Dense(4 * (NUM_REGIONS + 1), bias_init=lambda *_: bias)(x)
@@ -556,7 +573,7 @@ def _sgd_state(model, mesh):
 def test_train_step_loss_and_gradient_are_eq14_by_hand():
   """The value the jitted train step reports and the gradient it applies are those of
   L_cls + gamma L_loc computed by hand (no torch): dropping gamma or L_loc would fail."""
-  config = tiny_config(**{"loss.gamma": 0.5, "data.pixel_convention": "unit"})
+  config = tiny_config(**{"loss.gamma": 0.5})
   loss_cfg = steps.LossConfig.from_config(config)
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = _ScoresAndTheta()
@@ -567,7 +584,7 @@ def test_train_step_loss_and_gradient_are_eq14_by_hand():
   new_params = jax.device_get(new_state.params)
 
   def hand(p):
-    out = model.apply({"params": p}, data_lib.normalize(jnp.asarray(batch["image"]), "unit"))
+    out = model.apply({"params": p}, jnp.asarray(batch["image"]))
     return _eq14_by_hand(out["scores"], out["theta"], jnp.asarray(batch["labels"]),
                          jnp.asarray(batch["mask"]), gamma=0.5)
 
@@ -587,7 +604,7 @@ def test_accumulated_gradient_equals_the_full_batch_gradient():
   the two halves count different numbers of labelled and real images (a mean of the two
   halves' means would not). Clipping and Adam come after the accumulation, so they see the
   full-batch gradient."""
-  config = tiny_config(**{"data.pixel_convention": "unit"})
+  config = tiny_config()
   loss_cfg = steps.LossConfig.from_config(config)
   mesh = parallel.make_mesh(jax.devices()[:4])
   model = _ScoresAndTheta()
@@ -621,6 +638,7 @@ class _RecordingWriter(metric_writer.LoggingWriter):
       self.scalars.setdefault(k, {})[int(step)] = float(v)
 
 
+@pytest.mark.slow
 def test_accumulated_run_decays_at_the_first_optimizer_step_of_the_epoch(tmp_path, monkeypatch):
   """grad_accum_steps=2, a step decay at epoch 3: 32 images in global batches of 8 are 4
   optimizer steps per epoch, so the learning rate the optimizer applied (logged from its
@@ -651,7 +669,7 @@ def test_accumulated_run_decays_at_the_first_optimizer_step_of_the_epoch(tmp_pat
 def test_train_step_differentiates_losses_total_loss(monkeypatch):
   """One Eq. 14: the loss the train step reports and differentiates is losses.total_loss
   (a change there, here a factor 3, reaches the step)."""
-  config = tiny_config(**{"data.pixel_convention": "unit"})
+  config = tiny_config()
   loss_cfg = steps.LossConfig.from_config(config)
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = _ScoresAndTheta()
@@ -667,3 +685,119 @@ def test_train_step_differentiates_losses_total_loss(monkeypatch):
   scaled = jax.device_get(steps.jit_train_step(loss_cfg, mesh)(_sgd_state(model, mesh), batch)[1])
   np.testing.assert_allclose(scaled["loss"], 3 * plain["loss"], rtol=1e-6)
   np.testing.assert_allclose(scaled["grad_norm"], 3 * plain["grad_norm"], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- checkpoint format
+
+FIXTURE_WORKDIR = os.path.join(ROOT, "tests", "fixtures", "workdir_dd9a62e")
+
+
+@pytest.mark.slow
+def test_a_workdir_of_checkpoint_format_0_restores_and_evaluates(tmp_path):
+  """tests/fixtures/workdir_dd9a62e: a two-stage run written before checkpoints recorded
+  their format and before the kernels became a building block. Its stage-2 train state
+  restores as a resume restores it (parameters, Adam state, step) into this version's state;
+  its stage-1 baseline initialises this version's attention model; its best checkpoint
+  evaluates; and a step of a newer format is refused with both versions named. (What this
+  version saves records format 1: test_main_job_resumes_and_writes_checkpoints_and_events.)"""
+  wd = str(tmp_path / "run")
+  shutil.copytree(FIXTURE_WORKDIR, wd)
+  recorded = json.load(open(os.path.join(wd, "config.json")))
+  config = tiny_config(**{f"model.{k}": recorded["model"][k]
+                          for k in ("width", "x_dim", "hidden_dim", "z_dim")})
+  config.eval.ten_view = False
+  model = build.build_model(config, 10)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  tx = optimizer.make_optimizer(config.optim, lambda _: 1e-3)
+  replicated = parallel.replicated(mesh)
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                        jax.eval_shape(lambda: steps.TrainState.create(
+                            apply_fn=model.apply, tx=tx, params=model.init(
+                                jax.random.key(0), jnp.zeros((1, 48, 48, 3)))["params"])))
+  latest = checkpointing.latest_manager(wd)
+  assert checkpointing.checkpoint_format(latest, 2) == 0
+  state, step = checkpointing.restore_newest(latest, target)
+  assert step == 2 and int(state.step) == 2
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(state.opt_state)) > 0  # Adam's
+
+  stage1, step = checkpointing.load_params(os.path.join(wd, "stage1"))
+  assert step == 2 and set(stage1) == set(models.vgg16_layer_names()) | {"head"}
+  new = init_lib.init_rma_from_baseline(jax.device_get(state.params), stage1)
+  for name in models.vgg16_layer_names():
+    np.testing.assert_array_equal(new["trunk"][name]["kernel"], stage1[name]["kernel"])
+
+  results = evaluate.evaluate_and_report(config, wd)
+  assert results["step"] == 2 and 0 <= results["protocols"]["single_view@48"]["mAP"] <= 1
+
+  newer = str(tmp_path / "newer")
+  manager = checkpointing.latest_manager(newer)
+  manager.save(5, args=checkpointing.ocp.args.StandardSave({"params": stage1}),
+               custom_metadata={checkpointing.FORMAT_KEY: checkpointing.FORMAT + 1})
+  manager.wait_until_finished()
+  with pytest.raises(checkpointing.CheckpointFormatError,
+                     match=rf"format {checkpointing.FORMAT + 1}, .* up to {checkpointing.FORMAT}"):
+    checkpointing.load_params(newer, checkpointing.LATEST)
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_a_refused_config_is_one_line_and_exit_status_2(tmp_path):
+  """A config refused for one cause: at most 3 lines on stderr, the cause naming its field,
+  exit status 2, nothing written; --verbosity=1 adds the traceback."""
+  wd = tmp_path / "refused"
+  result = _main(str(wd), "--config.optim.schedule=linear", timeout=300)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) <= 3, lines
+  assert lines[-1] == ("error: invalid config: optim.schedule='linear': 'step', 'cosine' or "
+                       "'constant'")
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(wd / "checkpoints")
+  verbose = _main(str(wd), "--config.optim.schedule=linear", "--verbosity=1", timeout=300)
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+  assert "ConfigError: invalid config: optim.schedule='linear'" in verbose.stderr
+
+
+# --------------------------------------------------------------------------- a new trunk
+
+
+class _TestTrunk(nn.Module):
+  """A trunk added as docs/architecture.md says: ``trunk(images)`` is the feature map, and
+  ``stride`` says how many input pixels a cell of it spans."""
+  stride: ClassVar[int] = 16
+
+  @nn.compact
+  def __call__(self, images):
+    x = nn.relu(nn.Conv(8, (3, 3), strides=4, name="stem")(images))
+    return nn.relu(nn.Conv(16, (3, 3), strides=4, name="cells")(x))
+
+
+@pytest.mark.parametrize("head", ["rma", "baseline"])
+def test_a_trunk_added_by_the_documented_steps_trains_one_step(monkeypatch, head):
+  """docs/architecture.md, "Add a trunk": a module, its builder in ``build.TRUNKS`` (one line),
+  ``--config.model.trunk`` naming it. The config is valid, both heads build on it (the
+  baseline with the trunk's layers at its top level), and one train step moves every
+  parameter."""
+  monkeypatch.setitem(build.TRUNKS, "test_trunk", lambda m: _TestTrunk())
+  config = tiny_config(**{"model.trunk": "test_trunk", "model.name": head})
+  config_checks.validate_config(config, num_devices=1)
+  model = build.build_model(config, 10)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  state = steps.create_train_state(model, tx, jax.random.key(0), (48, 48, 3), mesh)
+  trunk = state.params["trunk"] if head == "rma" else state.params
+  assert {"stem", "cells"} <= set(trunk)
+  batch = next(data_lib.train_batches(data_lib.get_sources(config.data, seed=0).train,
+                                      global_batch_size=8, image_size=64, crop_size=48,
+                                      seed=0))
+  before = jax.device_get(state.params)
+  state, metrics = steps.jit_train_step(steps.LossConfig.from_config(config), mesh)(state, batch)
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                       jax.device_get(state.params), before)
+  assert min(jax.tree.leaves(moved)) > 0, moved
+  config.model.trunk = "no_such_trunk"
+  with pytest.raises(ValueError, match="model.trunk='no_such_trunk': one of"):
+    config_checks.validate_config(config, num_devices=1)

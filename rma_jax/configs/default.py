@@ -48,9 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.demo.num_test = 500
   c.data.demo.canvas_size = 96
 
-  # Model (docs/design.md §1). name: rma | baseline.
+  # Model (docs/design.md §1). name: rma | baseline (rma_jax.build.HEADS); trunk: vgg16
+  # (rma_jax.build.TRUNKS).
   c.model = ml_collections.ConfigDict()
   c.model.name = "rma"
+  c.model.trunk = "vgg16"
   c.model.width = 1
   c.model.num_regions = 5  # K
   c.model.sample_size = 7  # S
@@ -66,10 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.region_init = ""
   c.model.dtype = "float32"  # float32 | bfloat16 (parameters stay float32)
   c.model.remat = False
-  # 3x3 convs: auto | xla | patches | winograd (rma_jax.conv). auto: on CPU, Winograd
-  # F(4x4, 3x3) when not differentiated (evaluation) for layers with >= 64 input channels and
-  # enough work, and the matmul kernel gradient in training for maps >= 56x56; XLA's
-  # elsewhere and on GPU/TPU. Same parameters either way.
+  # The convolutions' kernels (rma_jax.kernels): auto | xla | patches | winograd. auto: the CPU
+  # kernels (Winograd F(4x4, 3x3) and im2col forwards in evaluation, the matmul kernel
+  # gradient in training, by per-layer rules) where a function is lowered for the CPU, XLA's
+  # convolutions where it is lowered for a GPU or TPU; xla: XLA's everywhere. Same parameters.
   c.model.conv_impl = "auto"
   c.model.baseline_pool = "avg"  # the baseline's global pooling: avg | max
   c.model.trunk_init = "he"  # from-scratch conv init: he | dirac (identity where C_in = C_out)

@@ -15,6 +15,7 @@ from etils import epath
 
 from rma_jax import paths
 from rma_jax.data import files
+from rma_jax.data.source import DataError
 
 # The 20 classes in the data set's own (alphabetical) order, as in TFDS voc/2007.
 VOC_CLASSES = (
@@ -77,13 +78,13 @@ def check_class_names(names: Sequence[str], where: str) -> tuple[str, ...]:
   """
   names = tuple(str(n).strip() for n in names)
   if not names:
-    raise ValueError(f"{where}: the class list is empty")
+    raise DataError(f"{where}: the class list is empty")
   if any(not n for n in names):
-    raise ValueError(f"{where}: empty class name in {list(names)}")
+    raise DataError(f"{where}: empty class name in {list(names)}")
   seen: dict[str, int] = {}
   for i, n in enumerate(names):
     if n in seen:
-      raise ValueError(f"{where}: class {n!r} is listed twice (entries {seen[n] + 1} and "
+      raise DataError(f"{where}: class {n!r} is listed twice (entries {seen[n] + 1} and "
                        f"{i + 1})")
     seen[n] = i
   return names
@@ -143,6 +144,6 @@ def load_run_classes(workdir: str | os.PathLike | None) -> tuple[str, ...] | Non
   try:
     names = json.loads(files.read_text(path))["class_names"]
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{path} is not a class record ({type(e).__name__}: {e}); it should be "
+    raise DataError(f"{path} is not a class record ({type(e).__name__}: {e}); it should be "
                      '{"class_names": [...]}, as written by training') from e
   return check_class_names(names, os.fspath(path))

@@ -37,7 +37,7 @@ from rma_jax.data import classes as classes_lib
 from rma_jax.data import decode
 from rma_jax.data import files
 from rma_jax.data.classes import COCO_CLASSES
-from rma_jax.data.source import RecordSource, SkipReport, make_record
+from rma_jax.data.source import DataError, RecordSource, SkipReport, make_record
 
 __all__ = ["COCO_CLASSES", "coco_split_paths", "load_coco_split"]
 
@@ -76,13 +76,13 @@ def _categories(data: dict, ann_path: str) -> list[tuple[Any, str]]:
   """(id, name) of every category, in id order; raises ValueError for unusable ones."""
   cats = data.get("categories")
   if not isinstance(cats, list) or not cats:
-    raise ValueError(f"{ann_path} has no categories")
+    raise DataError(f"{ann_path} has no categories")
   by_id: dict[Any, tuple[int, str]] = {}
   by_name: dict[str, tuple[int, Any]] = {}
   dup_ids, dup_names = [], []
   for j, c in enumerate(cats):
     if not isinstance(c, dict) or "id" not in c or not str(c.get("name") or "").strip():
-      raise ValueError(f"{ann_path}: categories[{j}] = {c!r} has no id or no name")
+      raise DataError(f"{ann_path}: categories[{j}] = {c!r} has no id or no name")
     cid, name = c["id"], str(c["name"]).strip()
     if cid in by_id:
       dup_ids.append(f"id {cid!r} is both {by_id[cid][1]!r} (categories[{by_id[cid][0]}]) and "
@@ -92,15 +92,15 @@ def _categories(data: dict, ann_path: str) -> list[tuple[Any, str]]:
     by_id.setdefault(cid, (j, name))
     by_name.setdefault(name, (j, cid))
   if dup_ids:
-    raise ValueError(f"{ann_path}: duplicate category id(s): {'; '.join(dup_ids[:5])}. "
+    raise DataError(f"{ann_path}: duplicate category id(s): {'; '.join(dup_ids[:5])}. "
                      "Each category needs its own id (one class would be unreachable).")
   if dup_names:
-    raise ValueError(f"{ann_path}: duplicate category name(s): {'; '.join(dup_names[:5])}. "
+    raise DataError(f"{ann_path}: duplicate category name(s): {'; '.join(dup_names[:5])}. "
                      "Class names must be unique.")
   try:
     ordered = sorted(by_id)
   except TypeError as e:
-    raise ValueError(f"{ann_path}: category ids {list(by_id)} cannot be ordered ({e}); use "
+    raise DataError(f"{ann_path}: category ids {list(by_id)} cannot be ordered ({e}); use "
                      "integer ids") from e
   return [(cid, by_id[cid][1]) for cid in ordered]
 
@@ -145,9 +145,9 @@ def load_coco_split(root: str, split: str, *, max_pixels: int | None = None,
   try:
     data = json.loads(files.read_text(ann_path))
   except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read COCO annotation file {ann_path!r}: {e}") from e
+    raise DataError(f"cannot read COCO annotation file {ann_path!r}: {e}") from e
   if not isinstance(data, dict):
-    raise ValueError(f"{ann_path}: expected a JSON object with images, annotations and "
+    raise DataError(f"{ann_path}: expected a JSON object with images, annotations and "
                      f"categories, got {type(data).__name__}")
   cats = _categories(data, ann_path)
   if class_names is None:
@@ -170,7 +170,7 @@ def load_coco_split(root: str, split: str, *, max_pixels: int | None = None,
       continue
     images[im["id"]] = im
   if dup_images:
-    raise ValueError(f"{ann_path}: duplicate image id(s): {'; '.join(dup_images[:5])}"
+    raise DataError(f"{ann_path}: duplicate image id(s): {'; '.join(dup_images[:5])}"
                      f"{' ...' if len(dup_images) > 5 else ''}. Image ids must be unique "
                      "within a JSON (annotations would go to the wrong image).")
 

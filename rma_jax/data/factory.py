@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Any, Callable, Sequence
 
+from rma_jax import errors as errors_lib
 from rma_jax import paths
 from rma_jax.data import classes as classes_lib
 from rma_jax.data import coco, demo, imagelist, tfds_source, voc
@@ -127,7 +128,7 @@ def check_usable(source: Source, field: str, max_skip_fraction: float) -> None:
 def _check_fixed(requested: Sequence[str] | None, own: Sequence[str], origin: str,
                  what: str) -> None:
   if requested is not None and tuple(requested) != tuple(own):
-    raise ValueError(f"{what} has the fixed classes {list(own)}, but {origin} says "
+    raise DataError(f"{what} has the fixed classes {list(own)}, but {origin} says "
                      f"{list(requested)}; a model must be read with its own classes")
 
 
@@ -208,13 +209,13 @@ def get_sources(data_config: Any, *, seed: int, class_names: Sequence[str] | Non
   d = data_config
   errors = config_errors(d)
   if errors:
-    raise ValueError("invalid data config:\n  " + "\n  ".join(errors))
+    raise DataError(errors_lib.refusal("invalid data config", errors))
   configured = classes_lib.parse_class_names(d.get("class_names"))
   if class_names is not None:
     origin = class_origin or "the given class list"
     class_names = classes_lib.check_class_names(class_names, origin)
     if configured is not None and configured != class_names:
-      raise ValueError(f"data.class_names {list(configured)} differs from {origin} "
+      raise DataError(f"data.class_names {list(configured)} differs from {origin} "
                        f"{list(class_names)}; leave data.class_names unset or use the same list")
   elif configured is not None:
     class_names, origin = configured, "data.class_names"
@@ -232,9 +233,9 @@ def get_sources(data_config: Any, *, seed: int, class_names: Sequence[str] | Non
   train_split, test_split = d.train_split, d.test_split
   val_split = d.get("val_split", "") or ""
   if not train_split or not test_split:
-    raise ValueError("data.train_split and data.test_split must be set")
+    raise DataError("data.train_split and data.test_split must be set")
   if val_split and val_split == test_split:
-    raise ValueError(f"data.val_split={val_split!r} is the test split; model selection on the "
+    raise DataError(f"data.val_split={val_split!r} is the test split; model selection on the "
                      "test split is not allowed. Leave val_split empty for a held-out slice of "
                      "the training split.")
   max_pixels = d.get("max_pixels", None) or None
@@ -272,5 +273,5 @@ def _check_disjoint(a: Source, b: Source, what_a: str, what_b: str) -> None:
     return
   common = set(ids_a) & set(ids_b)
   if common:
-    raise ValueError(f"{what_a} ({a.name}) and {what_b} ({b.name}) share {len(common)} "
+    raise DataError(f"{what_a} ({a.name}) and {what_b} ({b.name}) share {len(common)} "
                      f"examples, e.g. {sorted(common)[:3]}; they must be disjoint")

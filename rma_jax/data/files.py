@@ -11,6 +11,8 @@ from __future__ import annotations
 import codecs
 import os
 
+from rma_jax.data.source import DataError
+
 from etils import epath
 
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
@@ -32,7 +34,7 @@ def read_text(path: str | os.PathLike) -> str:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
-    raise ValueError(f"{os.fspath(path)}, line {line}: not UTF-8 text ({e.reason} at byte "
+    raise DataError(f"{os.fspath(path)}, line {line}: not UTF-8 text ({e.reason} at byte "
                      f"{e.start}, {data[e.start:e.start + 1]!r}); save the file as UTF-8"
                      ) from None
 

@@ -42,7 +42,7 @@ import numpy as np
 from rma_jax import paths
 from rma_jax.data import classes as classes_lib
 from rma_jax.data import files
-from rma_jax.data.source import RecordSource, SkipReport, make_record
+from rma_jax.data.source import DataError, RecordSource, SkipReport, make_record
 
 __all__ = ["LIST_SUFFIXES", "find_list_file", "load_list_split", "parse_labels"]
 
@@ -65,7 +65,7 @@ def find_list_file(data_dir: str, split: str) -> str:
     candidates = [base / f"{split}{s}" for s in LIST_SUFFIXES]
   found = [p for p in candidates if p.is_file()]
   if len(found) > 1:
-    raise ValueError(f"split {split!r}: both {found[0]} and {found[1]} exist; name one, e.g. "
+    raise DataError(f"split {split!r}: both {found[0]} and {found[1]} exist; name one, e.g. "
                      f"data.train_split={found[0].name}")
   if not found:
     have = (sorted(p.name for p in base.iterdir() if p.name.endswith(LIST_SUFFIXES))
@@ -90,7 +90,7 @@ def parse_labels(value: Any) -> list[str]:
     else:
       return [v.strip() for v in _SEPARATORS.split(value) if v.strip()]
   if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-    raise ValueError(f"labels must be names separated by ';' or '|', or a list of names; got "
+    raise DataError(f"labels must be names separated by ';' or '|', or a list of names; got "
                      f"{value!r:.100}")
   return [v.strip() for v in value if v.strip()]
 
@@ -102,14 +102,14 @@ def _parse_boxes(value: Any) -> list[tuple[list[float], str]]:
   if isinstance(value, str):
     value = json.loads(value)
   if not isinstance(value, list):
-    raise ValueError(f"boxes must be a list of [x0, y0, x1, y1, label]; got {value!r:.100}")
+    raise DataError(f"boxes must be a list of [x0, y0, x1, y1, label]; got {value!r:.100}")
   out = []
   for b in value:
     if (not isinstance(b, list) or len(b) != 5 or not isinstance(b[4], str)
         or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b[:4])):
-      raise ValueError(f"box {b!r:.100} is not [x0, y0, x1, y1, label] with 4 numbers")
+      raise DataError(f"box {b!r:.100} is not [x0, y0, x1, y1, label] with 4 numbers")
     if not (0 <= b[0] <= b[2] <= 1 and 0 <= b[1] <= b[3] <= 1):
-      raise ValueError(f"box {b!r:.100} is not within [0, 1] with x0 <= x1 and y0 <= y1 "
+      raise DataError(f"box {b!r:.100} is not within [0, 1] with x0 <= x1 and y0 <= y1 "
                        "(fractions of the image width and height)")
     out.append(([float(v) for v in b[:4]], b[4].strip()))
   return out
@@ -142,13 +142,13 @@ def _rows(path: str) -> Iterator[tuple[int, dict | None, str]]:
       row = next(csv.reader([line], strict=True))
     except csv.Error as e:
       if header is None:
-        raise ValueError(f"{path}, line {n}: malformed header row ({e})") from None
+        raise DataError(f"{path}, line {n}: malformed header row ({e})") from None
       yield n, None, f"malformed line ({e})"
       continue
     if header is None:
       header = [h.strip().lower() for h in row]
       if "image" not in header or "labels" not in header:
-        raise ValueError(f"{path}: the header row {header} lacks an 'image' or 'labels' "
+        raise DataError(f"{path}: the header row {header} lacks an 'image' or 'labels' "
                          "column (expected e.g. image,labels,boxes)")
       continue
     if len(row) != len(header):
@@ -157,7 +157,7 @@ def _rows(path: str) -> Iterator[tuple[int, dict | None, str]]:
       continue
     yield n, dict(zip(header, row)), ""
   if header is None:
-    raise ValueError(f"{path} is empty; expected a header row with image,labels")
+    raise DataError(f"{path} is empty; expected a header row with image,labels")
 
 
 def load_list_split(path: str, *, image_root: str = "", max_pixels: int | None = None,
@@ -206,7 +206,7 @@ def load_list_split(path: str, *, image_root: str = "", max_pixels: int | None =
                           for n in e["labels"] + [label for _, label in e["boxes"]]})
     class_origin = f"the labels in {path}"
     if not class_names:
-      raise ValueError(f"{name}: no labels in {path}; give the classes in data.class_names "
+      raise DataError(f"{name}: no labels in {path}; give the classes in data.class_names "
                        "or classes.txt")
   class_names = tuple(class_names)
   index = {c: i for i, c in enumerate(class_names)}

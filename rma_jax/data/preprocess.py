@@ -3,8 +3,9 @@
 Geometry runs on the host per image (Pillow releases the GIL, so a thread pool decodes and
 resizes in parallel): training resizes to N x N ignoring the aspect ratio, takes a random
 (N - 64) x (N - 64) crop and a random horizontal flip; evaluation resizes to ``size`` x
-``size`` with no crop. Images stay uint8 until :func:`normalize`, which runs inside the jitted
-step on the accelerator, so the host ships 4x fewer bytes.
+``size`` with no crop. Images stay uint8: the model normalises them to its pixel convention
+(``rma_jax.pixels``) inside the jitted step on the accelerator, so the host ships 4x fewer
+bytes.
 
 Boxes are (x0, y0, x1, y1) normalised to [0, 1] of the image; a resize that ignores the aspect
 ratio leaves them unchanged, crops and flips move them (:func:`crop_flip_boxes`).
@@ -12,42 +13,8 @@ ratio leaves them unchanged, crops and flips move them (:func:`crop_flip_boxes`)
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-
-CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
-TORCH_MEAN = (0.485, 0.456, 0.406)
-TORCH_STD = (0.229, 0.224, 0.225)
-CONVENTIONS = ("caffe", "torch", "unit")
-
-
-def normalize(images: jax.Array, convention: str | None, dtype=jnp.float32) -> jax.Array:
-  """Maps uint8 RGB images to the pixel convention of the weights (jittable).
-
-  Args:
-    images: (..., H, W, 3) uint8 RGB.
-    convention: 'caffe' (Keras/Caffe VGG: RGB -> BGR, subtract the BGR mean, 0..255 scale),
-      'torch' (torchvision: /255, then (x - mean) / std per RGB channel) or 'unit' (/255 - 0.5);
-      None: ``images`` are normalised already and returned as they are.
-    dtype: output dtype (computed in float32 first).
-
-  Returns:
-    (..., H, W, 3) ``dtype`` array (``images`` itself for ``convention=None``).
-  """
-  if convention is None:
-    return images
-  x = jnp.asarray(images).astype(jnp.float32)
-  if convention == "caffe":
-    x = x[..., ::-1] - jnp.asarray(CAFFE_BGR_MEAN, jnp.float32)
-  elif convention == "torch":
-    x = (x / 255.0 - jnp.asarray(TORCH_MEAN, jnp.float32)) / jnp.asarray(TORCH_STD, jnp.float32)
-  elif convention == "unit":
-    x = x / 255.0 - 0.5
-  else:
-    raise ValueError(f"pixel convention must be one of {CONVENTIONS}, got {convention!r}")
-  return x.astype(dtype)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

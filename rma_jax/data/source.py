@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rma_jax import errors
 from rma_jax.data.decode import BadImageError, decode_image
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class BadExampleError(ValueError):
   """``source[i]`` cannot be produced (unreadable image); it has been logged and counted."""
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A data set that cannot be used as configured (raised before training starts)."""
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from rma_jax.data.classes import COCO_CLASSES, VOC_CLASSES
 from rma_jax.data.decode import decode_image
-from rma_jax.data.source import Source, SkipReport, make_record
+from rma_jax.data.source import DataError, Source, SkipReport, make_record
 
 TFDS_NAMES = {"voc2007": "voc/2007", "coco2014": "coco/2014"}
 # Config split names -> TFDS split strings. VOC's trainval is TFDS train + validation.
@@ -177,7 +177,7 @@ class TFRecordIndex:
         if not header:
           break
         if len(header) < 12:
-          raise ValueError(f"{path}: truncated TFRecord header at byte {pos}")
+          raise DataError(f"{path}: truncated TFRecord header at byte {pos}")
         (length,) = struct.unpack("<Q", header[:8])
         out.append((pos + 12, length))
         pos += 12 + length + 4
@@ -193,7 +193,7 @@ class TFRecordIndex:
       f.seek(offset)
       data = f.read(length)
     if len(data) != length:
-      raise ValueError(f"{self.files[file_index]}: truncated record at byte {offset}")
+      raise DataError(f"{self.files[file_index]}: truncated record at byte {offset}")
     return data
 
 
@@ -298,7 +298,7 @@ def load_tfds_split(name: str, split: str, *, data_dir: str | None = None,
   try:
     split_info = builder.info.splits[tfds_split]
   except (KeyError, ValueError, AssertionError) as e:
-    raise ValueError(f"unknown split {split!r} (TFDS {tfds_split!r}) for {tfds_name}; "
+    raise DataError(f"unknown split {split!r} (TFDS {tfds_split!r}) for {tfds_name}; "
                      f"available: {list(builder.info.splits.keys())}") from e
   if name == "voc2007":
     mapper, class_names = voc_example_from_tfds, VOC_CLASSES

@@ -30,7 +30,7 @@ from rma_jax.data import classes as classes_lib
 from rma_jax.data import decode
 from rma_jax.data import files
 from rma_jax.data.classes import VOC_CLASSES
-from rma_jax.data.source import RecordSource, SkipReport, make_record
+from rma_jax.data.source import DataError, RecordSource, SkipReport, make_record
 
 __all__ = ["VOC_CLASSES", "find_voc_root", "load_voc_split", "parse_voc_xml",
            "read_split_ids", "voc_boxes_to_unit", "voc_class_list"]
@@ -79,7 +79,7 @@ def parse_voc_xml(path: str) -> dict:
     difficult.append((obj.findtext("difficult") or "0").strip() == "1")
     bb = obj.find("bndbox")
     if bb is None:
-      raise ValueError(f"object {name!r} has no <bndbox>")
+      raise DataError(f"object {name!r} has no <bndbox>")
     boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
   return dict(size=wh, names=names, difficult=difficult,
               boxes=np.asarray(boxes, np.float32).reshape(-1, 4))
@@ -191,13 +191,13 @@ def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
       class_origin = (f"the <name>s in the annotations of split {split!r} "
                       f"({os.path.join(root, 'Annotations')})")
       if not class_names:
-        raise ValueError(f"{name}: no class names: none of the {len(parsed)} readable "
+        raise DataError(f"{name}: no class names: none of the {len(parsed)} readable "
                          f"annotations in {os.path.join(root, 'Annotations')} has an <object> "
                          "with a <name>; give the classes in data.class_names or classes.txt")
   class_names = tuple(class_names)
   index = {c.lower(): i for i, c in enumerate(class_names)}
   if len(index) != len(class_names):
-    raise ValueError(f"{name}: class names {list(class_names)} ({class_origin or 'given'}) "
+    raise DataError(f"{name}: class names {list(class_names)} ({class_origin or 'given'}) "
                      "repeat a name in another case; VOC names are matched case-insensitively")
 
   records = []

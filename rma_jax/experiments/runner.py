@@ -14,6 +14,7 @@ from absl import logging
 import ml_collections
 
 from rma_jax import evaluate, report, train
+from rma_jax import workdir as workdir_lib
 from rma_jax.configs import ablations
 from rma_jax.experiments import records
 from rma_jax.experiments import tables as tables_lib  # `tables` names the table keys here
@@ -21,19 +22,9 @@ from rma_jax.experiments import tables as tables_lib  # `tables` names the table
 
 def _config_drift(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """Dotted keys whose value in a record's config differs from ``config``."""
-  now = report.to_jsonable(_flatten(config.to_dict()))
-  then = _flatten(saved)
+  now = report.to_jsonable(workdir_lib.flatten(config.to_dict()))
+  then = workdir_lib.flatten(saved)  # from JSON: lists, as to_jsonable makes tuples
   return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
 
 
 def run_one(base: ml_collections.ConfigDict, run: str, run_dir: str, results_dir: str,

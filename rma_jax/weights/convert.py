@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rma_jax import models, paths
+from rma_jax import errors, models, paths
 from rma_jax.weights import keras_h5, torch_pth
 
 Params = dict[str, Any]
@@ -40,7 +40,7 @@ TORCH_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 """Positions of conv1_1 … conv5_3 in torchvision's ``vgg16().features`` (ReLU/pool between)."""
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(errors.UserError, ValueError):
   """A weight file's tensors do not match the expected VGG-16 names and shapes."""
 
 

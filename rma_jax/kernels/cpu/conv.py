@@ -1,10 +1,9 @@
-"""A 3x3 'SAME' convolution for VGG-16 on CPU: a matmul kernel gradient, a Winograd forward.
+"""A 3x3 'SAME' convolution for VGG-16 on the CPU: a matmul kernel gradient, a Winograd forward.
 
 Training. XLA:CPU lowers the forward convolution and the input gradient of a 3x3 conv to fast
 kernels, but the *kernel* gradient of high-resolution, few-channel layers (VGG blocks 1-2)
 becomes a generic convolution whose window is the whole image, preceded by two full
-transposes: 2-3x slower than PyTorch's oneDNN backward-weights primitive there
-(docs/performance.md). ``conv3x3`` keeps XLA's forward and input gradient (a
+transposes (docs/performance.md). ``conv3x3`` keeps XLA's forward and input gradient (a
 ``jax.custom_vjp``) and computes the kernel gradient as a matrix product instead:
 
     dW[(kh, kw, ci), co] = sum_{b,h,w} xpad[b, h + kh, w + kw, ci] * dy[b, h, w, co]
@@ -17,15 +16,13 @@ cache (``kernel_grad``).
 
 Evaluation. When the convolution is not differentiated (evaluation, prediction), the same
 ``jax.custom_vjp``'s primal runs instead of its forward rule, and it can be Winograd's
-minimal filtering F(4x4, 3x3) (``rma_jax.winograd``): 4x fewer multiplications than the
-direct convolution, as 36 batched matrix products over channels, 2-3x faster than XLA's
-conv per VGG layer here; conv1_1 (3 input channels) is banded im2col products
-(``im2col_conv3x3``), computed inside conv1_2's Winograd bands where the two run in a row
-(``conv3x3_pair``, ``apply_pair``). A train step still differentiates XLA's conv, exactly as
-before.
+minimal filtering F(4x4, 3x3) (``winograd``): 4x fewer multiplications than the direct
+convolution, as 36 batched matrix products over channels; conv1_1 (3 input channels) is
+banded im2col products (``im2col_conv3x3``), computed inside conv1_2's Winograd bands where
+the two run in a row (``conv3x3_pair``). A train step still differentiates XLA's conv.
 
-``Conv3x3`` is a drop-in replacement for ``nn.Conv(features, (3, 3), padding=1)`` with the
-same parameter names, shapes, initialisers and dtype promotion.
+Every function here is the CPU's: ``rma_jax.kernels`` decides where they run (the rules of
+``impl='auto'``, ``use_*``, are per shape; the platform is chosen when a function is lowered).
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rma_jax import winograd
+from rma_jax.kernels.cpu import winograd
 
 Dtype = Any
 
@@ -48,39 +45,21 @@ forward when not differentiated, or a per-shape choice of the last two (see ``co
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _PADDING = ((1, 1), (1, 1))
 
-# The rule behind impl='auto' (measured in docs/performance.md, "A matmul kernel gradient"):
-# the custom VJP's kernel gradient wins from 56x56 pixels up (3-4x at conv2_x of a 448
-# input, where XLA's is a generic convolution with a whole-image window); on 28x28 and 14x14
-# maps the two tie, so XLA keeps them. GPUs and TPUs always keep XLA's (see use_patches).
+# The rules of impl='auto' (docs/performance.md, "A matmul kernel gradient", "Winograd",
+# "Both cores in the band loops"): the matmul kernel gradient from 56x56 pixels up; the
+# Winograd forward for layers of >= 64 input channels with enough tiles (its kernel transform
+# must be repaid) and enough work (compile time); the banded im2col forward for layers with
+# fewer input channels (VGG's conv1_1) and enough work.
 AUTO_MIN_PIXELS = 56 * 56
-
-# The Winograd rule of impl='auto' on CPU (docs/performance.md, "Winograd"), from per-layer
-# timings of conv + bias + ReLU against XLA's conv (benchmarks/conv_profile.py --winograd and
-# smaller shapes): every VGG layer with >= 64 input channels wins, 1.5-3x at 448-512 px
-# (conv1_1, 3 input channels, does not: 0.93-0.97); the kernel transform (36 * Cin * Cout
-# values per call) is only repaid with enough tiles (512 channels: 0.35x at 8 tiles, 0.61x at
-# 32, 1.03x at 49, 1.22x at 64, 1.43x at 98); and below a few GFLOP a layer gains
-# milliseconds at most, not worth its compile time (~0.5 s a layer).
 AUTO_WINOGRAD_MIN_CHANNELS = 64
 AUTO_WINOGRAD_MIN_TILES = 64
 AUTO_WINOGRAD_MIN_FLOPS = 2e9
-
-# The im2col rule of impl='auto' on CPU (docs/performance.md, "Both cores in the band
-# loops"): layers with fewer input channels than Winograd wants (VGG's conv1_1, 3 channels)
-# run, when not differentiated, as banded matrix products of the (pixels, 9 * Cin) patch
-# matrix; XLA runs their direct convolution on one thread (1.2-1.4x slower here at 448-512
-# px). From 64 output channels and 0.5 GFLOP (one 448 px image): the width/8 demo and the
-# tests keep XLA's.
 AUTO_IM2COL_MIN_FLOPS = 5e8
 IM2COL_BAND_PIXELS = 2**15
-"""Pixels per band of ``im2col_conv3x3``: a (pixels, 9 * Cin) patch tile that stays in cache
-(measured best of 16 to 128 rows at 448 and 512 px)."""
-
-INFERENCE_COLLECTION = "inference"
-"""The variable collection of evaluation-only parameter forms (``rma_jax.eval_params``)."""
+"""Pixels per band of ``im2col_conv3x3``: a (pixels, 9 * Cin) patch tile that stays in cache."""
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
-"""Size of one patch tile of the chunked kernel gradient (fits in this CPU's L2/L3)."""
+"""Size of one patch tile of the banded kernel gradient (fits in a CPU's L2/L3)."""
 
 
 def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -115,24 +94,25 @@ def chunk_rows(height: int, width: int, in_channels: int, itemsize: int = 4,
   return rows
 
 
-def kernel_grad(x: jax.Array, dy: jax.Array, method: str = "chunked",
+def kernel_grad(x: jax.Array, dy: jax.Array,
                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> jax.Array:
   """Gradient of ``sum(conv3x3(x, W) * dy)`` in ``W``, as matrix products.
+
+  A ``lax.scan`` over bands of ``chunk_rows`` image rows: each step builds the band's
+  (9*Cin, rows*W) patch tile from 9 shifted slices of the padded, channels-major input and
+  adds tile @ dy_band (rows*W, Cout) to the (9*Cin, Cout) accumulator. XLA:CPU's fastest
+  matmul form is (M, K) @ (K, N) with row-major operands, and a 9x-inflated patch matrix of a
+  whole 448x448 image (hundreds of MB) would make building it memory-bound; a band of a few
+  MB stays in cache between its construction and its matmul. Only x is transposed (once,
+  fused with the padding); dy bands are contiguous reshapes.
+
+  Under a mesh with the batch axis sharded, the scan slices across that axis, so XLA gathers
+  ``x`` on every device (fine on a CPU; ``impl='auto'`` never takes this path elsewhere).
 
   Args:
     x: (B, H, W, Cin) input of the convolution.
     dy: (B, H, W, Cout) cotangent of its output.
-    method: 'chunked' (default): a ``lax.scan`` over bands of ``chunk_rows`` image rows;
-      each step builds the band's (9*Cin, rows*W) patch tile from 9 shifted slices of the
-      padded, channels-major input and adds tile @ dy_band (rows*W, Cout) to the
-      (9*Cin, Cout) accumulator. 'concat': the whole (B*H*W, 9*Cin) patch matrix from 9
-      shifted slices concatenated on the channel axis, one einsum. 'lax_patches': the same
-      with ``jax.lax.conv_general_dilated_patches``. The last two are kept to measure.
-    chunk_bytes: patch-tile size for 'chunked'.
-
-  Under a mesh with the batch axis sharded, 'chunked' is correct but its scan slices across
-  that axis, so XLA gathers ``x`` on every device (fine for CPU tests; ``impl='auto'`` never
-  takes this path on GPU/TPU).
+    chunk_bytes: patch-tile size.
 
   Returns:
     (3, 3, Cin, Cout) kernel gradient in ``x.dtype``, accumulated in float32 (float64 for
@@ -141,40 +121,21 @@ def kernel_grad(x: jax.Array, dy: jax.Array, method: str = "chunked",
   b, h, w, cin = x.shape
   cout = dy.shape[-1]
   acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  dot = functools.partial(jnp.einsum, preferred_element_type=acc_dtype)
-  if method == "chunked":
-    # Why chunked and channels-major: XLA:CPU's fastest matmul form is (M, K) @ (K, N) with
-    # row-major operands (a transposed-LHS dot runs at ~60 % of it), and a 9x-inflated patch
-    # matrix of a whole 448x448 image (hundreds of MB) makes building it memory-bound; a
-    # band of a few MB stays in cache between its construction and its matmul. Only x is
-    # transposed (once, fused with the padding); dy bands are contiguous reshapes.
-    rows = chunk_rows(h, w, cin, x.dtype.itemsize, chunk_bytes)
-    bands = h // rows
-    xt = jnp.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (1, 1), (1, 1)))  # B,C,H+2,W+2
-    dy_bands = dy.reshape(b * bands, rows * w, cout)
+  rows = chunk_rows(h, w, cin, x.dtype.itemsize, chunk_bytes)
+  bands = h // rows
+  xt = jnp.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (1, 1), (1, 1)))  # B,C,H+2,W+2
+  dy_bands = dy.reshape(b * bands, rows * w, cout)
 
-    def band(acc, inputs):
-      idx, dy_band = inputs
-      tile = jax.lax.dynamic_slice(xt, (idx // bands, 0, (idx % bands) * rows, 0),
-                                   (1, cin, rows + 2, w + 2))[0]
-      return acc + dot("kp,po->ko", _patches_t(tile, rows, w), dy_band), None
+  def band(acc, inputs):
+    idx, dy_band = inputs
+    tile = jax.lax.dynamic_slice(xt, (idx // bands, 0, (idx % bands) * rows, 0),
+                                 (1, cin, rows + 2, w + 2))[0]
+    return acc + jnp.einsum("kp,po->ko", _patches_t(tile, rows, w), dy_band,
+                            preferred_element_type=acc_dtype), None
 
-    dw, _ = jax.lax.scan(band, jnp.zeros((9 * cin, cout), acc_dtype),
-                         (jnp.arange(b * bands), dy_bands))
-    dw = dw.reshape(3, 3, cin, cout)
-  elif method == "concat":
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
-                              axis=-1)
-    dw = dot("bhwk,bhwo->ko", patches, dy).reshape(3, 3, cin, cout)
-  elif method == "lax_patches":
-    # Its feature order is (Cin, kh, kw): permute to HWIO.
-    p = jax.lax.conv_general_dilated_patches(x, (3, 3), (1, 1), _PADDING,
-                                             dimension_numbers=_DIMENSION_NUMBERS)
-    dw = dot("bhwk,bhwo->ko", p, dy).reshape(cin, 3, 3, cout).transpose(1, 2, 0, 3)
-  else:
-    raise ValueError(f"unknown kernel-gradient method {method!r}")
-  return dw.astype(x.dtype)
+  dw, _ = jax.lax.scan(band, jnp.zeros((9 * cin, cout), acc_dtype),
+                       (jnp.arange(b * bands), dy_bands))
+  return dw.reshape(3, 3, cin, cout).astype(x.dtype)
 
 
 def im2col_band_rows(height: int, width: int, band_pixels: int = IM2COL_BAND_PIXELS) -> int:
@@ -220,21 +181,21 @@ def im2col_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
 
 
 def _activate(activation, y, pool=False):
-  if activation is not None and y.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+  if activation is not None and y.dtype == jnp.bfloat16:
     # XLA:CPU of jaxlib 0.12 (its YNNPACK fusions) turns two or more jitted bfloat16 convs,
     # each with a bf16 max(z, 0), followed by any reduction (the blocks' max pool, a mean)
     # into NaN/inf. A float32 ReLU is not fused so: op by op it gives the same values and
     # gradient, bitwise; jitted, XLA may round to bf16 at other places (scores differ
-    # within bf16's rounding). Off CPU the activation stays in bf16.
+    # within bf16's rounding).
     y = activation(y.astype(jnp.float32)).astype(y.dtype)
   elif activation is not None:
     y = activation(y)
-  # nn.max_pool, exactly as VGG16 applied it outside (and so its gradient in a train step).
+  # nn.max_pool, exactly as models.ConvBlock applies it (and so its gradient in a train step).
   return nn.max_pool(y, (2, 2), strides=(2, 2)) if pool else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _conv3x3_custom(x, kernel, bias, u, tile, backward, method, activation, pool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _conv3x3_custom(x, kernel, bias, u, tile, backward, activation, pool):
   # The primal is what runs when the convolution is NOT differentiated (evaluation,
   # prediction): Winograd's F(tile x tile, 3 x 3) if a tile is given (with ``u``, its
   # transformed kernel, if precomputed), the banded im2col product for tile 'im2col', else
@@ -248,15 +209,15 @@ def _conv3x3_custom(x, kernel, bias, u, tile, backward, method, activation, pool
   return _activate(activation, _conv(x, kernel) + bias, pool)
 
 
-def _fwd(x, kernel, bias, u, tile, backward, method, activation, pool):
-  del tile, backward, method
+def _fwd(x, kernel, bias, u, tile, backward, activation, pool):
+  del tile, backward
   z = _conv(x, kernel) + bias
   keep_z = activation is not None or pool
   return _activate(activation, z, pool), (x, kernel, bias, z if keep_z else None,
                                           None if u is None else jnp.zeros_like(u))
 
 
-def _bwd(tile, backward, method, activation, pool, res, dy):
+def _bwd(tile, backward, activation, pool, res, dy):
   del tile
   x, kernel, bias, z, du = res
   if z is not None:  # exactly autodiff of activation(z) and the pooling, as applied outside
@@ -266,7 +227,7 @@ def _bwd(tile, backward, method, activation, pool, res, dy):
   # Input gradient: the transposed convolution, exactly what autodiff of the forward gives
   # (XLA already sends it to its fast kernels).
   (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel), x)(dy)
-  dw = kernel_grad(x, dy, method)
+  dw = kernel_grad(x, dy)
   db = jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.promote_types(dy.dtype, jnp.float32)
                ).astype(dy.dtype)
   return dx, dw, db, du
@@ -285,42 +246,38 @@ def use_patches(in_shape: tuple[int, ...], impl: str) -> bool:
   (B, H, W, Cin) when the convolution is differentiated."""
   _check_impl(impl)
   if impl == "auto":
-    # Only XLA:CPU lowers the kernel gradient badly; cuDNN and the TPU compiler have native
-    # backward-filter convolutions, so off CPU 'auto' keeps XLA's.
     _, h, w, _ = in_shape
-    return jax.default_backend() == "cpu" and h * w >= AUTO_MIN_PIXELS
+    return h * w >= AUTO_MIN_PIXELS
   return impl == "patches"
 
 
 def use_winograd(in_shape: tuple[int, ...], out_channels: int, dtype: Dtype,
                  impl: str) -> bool:
   """Whether ``impl`` means the Winograd forward for an input of ``in_shape`` (B, H, W, Cin)
-  when the convolution is not differentiated."""
+  when the convolution is not differentiated ('auto': float32 only, where it wins by
+  measurement)."""
   _check_impl(impl)
   if impl == "auto":
-    # cuDNN and the TPU compiler choose (or have) their own fast algorithms: XLA's there.
-    # On CPU, float32 only (bf16 is not a CPU target) and where it wins by measurement.
     b, h, w, cin = in_shape
     tile = winograd.DEFAULT_WINOGRAD_TILE
     tiles = b * -(-h // tile) * -(-w // tile)
     flops = 2 * 9 * b * h * w * cin * out_channels
-    return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
-            and cin >= AUTO_WINOGRAD_MIN_CHANNELS and tiles >= AUTO_WINOGRAD_MIN_TILES
-            and flops >= AUTO_WINOGRAD_MIN_FLOPS)
+    return (jnp.dtype(dtype) == jnp.float32 and cin >= AUTO_WINOGRAD_MIN_CHANNELS
+            and tiles >= AUTO_WINOGRAD_MIN_TILES and flops >= AUTO_WINOGRAD_MIN_FLOPS)
   return impl == "winograd"
 
 
 def use_im2col(in_shape: tuple[int, ...], out_channels: int, dtype: Dtype, impl: str) -> bool:
   """Whether ``impl`` means the banded im2col forward (``im2col_conv3x3``) for an input of
-  ``in_shape`` (B, H, W, Cin) when the convolution is not differentiated: 'auto' only, on
-  the CPU backend, float32, for layers with too few input channels for Winograd, at least
-  as many output channels and ``AUTO_IM2COL_MIN_FLOPS`` (VGG's conv1_1)."""
+  ``in_shape`` (B, H, W, Cin) when the convolution is not differentiated: 'auto' only,
+  float32, for layers with too few input channels for Winograd, at least as many output
+  channels and ``AUTO_IM2COL_MIN_FLOPS`` (VGG's conv1_1)."""
   _check_impl(impl)
   b, h, w, cin = in_shape
   flops = 2 * 9 * b * h * w * cin * out_channels
-  return (impl == "auto" and jax.default_backend() == "cpu"
-          and jnp.dtype(dtype) == jnp.float32 and cin < AUTO_WINOGRAD_MIN_CHANNELS
-          <= out_channels and flops >= AUTO_IM2COL_MIN_FLOPS)
+  return (impl == "auto" and jnp.dtype(dtype) == jnp.float32
+          and cin < AUTO_WINOGRAD_MIN_CHANNELS <= out_channels
+          and flops >= AUTO_IM2COL_MIN_FLOPS)
 
 
 def _for_tile(winograd_kernel: jax.Array | None, tile: int) -> jax.Array | None:
@@ -332,7 +289,7 @@ def _for_tile(winograd_kernel: jax.Array | None, tile: int) -> jax.Array | None:
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "auto",
-            method: str = "chunked", tile: int = winograd.DEFAULT_WINOGRAD_TILE,
+            tile: int = winograd.DEFAULT_WINOGRAD_TILE,
             activation: Callable[[jax.Array], jax.Array] | None = None,
             winograd_kernel: jax.Array | None = None, pool: bool = False) -> jax.Array:
   """3x3 convolution, stride 1, zero padding 1, plus bias, then ``activation``.
@@ -344,19 +301,16 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
     impl: 'xla' (``lax.conv_general_dilated`` + autodiff), 'patches' (same forward and
       input gradient, matmul kernel gradient via ``jax.custom_vjp``), 'winograd'
       (``winograd.winograd_conv3x3`` when not differentiated; differentiated, exactly
-      'xla') or
-      'auto' (on the CPU backend: Winograd when not differentiated where ``use_winograd``
-      says it wins, the banded im2col product where ``use_im2col`` does (conv1_1), and
-      the matmul kernel gradient for inputs of at least
-      ``AUTO_MIN_PIXELS`` pixels; XLA otherwise and on GPU/TPU).
-    method: how 'patches' builds the kernel gradient (see ``kernel_grad``).
+      'xla') or 'auto' (Winograd when not differentiated where ``use_winograd`` says it
+      wins, the banded im2col product where ``use_im2col`` does (conv1_1), and the matmul
+      kernel gradient for inputs of at least ``AUTO_MIN_PIXELS`` pixels; XLA otherwise).
     tile: Winograd output tile m of F(m x m, 3 x 3) (see ``winograd.winograd_conv3x3``).
     activation: optional elementwise function of the biased output (e.g. ``jax.nn.relu``);
       the Winograd forward applies it while writing each band, once; differentiated, its
       gradient is autodiff's.
     winograd_kernel: ``winograd.transform_kernel(kernel, tile)``, if precomputed (evaluation
-      computes it once per parameter version, ``rma_jax.eval_params``); used only where
-      the Winograd forward runs, ignored elsewhere.
+      computes it once per parameter version, ``forms``); used only where the Winograd
+      forward runs, ignored elsewhere.
     pool: then 2x2 max pooling, stride 2 (``nn.max_pool(y, (2, 2), strides=(2, 2))``);
       the Winograd forward applies it in each band's write, so that the full-size output is
       never written (VGG's blocks end so); differentiated, its gradient is autodiff's.
@@ -368,15 +322,13 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, impl: str = "au
   backward = "patches" if use_patches(x.shape, impl) else "xla"
   if forward_winograd:
     return _conv3x3_custom(x, kernel, bias, _for_tile(winograd_kernel, tile), tile, backward,
-                           method, activation, pool)
+                           activation, pool)
   if use_im2col(x.shape, kernel.shape[-1], x.dtype, impl):
-    return _conv3x3_custom(x, kernel, bias, None, "im2col", backward, method, activation,
-                           pool)
+    return _conv3x3_custom(x, kernel, bias, None, "im2col", backward, activation, pool)
   if backward == "xla":
     return _activate(activation, _conv(x, kernel) + bias, pool)
   return _activate(activation,
-                   _conv3x3_custom(x, kernel, bias, None, None, backward, method, None,
-                                   False), pool)
+                   _conv3x3_custom(x, kernel, bias, None, None, backward, None, False), pool)
 
 
 def use_fused_pair(in_shape: tuple[int, ...], mid_channels: int, out_channels: int,
@@ -384,17 +336,17 @@ def use_fused_pair(in_shape: tuple[int, ...], mid_channels: int, out_channels: i
   """Whether ``conv3x3_pair`` computes its first convolution inside the second's Winograd
   bands for an input of ``in_shape`` (B, H, W, Cin) when not differentiated: where 'auto'
   would evaluate the first by im2col (``use_im2col``) and the second by Winograd
-  (``use_winograd``), i.e. VGG's conv1_1 -> conv1_2 on CPU."""
+  (``use_winograd``), i.e. VGG's conv1_1 -> conv1_2."""
   b, h, w, _ = in_shape
   return (use_im2col(in_shape, mid_channels, dtype, impl)
           and use_winograd((b, h, w, mid_channels), out_channels, dtype, impl))
 
 
 def _chained(settings, x, kernel1, bias1, kernel2, bias2, winograd_kernel=None):
-  impl, method, tile, activation, pool = settings
-  y = conv3x3(x, kernel1, bias1, impl=impl, method=method, tile=tile, activation=activation)
-  return conv3x3(y, kernel2, bias2, impl=impl, method=method, tile=tile,
-                 activation=activation, winograd_kernel=winograd_kernel, pool=pool)
+  impl, tile, activation, pool = settings
+  y = conv3x3(x, kernel1, bias1, impl=impl, tile=tile, activation=activation)
+  return conv3x3(y, kernel2, bias2, impl=impl, tile=tile, activation=activation,
+                 winograd_kernel=winograd_kernel, pool=pool)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -402,7 +354,7 @@ def _pair_custom(x, kernel1, bias1, kernel2, bias2, u, settings):
   # Not differentiated: the second conv's Winograd forward computes the first's output band
   # by band. Differentiated: _fwd/_bwd of exactly the two convolutions (``u``: zero
   # cotangent).
-  _, _, tile, activation, pool = settings
+  _, tile, activation, pool = settings
   return winograd.winograd_conv3x3(x, kernel2, bias2, tile=tile, activation=activation,
                                    transformed_kernel=u, pool=pool,
                                    input_conv=(kernel1, bias1, activation))
@@ -423,16 +375,16 @@ _pair_custom.defvjp(_pair_fwd, _pair_bwd)
 
 
 def conv3x3_pair(x: jax.Array, kernel1: jax.Array, bias1: jax.Array, kernel2: jax.Array,
-                 bias2: jax.Array, *, impl: str = "auto", method: str = "chunked",
+                 bias2: jax.Array, *, impl: str = "auto",
                  tile: int = winograd.DEFAULT_WINOGRAD_TILE,
                  activation: Callable[[jax.Array], jax.Array] | None = None,
                  winograd_kernel: jax.Array | None = None, pool: bool = False) -> jax.Array:
   """Two 3x3 convolutions in a row: ``conv3x3(conv3x3(x, kernel1, bias1, activation),
-  kernel2, bias2, activation, winograd_kernel, pool)``, both with ``impl``, ``method`` and
-  ``tile`` (see ``conv3x3``).
+  kernel2, bias2, activation, winograd_kernel, pool)``, both with ``impl`` and ``tile`` (see
+  ``conv3x3``).
 
-  Not differentiated, where ``use_fused_pair`` holds (VGG's conv1_1 -> conv1_2 under 'auto'
-  on CPU), the first one's output is computed band by band inside the second's Winograd
+  Not differentiated, where ``use_fused_pair`` holds (VGG's conv1_1 -> conv1_2 under
+  'auto'), the first one's output is computed band by band inside the second's Winograd
   forward, by im2col products with 2 halo rows a band (``winograd.winograd_conv3x3``'s
   ``input_conv``), and its full-size map is never stored; differentiated, and elsewhere,
   exactly the two calls.
@@ -446,89 +398,8 @@ def conv3x3_pair(x: jax.Array, kernel1: jax.Array, bias1: jax.Array, kernel2: ja
   Returns:
     (B, H, W, Cout), or (B, H // 2, W // 2, Cout) with ``pool``, in ``x.dtype``.
   """
-  settings = (impl, method, tile, activation, pool)
+  settings = (impl, tile, activation, pool)
   if not use_fused_pair(x.shape, kernel1.shape[-1], kernel2.shape[-1], x.dtype, impl):
     return _chained(settings, x, kernel1, bias1, kernel2, bias2, winograd_kernel)
   return _pair_custom(x, kernel1, bias1, kernel2, bias2, _for_tile(winograd_kernel, tile),
                       settings)
-
-
-def apply_pair(first: "Conv3x3", second: "Conv3x3", inputs: jax.Array) -> jax.Array:
-  """``second(first(inputs))`` for two bound ``Conv3x3`` modules, by ``conv3x3_pair`` where
-  it may fuse them: the same impl, activation and dtype, no pool after the first, and
-  parameters that exist (while initialising, the two calls create them).
-
-  Args:
-    first, second: bound ``Conv3x3`` modules (e.g. a parent's submodules).
-    inputs: (B, H, W, Cin).
-
-  Returns:
-    what ``second(first(inputs))`` returns.
-  """
-  if (first.is_initializing() or first.pool or (first.impl, first.activation, first.dtype)
-      != (second.impl, second.activation, second.dtype)):
-    return second(first(inputs))
-  x, kernel1, bias1, _ = first.operands(inputs)
-  _, kernel2, bias2, winograd_kernel = second.operands(x)
-  return conv3x3_pair(x, kernel1, bias1, kernel2, bias2, impl=first.impl,
-                      activation=first.activation, winograd_kernel=winograd_kernel,
-                      pool=second.pool)
-
-
-class Conv3x3(nn.Module):
-  """Drop-in ``nn.Conv(features, (3, 3), padding=1)`` with a selectable backward pass.
-
-  Parameters ``kernel`` (3, 3, in, features) and ``bias`` (features,), as ``nn.Conv``;
-  inputs, kernel and bias are promoted to ``dtype`` before the convolution, as ``nn.Conv``.
-
-  Attributes:
-    features: output channels.
-    dtype: computation dtype (``None``: inferred from inputs and params, as ``nn.Conv``).
-    param_dtype: parameter dtype.
-    kernel_init: kernel initialiser.
-    bias_init: bias initialiser.
-    impl: 'xla' | 'patches' | 'winograd' | 'auto' (see ``conv3x3``).
-    activation: optional elementwise function applied after the bias (e.g. ``nn.relu``);
-      inside the convolution so that the Winograd forward writes its output once.
-    pool: then 2x2 max pooling, stride 2 (as ``nn.max_pool(y, (2, 2), strides=(2, 2))``),
-      also inside, so that the Winograd forward writes only the pooled output.
-
-  Evaluation may pass the transformed kernel of the Winograd forward as the variable
-  ``winograd_kernel`` of the ``rma_jax.eval_params.COLLECTION`` collection (computed once
-  per parameter version by ``eval_params.prepare``); without it, it is computed per call.
-  """
-  features: int
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: nn.initializers.Initializer = nn.linear.default_kernel_init
-  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
-  impl: str = "auto"
-  activation: Callable[[jax.Array], jax.Array] | None = None
-  pool: bool = False
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """(B, H, W, Cin) -> (B, H, W, features), or (B, H // 2, W // 2, features) with
-    ``pool``."""
-    if inputs.ndim != 4:
-      raise ValueError(f"Conv3x3 expects (B, H, W, C) inputs, got shape {inputs.shape}")
-    kernel = self.param("kernel", self.kernel_init, (3, 3, inputs.shape[-1], self.features),
-                        self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    inputs, kernel, bias, winograd_kernel = self._promoted(inputs, kernel, bias)
-    return conv3x3(inputs, kernel, bias, impl=self.impl, activation=self.activation,
-                   winograd_kernel=winograd_kernel, pool=self.pool)
-
-  def _promoted(self, inputs, kernel, bias):
-    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    winograd_kernel = (self.get_variable(INFERENCE_COLLECTION, "winograd_kernel")
-                       if self.has_variable(INFERENCE_COLLECTION, "winograd_kernel") else None)
-    return inputs, kernel, bias, winograd_kernel
-
-  def operands(self, inputs: jax.Array) -> tuple[jax.Array, ...]:
-    """``(inputs, kernel, bias, winograd_kernel)`` as ``__call__`` passes them to ``conv3x3``
-    (promoted to ``dtype``; ``winograd_kernel`` ``None`` unless given), for a bound module
-    whose parameters exist (``apply_pair``)."""
-    params = self.variables["params"]
-    return self._promoted(inputs, params["kernel"], params["bias"])
-

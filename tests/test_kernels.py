@@ -1,19 +1,30 @@
-"""rma_jax.conv: the custom-VJP 3x3 convolution equals nn.Conv, forward and gradients."""
+"""The CPU kernels (``rma_jax.kernels``): the custom-VJP 3x3 convolution, its Winograd and
+im2col forwards and the fused conv1_1 -> conv1_2 pair against independent references; the
+VGG block and dense layer that put them into a model, against ``models.ConvBlock`` and
+``nn.Dense``; the evaluation-only forms; where the kernels are chosen (when a function is
+lowered, per platform); and the CPU outputs of today's model against those of the commit
+before the kernels became a building block (a fixture)."""
 
 import functools
+import hashlib
+import json
 import os
 import subprocess
 import sys
-import textwrap
-from typing import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rma_jax import conv, winograd
+from rma_jax import kernels, models, steps, views
+from rma_jax.kernels import cpu
+from rma_jax.kernels.cpu import conv, forms as forms_lib, modules, winograd
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
 def _np_conv(x, w, b):
@@ -36,16 +47,15 @@ def _lax_conv(x, w):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("method", ["chunked", "concat", "lax_patches"])
 @pytest.mark.parametrize("shape,chunk_bytes", [
     ((2, 7, 5, 3, 4), conv.DEFAULT_CHUNK_BYTES),  # odd, non-square map: one band per image
     ((2, 12, 6, 4, 5), 9 * 4 * 4 * 6 * 5),        # forces 12 // 5 -> 4-row bands (3 per image)
     ((1, 9, 8, 2, 3), 1),                          # 1-row bands
 ])
-def test_kernel_grad_equals_loop_reference(method, shape, chunk_bytes):
+def test_kernel_grad_equals_loop_reference(shape, chunk_bytes):
   b, h, w, cin, cout = shape
   x, dy = _rand(0, (b, h, w, cin)), _rand(1, (b, h, w, cout))
-  got = jax.jit(lambda x, dy: conv.kernel_grad(x, dy, method, chunk_bytes))(x, dy)
+  got = jax.jit(lambda x, dy: conv.kernel_grad(x, dy, chunk_bytes))(x, dy)
   # dW[kh, kw] = sum over pixels of xpad shifted by (kh, kw) times dy: an explicit loop.
   xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
   ref = np.zeros((3, 3, cin, cout))
@@ -93,56 +103,67 @@ def test_finite_differences_tiny_case():
                              _np_conv(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_params_and_init_match_nn_conv():
+_HE = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _Blocks(nn.Module):
+  """Two blocks as VGG16 builds them (shared scope, so ``a1 … b2`` are this module's own
+  parameters): a two-conv block with the pool, then a one-conv block; ``block`` is
+  ``models.ConvBlock`` or the CPU kernels' ``VGGBlock``."""
+  block: Any
+  widths: tuple = ((8, 8), (5,))
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    block = nn.remat(self.block) if self.remat else self.block
+    self.blocks = [block(w, tuple(f"{n}{i + 1}" for i in range(len(w))), (_HE,) * len(w),
+                         pool=n == "a", dtype=self.dtype)
+                   for n, w in zip("ab", self.widths)]
+    for b in self.blocks:
+      nn.share_scope(self, b)
+
+  def __call__(self, x):
+    for b in self.blocks:
+      x = b(x)
+    return x
+
+
+def test_vgg_block_params_and_init_match_conv_block():
   x = jnp.ones((1, 8, 8, 3))
-  ours = conv.Conv3x3(6).init(jax.random.key(0), x)
-  theirs = nn.Conv(6, (3, 3), padding=1).init(jax.random.key(0), x)
+  ours = _Blocks(cpu.VGGBlock).init(jax.random.key(0), x)
+  theirs = _Blocks(models.ConvBlock).init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, theirs)
-  assert ours["params"]["kernel"].shape == (3, 3, 3, 6)
+  assert ours["params"]["a1"]["kernel"].shape == (3, 3, 3, 8)
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
-class _TwoConvs(nn.Module):
-  """conv(8) -> ReLU -> conv(5), each layer built by ``make(features, name)``."""
-  make: Callable[..., nn.Module]
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(self.make(8, name="a")(x))
-    return self.make(5, name="b")(x)
-
-
-@pytest.mark.parametrize("impl", ["xla", "patches", "winograd", "auto"])
+@pytest.mark.parametrize("impl", ["patches", "winograd", "auto"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_matches_nn_conv_forward_and_gradients(impl, dtype):
-  """Output and all gradients against nn.Conv with the same params, under jit.
+def test_vgg_block_matches_conv_block_forward_and_gradients(impl, dtype):
+  """Output and all gradients of the CPU kernels' block against ``models.ConvBlock``
+  (``nn.Conv``, ``nn.relu``, ``nn.max_pool``) with the same params, under jit.
 
   float32: equal to rounding. bfloat16 compute (float32 params): the output and input
   gradient come from the same XLA ops as nn.Conv's bf16 ones; the parameter gradients are
   rounded differently (the custom VJP accumulates in float32), so each must be at least as
   close to the float32 gradient (relative L2 error) as nn.Conv's own bf16 one, or within 1 %.
   """
-  def ours(f, name, dt=dtype):
-    return conv.Conv3x3(f, dtype=dt, param_dtype=jnp.float32, name=name, impl=impl)
-
-  def theirs(f, name, dt=dtype):
-    return nn.Conv(f, (3, 3), padding=1, dtype=dt, param_dtype=jnp.float32, name=name)
-
   x = jnp.asarray(_rand(6, (2, 60, 58, 3)))  # 3480 px >= AUTO_MIN_PIXELS: auto -> patches
-  dy = jnp.asarray(_rand(7, (2, 60, 58, 5)))
-  params = _TwoConvs(theirs).init(jax.random.key(1), x)["params"]
+  dy = jnp.asarray(_rand(7, (2, 30, 29, 5)))
+  params = _Blocks(models.ConvBlock).init(jax.random.key(1), x)["params"]
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
                         params)  # nonzero biases
 
-  def run(make):
+  def run(block, dt=dtype):
     def loss(params, x):
-      y = _TwoConvs(make).apply({"params": params}, x)
+      y = _Blocks(block, dtype=dt).apply({"params": params}, x)
       return jnp.sum(y.astype(jnp.float32) * dy), y
     (gp, gx), y = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     return {"y": y, "x": gx, "params": gp}
 
-  got, ref = run(ours), run(theirs)
-  assert got["y"].dtype == dtype and got["params"]["a"]["kernel"].dtype == jnp.float32
+  got, ref = run(kernels.vgg_block(impl)), run(models.ConvBlock)
+  assert got["y"].dtype == dtype and got["params"]["a1"]["kernel"].dtype == jnp.float32
 
   def close(a, b, tol=1e-5 if dtype == jnp.float32 else 1e-2):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -153,7 +174,7 @@ def test_matches_nn_conv_forward_and_gradients(impl, dtype):
   if dtype == jnp.float32:
     jax.tree.map(close, got["params"], ref["params"])
   else:
-    ref32 = run(functools.partial(theirs, dt=jnp.float32))["params"]
+    ref32 = run(models.ConvBlock, jnp.float32)["params"]
     err = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
     ours_err = jax.tree.map(err, got["params"], ref32)
     theirs_err = jax.tree.map(err, ref["params"], ref32)
@@ -178,29 +199,18 @@ def test_bfloat16_gradients_close_to_float32():
 
 
 def test_remat_gives_same_gradients():
-  class Block(nn.Module):
-    impl: str
-    remat: bool
-
-    @nn.compact
-    def __call__(self, x):
-      def body(mdl, x):
-        x = nn.relu(conv.Conv3x3(8, impl=mdl.impl, name="c1")(x))
-        return nn.relu(conv.Conv3x3(8, impl=mdl.impl, name="c2")(x))
-      fn = nn.remat(body) if self.remat else body
-      return fn(self, x)
-
   x = jnp.asarray(_rand(12, (2, 16, 12, 4)))
-  params = Block("xla", False).init(jax.random.key(3), x)["params"]
+  params = _Blocks(models.ConvBlock).init(jax.random.key(3), x)["params"]
 
-  def grads(impl, remat):
-    f = lambda p: jnp.sum(Block(impl, remat).apply({"params": p}, x) ** 2)
+  def grads(block, remat):
+    f = lambda p: jnp.sum(_Blocks(block, remat=remat).apply({"params": p}, x) ** 2)
     return jax.jit(jax.grad(f))(params)
 
-  ref = grads("xla", False)
-  for impl, remat in (("patches", True), ("patches", False), ("xla", True)):
+  ref = grads(models.ConvBlock, False)
+  for block, remat in ((kernels.vgg_block("patches"), True),
+                       (kernels.vgg_block("patches"), False), (models.ConvBlock, True)):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4),
-                 grads(impl, remat), ref)
+                 grads(block, remat), ref)
 
 
 def test_auto_rule_and_custom_vjp_in_jaxpr():
@@ -219,37 +229,27 @@ def test_auto_rule_and_custom_vjp_in_jaxpr():
 
 
 def test_batch_sharded_over_four_devices_matches_xla():
-  """Data parallel as in rma_jax.train (batch sharded over a mesh): same gradients, and the
-  same Winograd forward."""
-  code = textwrap.dedent("""
-      import jax, jax.numpy as jnp, numpy as np
-      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from rma_jax import conv, winograd
-      assert jax.device_count() == 4
-      mesh = Mesh(np.array(jax.devices()), ("data",))
-      rng = np.random.default_rng(0)
-      x = jax.device_put(rng.normal(size=(8, 12, 10, 3)).astype(np.float32),
-                         NamedSharding(mesh, P("data")))
-      w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)).astype(np.float32))
-      b = jnp.asarray(rng.normal(size=(4,)).astype(np.float32))
-      def grads(impl):
-        f = lambda x, w, b: jnp.sum(jnp.sin(conv.conv3x3(x, w, b, impl=impl)))
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, b)
-      for got, ref in zip(grads("patches"), grads("xla")):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
-      # The Winograd forward, its bands sliced across the sharded batch: same output.
-      fwd = lambda impl: jax.jit(lambda x, w, b: conv.conv3x3(x, w, b, impl=impl))(x, w, b)
-      got = jax.jit(lambda x, w, b: winograd.winograd_conv3x3(x, w, b, tiles_per_band=3))(x, w, b)
-      for y in (fwd("winograd"), got):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(fwd("xla")), rtol=1e-4, atol=1e-4)
-      print("OK")
-  """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=120)
-  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+  """Data parallel as in a train step (batch sharded over a mesh): same gradients, and the
+  same Winograd forward (conftest forces 4 host devices)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  assert jax.device_count() >= 4
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  rng = np.random.default_rng(0)
+  x = jax.device_put(rng.normal(size=(8, 12, 10, 3)).astype(np.float32),
+                     NamedSharding(mesh, P("data")))
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)).astype(np.float32))
+  b = jnp.asarray(rng.normal(size=(4,)).astype(np.float32))
+
+  def grads(impl):
+    f = lambda x, w, b: jnp.sum(jnp.sin(conv.conv3x3(x, w, b, impl=impl)))
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, b)
+  for got, ref in zip(grads("patches"), grads("xla")):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # The Winograd forward, its bands sliced across the sharded batch: same output.
+  fwd = lambda impl: jax.jit(lambda x, w, b: conv.conv3x3(x, w, b, impl=impl))(x, w, b)
+  got = jax.jit(lambda x, w, b: winograd.winograd_conv3x3(x, w, b, tiles_per_band=3))(x, w, b)
+  for y in (fwd("winograd"), got):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(fwd("xla")), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- Winograd
@@ -632,34 +632,315 @@ def test_conv3x3_pair_fused_only_when_not_differentiated(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
 
 
-def test_apply_pair_equals_the_two_modules(monkeypatch):
-  """``conv.apply_pair`` in a parent module (as VGG16's block 1): the same parameters as
-  two ``Conv3x3`` calls, the same output, the prepared Winograd kernel used."""
-
-  class Pair(nn.Module):
-    fuse: bool
-
-    def setup(self):
-      self.a = conv.Conv3x3(64, activation=nn.relu)
-      self.b = conv.Conv3x3(64, activation=nn.relu, pool=True)
-
-    def __call__(self, x):
-      return conv.apply_pair(self.a, self.b, x) if self.fuse else self.b(self.a(x))
-
+def test_vgg_block_fuses_conv1_1_into_conv1_2_and_uses_the_forms(monkeypatch):
+  """The CPU kernels' block for VGG's block 1 (3 -> 64 -> 64, pooled): the same parameters
+  and output as ``models.ConvBlock``, one Winograd forward with conv1_1 inside it, and the
+  prepared Winograd kernel of the forms used."""
   x = _pair_operands()[0]
-  variables = Pair(True).init(jax.random.key(0), x)
-  assert (jax.tree.map(jnp.shape, variables)
-          == jax.tree.map(jnp.shape, Pair(False).init(jax.random.key(0), x)))
+  block = lambda b: _Blocks(b, widths=((64, 64),))
+  variables = block(models.ConvBlock).init(jax.random.key(0), x)
   calls = _count_winograd_traces(monkeypatch)
-  u = winograd.transform_kernel(variables["params"]["b"]["kernel"])
-  prepared = {**variables, conv.INFERENCE_COLLECTION: {"b": {"winograd_kernel": u}}}
-  ref = jax.jit(Pair(False).apply)(variables, x)
+  u = winograd.transform_kernel(variables["params"]["a2"]["kernel"])
+  prepared = {**variables, cpu.COLLECTION: {"a2": {"winograd_kernel": u}}}
+  ref = jax.jit(block(models.ConvBlock).apply)(variables, x)
+  ours = jax.jit(block(cpu.VGGBlock).apply)
   for v in (variables, prepared):
-    got = jax.jit(Pair(True).apply)(v, x)
+    got = ours(v, x)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
-  assert len(calls) == 3 and all(c == x.shape for c in calls[1:])  # ref's: 64 channels
+  assert len(calls) == 2 and all(c == x.shape for c in calls)  # 3 channels in: fused
   # The prepared kernel is the one used: a zero one leaves relu(bias) everywhere.
-  zero = {**variables, conv.INFERENCE_COLLECTION: {"b": {"winograd_kernel": 0 * u}}}
-  got = jax.jit(Pair(True).apply)(zero, x)
+  zero = {**variables, cpu.COLLECTION: {"a2": {"winograd_kernel": 0 * u}}}
+  got = ours(zero, x)
   np.testing.assert_array_equal(got, jnp.broadcast_to(
-      jax.nn.relu(variables["params"]["b"]["bias"]), got.shape))
+      jax.nn.relu(variables["params"]["a2"]["bias"]), got.shape))
+
+
+# ----------------------------------------------------------------------------- the forms
+# Compared in float64 (``jax.enable_x64``): the prepared and unprepared forwards are the same
+# arithmetic but for the order of a few sums, so float64 makes equality a 1e-10 check.
+
+C = 4
+IMAGE = 64
+
+
+def tiny_rma(impl="winograd", **kw):
+  """A width/16 RMA with the CPU kernels of ``impl`` (float64 in these tests)."""
+  dtype = kw.pop("dtype", jnp.float32)
+  trunk = models.VGG16(width=16, dtype=dtype, block=kernels.vgg_block(impl))
+  return models.RMA(trunk=trunk, num_classes=C, num_regions=3, x_dim=32, hidden_dim=16,
+                    z_dim=16, dtype=dtype, dense=kernels.dense(impl), **kw)
+
+
+def random_params(model, seed=0):
+  """He-scaled random parameters of ``model`` (float64 under x64), theta bias as the model's."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))
+  rng = np.random.default_rng(seed)
+
+  def fill(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
+    return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in))
+
+  params = jax.tree.map(fill, shapes)["params"]
+  params["attention"]["cell"]["zm"]["bias"] = jnp.asarray(models.DEFAULT_THETA_BIAS)
+  return params
+
+
+@pytest.fixture
+def all_dense_transposed(monkeypatch):
+  """Every dense kernel gets its (out, in) copy, so the tiny model exercises all of them."""
+  monkeypatch.setattr(forms_lib, "MIN_TRANSPOSED_KERNEL_SIZE", 1)
+
+
+def _paths(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_paths(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def test_forms_are_the_winograd_transforms_and_transposes(all_dense_transposed):
+  with jax.enable_x64(True):
+    model = tiny_rma(dtype=jnp.float64)
+    params = random_params(model)
+    got = _paths(cpu.evaluation_forms(params, "winograd"))
+    kernel_leaves = {p[:-1]: v for p, v in _paths(params).items() if p[-1] == "kernel"}
+    g = winograd.winograd_matrices(winograd.DEFAULT_WINOGRAD_TILE)[1]  # (6, 3)
+    expected = set()
+    for path, k in kernel_leaves.items():
+      k = np.asarray(k)
+      if k.ndim == 4:  # U[p, q, i, o] = sum_{h, w} G[p, h] k[h, w, i, o] G[q, w]
+        u = np.einsum("ph,hwio,qw->pqio", g, k, g).reshape(36, *k.shape[2:])
+        np.testing.assert_allclose(np.asarray(got[path + ("winograd_kernel",)]), u,
+                                   rtol=0, atol=1e-12 * np.abs(u).max())
+        expected.add(path + ("winograd_kernel",))
+      else:
+        np.testing.assert_array_equal(np.asarray(got[path + ("kernel_t",)]), k.T)
+        expected.add(path + ("kernel_t",))
+    assert set(got) == expected
+    assert sum(p[-1] == "winograd_kernel" for p in got) == 13
+    # 'patches' never runs Winograd: no transformed kernels, the copies only.
+    assert all(p[-1] == "kernel_t" for p in _paths(cpu.evaluation_forms(params, "patches")))
+    # 'auto' transforms only the layers its channel rule can choose (none at width 16).
+    auto = _paths(cpu.evaluation_forms(params, "auto"))
+    assert not [p for p in auto if p[-1] == "winograd_kernel"]
+
+
+def test_auto_transforms_the_layers_with_64_channels_or_more():
+  model = models.VGG16(width=2)  # conv1_1 3 -> 32 ... conv5_3 256 -> 256
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)["params"]
+  got = cpu.evaluation_forms(params, "auto")
+  want = [n for n in models.vgg16_layer_names()
+          if params[n]["kernel"].shape[2] >= conv.AUTO_WINOGRAD_MIN_CHANNELS]
+  assert sorted(got) == sorted(want) and "conv2_1" not in want and "conv2_2" in want
+
+
+def test_the_modules_use_the_forms(all_dense_transposed):
+  """Forms of changed kernels give exactly the scores of the changed parameters: the
+  Winograd kernel of conv3_1 of 2x its kernel, and fc6's copy of 3x its kernel."""
+  with jax.enable_x64(True):
+    model = tiny_rma(dtype=jnp.float64)
+    params = random_params(model)
+    images = jax.random.normal(jax.random.key(1), (2, IMAGE, IMAGE, 3), jnp.float64)
+    changed = jax.tree.map(lambda x: x, params)
+    changed["trunk"]["conv3_1"]["kernel"] = 2 * params["trunk"]["conv3_1"]["kernel"]
+    changed["attention"]["cell"]["fc6"]["kernel"] = 3 * params["attention"]["cell"]["fc6"]["kernel"]
+    forms = cpu.evaluation_forms(params, "winograd")
+    forms["trunk"]["conv3_1"]["winograd_kernel"] = winograd.transform_kernel(
+        changed["trunk"]["conv3_1"]["kernel"])
+    forms["attention"]["cell"]["fc6"]["kernel_t"] = changed["attention"]["cell"]["fc6"]["kernel"].T
+    apply = jax.jit(model.apply)
+    images = jnp.concatenate([images, images[::-1]])  # fc6 sees 4 rows: its copy is used
+    assert images.shape[0] >= modules.DENSE_TRANSPOSED_MIN_ROWS
+    want = apply({"params": changed}, images)
+    got = apply({"params": params, cpu.COLLECTION: forms}, images)
+    plain = apply({"params": params}, images)
+    assert np.abs(np.asarray(want["scores"] - plain["scores"])).max() > 1e-3  # a real change
+    for k in ("scores", "region_scores", "theta"):
+      np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-10,
+                                 atol=1e-10)
+
+
+def test_prepared_ten_view_scores_equal_unprepared(all_dense_transposed):
+  with jax.enable_x64(True):
+    model = tiny_rma(dtype=jnp.float64)
+    variables = {"params": random_params(model)}
+    prepared = kernels.prepare_fn("winograd")(variables)
+    assert prepared["params"] is variables["params"] and kernels.nbytes(prepared) > 0
+    images = jax.random.normal(jax.random.key(2), (2, IMAGE + 16, IMAGE + 16, 3), jnp.float64)
+    fn = views.make_scores_fn(model, crop_size=IMAGE)
+    want, got = fn(variables, images), fn(prepared, images)
+    for k in ("scores", "view_scores", "theta"):
+      np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-10,
+                                 atol=1e-10)
+  # Nothing to prepare for the plain model, nor where an evaluation runs off the CPU.
+  assert kernels.prepare_fn("xla")(variables) == variables
+
+
+def test_validation_step_with_forms_equals_without_and_train_grads_ignore_them(
+    all_dense_transposed):
+  with jax.enable_x64(True):
+    model = tiny_rma(dtype=jnp.float64, pixel_convention="caffe")
+    params = random_params(model)
+    rng = np.random.default_rng(3)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (2, IMAGE, IMAGE, 3), np.uint8)),
+             "labels": jnp.asarray([[1, 0, 1, 0], [0, 1, 0, 0]], jnp.float64),
+             "mask": jnp.ones((2,), jnp.float64)}
+    step = jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply,
+                                     loss_cfg=steps.LossConfig()))
+    want = step({"params": params}, batch)
+    got = step({"params": params, cpu.COLLECTION: cpu.evaluation_forms(params, "winograd")}, batch)
+    for k in ("loss", "weight", "scores"):
+      np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-10)
+
+  # Differentiated, a Winograd conv given its transformed kernel is XLA's conv: the kernel
+  # gets the gradient, the transformed kernel none (float32; the same computation).
+  x = jax.random.normal(jax.random.key(4), (2, 12, 12, 8))
+  k = jax.random.normal(jax.random.key(5), (3, 3, 8, 8)) * 0.2
+  b = jnp.linspace(-1, 1, 8)
+
+  def loss(k, u):
+    y = conv.conv3x3(x, k, b, impl="winograd", activation=jax.nn.relu, winograd_kernel=u)
+    return jnp.sum(jnp.sin(y))
+
+  dk_with, du = jax.grad(loss, argnums=(0, 1))(k, winograd.transform_kernel(k))
+  dk_without = jax.grad(lambda k: loss(k, None))(k)
+  np.testing.assert_array_equal(np.asarray(dk_with), np.asarray(dk_without))
+  assert not np.any(np.asarray(du))
+
+
+# ----------------------------------------------------------------------------- per platform
+
+
+def _convolutions(exported) -> int:
+  return exported.mlir_module().count("stablehlo.convolution")
+
+
+def test_the_kernels_are_chosen_when_lowering_per_platform():
+  """With conv_impl='auto', a function exported on this CPU host for CUDA or TPU has XLA's
+  13 convolutions in the evaluation forward and, in the train step, as many as the plain
+  model's (38: 13 forward, 12 input and 13 kernel gradients); lowered for the CPU, the same
+  model runs the kernels: its train step computes the kernel gradients of the maps of
+  >= 56x56 pixels as matrix products, and its full-width evaluation forward is Winograd and
+  im2col products. Lowering only: nothing is compiled."""
+  def model(impl, width=16):
+    return models.RMA(trunk=models.VGG16(width=width, block=kernels.vgg_block(impl)),
+                      dense=kernels.dense(impl), num_classes=5, num_regions=3, sample_size=3,
+                      x_dim=32, hidden_dim=16, z_dim=16, pixel_convention="caffe")
+
+  def exports(impl, platform, width=16):
+    m = model(impl, width)
+    params = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 448, 448, 3)))["params"]
+    images = jax.ShapeDtypeStruct((2, 448, 448, 3), jnp.uint8)
+    forward = export.export(jax.jit(lambda p, x: views.single_view_scores(
+        m, {"params": p}, x)["scores"]), platforms=(platform,))(params, images)
+    tx = steps.optax.inject_hyperparams(steps.optax.sgd)(learning_rate=0.1)
+    state = jax.eval_shape(lambda p: steps.TrainState.create(apply_fn=m.apply, params=p,
+                                                             tx=tx), params)
+    batch = {"image": images, "labels": jax.ShapeDtypeStruct((2, 5), jnp.float32),
+             "mask": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    train = export.export(jax.jit(steps.train_step), platforms=(platform,))(
+        state, batch, steps.LossConfig().as_arrays())
+    return _convolutions(forward), _convolutions(train)
+
+  for platform in ("cuda", "tpu"):
+    assert exports("auto", platform) == exports("xla", platform) == (13, 38), platform
+  forward, train = exports("auto", "cpu")
+  assert train == 38 - 10  # conv1_1 ... conv4_3's kernel gradients at 448 ... 56 px
+  assert exports("xla", "cpu") == (13, 38)
+  # Full width at 448 px: the evaluation forward's Winograd and im2col products replace
+  # every convolution.
+  assert exports("auto", "cpu", width=1)[0] == 0
+
+
+def _leaf_summary(x, seed):
+  x = np.asarray(x, np.float32)
+  r = np.random.default_rng(seed).standard_normal((3, x.size))
+  return {"sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+          "norm": float(np.linalg.norm(x.astype(np.float64))),
+          "proj": [float(v) for v in r @ x.reshape(-1).astype(np.float64)]}
+
+
+def _cpu_flags() -> list[str]:
+  with open("/proc/cpuinfo") as f:
+    flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4")))
+
+
+def kernel_outputs() -> dict[str, Any]:
+  """The outputs ``kernels_dd9a62e.json`` holds, computed now (JSON-able): single-view and
+  ten-view scores with the forms, and one train step's loss and gradients (their SHA-256,
+  norm and three random projections per leaf)."""
+  model = models.RMA(trunk=models.VGG16(width=1, block=kernels.vgg_block("auto")),
+                     dense=kernels.dense("auto"), num_classes=5, num_regions=3, sample_size=3,
+                     x_dim=1024, hidden_dim=32, z_dim=32, pixel_convention="caffe")
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  rng = np.random.default_rng(0)
+  single = rng.integers(0, 256, (2, 272, 272, 3), dtype=np.uint8)
+  ten = rng.integers(0, 256, (2, 288, 288, 3), dtype=np.uint8)
+  train = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  labels = np.zeros((2, 5), np.float32)
+  labels[0, 1] = labels[1, 3] = labels[1, 4] = 1
+  variables = kernels.prepare_fn("auto")({"params": params})
+  got = {"single_view": jax.jit(lambda v, x: views.single_view_scores(model, v, x))(
+             variables, single),
+         "ten_view": jax.jit(lambda v, x: views.ten_view_scores(model, v, x, crop_size=272))(
+             variables, ten)}
+  loss, grads = jax.jit(jax.value_and_grad(lambda p: steps.LossConfig().total_loss(
+      model.apply({"params": p}, train), labels)[0]))(params)
+  out = {"loss": float(loss), "cpu_flags": _cpu_flags(), "cpus": os.cpu_count(),
+         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  for protocol, values in got.items():
+    out[protocol] = {k: np.asarray(v).tolist() for k, v in values.items()}
+    out[f"{protocol}_sha256"] = {k: hashlib.sha256(np.asarray(v).tobytes()).hexdigest()
+                                 for k, v in values.items()}
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  out["grads"] = {name: _leaf_summary(flat[name], i) for i, name in enumerate(sorted(flat))}
+  return out
+
+
+@pytest.mark.slow
+def test_cpu_outputs_equal_those_before_the_kernels_became_a_building_block():
+  """tests/fixtures/kernels_dd9a62e.json: single-view and ten-view scores (with the forms)
+  and one train step's loss and gradients of a full-width VGG-16 RMA whose evaluation runs
+  the Winograd, im2col and fused-pair forwards and the transposed fc6 product, and whose
+  gradient runs the matmul kernel gradient, as computed at dd9a62e (conv_impl='auto', the
+  kernels inside the model). Computed as users compile it (XLA's default optimisation level,
+  in a process of its own). The same kernels run now: bitwise equal on the CPU kind, core
+  count and JAX the fixture was made with; elsewhere (other vector units round
+  differently) equal to 1e-4."""
+  with open(os.path.join(FIXTURES, "kernels_dd9a62e.json")) as f:
+    fx = json.load(f)
+  flags = [f for f in os.environ.get("RMA_TEST_XLA_FLAGS", "").split()
+           if not f.startswith("--xla_backend_optimization_level")]
+  root = os.path.dirname(FIXTURES)
+  proc = subprocess.run(
+      [sys.executable, "-c", "import json, test_kernels; "
+       "print(json.dumps(test_kernels.kernel_outputs()))"],
+      cwd=root, env=dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu",
+                         PYTHONPATH=root + os.pathsep + os.path.dirname(root)),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.splitlines()[-1])
+  # XLA:CPU emits code for the CPU's vector units unless told otherwise
+  # (XLA_FLAGS=--xla_cpu_max_isa=AVX2 on an AVX-512 machine emulates an AVX2 one), and its
+  # matrix products split their work by the number of cores.
+  exact = (fx["cpu_flags"] == got["cpu_flags"] and fx["jax"] == got["jax"]
+           and fx["cpus"] == got["cpus"] and not got["xla_flags"])
+  for protocol in ("single_view", "ten_view"):
+    for k, v in fx[protocol].items():
+      if exact:
+        assert got[f"{protocol}_sha256"][k] == fx[f"{protocol}_sha256"][k], (protocol, k)
+      np.testing.assert_allclose(np.asarray(got[protocol][k], np.float32),
+                                 np.asarray(v, np.float32), rtol=1e-4, atol=1e-4)
+  assert got["loss"] == fx["loss"] if exact else abs(got["loss"] - fx["loss"]) < 1e-5
+  assert sorted(got["grads"]) == sorted(fx["grads"])
+  for name, want in fx["grads"].items():
+    summary = got["grads"][name]
+    if exact:
+      assert summary["sha256"] == want["sha256"], name
+    np.testing.assert_allclose(summary["norm"], want["norm"], rtol=1e-4)
+    np.testing.assert_allclose(summary["proj"], want["proj"], rtol=0, atol=1e-3 * want["norm"])

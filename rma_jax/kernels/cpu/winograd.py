@@ -1,6 +1,6 @@
 """Winograd's minimal filtering F(m x m, 3 x 3) for the 3x3 'SAME' convolutions of VGG-16.
 
-The evaluation forward of ``rma_jax.conv.conv3x3`` (impl 'winograd', and 'auto' where
+The evaluation forward of ``conv.conv3x3`` (impl 'winograd', and 'auto' where
 ``conv.use_winograd`` says it wins): 4x fewer multiplications than the direct convolution
 for m = 4, as 36 batched matrix products over channels, in bands of tiles that stay in cache
 (``winograd_conv3x3``). Never differentiated: a train step differentiates XLA's conv.
@@ -16,17 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# F(4x4, 3x3), by measurement (docs/performance.md): F(2x2, 3x3) is slower on every VGG
-# layer (its 2.25x fewer multiplications do not pay for 4x the transformed data), F(6x6,
-# 3x3) is slower or level (64 points, dense transforms, a 1.8x larger kernel transform) and
+# F(4x4, 3x3), by measurement (docs/performance.md, "Winograd"): F(2x2, 3x3)'s fewer
+# multiplications do not pay for its 4x the transformed data; F(6x6, 3x3) is no faster and
 # twice as inexact.
 DEFAULT_WINOGRAD_TILE = 4
 
-# Bands of at least 256 tiles (128 to 512 measured level before; unbanded runs out of
-# cache), and of at least 2**17 products per transform point (tiles x C_out): below that
-# XLA:CPU runs a band's batched matmul on one thread (256 tiles of a 64- or 128-channel
-# layer used 1.0-1.2 of 2 cores), so layers of 64, 128 and 256 outputs take 2048, 1024 and
-# 512 tiles a band, 1.3-1.4x faster (docs/performance.md, "Both cores in the band loops").
+# Bands of tiles that stay in cache, and of enough products per transform point (tiles x
+# C_out) that XLA:CPU runs a band's batched matmul on every core (docs/performance.md,
+# "Both cores in the band loops").
 MIN_TILES_PER_BAND = 256
 MIN_BAND_PRODUCTS = 2**17
 
@@ -198,7 +195,7 @@ def patch_product(t: jax.Array, kernel: jax.Array, bias: jax.Array, rows: int,
   """(..., rows + 2, width + 2, C) zero-padded input rows -> (..., rows, width, Cout): their
   3x3 convolution as one product of the (rows, width, 9 * C) patch matrix (9 shifted slices,
   HWIO order) with the (9 * C, Cout) ``kernel``, plus ``bias``: the im2col form, for few
-  input channels (VGG's conv1_1; ``rma_jax.conv.im2col_conv3x3``)."""
+  input channels (VGG's conv1_1; ``conv.im2col_conv3x3``)."""
   c = t.shape[-1]
   patches = jnp.concatenate([t[..., i:i + rows, j:j + width, :] for i in range(3)
                              for j in range(3)], axis=-1)
