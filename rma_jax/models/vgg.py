@@ -27,6 +27,18 @@ VGG16_STRIDE = 16
 
 TRUNK_INITS = ("he", "dirac")
 
+def relu(x: jax.Array) -> jax.Array:
+  """``nn.relu``; for bfloat16 on the CPU taken in float32 (exact: ReLU only selects).
+
+  XLA:CPU of jaxlib 0.12 fuses two or more bfloat16 convolutions, each with a bf16
+  ``max(z, 0)``, followed by a reduction (the max pool, a mean) into NaN/inf; a float32 ReLU
+  is not fused so. Other platforms (and float32) run ``nn.relu`` itself."""
+  if x.dtype != jnp.bfloat16:
+    return nn.relu(x)
+  return jax.lax.platform_dependent(
+      x, cpu=lambda v: nn.relu(v.astype(jnp.float32)).astype(v.dtype), default=nn.relu)
+
+
 _HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -80,7 +92,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, H, W, C) -> (B, H, W, features[-1]), or (B, H/2, W/2, features[-1]) with pool."""
     for features, name, init in zip(self.features, self.names, self.kernel_inits):
-      x = nn.relu(nn.Conv(features, (3, 3), padding=1, dtype=self.dtype,
+      x = relu(nn.Conv(features, (3, 3), padding=1, dtype=self.dtype,
                           param_dtype=jnp.float32, kernel_init=init, name=name)(x))
     if self.pool:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
