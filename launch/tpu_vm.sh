@@ -116,7 +116,12 @@ ${venv}/bin/python -c 'import jax; print(jax.process_index(), jax.local_devices(
     main="cd ${remote_dir} && JAX_COORDINATOR_ADDRESS=${ip}:${port} \
 \$HOME/${venv}/bin/python -m rma_jax.main ${flags}"
     if [[ ${DETACH:-0} == 1 ]]; then
-      on_all_workers "nohup bash -c '${main}' > ~/rma_run.log 2>&1 < /dev/null &"
+      # The flags are quoted once (%q, for the bash that runs main); main itself travels
+      # base64-encoded through the remote login shell into nohup's bash, so no second layer of
+      # quoting is needed (one would break on %q's $'...' for newlines, quotes, control bytes).
+      encoded=$(printf '%s' "${main}" | base64 | tr -d '\n')
+      on_all_workers "nohup bash -c \"\$(echo ${encoded} | base64 -d)\" \
+> ~/rma_run.log 2>&1 < /dev/null &"
     else
       on_all_workers "${main}"
     fi

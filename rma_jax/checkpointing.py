@@ -136,6 +136,19 @@ def step_path(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(os.fspath(manager.directory), str(step))
 
 
+def _missing_part(manager: ocp.CheckpointManager, step: int) -> str | None:
+  """What a step misses that TensorStore would fail on, or None: checked on the files, so
+  that a known damage is named without a TensorStore read (a failed one leaves callbacks
+  that print "Event loop is closed" tracebacks when the process ends)."""
+  item = paths.path(os.path.join(step_path(manager, step), "default"))
+  if not item.exists():
+    return None  # item_metadata says what is missing
+  names = {p.name for p in item.iterdir()}
+  if any(n.startswith("ocdbt.process_") for n in names) and "manifest.ocdbt" not in names:
+    return "its OCDBT manifest default/manifest.ocdbt is missing"
+  return None
+
+
 def _check_same_arrays(metadata: Any, target: Any, path: str) -> None:
   """Raises CheckpointMismatchError unless the checkpoint's arrays are the target's."""
   def shapes(tree):
@@ -185,10 +198,12 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
   bad: list[tuple[str, str]] = []
   for step in steps:
     path = step_path(manager, step)
+    metadata, reason = None, _missing_part(manager, step)
     try:
-      metadata, reason = manager.item_metadata(step), None
+      if reason is None:
+        metadata = manager.item_metadata(step)
     except Exception as e:  # pylint: disable=broad-except  # an empty folder, a bad file...
-      metadata, reason = None, f"its metadata cannot be read ({_first_line(e)})"
+      reason = f"its metadata cannot be read ({_first_line(e)})"
     if metadata is None and reason is None:
       reason = "its metadata file default/_METADATA is missing"
     if reason is None:
@@ -203,8 +218,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
     if reason is None:
       _set_aside(manager, bad, step)
       return state, step
-    logging.warning("checkpoint %s is unusable: %s", path, reason)
-    bad.append((path, reason))
+    bad.append((path, reason))  # said once: where it is set aside, or in the error below
   raise CorruptCheckpointError(
       f"no checkpoint in {os.fspath(manager.directory)} can be restored: "
       + "; ".join(f"{p}: {r}" for p, r in bad)
@@ -265,6 +279,9 @@ def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
   sharding = parallel.replicated(parallel.make_mesh())
   path = step_path(manager, step)
   try:
+    missing = _missing_part(manager, step)
+    if missing:
+      raise FileNotFoundError(missing)
     checkpoint_format(manager, step)
     metadata = manager.item_metadata(step)
     if metadata is None:

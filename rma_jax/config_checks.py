@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from rma_jax import build, kernels, losses, models, pixels
+from rma_jax import build, kernels, losses, metrics, models, pixels
 from rma_jax import errors as errors_lib
 from rma_jax import data as data_lib
 
@@ -39,6 +39,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
       if d[name] <= 0 or d[name] % stride:
         errors.append(f"data.{name}={d[name]} must be a positive multiple of {stride} (the "
                       f"stride of model.trunk={trunk!r}) for the ten-view crops")
+    if stride:
+      errors += _eval_scale_errors(config, stride)
+  errors += _eval_errors(config.eval)
   if d.pixel_convention not in pixels.CONVENTIONS:
     errors.append(f"data.pixel_convention={d.pixel_convention!r}: one of "
                   f"{pixels.CONVENTIONS}")
@@ -103,6 +106,52 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
                   "data.val_split")
   if errors:
     raise errors_lib.ConfigError(errors_lib.refusal("invalid config", errors))
+
+
+def eval_scales(config: ml_collections.ConfigDict, stride: int) -> list[tuple[int, int]]:
+  """(N, crop) per evaluation scale (``eval.scales``, default ``data.image_size``), keeping
+  the config's ``image_size - crop_size`` offset; raises ``errors.ConfigError`` for an entry
+  the trunk cannot take."""
+  problems = _eval_scale_errors(config, stride)
+  if problems:
+    raise errors_lib.ConfigError(errors_lib.refusal("invalid config", problems))
+  offset = config.data.image_size - config.data.crop_size
+  return [(int(n), int(n) - offset) for n in _scale_list(config)]
+
+
+def _scale_list(config: ml_collections.ConfigDict) -> list[Any]:
+  return list(config.eval.get("scales", ()) or (config.data.image_size,))
+
+
+def _eval_scale_errors(config: ml_collections.ConfigDict, stride: int) -> list[str]:
+  offset = config.data.image_size - config.data.crop_size
+  out = []
+  for n in _scale_list(config):
+    if not isinstance(n, int) or isinstance(n, bool) or n - offset <= 0 or n % stride or (
+        (n - offset) % stride):
+      out.append(f"eval.scales entry {n!r}: N and N - {offset} (data.image_size - "
+                 f"data.crop_size) must be positive multiples of {stride} (the trunk's stride)")
+  return out
+
+
+def _eval_errors(e: ml_collections.ConfigDict) -> list[str]:
+  """The evaluation settings other than the scales: checked before training, so that the
+  final evaluation cannot fail on them."""
+  out = []
+  if e.ap_mode not in metrics.AP_MODES:
+    out.append(f"eval.ap_mode={e.ap_mode!r}: one of {metrics.AP_MODES}")
+  if e.score_transform not in metrics.SCORE_TRANSFORMS:
+    out.append(f"eval.score_transform={e.score_transform!r}: one of "
+               f"{metrics.SCORE_TRANSFORMS}")
+  prf = e.get("prf_score_transform", "auto")
+  if prf != "auto" and prf not in metrics.SCORE_TRANSFORMS:
+    out.append(f"eval.prf_score_transform={prf!r}: 'auto' or one of "
+               f"{metrics.SCORE_TRANSFORMS}")
+  if e.top_k is not None and (not isinstance(e.top_k, int) or e.top_k < 0):
+    out.append(f"eval.top_k={e.top_k!r} must be an integer >= 0 (0: no top-k cut)")
+  if not (isinstance(e.threshold, (int, float)) and math.isfinite(e.threshold)):
+    out.append(f"eval.threshold={e.threshold!r} must be a finite number")
+  return out
 
 
 def check_sources(config: ml_collections.ConfigDict, sources: Any) -> None:

@@ -24,9 +24,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rma_jax import (build, checkpointing, context, kernels, metrics, models, parallel, paths,
-                     regions, report, steps, svm, views)
+from rma_jax import (build, checkpointing, config_checks, context, kernels, metrics, models,
+                     parallel, paths, regions, report, steps, svm, views)
 from rma_jax import data as data_lib
+from rma_jax import workdir as workdir_lib
 
 REPORT_DIR = "report"
 
@@ -230,21 +231,6 @@ def pointing_scores(scored: Mapping[str, np.ndarray], *, seed: int = POINTING_CH
 # --------------------------------------------------------------------------- the report
 
 
-def _scales(config: ml_collections.ConfigDict, stride: int) -> list[tuple[int, int]]:
-  """(N, crop) per evaluation scale, keeping the config's image_size - crop_size offset."""
-  offset = config.data.image_size - config.data.crop_size
-  scales = list(config.eval.get("scales", ()) or (config.data.image_size,))
-  out = []
-  for n in scales:
-    n = int(n)
-    crop = n - offset
-    if crop <= 0 or crop % stride or n % stride:
-      raise ValueError(f"eval.scales entry {n}: N and N - {offset} must be positive "
-                       f"multiples of {stride} (the trunk's stride)")
-    out.append((n, crop))
-  return out
-
-
 def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
                         which: str = "best", split: str = "test",
                         ctx: context.RunContext | None = None) -> dict[str, Any]:
@@ -280,6 +266,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
     the results dict that is written to report.json.
   """
   ev = config.eval
+  workdir_lib.check_architecture(config, workdir, "evaluate")
   params, step = checkpointing.load_params(workdir, which)
   ctx = ctx if ctx is not None else context.open_run(config, [workdir], check=False)
   sources, mesh = ctx.sources, ctx.mesh
@@ -296,7 +283,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
                workdir, split, len(source))
 
   passes: dict[str, dict[str, np.ndarray]] = {}
-  scales = _scales(config, model.stride)
+  scales = config_checks.eval_scales(config, model.stride)
 
   compiled: dict[tuple[int, bool], Callable] = {}  # one jitted function per (size, views)
 
@@ -325,6 +312,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   results: dict[str, Any] = {
       "workdir": paths.absolute(workdir), "checkpoint": which, "step": int(step),
       "split": split, "data": config.data.name, "model": config.model.name,
+      "architecture": workdir_lib.architecture(config),
       "class_names": class_names, "num_images": int(first["labels"].shape[0]),
       "score_transform": ev.score_transform, "prf_score_transform": prf_transform(config),
       "ap_mode": ev.ap_mode, "top_k": ev.top_k,

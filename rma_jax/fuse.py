@@ -19,6 +19,13 @@ the same classes and the same metric settings. ``OUT/report/`` gets ``report.jso
 paper's Table 6 numbers, 91.9 for two scales on VOC 2007) and ``scores.npz`` (the fused
 scores, under the protocol name ``fused``, so a fused folder can itself be an input).
 Nothing here imports TensorFlow.
+
+Refused with a ``FuseError`` (a ``UserError``: one line, exit status 2 on the command line),
+before anything is written: a run given twice (the same folder under two spellings, through
+a link, or a copy of it: identical scores), an output folder that is one of the inputs or
+inside one, or whose ``report/`` is or holds one (the fusion would overwrite that run's
+report), and an input whose ``report.json`` or ``scores.npz`` is damaged (re-run
+``--mode=evaluate`` on it).
 """
 
 from __future__ import annotations
@@ -27,19 +34,26 @@ import argparse
 import dataclasses
 import json
 import os
+import posixpath
 import sys
+import zipfile
+import zlib
 from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
 
-from rma_jax import evaluate, paper, paths, report
+from rma_jax import errors, evaluate, paper, paths, report
 from rma_jax.data.classes import paper_dataset
 from rma_jax.metric_card import metric_card
 
 FUSED = "fused"
 # Metric settings every input must share (recorded by rma_jax.metrics for each protocol).
 _SETTINGS = ("score_transform", "prf_score_transform", "ap_mode", "top_k", "threshold")
+
+
+class FuseError(errors.UserError, ValueError):
+  """A fusion refused for a reason the user can fix; the message names the folder or file."""
 
 
 @dataclasses.dataclass
@@ -55,15 +69,30 @@ class Evaluated:
   dataset: str
 
 
-def _headline_scores_protocol(results: dict[str, Any]) -> str:
+def _headline_scores_protocol(results: dict[str, Any]) -> Any:
   headline = results.get("headline")
   if headline == "svm":  # SVM decision values are not scores to average: its features' protocol
-    headline = results.get("svm", {}).get("features_of")
+    svm = results.get("svm")
+    headline = svm.get("features_of") if isinstance(svm, dict) else None
   return headline
 
 
+def _damaged(path: str, workdir: str, what: str) -> FuseError:
+  return FuseError(f"{path} is damaged ({what}); re-run --mode=evaluate on {workdir} to "
+                   f"write it again (python -m rma_jax.main --config=... --workdir={workdir} "
+                   "--mode=evaluate)")
+
+
+# What reading a damaged .npz from an open file raises: a cut or garbled zip (BadZipFile,
+# zlib.error, EOFError, OSError for a seek to a garbled offset), bytes that are no archive
+# (numpy's ValueError about pickled data), a garbled array header (ValueError).
+_NPZ_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
+_NOT_DAMAGE = (ConnectionError, TimeoutError, PermissionError)  # a bucket's read failing
+
+
 def load_evaluated(workdir: str) -> Evaluated:
-  """Reads ``workdir/report/{report.json, scores.npz}``; clear errors when they are missing."""
+  """Reads ``workdir/report/{report.json, scores.npz}``; a ``FileNotFoundError`` when one is
+  missing, a ``FuseError`` naming the file when it is damaged."""
   report_dir = os.path.join(workdir, "report")
   json_path, npz_path = (os.path.join(report_dir, f) for f in ("report.json", "scores.npz"))
   for path in (json_path, npz_path):
@@ -71,19 +100,39 @@ def load_evaluated(workdir: str) -> Evaluated:
       raise FileNotFoundError(
           f"{workdir}: no {os.path.relpath(path, workdir)}; evaluate the run first "
           f"(python -m rma_jax.main --config=... --workdir={workdir} --mode=evaluate)")
-  payload = json.loads(paths.path(json_path).read_text(encoding="utf-8"))
-  results = payload["results"]
+  try:
+    payload = json.loads(paths.path(json_path).read_text(encoding="utf-8"))
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise _damaged(json_path, workdir, f"not valid JSON: {e}") from e
+  results = payload.get("results") if isinstance(payload, dict) else None
+  if not isinstance(results, dict) or not isinstance(results.get("protocols"), dict):
+    raise _damaged(json_path, workdir, "no evaluation results in it")
   protocol = _headline_scores_protocol(results)
-  with paths.path(npz_path).open("rb") as f, np.load(f) as npz:
-    keys = set(npz.files)
-    if f"{protocol}/scores" not in keys:
-      raise ValueError(f"{npz_path} has no scores of the headline protocol {protocol!r} "
-                       f"(it has {sorted(k.split('/')[0] for k in keys)}); re-run "
-                       "--mode=evaluate on this workdir")
-    if f"{protocol}/id" not in keys:
-      raise ValueError(f"{npz_path} has no test-image ids (written by an older version); "
-                       f"re-run --mode=evaluate on {workdir} to write them")
-    arrays = {k: npz[f"{protocol}/{k}"] for k in ("scores", "labels", "difficult", "id")}
+  if not isinstance(protocol, str) or not isinstance(results["protocols"].get(protocol), dict):
+    raise _damaged(json_path, workdir, f"no metrics of its headline protocol {protocol!r}")
+  with paths.path(npz_path).open("rb") as f:
+    try:
+      npz = np.load(f, allow_pickle=False)
+      if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise _damaged(npz_path, workdir, "a single array, not an .npz archive")
+      with npz:
+        keys = set(npz.files)
+        arrays = {k: npz[f"{protocol}/{k}"] for k in ("scores", "labels", "difficult", "id")
+                  if f"{protocol}/{k}" in keys}
+    except (FuseError, *_NOT_DAMAGE):
+      raise
+    except _NPZ_DAMAGE as e:
+      raise _damaged(npz_path, workdir, "not a readable .npz archive") from e
+  if "scores" not in arrays:
+    raise FuseError(f"{npz_path} has no scores of the headline protocol {protocol!r} "
+                    f"(it has {sorted({k.split('/')[0] for k in keys})}); re-run "
+                    f"--mode=evaluate on {workdir}")
+  if "id" not in arrays:
+    raise FuseError(f"{npz_path} has no test-image ids (written by an older version); "
+                    f"re-run --mode=evaluate on {workdir} to write them")
+  missing = sorted({"labels", "difficult"} - set(arrays))
+  if missing:
+    raise _damaged(npz_path, workdir, f"no {' or '.join(missing)} of {protocol!r}")
   return Evaluated(workdir=workdir, protocol=protocol, scores=arrays["scores"],
                    labels=arrays["labels"], difficult=arrays["difficult"].astype(bool),
                    ids=arrays["id"].astype(str), results=results,
@@ -108,7 +157,7 @@ def _align(reference: Evaluated, other: Evaluated) -> Evaluated:
       parts.append(f"{len(only_other)} ids only in {other.workdir} (e.g. {only_other[:5]})")
     if not (only_ref or only_other):
       parts.append("some ids occur more than once")
-    raise ValueError("cannot fuse runs evaluated on different images: " + "; ".join(parts) +
+    raise FuseError("cannot fuse runs evaluated on different images: " + "; ".join(parts) +
                      ". Evaluate every run on the same split.")
   row = {i: r for r, i in enumerate(other.ids.tolist())}
   order = np.asarray([row[i] for i in reference.ids.tolist()])
@@ -122,21 +171,90 @@ def _check_compatible(runs: Sequence[Evaluated]) -> dict[str, Any]:
   settings = {k: first.results["protocols"][first.protocol].get(k) for k in _SETTINGS}
   for run in runs[1:]:
     if run.results.get("class_names") != first.results.get("class_names"):
-      raise ValueError(f"{first.workdir} and {run.workdir} have different classes")
+      raise FuseError(f"{first.workdir} and {run.workdir} have different classes")
     if run.dataset != first.dataset:
-      raise ValueError(f"{first.workdir} is {first.dataset!r} and {run.workdir} "
+      raise FuseError(f"{first.workdir} is {first.dataset!r} and {run.workdir} "
                        f"{run.dataset!r}: fuse runs of one data set")
     theirs = run.results["protocols"][run.protocol]
     for key, value in settings.items():
       if theirs.get(key) != value:
-        raise ValueError(f"{first.workdir} and {run.workdir} were evaluated with different "
+        raise FuseError(f"{first.workdir} and {run.workdir} were evaluated with different "
                          f"{key} ({value!r} vs {theirs.get(key)!r}); evaluate them with the "
                          f"same eval.* settings")
     if not (np.array_equal(run.labels, first.labels)
             and np.array_equal(run.difficult, first.difficult)):
-      raise ValueError(f"{first.workdir} and {run.workdir} scored the same image ids with "
+      raise FuseError(f"{first.workdir} and {run.workdir} scored the same image ids with "
                        "different labels: they were not evaluated on the same data")
   return settings
+
+
+def _resolved(path: str) -> str:
+  """Where ``path`` is: a local path with ``~``, links, ``.``, ``..`` and a trailing separator
+  resolved (``os.path.realpath``); a URL normalised (``gs://b//x/./y/`` -> ``gs://b/x/y``)."""
+  path = os.fspath(path)
+  if paths.is_remote(path):
+    scheme, rest = path.split("://", 1)
+    return f"{scheme.lower()}://{posixpath.normpath(rest).strip('/')}"
+  return os.path.realpath(os.path.expanduser(path))
+
+
+def _inside(path: str, folder: str) -> bool:
+  """Whether resolved ``path`` is ``folder`` or under it (both from ``_resolved``)."""
+  sep = "/" if paths.is_remote(folder) else os.sep
+  return path == folder or path.startswith(folder.rstrip(sep) + sep)
+
+
+def _same_folder(a: str, b: str) -> bool:
+  if _resolved(a) == _resolved(b):
+    return True
+  try:  # local folders reached by different paths (a bind mount)
+    return not paths.is_remote(a) and not paths.is_remote(b) and os.path.samefile(
+        os.path.expanduser(a), os.path.expanduser(b))
+  except OSError:
+    return False
+
+
+def _refuse_repeated(workdirs: Sequence[str]) -> None:
+  """A ``FuseError`` naming both spellings when two of ``workdirs`` are one folder."""
+  for i, a in enumerate(workdirs):
+    for b in workdirs[i + 1:]:
+      if _same_folder(a, b):
+        raise FuseError(f"fuse: {a} and {b} are the same workdir ({_resolved(a)}); fusing a "
+                        "run with itself reports its own numbers as two runs': give each "
+                        "run once in --fuse_workdirs")
+
+
+def _refuse_output_over_inputs(workdirs: Sequence[str], out_dir: str) -> None:
+  """A ``FuseError`` when writing ``out_dir/report/`` would write into an input: ``out_dir``
+  is an input or inside one, or its ``report/`` is (a link into) an input or holds one."""
+  out = _resolved(out_dir)
+  report_dir = _resolved(os.path.join(out_dir, "report"))
+  for w in workdirs:
+    r = _resolved(w)
+    if out == r:
+      why = f"is the input {w}"
+    elif _inside(out, r):
+      why = f"is inside the input {w}"
+    elif _inside(report_dir, r):
+      why = f"has its report/ ({report_dir}) inside the input {w}"
+    elif _inside(r, report_dir):
+      why = f"would have the input {w} in its report/ folder ({report_dir})"
+    else:
+      continue
+    raise FuseError(f"fuse: the output folder {out_dir} {why}; the fusion would overwrite "
+                    "that run's files: give a --workdir (--out) of its own, outside the inputs")
+
+
+def _refuse_identical(runs: Sequence[Evaluated]) -> None:
+  """A ``FuseError`` when two runs have the same scores (aligned by id): one run copied, or
+  evaluated twice."""
+  for i, a in enumerate(runs):
+    for b in runs[i + 1:]:
+      if np.array_equal(a.scores, b.scores):
+        protocols = a.protocol if a.protocol == b.protocol else f"{a.protocol} / {b.protocol}"
+        raise FuseError(f"fuse: {a.workdir} and {b.workdir} are the same run (identical "
+                        f"{protocols} scores of all {len(a.ids)} images: a copy, or one "
+                        "checkpoint evaluated twice); give each run once in --fuse_workdirs")
 
 
 def _scales(protocol: str) -> list[int]:
@@ -154,17 +272,22 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
     workdirs: two or more evaluated run folders.
     out_dir: where ``report/`` is written (created if missing).
 
+  Raises:
+    FuseError: a run given twice or copied, ``out_dir`` writing into an input, a damaged
+      report file (nothing is written).
+
   Returns:
     ``protocols`` (one metrics dict per input, named ``WORKDIR:PROTOCOL``, recomputed from its
     scores, and ``fused``), ``headline`` ('fused'), ``inputs`` and the shared settings.
   """
   workdirs = [w for w in workdirs if w]
   if len(workdirs) < 2:
-    raise ValueError(f"fusion needs two or more evaluated workdirs, got {list(workdirs)}")
-  if len({paths.absolute(w) for w in workdirs}) < len(workdirs):
-    raise ValueError(f"a workdir is given more than once: {list(workdirs)}")
+    raise FuseError(f"fusion needs two or more evaluated workdirs, got {list(workdirs)}")
+  _refuse_repeated(workdirs)
+  _refuse_output_over_inputs(workdirs, out_dir)
   runs = [load_evaluated(w) for w in workdirs]
   runs = [runs[0]] + [_align(runs[0], r) for r in runs[1:]]
+  _refuse_identical(runs)
   settings = _check_compatible(runs)
   first = runs[0]
   metric_args = dict(ap_mode=settings["ap_mode"], k=settings["top_k"] or None,
@@ -253,7 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="comma-separated evaluated workdirs (two or more)")
   parser.add_argument("--out", required=True, help="output folder (OUT/report/ is written)")
   args = parser.parse_args(argv)
-  results = fuse_workdirs(args.workdirs.split(","), args.out)
+  try:
+    results = fuse_workdirs(args.workdirs.split(","), args.out)
+  except (errors.UserError, FileNotFoundError) as e:  # as python -m rma_jax.main shows them
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return errors.EXIT_STATUS
   fused = results["protocols"][FUSED]
   print(f"fused {len(results['inputs'])} runs: mAP {100 * fused['mAP']:.1f} "
         f"({results['ap_mode']}); report in {os.path.join(args.out, 'report')}")

@@ -107,6 +107,7 @@ def main(argv):
 
 def run_mode(mode: str, config: ml_collections.ConfigDict | None, workdir: str) -> None:
   """What ``--mode`` asks for, once the flags are checked."""
+  workdir_lib.check_path(workdir)
   if mode == "fuse":
     fuse.fuse_workdirs(FLAGS.fuse_workdirs, workdir)
   elif mode == "train":

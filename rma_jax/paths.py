@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import uuid
 
 from etils import epath
@@ -83,3 +84,47 @@ def join_normalized(root: str, name: str) -> str:
     scheme, rest = root.split("://", 1)
     return f"{scheme}://{posixpath.normpath(posixpath.join(rest, name))}"
   return os.path.normpath(os.path.join(root, name))
+
+
+MISSING = "missing"
+"""What :func:`file_problem` says of a file that does not exist."""
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+  """Why ``path`` must not be opened as a data file, or None for a regular file.
+
+  Local paths: only the inode is looked at (``os.stat``, following links), so a named pipe,
+  a socket or a device is never opened (opening a pipe blocks until someone writes to it).
+  URLs (``gs://``): the file must exist and not be a folder.
+
+  Returns:
+    None, :data:`MISSING`, ``'a folder, not a file'``, ``'not a regular file (a named pipe);
+    not opened'`` (socket, device ...) or ``'cannot be read: <reason>'``.
+  """
+  p = os.fspath(path)
+  if is_remote(p):
+    if isdir(p):
+      return "a folder, not a file"
+    return None if path(p).exists() else MISSING
+  try:
+    mode = os.stat(os.path.expanduser(p)).st_mode
+  except FileNotFoundError:
+    return MISSING + (" (a broken link)" if os.path.islink(p) else "")
+  except OSError as e:
+    return f"cannot be read: {e.strerror or e}"
+  if stat.S_ISREG(mode):
+    return None
+  if stat.S_ISDIR(mode):
+    return "a folder, not a file"
+  kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+          else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+  return f"not a regular file ({kind}); not opened"
+
+
+def problem_cause(problem: str, what: str = "image file") -> str:
+  """The short cause (for skip summaries) of a :func:`file_problem` answer."""
+  if problem.startswith(MISSING):
+    return f"{what} missing"
+  if problem.startswith("not a regular file"):
+    return f"{what} not a regular file"
+  return f"{what} unreadable"

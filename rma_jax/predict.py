@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from rma_jax import paths as paths_lib
+from rma_jax import workdir as workdir_lib
 from rma_jax import build, checkpointing, context, kernels, metrics, regions, views, visualize
 from rma_jax.data import decode, preprocess
 
@@ -178,6 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   """
   step = None
   if params is None:
+    workdir_lib.check_architecture(config, workdir, "predict with")
     params, step = checkpointing.load_params(workdir, which)
   names = context.trained_class_names(config, workdir)
   model = build.build_model(config, len(names))

@@ -22,6 +22,7 @@ from clu import parameter_overview
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from rma_jax import (build, checkpointing, config_checks, console, context, errors, evaluate,
                      init, metric_writer, optimizer, parallel, steps)
@@ -61,7 +62,6 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
   returns as ``train``."""
   is_chief = jax.process_index() == 0
   mesh, sources = ctx.mesh, ctx.sources
-  ctx.record_classes(workdir, config.data.name)
   o = config.optim
   # Every step count (schedule, warm-up, max_steps, logging, checkpoints, the ETA) is in
   # optimizer steps: one global batch, however many micro-batches the step accumulates.
@@ -77,9 +77,13 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
                                    mesh)
   latest = checkpointing.latest_manager(workdir, config.max_to_keep)
   best = checkpointing.best_manager(workdir)
+  # A fresh initialisation's scale: what a checkpoint a NaN advice names is compared with.
+  fresh_norm = float(optax.global_norm(state.params))
   state, resumed = init.initial_state(config, state, tx, mesh, latest, changes)
   start_step = int(state.step)
   workdir_lib.record_start(config, workdir, changes, start_step if resumed else None)
+  # Only now, so that a run refused before this point does not pin the next run's classes.
+  ctx.record_classes(workdir, config.data.name)
   best_val = _best_metric(best)
 
   writer = metric_writer.create_writer(workdir, just_logging=not is_chief)
@@ -119,7 +123,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
     pending.clear()
     for i, m in enumerate(fetched):
       if m["nonfinite"] > 0 or m["nonfinite_state"] > 0:
-        raise _nonfinite_error(m, step - len(fetched) + i + 1, latest, best)
+        raise _nonfinite_error(m, step - len(fetched) + i + 1, latest, best, fresh_norm)
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
              if k not in ("nonfinite", "nonfinite_state")}
     means["learning_rate"] = float(fetched[-1]["learning_rate"])  # as applied, from opt state
@@ -183,9 +187,32 @@ class NonFiniteError(errors.UserError, FloatingPointError):
   """A non-finite loss or state stopped the run (the message names the last checkpoint)."""
 
 
-def _nonfinite_error(metrics_: dict[str, Any], step: int, latest: Any,
-                     best: Any) -> NonFiniteError:
-  """The error that stops a run at a non-finite loss or state, naming the last checkpoint."""
+SANE_GROWTH = 100.0
+"""A checkpoint is a sane start after a non-finite step when it is finite and its parameters'
+global norm is at most this many times a fresh initialisation's (a rate that blew up
+multiplies it by orders of magnitude; training moves it by a few times at most)."""
+
+
+def _sanity(manager: Any, step: int, fresh_norm: float) -> tuple[bool, str]:
+  """(whether checkpoint ``step`` is a sane start, what was checked, in words)."""
+  try:
+    params = checkpointing.restore_replicated(manager, step)["params"]
+  except checkpointing.CorruptCheckpointError:
+    return False, "it cannot be restored"
+  nonfinite = int(steps.count_nonfinite(params))
+  if nonfinite:
+    return False, f"{nonfinite} non-finite values"
+  norm = float(optax.global_norm(params))
+  ratio = norm / max(fresh_norm, 1e-30)
+  words = f"finite, parameter norm {norm:.3g}, {ratio:.3g}x a fresh initialisation's"
+  return ratio <= SANE_GROWTH, words
+
+
+def _nonfinite_error(metrics_: dict[str, Any], step: int, latest: Any, best: Any,
+                     fresh_norm: float) -> NonFiniteError:
+  """The error that stops a run at a non-finite loss or state. It advises resuming only from
+  a checkpoint that is a sane start (``SANE_GROWTH``; it says what was checked), else a
+  fresh workdir: a checkpoint the diverging rate already blew up would diverge again."""
   if metrics_["nonfinite"] > 0:
     what = f"non-finite loss at step {step}"
   else:
@@ -193,15 +220,33 @@ def _nonfinite_error(metrics_: dict[str, Any], step: int, latest: Any,
             f"({int(metrics_['nonfinite_state'])} values; the loss was finite)")
   latest.wait_until_finished()  # the newest saves are complete before they are named
   best.wait_until_finished()
-  last = latest.latest_step()
-  if last is None:
-    where = "No checkpoint was written yet. Lower optim.learning_rate or set "
-    where += "optim.grad_clip_norm and start again."
-  else:
-    where = (f"Nothing of it was saved; the newest checkpoint, step {last} in "
-             f"{latest.directory}, holds finite values. Lower optim.learning_rate or set "
-             "optim.grad_clip_norm and resume from it with --config.allow_config_change=True.")
-  return NonFiniteError(f"{what}: the run stops here. {where}")
+  fix = "Lower optim.learning_rate or set optim.grad_clip_norm"
+  saved = sorted(latest.all_steps(), reverse=True)
+  if not saved:
+    return NonFiniteError(f"{what}: the run stops here. No checkpoint was written yet. {fix} "
+                          "and start again.")
+  rejected = []
+  for s in saved:
+    sane, checked = _sanity(latest, s, fresh_norm)
+    if not sane:
+      rejected.append(f"step {s}: {checked}")
+      continue
+    if not rejected:
+      where = (f"Nothing of it was saved; the newest checkpoint, step {s} in "
+               f"{latest.directory}, holds finite values ({checked}).")
+    else:
+      newer = " ".join(checkpointing.step_path(latest, r) for r in saved if r > s)
+      where = (f"The newer checkpoints had already diverged ({'; '.join(rejected)}); step {s} "
+               f"in {latest.directory} is sane ({checked}): delete the newer ones (rm -r "
+               f"{newer}), then {fix[0].lower()}{fix[1:]}")
+      return NonFiniteError(f"{what}: the run stops here. {where} and resume from step {s} "
+                            "with --config.allow_config_change=True.")
+    return NonFiniteError(f"{what}: the run stops here. {where} {fix} and resume from it with "
+                          "--config.allow_config_change=True.")
+  return NonFiniteError(
+      f"{what}: the run stops here. No checkpoint in {latest.directory} is a sane start "
+      f"({'; '.join(rejected)}; a sane one is within {SANE_GROWTH:g}x): {fix} and start "
+      "again in a fresh --workdir.")
 
 
 def _best_metric(manager) -> float:

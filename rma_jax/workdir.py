@@ -72,6 +72,27 @@ class ConfigChangeError(errors.UserError, ValueError):
   """A resume with a config the checkpoints were not trained with."""
 
 
+class WorkdirPathError(errors.UserError, NotADirectoryError):
+  """The workdir (or a folder above it) is a file."""
+
+
+def check_path(workdir: str) -> None:
+  """Raises ``WorkdirPathError`` when WORKDIR, or a folder on its path, exists as something
+  other than a folder (a local path; a bucket has no such conflict)."""
+  if paths.is_remote(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while True:
+    if os.path.exists(path) and not os.path.isdir(path):
+      what = "is" if path == os.path.abspath(workdir) else f"is inside {path}, which is"
+      raise WorkdirPathError(f"--workdir={workdir} {what} a file, not a folder: choose "
+                             "another --workdir")
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
+
+
 _held: dict[str, int] = {}  # workdir -> depth of this process's (re-entrant) hold
 
 
@@ -248,6 +269,31 @@ def check_config(config: ml_collections.ConfigDict, workdir: str,
     logging.warning("resuming with a changed config (recorded in %s): %s", history_path,
                     describe_changes(changes))
   return changes
+
+
+def architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``{field: value}`` of every ``ARCHITECTURE_FIELDS`` field the config has (JSON form)."""
+  flat = flatten(_as_json(config))
+  return {k: flat[k] for k in ARCHITECTURE_FIELDS if k in flat}
+
+
+def check_architecture(config: ml_collections.ConfigDict, workdir: str, purpose: str) -> None:
+  """Refuses to ``purpose`` (evaluate, predict) a trained WORKDIR with a config whose model
+  differs from the one its checkpoints hold (the last recorded start); writes nothing.
+
+  Raises:
+    ConfigChangeError: naming each differing architecture field, recorded -> given.
+  """
+  old = recorded_config(workdir)
+  if old is None:  # no record (a run of an older version, or converted weights): nothing to compare
+    return
+  changes = config_changes(old, _as_json(config))
+  arch = {k: v for k, v in changes.items() if k in ARCHITECTURE_FIELDS}
+  if arch:
+    raise ConfigChangeError(
+        f"cannot {purpose} {workdir} with another model than it trained: "
+        f"{describe_changes(arch)} (recorded -> given). Drop these overrides (the trained "
+        f"config is the last line of {os.path.join(workdir, HISTORY_FILE)})")
 
 
 def record_start(config: ml_collections.ConfigDict, workdir: str,

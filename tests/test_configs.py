@@ -139,6 +139,15 @@ def test_paper_settings_in_voc_and_coco():
     ("optim.trunk_lr_multiplier", -1.0, "trunk_lr_multiplier=-1.0 must be a finite"),
     ("optim.decay_factor", float("nan"), "decay_factor=nan must be a finite"),
     ("data.val_fraction", 1.0, r"val_fraction=1.0 must be in \[0, 1\)"),
+    # The evaluation settings, checked before training (the final evaluation cannot fail):
+    ("eval.scales", (-112,), r"eval.scales entry -112: N and N - 64 .* multiples of 16"),
+    ("eval.scales", (512, 520), r"eval.scales entry 520"),
+    ("eval.scales", (512.0,), r"eval.scales entry 512.0"),
+    ("eval.ap_mode", "11point", r"eval.ap_mode='11point': one of \('voc07', 'all'\)"),
+    ("eval.score_transform", "softplus", "eval.score_transform='softplus'"),
+    ("eval.prf_score_transform", "max", "eval.prf_score_transform='max'"),
+    ("eval.top_k", -1, r"eval.top_k=-1 must be an integer >= 0"),
+    ("eval.threshold", float("nan"), "eval.threshold=nan must be a finite"),
 ])
 def test_invalid_values_are_clear_errors(field, value, message):
   config = _module("voc").get_config()

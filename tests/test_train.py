@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 import pytest
 
 from benchmarks.timing import CompileCounter
@@ -29,6 +30,7 @@ from rma_jax.configs import ablations, demo
 from rma_jax import (build, checkpointing, config_checks, evaluate, losses, metric_writer,
                      models, optimizer, parallel, pixels, steps, train)
 from rma_jax import init as init_lib
+from rma_jax import workdir as workdir_lib
 from rma_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -801,3 +803,108 @@ def test_a_trunk_added_by_the_documented_steps_trains_one_step(monkeypatch, head
   config.model.trunk = "no_such_trunk"
   with pytest.raises(ValueError, match="model.trunk='no_such_trunk': one of"):
     config_checks.validate_config(config, num_devices=1)
+
+
+# ------------------------------------------------------------------- what a run checks first
+
+
+def test_evaluate_and_predict_refuse_another_architecture_than_trained(finished_run, tmp_path):
+  """Evaluate and predict take the model the workdir trained: an override of an architecture
+  field (K, the LSTM kind, the width) is refused in one line naming each field, recorded ->
+  given, before a checkpoint is read, and the run's report is left as it was; the report
+  records every architecture field."""
+  wd = _copy(finished_run, tmp_path)
+  report_json = os.path.join(wd, "report", "report.json")
+  before = open(report_json, "rb").read()
+  recorded = json.loads(before)["results"]["architecture"]
+  trained = workdir_lib.flatten(_history(wd)[-1]["config"])
+  assert recorded == {f: trained[f] for f in workdir_lib.ARCHITECTURE_FIELDS}
+  k = recorded["model.num_regions"]
+  result = _main(wd, "--mode=evaluate", f"--config.model.num_regions={k + 1}",
+                 "--config.model.standard_lstm=True", timeout=300)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert lines[-1].startswith(f"error: cannot evaluate {wd} with another model than it "
+                              "trained: ") and len(lines) <= 3, lines
+  assert f"model.num_regions ({k} -> {k + 1})" in lines[-1]
+  assert "model.standard_lstm (False -> True)" in lines[-1]
+  assert open(report_json, "rb").read() == before
+  image = tmp_path / "one.png"
+  Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+  width = recorded["model.width"]
+  result = _main(wd, "--mode=predict", f"--inputs={image}", f"--config.model.width={width // 2}",
+                 timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"error: cannot predict with {wd} with another model than it trained: model.width " \
+         f"({width} -> {width // 2})" in result.stderr
+  assert "ScopeParamShapeError" not in result.stderr
+  assert not os.path.exists(os.path.join(wd, "predictions"))
+
+
+def test_a_workdir_that_is_a_file_is_refused_in_one_line(tmp_path):
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("not a folder")
+  for workdir, mode in ((a_file, "train"), (a_file / "run", "evaluate")):
+    result = _main(str(workdir), f"--mode={mode}", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --workdir={workdir} ") and "a file, not a folder" in last
+    assert "Traceback" not in result.stderr
+  assert a_file.read_text() == "not a folder"
+
+
+def test_a_run_refused_before_training_records_no_class_list(tmp_path):
+  """classes.json pins the class list of every later run on the workdir: a run refused
+  before its first step (here: ImageNet weights that are not there) does not write it."""
+  wd = tmp_path / "refused"
+  result = _main(str(wd), f"--config.init.pretrained={tmp_path / 'missing.npz'}", timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "missing.npz" in result.stderr.strip().splitlines()[-1]
+  assert not os.path.exists(wd / data_lib.RUN_CLASSES_FILE)
+
+
+def test_nan_advice_names_only_a_sane_checkpoint(finished_run, tmp_path):
+  """After a rate that blows up (1e6), the checkpoints saved on the way are finite but
+  already diverged: the advice names the newest sane one (step 4, the finished run's) and
+  says what was checked, never a blown-up one."""
+  wd = _copy(finished_run, tmp_path)
+  result = _main(wd, "--config.max_steps=10", "--config.optim.learning_rate=1e6", NO_CLIP,
+                 "--config.checkpoint_every_steps=1", "--config.max_to_keep=10",
+                 "--config.allow_config_change=True", timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  latest_dir = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
+  assert "the run stops here" in last
+  assert f"step 4 in {latest_dir} is sane (finite, parameter norm" in last, last
+  blown = [s for s in _steps(wd) if s > 4]
+  assert blown, "the rate saved at least one finite, diverged checkpoint"
+  for s in blown:
+    assert re.search(rf"step {s}: (finite, parameter norm \S+, \S+x a fresh|\d+ non-finite)",
+                     last), (s, last)
+    assert os.path.join(latest_dir, str(s)) in last  # the ones to delete
+  assert "and resume from step 4 with --config.allow_config_change=True" in last
+
+
+def test_a_deleted_manifest_is_named_in_one_line_without_tracebacks(finished_run, tmp_path):
+  """A step whose OCDBT manifest was deleted: a resume falls back to the step before it with
+  one warning line naming the cause; evaluating a best checkpoint so damaged is refused in
+  one line naming it. No TensorStore read is attempted, so no "Event loop is closed"
+  tracebacks follow when the process ends."""
+  wd = _copy(finished_run, tmp_path)
+  latest_dir = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
+  os.remove(os.path.join(latest_dir, "4", "default", "manifest.ocdbt"))
+  result = _main(wd, NO_CLIP, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  said = [line for line in result.stderr.splitlines() if "latest/4" in line]
+  assert len(said) == 1 and "is unusable (its OCDBT manifest default/manifest.ocdbt is " \
+      "missing); resuming from step 2 instead" in said[0], said
+  assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+  best_step = os.path.join(checkpointing.checkpoint_dir(wd, checkpointing.BEST), "4")
+  os.remove(os.path.join(best_step, "default", "manifest.ocdbt"))
+  result = _main(wd, "--mode=evaluate", timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: checkpoint {best_step} cannot be restored (FileNotFoundError: its OCDBT "
+      f"manifest default/manifest.ocdbt is missing); it is damaged: delete it (rm -r "
+      f"{best_step}) or restore it from a copy")
+  assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr

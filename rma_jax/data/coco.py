@@ -228,8 +228,9 @@ def load_coco_split(root: str, split: str, *, max_pixels: int | None = None,
       skipped.add_scan(f"{path} ({ann_path}, image id {image_id!r})",
                        "; ".join(p for p, _ in problems[:3]), problems[0][1])
       continue
-    if not paths.isfile(path):
-      skipped.add_scan(path, "image file missing", "image file missing")
+    problem = paths.file_problem(path)
+    if problem is not None:
+      skipped.add_scan(path, f"image file {problem}", paths.problem_cause(problem))
       continue
     b = np.asarray(boxes, np.float32).reshape(-1, 4)  # x, y, w, h in pixels
     if len(b):
@@ -238,7 +239,8 @@ def load_coco_split(root: str, split: str, *, max_pixels: int | None = None,
       except (TypeError, ValueError):
         w = h = 0.0
       if w <= 0 or h <= 0:
-        w, h = decode.image_size(path) or (1.0, 1.0)  # unreadable: fails when decoded
+        # Unreadable: fails (and is counted) when it is decoded.
+        w, h = decode.image_size(path, max_pixels=max_pixels) or (1.0, 1.0)
       b = np.stack([b[:, 0] / w, b[:, 1] / h, (b[:, 0] + b[:, 2]) / w,
                     (b[:, 1] + b[:, 3]) / h], axis=1)
     # Crowd regions still show the class, so they count towards the labels (as in TFDS).

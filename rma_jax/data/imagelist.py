@@ -13,7 +13,10 @@ JSON lines (one object per line)::
   {"image": "img/0002.jpg", "labels": "dog", "boxes": [[0.10, 0.20, 0.55, 0.90, "dog"]]}
 
 * ``image``: a path relative to the image root (``data.image_root``, default the folder of
-  the list file) or absolute. It is the example's identity: rows naming the same image are
+  the list file) or absolute. A relative path must stay inside the image root: one that
+  leaves it through ``..`` (``../other/x.jpg``) is refused with a :class:`DataError` naming
+  the list file, the line and the entry (set ``data.image_root`` to a folder above, or write
+  the path absolute). It is the example's identity: rows naming the same image are
   merged (their labels and boxes joined), so a one-row-per-label export works as it is.
 * ``labels``: class names separated by ``;`` or ``|``, or a JSON list of names. An empty
   field (or ``[]``) is an image without labels: it is kept and the loss masks it.
@@ -24,7 +27,8 @@ Class list: given (the training split's, for the other splits), else the sorted 
 labels of this list. Skipped and logged with ``file:line``: a malformed line (a CSV row
 whose field count differs from the header's, JSON that is not an object with ``image`` and
 ``labels``, malformed ``boxes``), a row with an unknown label (the image's labels are then
-untrustworthy, so the image is skipped), an image file that does not exist.
+untrustworthy, so the image is skipped), an image file that does not exist or is not a
+regular file (a named pipe or a device is never opened).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import csv
 import json
 import math
 import os
+import posixpath
 import re
 from typing import Any, Iterator, Sequence
 
@@ -160,6 +165,14 @@ def _rows(path: str) -> Iterator[tuple[int, dict | None, str]]:
     raise DataError(f"{path} is empty; expected a header row with image,labels")
 
 
+def _leaves_root(image: str) -> bool:
+  """Whether a list entry is a relative path that leaves the image root through ``..``."""
+  if paths.is_remote(image) or os.path.isabs(image):
+    return False
+  parts = posixpath.normpath(image.replace(os.sep, "/")).split("/")
+  return parts[0] == ".."
+
+
 def load_list_split(path: str, *, image_root: str = "", max_pixels: int | None = None,
                     class_names: Sequence[str] | None = None, dataset: str = "list",
                     split: str = "", class_origin: str = "") -> RecordSource:
@@ -180,6 +193,7 @@ def load_list_split(path: str, *, image_root: str = "", max_pixels: int | None =
   skipped = SkipReport(name)
   root = os.path.expanduser(image_root) if image_root else os.path.dirname(path)
   entries: dict[str, dict[str, Any]] = {}  # image path -> lines, labels, boxes
+  escapes: list[tuple[int, str]] = []  # (line, entry) of relative entries leaving the root
   for line, row, error in _rows(path):
     where = f"{path}:{line}"
     if row is not None:
@@ -195,11 +209,23 @@ def load_list_split(path: str, *, image_root: str = "", max_pixels: int | None =
     if error:
       skipped.add_scan(where, error, "malformed line")
       continue
-    image_path = paths.join_normalized(root, os.path.expanduser(image.strip()))
+    image = os.path.expanduser(image.strip())
+    if _leaves_root(image):
+      escapes.append((line, image))
+      continue
+    image_path = paths.join_normalized(root, image)
     e = entries.setdefault(image_path, {"lines": [], "labels": [], "boxes": []})
     e["lines"].append(line)
     e["labels"] += labels
     e["boxes"] += boxes
+
+  if escapes:
+    (line, image), more = escapes[0], len(escapes) - 1
+    raise DataError(
+        f"{path}, line {line}: image {image!r} leaves the image root {root or '.'!r} through "
+        f"'..'" + (f" (and {more} more line{'s' * (more > 1)})" if more else "") + "; relative "
+        "image paths must stay inside data.image_root: set data.image_root to a folder that "
+        "holds them all, or write the paths absolute")
 
   if class_names is None:
     class_names = sorted({n for e in entries.values()
@@ -220,8 +246,10 @@ def load_list_split(path: str, *, image_root: str = "", max_pixels: int | None =
       skipped.add_scan(where, f"unknown label(s) {unknown} for {image_path}; known: "
                        f"{classes_lib.describe(class_names)}", "unknown label")
       continue
-    if not epath.Path(image_path).is_file():
-      skipped.add_scan(where, f"image file {image_path} missing", "image file missing")
+    problem = paths.file_problem(image_path)
+    if problem is not None:
+      skipped.add_scan(where, f"image file {image_path} {problem}",
+                       paths.problem_cause(problem))
       continue
     boxes = np.asarray([b for b, _ in e["boxes"]], np.float32).reshape(-1, 4)
     records.append(make_record(image_path, image_path, [index[n] for _, n in e["boxes"]],

@@ -171,8 +171,10 @@ def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
   for id_ in read_split_ids(root, split):
     xml_path = os.path.join(root, "Annotations", f"{id_}.xml")
     img_path = os.path.join(root, "JPEGImages", f"{id_}.jpg")
-    if not paths.isfile(xml_path):
-      skipped.add_scan(xml_path, "annotation file missing", "annotation file missing")
+    problem = paths.file_problem(xml_path)
+    if problem is not None:
+      skipped.add_scan(xml_path, f"annotation file {problem}",
+                       paths.problem_cause(problem, "annotation file"))
       continue
     try:
       ann = parse_voc_xml(xml_path)
@@ -208,13 +210,14 @@ def load_voc_split(root: str, split: str, *, max_pixels: int | None = None,
                        f"{classes_lib.describe(class_names)}",
                        "unknown class")
       continue
-    if not paths.isfile(img_path):
-      skipped.add_scan(img_path, "image file missing", "image file missing")
+    problem = paths.file_problem(img_path)
+    if problem is not None:
+      skipped.add_scan(img_path, f"image file {problem}", paths.problem_cause(problem))
       continue
     wh = ann["size"]
     if wh is None and len(ann["names"]):
       # Header only; an unreadable image fails (and is counted) when it is decoded.
-      wh = decode.image_size(img_path) or (1.0, 1.0)
+      wh = decode.image_size(img_path, max_pixels=max_pixels) or (1.0, 1.0)
     boxes = voc_boxes_to_unit(ann["boxes"], *wh) if len(ann["boxes"]) else ann["boxes"]
     records.append(make_record(id_, img_path, [index[n] for n in ann["names"]], boxes,
                                ann["difficult"], len(class_names)))

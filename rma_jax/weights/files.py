@@ -38,7 +38,45 @@ def starts_as_broken_zip(path: str) -> bool:
     return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
+_LEGACY_TORCH_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def sniff(path: str) -> str:
+  """What a weight file is, from its first bytes (and a zip's directory); nothing is
+  unpickled.
+
+  Returns:
+    ``'hdf5'`` (Keras), ``'torch-zip'`` (torch >= 1.6: a zip with ``<name>/data.pkl``),
+    ``'keras-zip'`` (a ``.keras`` archive), ``'zip'`` (another zip archive),
+    ``'broken-zip'`` (starts as a zip but its end is missing), ``'torch-legacy'`` (a
+    pickle stream that starts with torch's magic number), ``'pickle'`` (another pickle) or
+    ``'unknown'``.
+  """
+  with paths.path(path).open("rb") as f:
+    head = f.read(64)
+  if head.startswith(_HDF5_SIGNATURE):
+    return "hdf5"
+  if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(path):
+      return "broken-zip"
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+    if any(n.endswith("/data.pkl") for n in names):
+      return "torch-zip"
+    return "keras-zip" if "model.weights.h5" in names else "zip"
+  if head[:1] == b"\x80":  # a pickle of protocol >= 2 (torch.save writes protocol 2)
+    # torch.save's legacy format pickles its magic number first: LONG1 (0x8a), 10 bytes.
+    return "torch-legacy" if b"\x8a\x0a" + _LEGACY_TORCH_MAGIC in head else "pickle"
+  return "unknown"
+
+
 def is_hdf5_file(path: str) -> bool:
   with paths.path(path).open("rb") as f:
     return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
 
+
+
+def first_bytes(path: str, n: int = 8) -> str:
+  """The first ``n`` bytes of a file, as a Python bytes literal (for error messages)."""
+  with paths.path(path).open("rb") as f:
+    return repr(f.read(n))

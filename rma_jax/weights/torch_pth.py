@@ -208,6 +208,21 @@ def load_torch_state_dict(path: str | os.PathLike, *,
   path = os.fspath(path)
   expected = "expected a torchvision .pth state dict (torch.save)"
   files.check_weight_file(path, expected)
+  # What the file is, before torch or the built-in reader sees it: both would fail on
+  # another format with a message that names neither the file nor the fix.
+  kind = files.sniff(path)
+  foreign = {
+      "hdf5": "it is an HDF5 file: use --from=keras",
+      "keras-zip": "it is a .keras archive (a zip with model.weights.h5): use --from=keras",
+      "zip": "it is a zip archive without <name>/data.pkl, so not a torch.save file",
+      "pickle": ("it is a Python pickle but not a torch.save file (no torch magic number; "
+                 "save the state dict with torch.save)"),
+      "unknown": ("it is neither a zip archive nor a pickle (it starts with "
+                  f"{files.first_bytes(path)})"),
+  }
+  if kind in foreign:
+    raise ValueError(f"{path}: cannot be read as a torch.save file: {foreign[kind]}; "
+                     f"{expected}")
   try:
     return _read_torch(path, use_torch)
   except RefusedPickleError:
