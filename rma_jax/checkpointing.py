@@ -96,10 +96,65 @@ def has_steps(workdir: str, which: str = LATEST) -> bool:
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
+class CheckpointSaveError(errors.StorageError):
+  """A checkpoint could not be written (the message names the folder, the cause and the fix)."""
+
+
+_CAUSES = (("RESOURCE_EXHAUSTED", "the disk is full"), ("No space left", "the disk is full"),
+           ("Read-only file system", "the file system is read-only"),
+           ("Permission denied", "permission denied"),
+           ("PERMISSION_DENIED", "permission denied"))
+
+
+def _save_error(manager: ocp.CheckpointManager, what: str, e: BaseException
+                ) -> CheckpointSaveError:
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:  # the cause may sit deep in Orbax's chain
+    seen.add(id(e))
+    chain.append(f"{type(e).__name__}: {e}")
+    e = e.__cause__ or e.__context__
+  text = " ".join(chain)
+  cause = next((c for key, c in _CAUSES if key in text), _first_line_text(chain[0]))
+  good = [s for s in manager.all_steps() if paths.path(step_path(manager, s)).exists()]
+  return CheckpointSaveError(
+      f"{what} in {os.fspath(manager.directory)} failed: {cause}. Training stopped there; "
+      f"the checkpoints written before it ({', '.join(map(str, sorted(good))) or 'none'}) "
+      "are intact. Free space or make the folder writable, then run the same command to "
+      "continue")
+
+
+def _first_line_text(text: str) -> str:
+  return text.strip().splitlines()[0][:200] if text.strip() else "unknown error"
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
-               custom_metadata={FORMAT_KEY: FORMAT})
+  """Saves ``step`` (asynchronously); raises ``CheckpointSaveError`` when this save, or an
+  earlier one still in the background, failed."""
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                 custom_metadata={FORMAT_KEY: FORMAT})
+  except Exception as e:  # pylint: disable=broad-except  # TensorStore/Orbax/OS errors
+    raise _save_error(manager, f"checkpoint saving at step {step}", e) from e
+
+
+def check_saves(*managers: ocp.CheckpointManager) -> None:
+  """Raises ``CheckpointSaveError`` if a background save of one of ``managers`` failed
+  (cheap: it looks at finished saves only)."""
+  for manager in managers:
+    try:
+      manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(manager, "a background checkpoint save", e) from e
+
+
+def wait(*managers: ocp.CheckpointManager) -> None:
+  """Waits for the saves of ``managers``; raises ``CheckpointSaveError`` if one failed."""
+  for manager in managers:
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(manager, "a checkpoint save", e) from e
 
 
 def checkpoint_format(manager: ocp.CheckpointManager, step: int) -> int:

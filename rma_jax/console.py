@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -51,14 +52,32 @@ class LibraryChatterFilter(logging.Filter):
       return True
     if record.name.startswith("rma_jax") or record.pathname.startswith(PACKAGE_DIR):
       return True
+    # A library error keeps its line, not its traceback: a failed checkpoint write makes
+    # Orbax log three, and the run's own message says what failed and what to do.
+    record.exc_info, record.exc_text = None, None
+    message = record.getMessage()
+    if "\n" in message:
+      record.msg, record.args = message.splitlines()[0] + " [...]", None
     return record.levelno >= logging.WARNING and not str(record.msg).startswith(_NOT_WARNINGS)
 
 
+def _quiet_unraisable(unraisable) -> None:
+  """``sys.unraisablehook`` without asyncio's "Event loop is closed", which TensorStore's
+  callbacks raise after Orbax closed the loop of a failed write (dozens per failure)."""
+  if (absl_logging.get_verbosity() < 1 and isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def quiet_library_logs() -> None:
-  """Installs ``LibraryChatterFilter`` on absl's handler (once; notebooks may call it too)."""
+  """Installs ``LibraryChatterFilter`` on absl's handler (once; notebooks may call it too),
+  and an unraisable-exception hook without TensorStore's "Event loop is closed" floods."""
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, LibraryChatterFilter) for f in handler.filters):
     handler.addFilter(LibraryChatterFilter())
+  if sys.unraisablehook is sys.__unraisablehook__:
+    sys.unraisablehook = _quiet_unraisable
 
 
 def duration(seconds: float) -> str:

@@ -23,6 +23,12 @@ class ConfigError(UserError, ValueError):
   """A config value (or data split) a run cannot work with."""
 
 
+class StorageError(UserError, OSError):
+  """A write to the workdir failed (no space, read-only, no permission). Background writers
+  of the failed save may still be running: the workdir stays held (``workdir.hold``) until
+  the process ends, and ``rma_jax.main`` ends it at once, without waiting for them."""
+
+
 def refusal(what: str, problems: Sequence[str]) -> str:
   """``'{what}: {problem}'`` for one problem; a line per problem for several."""
   if len(problems) == 1:

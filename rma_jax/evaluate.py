@@ -12,6 +12,7 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections import deque
@@ -63,8 +64,10 @@ def decode_ids(encoded: np.ndarray) -> np.ndarray:
 
 def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
                  batch_size: int, mesh: Mesh, num_workers: int = 2, prefetch: int = 2,
-                 desc: str = "eval") -> dict[str, np.ndarray]:
-  """Runs a jitted ``make_scores_fn`` over a whole split.
+                 desc: str = "eval", stop: Any = None) -> dict[str, np.ndarray]:
+  """Runs a jitted ``make_scores_fn`` over a whole split; ``stop`` (a
+  ``preemption.StopSignals``), when it is signalled, ends the pass between two batches
+  (the ``Preempted`` error it makes).
 
   Returns host arrays over the real (unpadded) images, in split order: the model outputs
   (``scores``, ``theta``, ``features``, ... as produced) and ``labels`` (N, C),
@@ -91,6 +94,9 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
   batches = tqdm.tqdm(batches, total=total, desc=desc, leave=False,
                       disable=None if jax.process_index() == 0 else True)
   for i, batch in enumerate(batches):
+    if stop is not None and stop.requested:
+      raise stop.stopped(f"stopped during the evaluation ({desc}), before its report was "
+                         "written")
     out = fn(variables, batch["image"])
     host = {k: parallel.to_host(v) for k, v in out.items()}
     m = meta.popleft()
@@ -233,7 +239,8 @@ def pointing_scores(scored: Mapping[str, np.ndarray], *, seed: int = POINTING_CH
 
 def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
                         which: str = "best", split: str = "test",
-                        ctx: context.RunContext | None = None) -> dict[str, Any]:
+                        ctx: context.RunContext | None = None, stop: Any = None
+                        ) -> dict[str, Any]:
   """Evaluates a run's checkpoint on a split and writes WORKDIR/report/.
 
   Protocols (each with every metric of ``rma_jax.metrics``; scores after
@@ -261,6 +268,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
     split: 'test' (default), 'val' or 'train'.
     ctx: the run's opened data (``context.open_run``); default: opened here, with the class
       list the run recorded.
+    stop: a held ``preemption.StopSignals``: a signal ends the evaluation between batches,
+      before anything is written (``preemption.Preempted``).
 
   Returns:
     the results dict that is written to report.json.
@@ -278,7 +287,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   variables = kernels.prepare_fn(config.model.conv_impl, mesh)(variables)
   want_features = bool(ev.get("svm", False))
   common = dict(batch_size=ev.batch_size, mesh=mesh, num_workers=config.data.num_workers,
-                prefetch=config.data.prefetch)
+                prefetch=config.data.prefetch, stop=stop)
   logging.info("Evaluating %s checkpoint (step %d) of %s on %s (%d images)", which, step,
                workdir, split, len(source))
 
@@ -347,10 +356,11 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   out_dir = report_dir(workdir)
   if jax.process_index() == 0:
     paths.path(out_dir).mkdir(parents=True, exist_ok=True)
-    with paths.path(os.path.join(out_dir, "scores.npz")).open("wb") as f:
-      np.savez_compressed(f, **{f"{name}/{k}": v for name, p in passes.items()
-                                for k, v in p.items()
-                                if k in ("scores", "labels", "difficult", "index", "id")})
+    buffer = io.BytesIO()  # written whole: a stopped process leaves no partial file
+    np.savez_compressed(buffer, **{f"{name}/{k}": v for name, p in passes.items()
+                                   for k, v in p.items()
+                                   if k in ("scores", "labels", "difficult", "index", "id")})
+    paths.write_atomic(os.path.join(out_dir, "scores.npz"), buffer.getvalue())
     report.write_evaluation_report(results, config, out_dir, scales)
   h = results["protocols"][headline]
   logging.info("%s %s: mAP %.4f (%s), mAP_all %.4f, CF1 %.4f, OF1 %.4f", split, headline,

@@ -43,7 +43,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from rma_jax import configs
-from rma_jax import config_checks, console, errors, evaluate, fuse, predict, run
+from rma_jax import config_checks, console, errors, evaluate, fuse, predict, preemption, run
 from rma_jax import workdir as workdir_lib
 
 MODES = ("train", "evaluate", "predict", "fuse", "show_config")
@@ -97,6 +97,19 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   try:
     run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:
+    # Stopped by SIGTERM / SIGINT once the work so far was saved: the status asks a
+    # scheduler to requeue the job (rma_jax.preemption).
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
+  except errors.StorageError as e:
+    if FLAGS.verbosity >= 1:
+      raise
+    # The failed save's background writers may never finish (a read-only or full disk):
+    # the process ends now, and with it the workdir's lock (held until then: workdir.hold).
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(errors.EXIT_STATUS)  # pylint: disable=protected-access
   except (errors.UserError, FileNotFoundError) as e:
     if FLAGS.verbosity >= 1:
       raise
@@ -115,7 +128,8 @@ def run_mode(mode: str, config: ml_collections.ConfigDict | None, workdir: str) 
   else:
     config_checks.validate_config(config)
     if mode == "evaluate":
-      evaluate.evaluate_and_report(config, workdir)
+      with preemption.StopSignals() as stop:
+        evaluate.evaluate_and_report(config, workdir, stop=stop)
       return
     out = FLAGS.out or os.path.join(workdir, "predictions")
     result = predict.run(config, workdir, FLAGS.inputs, out)

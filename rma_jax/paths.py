@@ -34,20 +34,24 @@ def path(p: str | os.PathLike) -> epath.Path:
   return epath.Path(p if is_remote(p) else os.path.expanduser(p))
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file in the same folder renamed over it,
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+  """Writes ``text`` (str: UTF-8; or bytes) to ``path`` through a temporary file in the same folder renamed over it,
   so readers see the old file or the new one. The file gets the usual permissions (0666
   less the umask), like any file the user writes. On a bucket (``gs://``) an object is
   replaced whole by one upload, so it is written directly."""
   if is_remote(path):
-    epath.Path(path).write_text(text, encoding="utf-8")
+    if isinstance(text, bytes):
+      epath.Path(path).write_bytes(text)
+    else:
+      epath.Path(path).write_text(text, encoding="utf-8")
     return
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
   try:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with (os.fdopen(fd, "wb") if isinstance(text, bytes)
+          else os.fdopen(fd, "w", encoding="utf-8")) as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())

@@ -27,7 +27,7 @@ from typing import Any
 from absl import logging
 import ml_collections
 
-from rma_jax import config_checks, console, context, evaluate, train
+from rma_jax import config_checks, console, context, evaluate, preemption, train
 from rma_jax import workdir as workdir_lib
 
 STAGE1_DIR = "stage1"
@@ -89,15 +89,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   plan = stages(config, workdir)
   final = plan[-1][1]
   clock = console.JobClock([(name, c) for name, c, _ in plan], eval_config=final)
-  with workdir_lib.hold(workdir):
+  with workdir_lib.hold(workdir), preemption.StopSignals() as stop:
     changes = [train.check_resume(c, stage_dir) for _, c, stage_dir in plan]
     ctx = context.open_run(config, [stage_dir for _, _, stage_dir in reversed(plan)])
     for (name, stage_config, stage_dir), stage_changes in zip(plan, changes):
       if len(plan) > 1:  # a single stage starts with the loop's "Training N steps" line
         logging.info("%s in %s", name, stage_dir)
-      summary = train.train_stage(stage_config, stage_dir, ctx, stage_changes, clock)
+      summary = train.train_stage(stage_config, stage_dir, ctx, stage_changes, clock, stop)
     # The test split is touched only here, after training.
-    summary["test"] = evaluate.evaluate_and_report(final, workdir, ctx=ctx)
+    summary["test"] = evaluate.evaluate_and_report(final, workdir, ctx=ctx, stop=stop)
   summary["report"] = os.path.join(evaluate.report_dir(workdir), "report.md")
   test = summary["test"]
   h = test["protocols"][test["headline"]]

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from rma_jax import (build, checkpointing, config_checks, console, context, errors, evaluate,
-                     init, metric_writer, optimizer, parallel, steps)
+                     init, metric_writer, optimizer, parallel, preemption, steps)
 from rma_jax import data as data_lib
 from rma_jax import workdir as workdir_lib
 
@@ -41,10 +41,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from).
   """
   config_checks.validate_config(config)
-  with workdir_lib.hold(workdir):
+  with workdir_lib.hold(workdir), preemption.StopSignals() as stop:
     changes = check_resume(config, workdir)
     ctx = context.open_run(config, [workdir])
-    return train_stage(config, workdir, ctx, changes, console.JobClock([("Training", config)]))
+    return train_stage(config, workdir, ctx, changes, console.JobClock([("Training", config)]),
+                       stop)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
@@ -55,11 +56,12 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.RunContext,
-                changes: dict[str, tuple[Any, Any]], clock: console.JobClock
-                ) -> dict[str, Any]:
+                changes: dict[str, tuple[Any, Any]], clock: console.JobClock,
+                stop: preemption.StopSignals | None = None) -> dict[str, Any]:
   """One stage of a run whose config is checked (``changes``: ``check_resume``'s), whose
   workdir is held and whose data is open (``ctx``), as the next stage of ``clock``'s job;
-  returns as ``train``."""
+  returns as ``train``. With ``stop`` (held by the caller), a SIGTERM or SIGINT saves the
+  step in flight and raises ``preemption.Preempted``."""
   is_chief = jax.process_index() == 0
   mesh, sources = ctx.mesh, ctx.sources
   o = config.optim
@@ -170,7 +172,16 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
         flush_metrics(step)
         checkpointing.save(latest, step, state)
         writer.flush()  # TensorBoard shows what the checkpoint holds (on a bucket: a new file)
-    best.wait_until_finished()
+      checkpointing.check_saves(latest, best)  # a failed save stops the run at once
+      if stop is not None and stop.stop_at(step, latest):
+        flush_metrics(step)
+        if latest.latest_step() != step:
+          checkpointing.save(latest, step, state)
+        checkpointing.wait(latest, best)
+        writer.flush()
+        raise stop.stopped(f"stopped after step {step} of {plan.total_steps}, saved in "
+                           f"{latest.directory}", workdir)
+    checkpointing.wait(latest, best)
     clock.stage_done()
     result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
               "start_step": start_step}

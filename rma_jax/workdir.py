@@ -135,11 +135,15 @@ def hold(workdir: str) -> Iterator[None]:
   if refusal:
     raise WorkdirInUseError(refusal)
   _held[key] = 1
+  keep = False
   try:
     yield
+  except errors.StorageError:
+    keep = True  # a failed save's writers may still run: held until the process ends
+    raise
   finally:
     del _held[key]
-    if fd is not None:
+    if fd is not None and not keep:
       os.ftruncate(fd, 0)  # the file stays (deleting it would race with a new holder)
       fcntl.flock(fd, fcntl.LOCK_UN)
       os.close(fd)

@@ -908,3 +908,169 @@ def test_a_deleted_manifest_is_named_in_one_line_without_tracebacks(finished_run
       f"manifest default/manifest.ocdbt is missing); it is damaged: delete it (rm -r "
       f"{best_step}) or restore it from a copy")
   assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def _run_until(workdir, pattern, signum, *extra, timeout=300):
+  """Starts the main job, sends ``signum`` once a stderr line matches ``pattern``, and
+  returns (exit status, stderr, seconds from the signal to the exit)."""
+  proc = subprocess.Popen(_cmd(workdir, *extra), cwd=ROOT, env=_ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  lines, sent = [], None
+  deadline = time.time() + timeout
+  for line in proc.stderr:
+    lines.append(line)
+    if sent is None and re.search(pattern, line):
+      proc.send_signal(signum)
+      sent = time.time()
+    assert time.time() < deadline, "".join(lines[-20:])
+  proc.wait(timeout=60)
+  assert sent is not None, "".join(lines[-20:])
+  return proc.returncode, "".join(lines), time.time() - sent
+
+
+def _arrays(workdir, step):
+  restored = checkpointing.restore_replicated(checkpointing.latest_manager(workdir), step)
+  return jax.tree.map(np.asarray, restored)
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run, tmp_path):
+  """SIGTERM while training (checkpoints every 1,000 steps): the step in flight is saved, the
+  run says where it stopped and exits 143 within 30 s; SIGINT during the final evaluation
+  stops it before any report file is written (exit 130); the restart finishes both, and its
+  parameters, optimizer state and scores equal the uninterrupted run's bitwise."""
+  wd = str(tmp_path / "run")
+  rc, stderr, seconds = _run_until(wd, r"\] Training 4 steps", signal.SIGTERM, NO_CLIP,
+                                   "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
+  assert rc == 143 and seconds < 30, stderr[-3000:]
+  saved = checkpointing.latest_manager(wd).all_steps()
+  assert len(saved) == 1 and 1 <= saved[0] < 4, saved
+  latest_dir = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
+  assert stderr.strip().splitlines()[-1] == (
+      f"SIGTERM: stopped after step {saved[0]} of 4, saved in {latest_dir}. Run the same "
+      f"command to continue in {wd} (exit status 143: requeue the job)")
+  assert "Traceback" not in stderr
+
+  rc, stderr, seconds = _run_until(wd, r"Evaluating best checkpoint", signal.SIGINT, NO_CLIP,
+                                   "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
+  assert rc == 130 and seconds < 30, stderr[-3000:]
+  assert f"at step {saved[0]}" in stderr and "Traceback" not in stderr
+  assert stderr.strip().splitlines()[-1].startswith("SIGINT: stopped during the evaluation")
+  assert not os.path.exists(os.path.join(wd, "report"))
+  reference = finished_run[0]
+  ours, theirs = _arrays(wd, 4), _arrays(reference, 4)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(a, b)
+
+  done = _main(wd, NO_CLIP, "--config.max_steps=4", "--config.checkpoint_every_steps=1000",
+               timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with np.load(os.path.join(wd, "report", "scores.npz")) as a, \
+      np.load(os.path.join(reference, "report", "scores.npz")) as b:
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# --------------------------------------------------------------------------- storage faults
+
+
+@pytest.fixture
+def mounts():
+  """Mounts a test asks for (a small tmpfs, a read-only bind), unmounted at its end; skips
+  where this process may not mount (CI runs as root)."""
+  made = []
+
+  def mount(*args):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+      pytest.skip("mounting needs root")
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+      pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    made.append(args[-1])
+
+  yield mount
+  for target in reversed(made):
+    subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def _stderr_after_training_started(stderr):
+  lines = stderr.strip().splitlines()
+  start = next(i for i, line in enumerate(lines) if "] Training " in line)
+  return lines[start + 1:]
+
+
+def test_a_full_disk_stops_the_run_in_one_message_and_the_restart_is_exact(
+    finished_run, tmp_path, mounts):
+  """A 3 MB file system holds three of the tiny run's checkpoints: the save that runs out of
+  space stops the run with one message naming the folder and the cause (Orbax's own error
+  lines without their tracebacks), every earlier checkpoint intact; with space freed, the
+  same command finishes with the uninterrupted run's parameters, bitwise."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounts("-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk))
+  wd = str(disk / "run")
+  args = (NO_CLIP, "--config.checkpoint_every_steps=1", "--config.max_to_keep=100")
+  full = _main(wd, *args, timeout=300)
+  assert full.returncode == 2, full.stderr[-3000:]
+  tail = _stderr_after_training_started(full.stderr)
+  latest_dir = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
+  assert tail[-1].startswith("error: ") and f"in {latest_dir} failed: the disk is full. " \
+      "Training stopped there" in tail[-1], tail
+  assert "Traceback" not in full.stderr and "Event loop is closed" not in full.stderr
+  library = [line for line in tail if not re.search(r"\] (step \d+|Training|Resumed)", line)]
+  assert len(library) <= 12, library  # a line per failed Orbax operation (no traceback), ours
+  good = _steps(wd)
+  assert 1 <= len(good) < 4 and good == list(range(1, len(good) + 1)), good
+  assert all(_finite_everywhere(wd, s) for s in good)
+  subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+  done = _main(wd, *args, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"at step {good[-1]}" in done.stderr
+  ours, theirs = _arrays(wd, 4), _arrays(finished_run[0], 4)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_read_only_checkpoint_folder_stops_the_run_at_once(tmp_path, mounts):
+  """The checkpoint folder turns read-only mid-run: the run stops within a minute (no thread
+  left waiting on the failed save keeps it alive), in one message naming the cause, and the
+  workdir can be used again once it ended."""
+  wd = str(tmp_path / "run")
+  log = open(tmp_path / "stderr.txt", "w")  # a file: a pipe nobody reads could fill and block
+  proc = subprocess.Popen(_cmd(wd, "--config.max_steps=400", "--config.checkpoint_every_steps=1",
+                               "--config.max_to_keep=100"),
+                          cwd=ROOT, env=_ENV, stdout=subprocess.DEVNULL, stderr=log)
+  ckpts = os.path.join(wd, "checkpoints")
+  deadline = time.time() + 300
+  while len([d for d in glob.glob(os.path.join(ckpts, "latest", "*"))
+             if os.path.basename(d).isdigit()]) < 2:
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.1)
+  mounts("--bind", ckpts, ckpts)
+  # A remount read-only is refused (busy) while a file on it is open for writing: retry
+  # until it falls between two of the run's writes.
+  deadline = time.time() + 30
+  while subprocess.run(["mount", "-o", "remount,ro,bind", ckpts],
+                       capture_output=True).returncode != 0:
+    assert time.time() < deadline and proc.poll() is None, "could not remount read-only"
+    time.sleep(0.01)
+  started = time.time()
+  try:
+    proc.wait(timeout=60)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail("the run hung after its checkpoint folder became read-only")
+  finally:
+    log.close()
+  assert time.time() - started < 60
+  stderr = (tmp_path / "stderr.txt").read_text()
+  assert proc.returncode == 2, stderr[-3000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "failed: the file system is read-only" in last, last
+  assert "Traceback" not in stderr
+  with workdir_lib.hold(wd):  # the lock died with the process
+    pass
