@@ -19,7 +19,7 @@ import pickle
 import sys
 from typing import Sequence
 
-from rma_jax import weights
+from rma_jax import errors, weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = weights.convert(args.file, args.origin, args.out)
   except (OSError, ValueError, pickle.UnpicklingError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return errors.EXIT_STATUS
   print(f"wrote {out} (pixel_convention={weights.PIXEL_CONVENTION[args.origin]}); "
         f"train with --config.init.pretrained={out} "
         f"--config.data.pixel_convention={weights.PIXEL_CONVENTION[args.origin]}")

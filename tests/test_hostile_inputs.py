@@ -269,7 +269,7 @@ def test_foreign_files_given_to_from_torch_are_one_line_with_or_without_torch(tm
   lines = {}
   for (name, mode), proc in procs.items():
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1, (name, mode, err)  # the command's status for a refusal
+    assert proc.returncode == 2, (name, mode, err)  # the command's status for a refusal
     got = err.strip().splitlines()
     assert len(got) == 1, (name, mode, err)  # one line, no traceback
     lines[name, mode] = got[0]

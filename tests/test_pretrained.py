@@ -271,7 +271,7 @@ def test_cli_checkpoint_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   with pytest.raises(ValueError, match="pixel_convention='torch'"):
     weights_lib.load_pretrained(out, pixel_convention="caffe")
-  assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 1  # never overwrites
+  assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 2  # never overwrites
   assert sorted(os.listdir(tmp_path)) == ["imagenet", "vgg16-random.pth"]  # no temp leftovers
 
 
@@ -324,7 +324,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, zip_format, use_torch
     weights_lib.load_torch_state_dict(path, use_torch=use_torch)
   assert not marker.exists()
   out = tmp_path / "out"
-  assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 1
+  assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 2
   assert not marker.exists() and not out.exists()
 
 
@@ -351,7 +351,7 @@ def test_bad_torch_file_names_every_problem_and_writes_nothing(tmp_path, capsys)
   path = tmp_path / "bad.pth"
   torch.save(sd, path)
   out = tmp_path / "out"
-  assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 1
+  assert pretrained.main(["--from=torch", str(path), f"--out={out}"]) == 2
   err = capsys.readouterr().err
   for needle in ("missing: features.28.bias", "unexpected: features.1.running_mean",
                  "classifier.3.weight (4096, 4095) (expected (4096, 4096))"):
@@ -383,7 +383,7 @@ def test_unreadable_weight_files_are_one_line_naming_the_file(tmp_path):
       stderr=subprocess.PIPE, text=True) for origin, name, _, _ in cases]
   for proc, (origin, name, why, expected) in zip(procs, cases):
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1, err
+    assert proc.returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err  # one line, no traceback
     assert lines[0].startswith(f"error: {tmp_path / name}: "), lines[0]
