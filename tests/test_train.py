@@ -1074,3 +1074,29 @@ def test_a_read_only_checkpoint_folder_stops_the_run_at_once(tmp_path, mounts):
   assert "Traceback" not in stderr
   with workdir_lib.hold(wd):  # the lock died with the process
     pass
+
+
+def test_a_second_sigterm_during_the_save_leaves_a_restorable_workdir(finished_run, tmp_path):
+  """Two SIGTERMs in a row: the second ends the process at once (default action), wherever
+  the save of the first had got to. The checkpoint is complete or absent, never partial, and
+  the same command then finishes with the uninterrupted run's parameters."""
+  wd = str(tmp_path / "run")
+  args = (NO_CLIP, "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
+  proc = subprocess.Popen(_cmd(wd, *args), cwd=ROOT, env=_ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if re.search(r"\] Training 4 steps", line):
+      proc.send_signal(signal.SIGTERM)
+    elif "SIGTERM received" in line:  # the handler ran and gave the signal back
+      time.sleep(0.05)
+      proc.send_signal(signal.SIGTERM)
+      break
+  proc.communicate(timeout=60)
+  assert proc.returncode in (-signal.SIGTERM, 143), "".join(lines[-20:])
+  done = _main(wd, *args, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for a, b in zip(jax.tree.leaves(_arrays(wd, 4)), jax.tree.leaves(_arrays(finished_run[0], 4)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
