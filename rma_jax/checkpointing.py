@@ -106,25 +106,21 @@ _CAUSES = (("RESOURCE_EXHAUSTED", "the disk is full"), ("No space left", "the di
            ("PERMISSION_DENIED", "permission denied"))
 
 
-def _save_error(manager: ocp.CheckpointManager, what: str, e: BaseException
+def _save_error(manager: ocp.CheckpointManager, what: str, error: BaseException
                 ) -> CheckpointSaveError:
-  chain, seen = [], set()
+  chain, seen, e = [], set(), error
   while e is not None and id(e) not in seen:  # the cause may sit deep in Orbax's chain
     seen.add(id(e))
     chain.append(f"{type(e).__name__}: {e}")
     e = e.__cause__ or e.__context__
   text = " ".join(chain)
-  cause = next((c for key, c in _CAUSES if key in text), _first_line_text(chain[0]))
+  cause = next((c for key, c in _CAUSES if key in text), _first_line(error))
   good = [s for s in manager.all_steps() if paths.path(step_path(manager, s)).exists()]
   return CheckpointSaveError(
       f"{what} in {os.fspath(manager.directory)} failed: {cause}. Training stopped there; "
       f"the checkpoints written before it ({', '.join(map(str, sorted(good))) or 'none'}) "
       "are intact. Free space or make the folder writable, then run the same command to "
       "continue")
-
-
-def _first_line_text(text: str) -> str:
-  return text.strip().splitlines()[0][:200] if text.strip() else "unknown error"
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,

@@ -102,19 +102,16 @@ def main(argv):
     # scheduler to requeue the job (rma_jax.preemption).
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_status)
-  except errors.StorageError as e:
-    if FLAGS.verbosity >= 1:
-      raise
-    # The failed save's background writers may never finish (a read-only or full disk):
-    # the process ends now, and with it the workdir's lock (held until then: workdir.hold).
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(errors.EXIT_STATUS)  # pylint: disable=protected-access
   except (errors.UserError, FileNotFoundError) as e:
     if FLAGS.verbosity >= 1:
       raise
     # A refusal the user acts on: its message names the field or file and the fix.
     print(f"error: {e}", file=sys.stderr, flush=True)
+    if isinstance(e, errors.StorageError):
+      # A failed save's background writers may never finish (a read-only or full disk): the
+      # process ends now, and with it the workdir's lock (held until then: workdir.hold).
+      sys.stdout.flush()
+      os._exit(errors.EXIT_STATUS)  # pylint: disable=protected-access
     sys.exit(errors.EXIT_STATUS)
 
 

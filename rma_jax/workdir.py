@@ -229,6 +229,10 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
   return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 
+def _architecture_changes(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+  return {k: v for k, v in changes.items() if k in ARCHITECTURE_FIELDS}
+
+
 def _is_free(field: str) -> bool:
   return any(field == f or field.startswith(f + ".") for f in FREE_FIELDS)
 
@@ -257,7 +261,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str,
   changes = config_changes(old, _as_json(config)) if old is not None else {}
   history_path = os.path.join(workdir, HISTORY_FILE)
   if resuming and changes:
-    arch = {k: v for k, v in changes.items() if k in ARCHITECTURE_FIELDS}
+    arch = _architecture_changes(changes)
     if arch:
       raise ConfigChangeError(
           f"{workdir} holds checkpoints of another model: changed {describe_changes(arch)}. "
@@ -291,8 +295,7 @@ def check_architecture(config: ml_collections.ConfigDict, workdir: str, purpose:
   old = recorded_config(workdir)
   if old is None:  # no record (a run of an older version, or converted weights): nothing to compare
     return
-  changes = config_changes(old, _as_json(config))
-  arch = {k: v for k, v in changes.items() if k in ARCHITECTURE_FIELDS}
+  arch = _architecture_changes(config_changes(old, _as_json(config)))
   if arch:
     raise ConfigChangeError(
         f"cannot {purpose} {workdir} with another model than it trained: "
