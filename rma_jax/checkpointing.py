@@ -301,13 +301,14 @@ def _set_aside(manager: ocp.CheckpointManager, bad: list[tuple[str, str]], good:
                     "moved to %s; delete it with: rm -r %s", path, reason, good, dest, dest)
 
 
-def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointManager, int]:
+def find_checkpoint(workdir: str, which: str = BEST, fallback: bool = True
+                    ) -> tuple[ocp.CheckpointManager, int]:
   """The manager and step of the ``which`` ('best' or 'latest') checkpoint of a run.
 
-  Falls back from 'best' to 'latest' when no validation has happened yet.
-  Raises FileNotFoundError naming the folder when there is none.
+  Falls back from 'best' to 'latest' when no validation has happened yet (unless
+  ``fallback`` is False). Raises FileNotFoundError naming the folder when there is none.
   """
-  order = [which] + ([LATEST] if which == BEST else [])
+  order = [which] + ([LATEST] if which == BEST and fallback else [])
   for name in order:
     path = checkpoint_dir(workdir, name)
     if paths.path(path).is_dir():
@@ -319,6 +320,11 @@ def find_checkpoint(workdir: str, which: str = BEST) -> tuple[ocp.CheckpointMana
       step = manager.latest_step() if step is None else step
       if step is not None:
         return manager, step
+  if not fallback:
+    raise FileNotFoundError(
+        f"no {which} checkpoint under {os.path.join(paths.absolute(workdir), 'checkpoints')}"
+        " (one is kept from the run's first validation on); train or resume it with "
+        "--mode=train first")
   raise FileNotFoundError(
       f"no checkpoint found under {os.path.join(paths.absolute(workdir), 'checkpoints')}; "
       "train first with --mode=train")
@@ -348,9 +354,10 @@ def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
         f"(rm -r {path}) or restore it from a copy") from e
 
 
-def load_params(workdir: str, which: str = BEST) -> tuple[Any, int]:
-  """The parameters of a run's best (or latest) checkpoint, replicated, and its step."""
-  manager, step = find_checkpoint(workdir, which)
+def load_params(workdir: str, which: str = BEST, fallback: bool = True) -> tuple[Any, int]:
+  """The parameters of a run's best (or latest) checkpoint, replicated, and its step
+  (``find_checkpoint``)."""
+  manager, step = find_checkpoint(workdir, which, fallback)
   restored = restore_replicated(manager, step)
   params = restored["params"] if "params" in restored else restored
   return params, step

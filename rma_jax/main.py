@@ -5,13 +5,16 @@ r"""The main job: train, evaluate, or predict with a config.
     python -m rma_jax.main --config=configs/voc.py --workdir=runs/voc --mode=evaluate
     python -m rma_jax.main --config=configs/voc.py --workdir=runs/voc --mode=predict \
         --inputs=photos/ --out=predictions/
+    python -m rma_jax.main --config=configs/voc.py --workdir=runs/voc --mode=export \
+        --formats=stablehlo,onnx    # files to serve the trained model (rma_jax.export)
     python -m rma_jax.main --mode=fuse --fuse_workdirs=runs/voc512,runs/voc640 \
         --workdir=runs/fused    # the paper's two-model fusion (rma_jax.fuse); no --config
     python -m rma_jax.main --config=configs/voc.py --mode=show_config   # the config a run uses
 
 Modes (--mode): train (both stages of the recipe, then the evaluation and the report; resumes
 from WORKDIR), evaluate (the report of a trained WORKDIR), predict (label images and draw
-their regions), fuse (average evaluated runs), show_config (print the config and stop).
+their regions), export (the best checkpoint as StableHLO / ONNX files to serve), fuse
+(average evaluated runs), show_config (print the config and stop).
 Every config field can be set with --config.FIELD=VALUE; --help lists them with their
 defaults. A run refused for a reason you can fix (a config value, unusable data, a workdir in
 use, a missing file) prints one line that names the field or file and the fix, and exits with
@@ -43,17 +46,22 @@ import ml_collections
 from ml_collections import config_flags
 
 from rma_jax import configs
-from rma_jax import config_checks, console, errors, evaluate, fuse, predict, preemption, run
+from rma_jax import (config_checks, console, errors, evaluate, export, fuse, predict, preemption,
+                     run)
 from rma_jax import workdir as workdir_lib
 
-MODES = ("train", "evaluate", "predict", "fuse", "show_config")
+MODES = ("train", "evaluate", "predict", "export", "fuse", "show_config")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do (see the modes above).")
 flags.DEFINE_list("inputs", [], "predict: image files and/or folders.")
-flags.DEFINE_string("out", "", "predict: output folder (default WORKDIR/predictions).")
+flags.DEFINE_string("out", "", "predict, export: output folder (default WORKDIR/predictions, "
+                    "WORKDIR/export).")
+flags.DEFINE_list("formats", ["stablehlo"], "export: stablehlo and/or onnx (the .[export] "
+                  "extra).")
+flags.DEFINE_bool("overwrite", False, "export: replace the export an --out folder holds.")
 flags.DEFINE_list("fuse_workdirs", [], "fuse: evaluated workdirs whose headline scores are "
                   "averaged (the paper's two-scale fusion); the report goes to WORKDIR/report.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
@@ -127,6 +135,10 @@ def run_mode(mode: str, config: ml_collections.ConfigDict | None, workdir: str) 
     if mode == "evaluate":
       with preemption.StopSignals() as stop:
         evaluate.evaluate_and_report(config, workdir, stop=stop)
+      return
+    if mode == "export":
+      export.run(config, workdir, FLAGS.out or os.path.join(workdir, "export"),
+                 formats=FLAGS.formats, overwrite=FLAGS.overwrite)
       return
     out = FLAGS.out or os.path.join(workdir, "predictions")
     result = predict.run(config, workdir, FLAGS.inputs, out)

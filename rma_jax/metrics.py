@@ -251,7 +251,7 @@ def multilabel_prf(scores: Any, labels: Any, *, k: int | None = 3, threshold: fl
   return {"CP": cp, "CR": cr, "CF1": _f1(cp, cr), "OP": op, "OR": orec, "OF1": _f1(op, orec)}
 
 
-def score_transform(scores: Any, kind: str) -> np.ndarray:
+def score_transform(scores: Any, kind: str, xp: Any = np) -> Any:
   """Maps raw model scores to the scale the metrics compare.
 
   The softmax-Euclidean loss (Eq. 7-8) is blind to a constant added to all of an image's
@@ -266,19 +266,21 @@ def score_transform(scores: Any, kind: str) -> np.ndarray:
       positive label of an image the same probability 1/n, so a label is predicted when it
       has at least ``threshold`` times the top label's probability (a plain softmax lets at
       most one label per image pass 0.5).
+    xp: ``numpy`` (on the host, in float64) or ``jax.numpy`` (traceable, in the scores'
+      dtype: inside a jitted or exported function).
 
   Returns:
-    (..., C) float64 array.
+    (..., C) float64 NumPy array, or a JAX array with ``xp=jax.numpy``.
   """
-  s = np.asarray(scores, dtype=np.float64)
+  s = np.asarray(scores, dtype=np.float64) if xp is np else xp.asarray(scores)
   if kind in ("softmax", "softmax_max"):
-    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    e = xp.exp(s - s.max(axis=-1, keepdims=True))
     # softmax / max(softmax) = exp(s - max(s)): e itself.
     return e if kind == "softmax_max" else e / e.sum(axis=-1, keepdims=True)
   if kind == "sigmoid":
     # exp of a non-positive number only: no overflow for large |s|.
-    e = np.exp(-np.abs(s))
-    return np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    e = xp.exp(-xp.abs(s))
+    return xp.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
   if kind == "none":
     return s
   raise ValueError(f"kind must be one of {SCORE_TRANSFORMS}, got {kind!r}")

@@ -36,8 +36,7 @@ import numpy as np
 from PIL import Image
 
 from rma_jax import paths as paths_lib
-from rma_jax import workdir as workdir_lib
-from rma_jax import build, checkpointing, context, kernels, metrics, regions, views, visualize
+from rma_jax import build, context, kernels, metrics, regions, trained, views, visualize
 from rma_jax.data import decode, preprocess
 
 _DRAW_MAX_SIDE = 1024  # pictures of larger images are drawn on a downscaled copy
@@ -177,12 +176,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
     ``reason``}] (see ``list_inputs``, and every file that could not be decoded). Written
     even when an error stops the run, for the images labelled until then.
   """
-  step = None
   if params is None:
-    workdir_lib.check_architecture(config, workdir, "predict with")
-    params, step = checkpointing.load_params(workdir, which)
-  names = context.trained_class_names(config, workdir)
-  model = build.build_model(config, len(names))
+    loaded = trained.load_run(workdir, config, which=which, purpose="predict with")
+  else:
+    names = context.trained_class_names(config, workdir)
+    loaded = trained.TrainedRun(config, build.build_model(config, len(names)), params, names)
+  model, params, names, step = loaded.model, loaded.params, loaded.class_names, loaded.step
   size = config.data.crop_size
   batch_size = batch_size or config.eval.batch_size
   top_k = top_k or config.eval.get("top_k") or 3

@@ -106,3 +106,11 @@ def test_committed_benchmark_table_follows_from_its_json():
     rec = json.loads(line)
     cells = [c.strip() for c in rows[rec["case"]].split("|")]
     assert f"{rec['ratio']:.2f}" in cells, (rec["case"], cells)
+
+
+def test_export_latency_table_is_the_committed_json():
+  import json
+  from benchmarks import export_latency
+  records = [json.loads(_read("docs", "benchmarks", "export", f"{name}.json"))
+             for name in ("demo", "voc")]
+  assert export_latency.table(records) in _read("docs", "export.md")

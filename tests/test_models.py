@@ -140,6 +140,13 @@ def test_scan_equals_python_loop_and_region0_is_identity():
   np.testing.assert_array_equal(out["theta"][:, 0], np.tile([1.0, 1.0, 0.0, 0.0], (2, 1)))
   assert out["z"].shape == (2, 5, SMALL["z_dim"])
   assert float(jnp.std(out["theta"][:, 1:, 2])) > 1e-3  # regions do move
+  # unroll=True (the ONNX export's form): the same parameter tree and the same loop.
+  unrolled = model.clone(unroll=True)
+  assert (jax.tree.structure(unrolled.init(jax.random.key(0), images)["params"])
+          == jax.tree.structure(params))
+  out_unrolled = unrolled.apply({"params": params}, images, return_features=True)
+  np.testing.assert_allclose(out_unrolled["region_scores"], ref_scores, atol=1e-5)
+  np.testing.assert_allclose(out_unrolled["theta"], ref_theta, atol=1e-6)
 
 
 def test_later_steps_cannot_change_earlier_scores():

@@ -24,35 +24,16 @@ from tensorboard.backend.event_processing import event_file_loader  # noqa: E402
 from tensorboard.compat.proto import event_pb2  # noqa: E402
 
 from rma_jax import metric_writer  # noqa: E402
+import hidden  # noqa: E402  (tests/hidden.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs before anything else in the child: every import of tensorflow* / tensorflow_datasets*
-# fails as it does where they are not installed; then the CLI runs as `python -m`.
-HIDE_TF = r"""
-import runpy, sys
-HIDDEN = ("tensorflow", "tensorflow_datasets")
-class _Hide:
-  # Wraps each finder: a hidden name is found by none of them, as when it is not installed
-  # (`import` raises ModuleNotFoundError, importlib.util.find_spec returns None).
-  def __init__(self, inner):
-    self.inner = inner
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in HIDDEN:
-      return None
-    return self.inner.find_spec(name, path, target)
-  def __getattr__(self, attr):
-    return getattr(self.inner, attr)
-sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
-assert not any(m.split(".")[0] in HIDDEN for m in sys.modules)
-sys.argv = ["rma_jax.main"] + sys.argv[1:]
-try:
-  runpy.run_module("rma_jax.main", run_name="__main__", alter_sys=True)
-finally:
-  leaked = sorted(m for m in sys.modules if m.split(".")[0] in HIDDEN)
-  if leaked:
-    print("LEAKED", leaked, file=sys.stderr)
-"""
+# The child: every import of tensorflow* / tensorflow_datasets* fails as it does where they
+# are not installed; then the CLI runs as `python -m`.
+HIDE_TF = hidden.hiding(("tensorflow", "tensorflow_datasets"), """
+    sys.argv = ["rma_jax.main"] + sys.argv[1:]
+    runpy.run_module("rma_jax.main", run_name="__main__", alter_sys=True)
+""")
 
 
 def _run_without_tf(*args, timeout=300):

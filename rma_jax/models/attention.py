@@ -62,6 +62,8 @@ class AttentionSettings(nn.Module):
     dtype: computation dtype (parameters float32).
     dense: the cell's linear layers (``nn.Dense``'s attributes and parameters);
       ``rma_jax.kernels`` may pass a platform-specific one.
+    unroll: run the K+1 steps as a Python loop instead of ``nn.scan``: the same parameters
+      and numbers, for converters that take no scan (jax2onnx; ``rma_jax.export``).
   """
   num_classes: int
   num_regions: int = 5
@@ -76,6 +78,7 @@ class AttentionSettings(nn.Module):
   step_theta_init: Sequence[Sequence[float]] | None = None
   dtype: Dtype = jnp.float32
   dense: ModuleDef = nn.Dense
+  unroll: bool = False
 
   def attention_settings(self) -> dict[str, Any]:
     """The fields of ``AttentionSettings`` as keyword arguments, sequences as (nested)
@@ -149,15 +152,24 @@ class RecurrentAttention(AttentionSettings):
     if self.num_regions < 1:
       raise ValueError(f"num_regions (K) must be >= 1, got {self.num_regions}")
     batch = features.shape[0]
-    # Every variable collection (the parameters, and any forms of them that a building block
-    # was given) is the same at every step.
-    scan = nn.scan(AttentionCell, variable_broadcast=True, split_rngs={"params": False},
-                   in_axes=(0, nn.broadcast), out_axes=0, length=self.num_regions + 1)
-    cell = scan(**self.attention_settings(), name="cell")
     out_dtype = output_dtype(self.dtype)
     zeros = jnp.zeros((batch, self.hidden_dim), out_dtype)
     theta0 = jnp.broadcast_to(jnp.asarray(ops.IDENTITY_THETA, out_dtype), (batch, 4))
-    _, (s, theta, z) = cell((zeros, zeros, theta0), jnp.arange(self.num_regions + 1), features)
+    steps = self.num_regions + 1
+    if self.unroll:
+      cell = AttentionCell(**self.attention_settings(), name="cell")
+      carry, outs = (zeros, zeros, theta0), []
+      for step in range(steps):
+        carry, out = cell(carry, step, features)
+        outs.append(out)
+      s, theta, z = (jnp.stack(o) for o in zip(*outs))
+    else:
+      # Every variable collection (the parameters, and any forms of them that a building
+      # block was given) is the same at every step.
+      scan = nn.scan(AttentionCell, variable_broadcast=True, split_rngs={"params": False},
+                     in_axes=(0, nn.broadcast), out_axes=0, length=steps)
+      cell = scan(**self.attention_settings(), name="cell")
+      _, (s, theta, z) = cell((zeros, zeros, theta0), jnp.arange(steps), features)
     # Step 0 only looks at the whole map to place region 1; its score is dropped (Eq. 5).
     region_scores = jnp.swapaxes(s[1:], 0, 1)  # (B, K, C)
     out = {

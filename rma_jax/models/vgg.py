@@ -95,7 +95,7 @@ class ConvBlock(nn.Module):
       x = relu(nn.Conv(features, (3, 3), padding=1, dtype=self.dtype,
                           param_dtype=jnp.float32, kernel_init=init, name=name)(x))
     if self.pool:
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
     return x
 
 

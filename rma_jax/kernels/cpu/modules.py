@@ -7,6 +7,10 @@ With ``impl='auto'`` the kernels are taken where the function is lowered for the
 XLA's convolutions everywhere else (``jax.lax.platform_dependent``): a GPU or TPU lowering
 made on a CPU host has XLA's convolutions. ``Dense`` is ``nn.Dense`` that multiplies by the
 evaluation-only (out, in) copy of its kernel where one is given.
+
+The kernels choose by shape (the batch size among it), so an input with a symbolic dimension
+(``jax.export`` with a symbolic batch) gets XLA's convolutions and ``nn.Dense`` on every
+platform: the blocks are then exactly the plain model's.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class _ConvParams(nn.Module):
     return kernel, bias, winograd_kernel
 
 
+def is_static(shape: Sequence[Any]) -> bool:
+  """Whether every dimension of ``shape`` is a number (not a ``jax.export`` symbol)."""
+  return all(isinstance(d, (int, np.integer)) for d in shape)
+
+
 def _block_on_cpu(x: jax.Array, params: Sequence[tuple], impl: str, pool: bool) -> jax.Array:
   """The block by the CPU kernels: convolutions, each with ReLU, the last one pooling."""
   last = len(params) - 1
@@ -67,7 +76,7 @@ def _block_elsewhere(x: jax.Array, params: Sequence[tuple], pool: bool) -> jax.A
   """The block by XLA's convolutions, as ``models.ConvBlock`` computes it."""
   for kernel, bias, _ in params:
     x = nn.relu(conv.conv3x3(x, kernel, bias, impl="xla"))
-  return nn.max_pool(x, (2, 2), strides=(2, 2)) if pool else x
+  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2)) if pool else x
 
 
 class VGGBlock(nn.Module):
@@ -94,6 +103,8 @@ class VGGBlock(nn.Module):
     for features, name, init in zip(self.features, self.names, self.kernel_inits):
       params.append(_ConvParams(features, init, self.dtype, name=name)(in_channels))
       in_channels = features
+    if not is_static(x.shape):
+      return _block_elsewhere(x, params, self.pool)
     if self.impl != "auto":
       return _block_on_cpu(x, params, self.impl, self.pool)
     return jax.lax.platform_dependent(
@@ -111,8 +122,8 @@ class Dense(nn.Dense):
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """(..., in) -> (..., features)."""
-    rows = int(np.prod(inputs.shape[:-1]))
-    if rows < DENSE_TRANSPOSED_MIN_ROWS or not self.has_variable(COLLECTION, "kernel_t"):
+    if (not is_static(inputs.shape) or not self.has_variable(COLLECTION, "kernel_t")
+        or int(np.prod(inputs.shape[:-1])) < DENSE_TRANSPOSED_MIN_ROWS):
       return super().__call__(inputs)
     kernel_t = self.get_variable(COLLECTION, "kernel_t")
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
