@@ -12,6 +12,14 @@ step metadata); a step without one was written before the format was recorded (f
 same parameter and optimizer trees) and restores; a step of a newer format is refused with
 the version that can read it.
 
+A run with ``optim.ema_decay > 0`` keeps the moving average of its parameters in every
+checkpoint (``ema_params``, format 2), and its best checkpoint records whether the average or
+the plain parameters had the lower validation loss (``ema`` in the step's metrics).
+``load_selected_params`` is the one place that reads "the parameters of a run's checkpoint":
+the winner, and which one it is. A checkpoint without an average restores into a state with
+one (the average starts at its parameters: a resume that switches the average on, or a
+checkpoint of an older version), and one with an average into a state without.
+
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-save resumes from the last complete checkpoint. A step damaged afterwards (a truncated or
 deleted array file, missing metadata, an empty step folder) is skipped by ``restore_newest``:
@@ -21,6 +29,7 @@ the resume falls back to the newest step that restores, and the bad one is moved
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Any, Callable
@@ -30,17 +39,21 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from rma_jax import errors, parallel, paths
+from rma_jax import errors, optimizer, parallel, paths
 
 LATEST = "latest"
 BEST = "best"
 UNUSABLE = "unusable"
 
-FORMAT = 1
-"""The checkpoint format this version writes and the newest it reads. 1: the train state
-(``steps.TrainState``: step, params, opt_state) with the format in the step's custom metadata;
-0 (no format recorded): the same trees, written before the format was recorded."""
+FORMAT = 2
+"""The newest checkpoint format this version writes and reads. 2: format 1 and the moving
+average of the parameters (``ema_params``); written only by runs that keep one, the others
+write 1, which older versions read. 1: the train state (``steps.TrainState``: step, params,
+opt_state) with the format in the step's custom metadata; 0 (no format recorded): the same
+trees, written before the format was recorded."""
 FORMAT_KEY = "rma_jax_checkpoint_format"
+EMA = "ema_params"
+"""The moving average's entry in a checkpoint (``steps.TrainState.ema_params``)."""
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
@@ -123,13 +136,27 @@ def _save_error(manager: ocp.CheckpointManager, what: str, error: BaseException
       "continue")
 
 
+def _tree(state: Any) -> Any:
+  """What a checkpoint holds of ``state``: a train state as the dict {step, params,
+  opt_state} (the same tree a flax TrainState saves as) with ``ema_params`` where it keeps
+  an average; anything else as it is."""
+  if not hasattr(state, "opt_state"):
+    return state
+  tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  if getattr(state, EMA, None) is not None:
+    tree[EMA] = getattr(state, EMA)
+  return tree
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: dict[str, float] | None = None) -> None:
+         metrics: dict[str, Any] | None = None) -> None:
   """Saves ``step`` (asynchronously); raises ``CheckpointSaveError`` when this save, or an
   earlier one still in the background, failed."""
+  tree = _tree(state)
+  version = FORMAT if isinstance(tree, dict) and EMA in tree else 1
   try:
-    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
-                 custom_metadata={FORMAT_KEY: FORMAT})
+    manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics,
+                 custom_metadata={FORMAT_KEY: version})
   except Exception as e:  # pylint: disable=broad-except  # TensorStore/Orbax/OS errors
     raise _save_error(manager, f"checkpoint saving at step {step}", e) from e
 
@@ -174,8 +201,36 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  return manager.restore(step, args=ocp.args.StandardRestore(target))
+  target = _target(abstract_state, manager.item_metadata(step))
+  return _as_state(abstract_state, manager.restore(step, args=ocp.args.StandardRestore(target)))
+
+
+def _target(abstract_state: Any, metadata: Any) -> Any:
+  """The restore target of ``abstract_state`` (shapes, dtypes, shardings), with a moving
+  average exactly where the checkpoint (``metadata``) has one: a missing one is made by
+  ``_as_state``, an unwanted one dropped there."""
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(abstract_state))
+  if not isinstance(target, dict) or "opt_state" not in target:
+    return target
+  saved = metadata is not None and EMA in metadata.keys() and metadata[EMA] is not None
+  target.pop(EMA, None)
+  if saved:
+    target[EMA] = target["params"]  # the average has the parameters' shapes and shardings
+  return target
+
+
+def _as_state(abstract_state: Any, restored: Any) -> Any:
+  """``restored`` (a ``_tree``) as ``abstract_state``'s type, its moving average there iff
+  that state keeps one (started at the restored parameters where the checkpoint has none)."""
+  if not hasattr(abstract_state, "opt_state"):
+    return restored
+  fields = dict(restored)
+  ema = fields.pop(EMA, None)
+  if hasattr(abstract_state, EMA):
+    wanted = getattr(abstract_state, EMA) is not None
+    fields[EMA] = (ema if ema is not None else optimizer.copy_tree(fields["params"])
+                   ) if wanted else None
+  return abstract_state.replace(**fields)
 
 
 def _first_line(e: BaseException) -> str:
@@ -245,7 +300,6 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
   bad: list[tuple[str, str]] = []
   for step in steps:
     path = step_path(manager, step)
@@ -259,9 +313,11 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
       reason = "its metadata file default/_METADATA is missing"
     if reason is None:
       checkpoint_format(manager, step)
+      target = _target(abstract_state, metadata)
       _check_same_arrays(metadata, target, path)
       try:
-        state = manager.restore(step, args=ocp.args.StandardRestore(target))
+        state = _as_state(abstract_state,
+                          manager.restore(step, args=ocp.args.StandardRestore(target)))
       except Exception as e:  # pylint: disable=broad-except  # TensorStore/asyncio errors
         reason = f"its arrays cannot be read ({_first_line(e)})"
       else:
@@ -354,10 +410,47 @@ def restore_replicated(manager: ocp.CheckpointManager, step: int) -> Any:
         f"(rm -r {path}) or restore it from a copy") from e
 
 
-def load_params(workdir: str, which: str = BEST, fallback: bool = True) -> tuple[Any, int]:
-  """The parameters of a run's best (or latest) checkpoint, replicated, and its step
-  (``find_checkpoint``)."""
+@dataclasses.dataclass(frozen=True)
+class SelectedParams:
+  """The parameters of a run's checkpoint that evaluation, prediction and export use.
+
+  Attributes:
+    params: the parameter tree, replicated over all devices.
+    step: the checkpoint's step.
+    which: the folder it came from, 'best' or 'latest' (a 'best' asked for before any
+      validation falls back to 'latest').
+    ema: whether ``params`` is the moving average of the parameters: the best checkpoint of a
+      run with ``optim.ema_decay > 0`` where the average had the lower validation loss.
+    has_ema: whether the checkpoint keeps a moving average at all.
+  """
+  params: Any
+  step: int
+  which: str
+  ema: bool
+  has_ema: bool
+
+
+def load_selected_params(workdir: str, which: str = BEST, fallback: bool = True
+                         ) -> SelectedParams:
+  """The parameters of a run's best (or latest) checkpoint: where its validation chose the
+  moving average over the plain parameters (the step's ``ema`` metric), the average; the plain
+  parameters otherwise (a latest checkpoint: no validation chose). The one place that
+  answers "which parameters did this run select". ``fallback``: as ``find_checkpoint``."""
   manager, step = find_checkpoint(workdir, which, fallback)
   restored = restore_replicated(manager, step)
-  params = restored["params"] if "params" in restored else restored
-  return params, step
+  ema = bool((manager.metrics(step) or {}).get("ema", False))
+  if ema and EMA not in restored:
+    path = step_path(manager, step)
+    raise CorruptCheckpointError(
+        f"checkpoint {path} records that its moving average was selected but holds none; it "
+        f"is damaged: delete it (rm -r {path}) or restore it from a copy")
+  params = restored[EMA] if ema else restored["params"] if "params" in restored else restored
+  return SelectedParams(params=params, step=step,
+                        which=os.path.basename(os.fspath(manager.directory)), ema=ema,
+                        has_ema=EMA in restored)
+
+
+def load_params(workdir: str, which: str = BEST, fallback: bool = True) -> tuple[Any, int]:
+  """(params, step) of ``load_selected_params``: the selected parameters, replicated."""
+  selected = load_selected_params(workdir, which, fallback)
+  return selected.params, selected.step

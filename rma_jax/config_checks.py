@@ -74,6 +74,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
       lo.get("lambda_anchor_start", 0.0) > 0 and lo.lambda_anchor > 0):
     errors.append("loss.anchor_schedule_epochs > 0 needs loss.lambda_anchor_start > 0 and "
                   "loss.lambda_anchor > 0 (the decay is geometric)")
+  for name in ("gamma_pos", "gamma_neg"):
+    value = lo.get(name, 0.0)
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+      errors.append(f"loss.{name}={value!r} must be a finite number >= 0 (ASL: gamma_pos 0, "
+                    "gamma_neg 4)")
+  if not (_is_number(lo.get("clip", 0.0)) and 0 <= lo.get("clip", 0.0) < 1):
+    errors.append(f"loss.clip={lo.clip!r} must be in [0, 1) (the probability margin of the "
+                  "negatives; ASL: 0.05)")
+  ema_decay = o.get("ema_decay", 0.0)
+  if not (_is_number(ema_decay) and 0 <= ema_decay < 1):
+    errors.append(f"optim.ema_decay={ema_decay!r} must be in [0, 1) (0 = off; ASL: 0.9997)")
+  warmup = o.get("ema_warmup_steps", 0)
+  if not (_is_number(warmup) and math.isfinite(warmup) and warmup >= 0):
+    errors.append(f"optim.ema_warmup_steps={warmup!r} must be a number >= 0 (0 = off)")
   for field in ("loss", "stage1"):  # stage 1 trains with its own loss (run.stage1_config)
     if config[field].classification not in losses.CLASSIFICATION_LOSSES:
       errors.append(f"{field}.classification={config[field].classification!r}: one of "
@@ -140,8 +154,8 @@ def _eval_errors(e: ml_collections.ConfigDict) -> list[str]:
   out = []
   if e.ap_mode not in metrics.AP_MODES:
     out.append(f"eval.ap_mode={e.ap_mode!r}: one of {metrics.AP_MODES}")
-  if e.score_transform not in metrics.SCORE_TRANSFORMS:
-    out.append(f"eval.score_transform={e.score_transform!r}: one of "
+  if e.score_transform != "auto" and e.score_transform not in metrics.SCORE_TRANSFORMS:
+    out.append(f"eval.score_transform={e.score_transform!r}: 'auto' or one of "
                f"{metrics.SCORE_TRANSFORMS}")
   prf = e.get("prf_score_transform", "auto")
   if prf != "auto" and prf not in metrics.SCORE_TRANSFORMS:
@@ -152,6 +166,10 @@ def _eval_errors(e: ml_collections.ConfigDict) -> list[str]:
   if not (isinstance(e.threshold, (int, float)) and math.isfinite(e.threshold)):
     out.append(f"eval.threshold={e.threshold!r} must be a finite number")
   return out
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_sources(config: ml_collections.ConfigDict, sources: Any) -> None:

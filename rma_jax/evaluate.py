@@ -2,10 +2,11 @@
 a split, the optional SVM head (``rma_jax.svm``), attention recall and the pointing game
 (``rma_jax.regions``), and the report (``rma_jax.report``).
 
-``evaluate_and_report`` restores a run's best checkpoint, scores the test split once per
-protocol (one jitted function per input size), computes every metric of ``rma_jax.metrics``
-and writes ``WORKDIR/report/``: ``report.json``, ``report.md`` and ``scores.npz`` (the raw
-per-image scores of every protocol, with the images' ids).
+``evaluate_and_report`` restores a run's best checkpoint (its selected parameters,
+``checkpointing.load_selected_params``: the moving average where it won the validation),
+scores the test split once per protocol (one jitted function per input size), computes every
+metric of ``rma_jax.metrics`` and writes ``WORKDIR/report/``: ``report.json``, ``report.md``
+and ``scores.npz`` (the raw per-image scores of every protocol, with the images' ids).
 
 Nothing here imports TensorFlow.
 """
@@ -25,8 +26,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from rma_jax import (build, checkpointing, config_checks, context, kernels, metrics, models,
-                     parallel, paths, regions, report, steps, svm, views)
+from rma_jax import (build, checkpointing, config_checks, context, kernels, losses, metrics,
+                     models, parallel, paths, regions, report, steps, svm, views)
 from rma_jax import data as data_lib
 from rma_jax import workdir as workdir_lib
 
@@ -167,20 +168,25 @@ def validation_fn(model: Any, config: ml_collections.ConfigDict, mesh: Mesh
           f"validation pass over {source.name}: 0 of {len(source)} images scored "
           f"({int(keep.sum())} read, none with a label the loss counts); no checkpoint can be "
           f"chosen on it. {source.skipped.summary()}")
-    s = metrics.score_transform(np.concatenate(scores)[keep], config.eval.score_transform)
+    s = metrics.score_transform(np.concatenate(scores)[keep], ap_transform(config))
     y = np.concatenate(labels)[keep]
     return {"loss": total / weight,
             "mAP": float(metrics.mean_average_precision(s, y, mode="all"))}
   return validate
 
 
+def ap_transform(config: Any) -> str:
+  """The transform of the scores before AP (``config.eval.score_transform``); 'auto': the
+  one that reads the run's loss's scores as probabilities, softmax after the
+  softmax-Euclidean loss, sigmoid after sigmoid_bce and asl (``losses.score_transforms``)."""
+  return losses.score_transforms(config.loss.classification, config.eval.score_transform)[0]
+
+
 def prf_transform(config: Any) -> str:
   """The scale CP…OF1 are thresholded on (``config.eval.prf_score_transform``); 'auto':
-  ``softmax_max`` after the softmax-Euclidean loss, ``sigmoid`` after sigmoid_bce."""
-  kind = config.eval.get("prf_score_transform", "auto")
-  if kind != "auto":
-    return kind
-  return "sigmoid" if config.loss.classification == "sigmoid_bce" else "softmax_max"
+  ``softmax_max`` after the softmax-Euclidean loss, ``sigmoid`` after sigmoid_bce and asl."""
+  return losses.score_transforms(config.loss.classification,
+                                 prf=config.eval.get("prf_score_transform", "auto"))[1]
 
 
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, difficult: np.ndarray | None, *,
@@ -244,8 +250,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   """Evaluates a run's checkpoint on a split and writes WORKDIR/report/.
 
   Protocols (each with every metric of ``rma_jax.metrics``; scores after
-  ``config.eval.score_transform``; AP in ``config.eval.ap_mode`` with the other variant
-  reported too; VOC difficult pairs ignored):
+  ``config.eval.score_transform``, 'auto' resolved by ``ap_transform``; AP in
+  ``config.eval.ap_mode`` with the other variant reported too; VOC difficult pairs ignored):
 
   * ``single_view@S``: the whole image resized to S = N - 64 for each scale N;
   * ``ten_view@N`` (if ``config.eval.ten_view``): ten views of the N x N image;
@@ -276,7 +282,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   """
   ev = config.eval
   workdir_lib.check_architecture(config, workdir, "evaluate")
-  params, step = checkpointing.load_params(workdir, which)
+  selected = checkpointing.load_selected_params(workdir, which)
+  params, step = selected.params, selected.step
   ctx = ctx if ctx is not None else context.open_run(config, [workdir], check=False)
   sources, mesh = ctx.sources, ctx.mesh
   source = getattr(sources, split)
@@ -288,8 +295,9 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   want_features = bool(ev.get("svm", False))
   common = dict(batch_size=ev.batch_size, mesh=mesh, num_workers=config.data.num_workers,
                 prefetch=config.data.prefetch, stop=stop)
-  logging.info("Evaluating %s checkpoint (step %d) of %s on %s (%d images)", which, step,
-               workdir, split, len(source))
+  logging.info("Evaluating %s checkpoint (step %d%s) of %s on %s (%d images)", which, step,
+               ", the moving average of its parameters" if selected.ema else "", workdir,
+               split, len(source))
 
   passes: dict[str, dict[str, np.ndarray]] = {}
   scales = config_checks.eval_scales(config, model.stride)
@@ -318,12 +326,16 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
 
   metric_args = dict(ap_mode=ev.ap_mode, k=(ev.top_k if ev.top_k else None),
                      threshold=ev.threshold)
+  transform = ap_transform(config)
   results: dict[str, Any] = {
       "workdir": paths.absolute(workdir), "checkpoint": which, "step": int(step),
+      # Whether the parameters evaluated are the moving average (it won the validation).
+      "ema": selected.ema, "has_ema": selected.has_ema,
       "split": split, "data": config.data.name, "model": config.model.name,
+      "classification_loss": config.loss.classification,
       "architecture": workdir_lib.architecture(config),
       "class_names": class_names, "num_images": int(first["labels"].shape[0]),
-      "score_transform": ev.score_transform, "prf_score_transform": prf_transform(config),
+      "score_transform": transform, "prf_score_transform": prf_transform(config),
       "ap_mode": ev.ap_mode, "top_k": ev.top_k,
       "threshold": ev.threshold, "protocols": {},
   }
@@ -333,7 +345,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
                                           if not p]
   for name, p in passes.items():
     results["protocols"][name] = compute_metrics(
-        p["scores"], p["labels"], p["difficult"], transform=ev.score_transform,
+        p["scores"], p["labels"], p["difficult"], transform=transform,
         prf=prf_transform(config), **metric_args)
 
   if want_features:

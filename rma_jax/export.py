@@ -3,7 +3,8 @@ r"""``--mode=export``: a trained run as files another program serves (docs/expor
     python -m rma_jax.main --config=configs/demo.py --workdir=/tmp/rma_demo --mode=export \
         [--formats=stablehlo,onnx] [--out=DIR] [--overwrite]
 
-From the run's best checkpoint (the one ``--mode=evaluate`` scores; ``trained.load_run``), in
+From the run's best checkpoint (the one ``--mode=evaluate`` scores, with the parameters its
+validation selected: the moving average where it won; ``trained.load_run``), in
 ``DIR`` (default ``WORKDIR/export``):
 
 * ``single_view.stablehlo``, ``ten_view.stablehlo``: ``jax.export`` artifacts of
@@ -203,7 +204,7 @@ def export_run(run: trained.TrainedRun, out_dir: str, *,
       "format_version": FORMAT_VERSION,
       "rma_jax_version": rma_jax.__version__, "jax_version": jax.__version__,
       "workdir": paths_lib.absolute(run.workdir) if run.workdir else None,
-      "checkpoint_step": run.step, "model": config.model.name,
+      "checkpoint_step": run.step, "ema": run.ema, "model": config.model.name,
       "trunk": config.model.get("trunk", "vgg16"),
       "class_names": list(run.class_names),
       "inputs": {view: {"name": "images", "shape": ["batch", _size(run, view), _size(run, view), 3],

@@ -14,10 +14,13 @@ the inputs' ``score_transform`` is applied to the mean, exactly as ``eval.scales
 scales of one checkpoint (which stays the option for one model at several input sizes).
 
 Every input must have scored the same images (the same ids; the order may differ) with
-the same classes and the same metric settings. ``OUT/report/`` gets ``report.json`` and
-``report.md`` (the fused row beside each input's row, recomputed from its scores, and the
-paper's Table 6 numbers, 91.9 for two scales on VOC 2007) and ``scores.npz`` (the fused
-scores, under the protocol name ``fused``, so a fused folder can itself be an input).
+the same classes and the same metric settings. Each input's scores are those of the
+parameters its evaluation selected (``checkpointing.load_selected_params``: the moving average
+of the parameters where it won the validation); the report says which for each.
+``OUT/report/`` gets ``report.json`` and ``report.md`` (the fused row beside each input's
+row, recomputed from its scores, and the paper's Table 6 numbers, 91.9 for two scales on VOC
+2007) and ``scores.npz`` (the fused scores, under the protocol name ``fused``, so a fused
+folder can itself be an input).
 Nothing here imports TensorFlow.
 
 Refused with a ``FuseError`` (a ``UserError``: one line, exit status 2 on the command line),
@@ -45,7 +48,7 @@ import numpy as np
 
 from rma_jax import errors, evaluate, paper, paths, report
 from rma_jax.data.classes import paper_dataset
-from rma_jax.metric_card import metric_card
+from rma_jax.metric_card import metric_card, parameters_text
 
 FUSED = "fused"
 # Metric settings every input must share (recorded by rma_jax.metrics for each protocol).
@@ -307,7 +310,8 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
       "split": first.results.get("split"), "class_names": first.results.get("class_names"),
       "num_images": int(first.labels.shape[0]),
       "inputs": [{"workdir": paths.absolute(r.workdir), "protocol": r.protocol,
-                  "checkpoint": r.results.get("checkpoint"), "step": r.results.get("step")}
+                  "checkpoint": r.results.get("checkpoint"), "step": r.results.get("step"),
+                  "ema": bool(r.results.get("ema"))}
                  for r in runs],
       **settings,
       "paper_table6_two_scales_ten_crop": dict(published),  # %, the paper's fused number
@@ -332,7 +336,9 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
       notes=[f"fusion of {len(runs)} separately trained runs (paper §5.1): the mean of their "
              "raw scores of " + ", ".join(f"{r.protocol} ({r.workdir})" for r in runs) +
              ", then score_transform; each input's row is recomputed from its scores.npz",
-             "the same images in every input, matched by id"])
+             "the same images in every input, matched by id",
+             "parameters scored, as each input's evaluation selected them: " + "; ".join(
+                 f"{r.workdir}: {_parameters(r)}" for r in runs)])
   report.write_report(results, report_dir, class_names=results["class_names"],
                       dataset_name=first.dataset, card=card,
                       method_name=f"Fusion of {len(runs)} runs",
@@ -341,6 +347,12 @@ def fuse_workdirs(workdirs: Sequence[str], out_dir: str) -> dict[str, Any]:
   logging.info("fused %d runs (%s): mAP %.4f (%s), report in %s", len(runs),
                ", ".join(r.workdir for r in runs), h["mAP"], settings["ap_mode"], report_dir)
   return results
+
+
+def _parameters(run: Evaluated) -> str:
+  """Which parameters an input's evaluation scored (its report.json's ``ema``)."""
+  return parameters_text(bool(run.results.get("ema")), bool(run.results.get("has_ema")),
+                         str(run.results.get("checkpoint")))
 
 
 def _fusion_section(runs: Sequence[Evaluated], protocols: dict[str, Any], dataset: str,
@@ -356,8 +368,9 @@ def _fusion_section(runs: Sequence[Evaluated], protocols: dict[str, Any], datase
             f"| {pct(m['CF1'])} | {pct(m['OF1'])} |")
 
   for r in runs:
+    ema = ", EMA" if r.results.get("ema") else ""
     lines.append(row(r.workdir, r.protocol,
-                     f"{r.results.get('checkpoint')} (step {r.results.get('step')})",
+                     f"{r.results.get('checkpoint')} (step {r.results.get('step')}{ema})",
                      protocols[f"{r.workdir}:{r.protocol}"]))
   lines.append(row("**fused**", "mean of the raw scores above", "", protocols[FUSED]))
   column = "coco2014" if paper_dataset(dataset) == "coco2014" else "voc2007"

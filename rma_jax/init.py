@@ -15,8 +15,11 @@
    (``init_trunk_from_pretrained``).
 4. **From scratch**: the model's own initialisation (He or Dirac trunk, Xavier elsewhere).
 
-In 2-4 every layer not named keeps its fresh (Xavier) initialisation, and the optimizer
-state starts empty. The surgery functions are pure functions on parameter trees.
+In 2-4 every layer not named keeps its fresh (Xavier) initialisation, the optimizer state
+starts empty and the moving average of the parameters (``optim.ema_decay > 0``) starts at
+them; a resume from a checkpoint without an average starts it at the restored parameters
+(``checkpointing.restore_newest``). The surgery functions are pure functions on parameter
+trees.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from rma_jax import checkpointing, errors, models, parallel, steps
+from rma_jax import checkpointing, errors, models, optimizer, parallel, steps
 from rma_jax import workdir as workdir_lib
 from rma_jax.weights import WeightsMismatchError, load_pretrained
 
@@ -70,6 +73,8 @@ def initial_state(config: ml_collections.ConfigDict, state: steps.TrainState,
   params = jax.device_put(params, parallel.replicated(mesh))
   state = state.replace(params=params, opt_state=jax.jit(
       tx.init, out_shardings=parallel.replicated(mesh))(params))
+  if state.ema_params is not None:  # the average starts at the initial parameters
+    state = state.replace(ema_params=optimizer.copy_tree(params))
   logging.info("Initialised %s", note)
   return state, False
 
@@ -87,12 +92,13 @@ def initial_params(config: ml_collections.ConfigDict, params: Any) -> tuple[Any,
     if init.pretrained:
       params = _from_imagenet(config, params)
       note = f", after ImageNet weights {init.pretrained} (fc6 -> W_fx)"
-    stage1, step = checkpointing.load_params(init.from_checkpoint)
+    stage1 = checkpointing.load_selected_params(init.from_checkpoint)
     if config.model.name == "rma":
-      params = init_rma_from_baseline(params, stage1)
+      params = init_rma_from_baseline(params, stage1.params)
     else:
-      params = init_trunk_from_pretrained(params, stage1, width=config.model.width)
-    note = f"trunk from stage-1 checkpoint {init.from_checkpoint} (step {step}){note}"
+      params = init_trunk_from_pretrained(params, stage1.params, width=config.model.width)
+    note = (f"trunk from stage-1 checkpoint {init.from_checkpoint} (step {stage1.step}"
+            f"{', its moving average' if stage1.ema else ''}){note}")
   elif init.pretrained:
     params = _from_imagenet(config, params)
     note = f"trunk from ImageNet weights {init.pretrained}"
@@ -108,7 +114,7 @@ def _from_imagenet(config: ml_collections.ConfigDict, params: Any) -> Any:
 
 
 def _nonfinite_reason(state: steps.TrainState) -> str | None:
-  n = int(jax.jit(steps.count_nonfinite)((state.params, state.opt_state)))
+  n = int(jax.jit(steps.count_nonfinite)(steps.saved_arrays(state)))
   return f"it holds {n} non-finite values" if n else None
 
 

@@ -1,4 +1,5 @@
-"""The paper's losses (Eq. 7–14, docs/design.md §2) and the sigmoid cross-entropy of today's baselines.
+"""The paper's losses (Eq. 7–14, docs/design.md §2), the sigmoid cross-entropy of today's
+baselines and the asymmetric loss of ASL (Ridnik et al., ICCV 2021).
 
 Conventions: ``scores`` (B, C) are raw (pre-softmax) scores; ``labels`` (B, C) are {0, 1};
 ``theta`` (B, K, 4) are the transforms ``(sx, sy, tx, ty)`` of regions 1..K (the model's
@@ -8,7 +9,7 @@ Anchor ``j`` (0-based) of ``anchor_points(K)`` is the anchor of region ``j + 2``
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,29 @@ def anchor_points(num_regions: int) -> np.ndarray:
   return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=-1).astype(np.float32)
 
 
-CLASSIFICATION_LOSSES = ("softmax_euclidean", "sigmoid_bce")
+CLASSIFICATION_LOSSES = ("softmax_euclidean", "sigmoid_bce", "asl")
+
+LOSS_SCORE_TRANSFORM = {"softmax_euclidean": "softmax", "sigmoid_bce": "sigmoid",
+                        "asl": "sigmoid"}
+"""The transform that reads each classification loss's raw scores as probabilities: what
+``eval.score_transform='auto'`` applies (``score_transforms``)."""
+
+
+def score_transforms(classification: str, ap: str = "auto", prf: str = "auto"
+                     ) -> tuple[str, str]:
+  """The score transforms before AP and before CP…OF1's threshold, 'auto' resolved.
+
+  ``ap`` 'auto': ``LOSS_SCORE_TRANSFORM[classification]`` (softmax after the softmax-Euclidean
+  loss, sigmoid after the per-class losses). ``prf`` 'auto': ``softmax_max`` where the loss
+  is read with a softmax (``metrics.score_transform`` says why), else that same transform.
+  Any other value is kept.
+  """
+  loss_transform = LOSS_SCORE_TRANSFORM[classification]
+  if ap == "auto":
+    ap = loss_transform
+  if prf == "auto":
+    prf = "softmax_max" if loss_transform == "softmax" else loss_transform
+  return ap, prf
 
 
 def _float(x: jax.Array) -> jax.Array:
@@ -79,6 +102,46 @@ def _sigmoid_cross_entropy_per_image(scores: jax.Array, labels: jax.Array) -> ja
   return jnp.sum(per_class, axis=-1)
 
 
+def _power(base: jax.Array, exponent: jax.Array) -> jax.Array:
+  """``base ** exponent`` for base >= 0, with 0 ** 0 = 1 and a finite gradient at base 0
+  (where the plain power's is 0 * inf for a fractional exponent)."""
+  positive = base > 0
+  safe = jnp.where(positive, base, 1.0)
+  return jnp.where(positive, safe ** exponent, jnp.where(exponent == 0, 1.0, 0.0))
+
+
+def _asymmetric_per_image(scores: jax.Array, labels: jax.Array, *, gamma_pos: float = 0.0,
+                          gamma_neg: float = 4.0, clip: float = 0.05,
+                          asl_detach_focus: bool = True) -> jax.Array:
+  s = _float(scores)
+  y = labels.astype(s.dtype)
+  p = jax.nn.sigmoid(s)
+  p_m = jnp.maximum(p - clip, 0.0)  # the shifted probability of the negatives
+  # log(1 - p_m) = min(log(sigmoid(-s) + m), 0), as a log-sum-exp: exact for m = 0 too, and
+  # finite with a finite gradient wherever sigmoid(-s) underflows.
+  log_not_pm = jnp.minimum(jnp.logaddexp(jax.nn.log_sigmoid(-s), jnp.log(clip)), 0.0)
+  focus_pos = _power(jax.nn.sigmoid(-s), gamma_pos)  # (1 - p)^gamma+
+  focus_neg = _power(p_m, gamma_neg)
+  if asl_detach_focus:  # ASL's disable_torch_grad_focal_loss=True
+    focus_pos, focus_neg = jax.lax.stop_gradient(focus_pos), jax.lax.stop_gradient(focus_neg)
+  per_class = y * focus_pos * jax.nn.log_sigmoid(s) + (1 - y) * focus_neg * log_not_pm
+  return -jnp.sum(per_class, axis=-1)
+
+
+ASL_FIELDS = ("gamma_pos", "gamma_neg", "clip", "asl_detach_focus")
+"""The settings of the asymmetric loss (``asymmetric_loss``), fields of ``config.loss``."""
+
+
+def _classification_per_image(scores: jax.Array, labels: jax.Array, classification: str,
+                              **asl: Any) -> jax.Array:
+  """(B,) classification loss of each image, summed over classes (not yet averaged)."""
+  if classification == "softmax_euclidean":
+    return _softmax_euclidean_per_image(scores, labels)
+  if classification == "sigmoid_bce":
+    return _sigmoid_cross_entropy_per_image(scores, labels)
+  return _asymmetric_per_image(scores, labels, **asl)
+
+
 def loss_weights(labels: jax.Array, mask: jax.Array | None = None,
                  classification: str = "softmax_euclidean") -> dict[str, jax.Array]:
   """The per-image weights of the two batch means in Eq. 14.
@@ -86,11 +149,12 @@ def loss_weights(labels: jax.Array, mask: jax.Array | None = None,
   Args:
     labels: (B, C) multi-hot.
     mask: optional (B,) weights; padding examples get 0.
-    classification: 'softmax_euclidean' (Eq. 8) or 'sigmoid_bce'.
+    classification: 'softmax_euclidean' (Eq. 8), 'sigmoid_bce' or 'asl'.
 
   Returns:
     ``cls`` (B,): the weights of the classification mean; for 'softmax_euclidean' images
-    without a positive label get 0 (their normalised label vector is undefined).
+    without a positive label get 0 (their normalised label vector is undefined); the
+    per-class losses count them (all negatives).
     ``loc`` (B,): the weights of the localisation mean (every real image).
   """
   if classification not in CLASSIFICATION_LOSSES:
@@ -128,6 +192,39 @@ def sigmoid_cross_entropy_loss(scores: jax.Array, labels: jax.Array,
   """
   return _masked_mean(_sigmoid_cross_entropy_per_image(scores, labels),
                       _batch_mask(mask, scores.shape[0]))
+
+
+def asymmetric_loss(scores: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
+                    gamma_pos: float = 0.0, gamma_neg: float = 4.0, clip: float = 0.05,
+                    asl_detach_focus: bool = True) -> jax.Array:
+  """The asymmetric loss of ASL (Ridnik et al., ICCV 2021, Eq. 5 with the margin of Eq. 4).
+
+  With ``p = sigmoid(s)`` and the shifted probability ``p_m = max(p - clip, 0)``, per class
+  ``L+ = -(1 - p)^gamma_pos log(p)`` on positives and ``L- = -p_m^gamma_neg log(1 - p_m)``
+  on negatives: the focusing weights and the margin shrink the many easy negatives' share
+  (a negative with ``p <= clip`` adds nothing). Summed over classes, mean over (masked)
+  images, as ``sigmoid_cross_entropy_loss`` (ASL's code sums over the batch too; the logs
+  here are exact, without its 1e-8 clamp). ``gamma_pos = gamma_neg = clip = 0`` is the
+  sigmoid cross-entropy.
+
+  Args:
+    scores: (B, C) raw scores.
+    labels: (B, C) multi-hot {0, 1}.
+    mask: optional (B,) weights; padding examples get 0.
+    gamma_pos, gamma_neg: the focusing exponents (>= 0; ASL: 0 and 4).
+    clip: the probability margin m of the negatives, in [0, 1) (ASL: 0.05).
+    asl_detach_focus: the focusing weights are constants of the gradient, as ASL trains
+      (``disable_torch_grad_focal_loss=True``); False differentiates them too (the formula's
+      own gradient).
+
+  Every setting but ``asl_detach_focus`` may be a traced scalar.
+
+  Returns:
+    Scalar loss; label-less images count (all negatives).
+  """
+  per_image = _asymmetric_per_image(scores, labels, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
+                                    clip=clip, asl_detach_focus=asl_detach_focus)
+  return _masked_mean(per_image, _batch_mask(mask, scores.shape[0]))
 
 
 def localization_terms(theta: jax.Array, *, alpha: float = 0.5, beta: float = 0.1,
@@ -207,7 +304,7 @@ def total_loss(scores: jax.Array, labels: jax.Array, theta: jax.Array | None = N
                mask: jax.Array | None = None,
                denominators: Mapping[str, jax.Array] | None = None,
                return_terms: bool = False,
-               **localization_kwargs) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+               **kwargs) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
   """``L = L_cls + gamma L_loc`` (Eq. 14): the loss the train step differentiates.
 
   Args:
@@ -215,8 +312,8 @@ def total_loss(scores: jax.Array, labels: jax.Array, theta: jax.Array | None = N
     labels: (B, C) multi-hot.
     theta: (B, K, 4) transforms of regions 1..K, or None (no localisation term, e.g. for
       the baseline).
-    classification: 'softmax_euclidean' (Eq. 7–8, ``classification_loss``) or
-      'sigmoid_bce' (``sigmoid_cross_entropy_loss``).
+    classification: 'softmax_euclidean' (Eq. 7–8, ``classification_loss``),
+      'sigmoid_bce' (``sigmoid_cross_entropy_loss``) or 'asl' (``asymmetric_loss``).
     gamma: weight of the localisation loss.
     mask: optional (B,) example weights.
     denominators: ``{'cls': ..., 'loc': ...}``, the totals the two means divide by; default
@@ -225,7 +322,8 @@ def total_loss(scores: jax.Array, labels: jax.Array, theta: jax.Array | None = N
       exactly to the larger batch's, whatever the number of label-less images in each.
     return_terms: also return ``{'loss', 'cls_loss', 'loc_loss'}`` (each with the same
       denominators, so the terms of micro-batches add up too).
-    **localization_kwargs: passed to ``localization_loss`` (alpha, beta, lambdas, use_*).
+    **kwargs: the settings of the asymmetric loss (``ASL_FIELDS``, used by 'asl') and of
+      ``localization_loss`` (alpha, beta, lambdas, use_*).
 
   Returns:
     The scalar loss, or (loss, terms) with ``return_terms``.
@@ -233,12 +331,12 @@ def total_loss(scores: jax.Array, labels: jax.Array, theta: jax.Array | None = N
   weights = loss_weights(labels, mask, classification)
   if denominators is None:
     denominators = {k: jnp.sum(w) for k, w in weights.items()}
-  per_image = (_softmax_euclidean_per_image if classification == "softmax_euclidean"
-               else _sigmoid_cross_entropy_per_image)(scores, labels)
+  asl = {k: kwargs.pop(k) for k in ASL_FIELDS if k in kwargs}
+  per_image = _classification_per_image(scores, labels, classification, **asl)
   cls = _masked_mean(per_image, weights["cls"], denominators["cls"])
   loc = jnp.zeros((), cls.dtype)
   if theta is not None:
-    loc = _masked_mean(_localization_per_image(theta, **localization_kwargs), weights["loc"],
+    loc = _masked_mean(_localization_per_image(theta, **kwargs), weights["loc"],
                        denominators["loc"])
   loss = cls + gamma * loc
   if return_terms:

@@ -4,7 +4,9 @@ Multi-label codebases compute "mAP", "CF1" and friends in subtly different ways 
 VOC difficult labels, images without labels, top-k and threshold, F1 of means or mean of
 F1s), so every report states its protocol: ``metric_card`` (any numbers),
 ``metric_card_from_config`` (a run's), ``evaluation_card`` (what ``evaluate_and_report``
-computed, with notes on each protocol).
+computed, with notes on each protocol). A run's card also names its classification loss
+(``loss_text``) and, after an evaluation, which parameters were scored (``parameters_text``:
+the moving average of the parameters where it won the validation).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import ml_collections
+
+from rma_jax import losses
 
 _AP_TEXT = {
     "voc07": ("VOC 2007 devkit 11-point interpolated AP (VOCevalcls.m: mean over "
@@ -29,6 +33,7 @@ def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None =
                 views: str = "ten-view", scales: Sequence[int] = (512,),
                 num_images: int | None = None,
                 num_images_without_labels: int | None = None,
+                classification_loss: str | None = None, parameters: str | None = None,
                 notes: Sequence[str] = ()) -> dict[str, Any]:
   """The protocol behind a set of numbers, as a JSON-ready dict.
 
@@ -45,6 +50,9 @@ def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None =
     views: ``single-view`` or ``ten-view`` (4 corner + centre crops of conv5_3, flipped).
     scales: the input sizes N whose scores were averaged.
     num_images: images scored; num_images_without_labels: of those, with no positive label.
+    classification_loss: the loss the scores were trained with (``loss_text``), if known.
+    parameters: which parameters of the checkpoint were scored (``parameters_text``), if
+      known.
     notes: free-text lines appended to the card.
 
   Returns:
@@ -65,6 +73,8 @@ def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None =
       images_scored += "; none of them is without labels"
   selection = (f"top-{top_k} scores of each image that are >= {threshold}" if top_k
                else f"every score >= {threshold}")
+  model = {k: v for k, v in (("classification_loss", classification_loss),
+                             ("parameters", parameters)) if v is not None}
   return {
       "dataset": dataset,
       "ap_mode": ap_mode,
@@ -86,16 +96,50 @@ def metric_card(*, dataset: str, ap_mode: str = "voc07", difficult: str | None =
       "prf_score_transform": prf_score_transform or score_transform,
       "views": views,
       "scales": [int(s) for s in scales],
+      **model,
       "notes": [str(n) for n in notes],
   }
+
+
+def loss_text(loss: Any) -> str:
+  """The classification loss of ``config.loss``, with its settings, in words."""
+  kind = loss.classification
+  if kind == "asl":
+    focus = "detached from the gradient" if loss.get("asl_detach_focus", True) else (
+        "differentiated")
+    settings = ", ".join(f"{k}={loss.get(k, d)}" for k, d in (("gamma_pos", 0.0),
+                                                               ("gamma_neg", 4.0),
+                                                               ("clip", 0.05)))
+    return (f"asl: the asymmetric loss (ASL, Ridnik et al., ICCV 2021) on the category-wise "
+            f"max-pooled scores, {settings} (clip: the probability margin of the negatives), "
+            f"focusing weights {focus}")
+  return {"softmax_euclidean": "softmax_euclidean: softmax and squared Euclidean distance to "
+                               "the normalised label vector (the paper's Eq. 7-8)",
+          "sigmoid_bce": "sigmoid_bce: per-class sigmoid cross-entropy"}.get(kind, kind)
+
+
+def parameters_text(ema: bool, has_ema: bool, checkpoint: str) -> str:
+  """Which parameters of a checkpoint were scored (``checkpointing.SelectedParams``)."""
+  if ema:
+    return ("the exponential moving average (EMA) of the parameters, selected over the plain "
+            "parameters by its lower validation loss")
+  if has_ema and checkpoint == "best":
+    return ("the plain parameters, selected over their exponential moving average (EMA) by "
+            "the lower validation loss")
+  if has_ema:
+    return f"the plain parameters (the {checkpoint} checkpoint: no validation selected)"
+  return "the trained parameters (no moving average kept: optim.ema_decay = 0)"
 
 
 def metric_card_from_config(config: Any, **overrides: Any) -> dict[str, Any]:
   """``metric_card`` filled from a run config (``config.data.name`` and ``config.eval``)."""
   e = config.eval
+  ap, prf = losses.score_transforms(config.loss.classification, e.score_transform,
+                                    e.get("prf_score_transform", "auto"))
   kw = dict(dataset=config.data.name, ap_mode=e.ap_mode, top_k=e.top_k or None,
-            threshold=e.threshold, score_transform=e.score_transform,
-            views="ten-view" if e.ten_view else "single-view", scales=tuple(e.scales))
+            threshold=e.threshold, score_transform=ap, prf_score_transform=prf,
+            views="ten-view" if e.ten_view else "single-view", scales=tuple(e.scales),
+            classification_loss=loss_text(config.loss))
   kw.update(overrides)
   return metric_card(**kw)
 
@@ -163,6 +207,8 @@ def evaluation_card(results: dict[str, Any], config: ml_collections.ConfigDict,
   svm_scores_text = "none (SVM decision values)"
   return metric_card_from_config(
       config, views="ten-view" if ten else "single-view", scales=tuple(used),
+      parameters=parameters_text(bool(results.get("ema")), bool(results.get("has_ema")),
+                                 str(results["checkpoint"])),
       num_images=h.get("num_images"),
       num_images_without_labels=h.get("num_images_without_labels"),
       score_transform=svm_scores_text if headline == "svm" else h["score_transform"],

@@ -1,4 +1,5 @@
-"""The learning-rate and anchor-weight schedules, and the optimizer (Adam, paper §5.1).
+"""The learning-rate and anchor-weight schedules, the optimizer (Adam, paper §5.1) and the
+exponential moving average of the parameters.
 
 Every step count here is in optimizer steps (one global batch each, whatever
 ``optim.grad_accum_steps``: gradient accumulation happens inside the train step).
@@ -10,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -126,3 +128,26 @@ def applied_learning_rate(opt_state: Any) -> jax.Array:
   """The learning rate of the latest update (the trunk's is ``trunk_lr_multiplier`` times
   it), read from the state of ``make_optimizer``'s optimizer."""
   return opt_state.hyperparams["learning_rate"]
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup_steps: float = 0.0) -> jax.Array:
+  """The decay of the moving average's update that makes optimizer step ``step`` (1 for the
+  first update): ``decay`` (ASL's ``ModelEma``), or with ``warmup_steps`` > 0 the warm-up of
+  YOLOv5's ``ModelEMA``, ``decay * (1 - exp(-step / warmup_steps))``, so that the first
+  updates follow the fast early changes instead of averaging them with the initialisation."""
+  if warmup_steps <= 0:
+    return jnp.asarray(decay, jnp.float32)
+  return decay * (1.0 - jnp.exp(-jnp.asarray(step, jnp.float32) / warmup_steps))
+
+
+def update_ema(ema: Any, params: Any, decay: jax.Array) -> Any:
+  """``decay * ema + (1 - decay) * params``, leaf by leaf (in the leaves' dtype): the moving
+  average after an update of the parameters. (``optax.ema`` averages updates, not
+  parameters.)"""
+  return optax.incremental_update(params, ema, 1.0 - decay)
+
+
+def copy_tree(tree: Any) -> Any:
+  """A copy of every array of ``tree``: a moving average that starts at the parameters must
+  not share their buffers (the train step donates both)."""
+  return jax.tree.map(jnp.copy, tree)

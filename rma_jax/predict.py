@@ -36,7 +36,8 @@ import numpy as np
 from PIL import Image
 
 from rma_jax import paths as paths_lib
-from rma_jax import build, context, kernels, metrics, regions, trained, views, visualize
+from rma_jax import (build, context, evaluate, kernels, metrics, regions, trained, views,
+                     visualize)
 from rma_jax.data import decode, preprocess
 
 _DRAW_MAX_SIDE = 1024  # pictures of larger images are drawn on a downscaled copy
@@ -156,8 +157,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
 
   Args:
     config: the run's config (model, data.name for the class names, data.crop_size,
-      data.pixel_convention, data.max_pixels, eval.score_transform/top_k/threshold).
-    workdir: the run whose ``which`` checkpoint is loaded (ignored if ``params`` is given).
+      data.pixel_convention, data.max_pixels, eval.score_transform/top_k/threshold,
+      loss.classification for eval.score_transform='auto').
+    workdir: the run whose ``which`` checkpoint is loaded (ignored if ``params`` is given):
+      its selected parameters (``checkpointing.load_selected_params``; the moving average
+      where it won the validation).
     inputs: image files and/or folders.
     out_dir: receives ``predictions.json`` and one PNG per image.
     which: 'best' or 'latest'.
@@ -166,7 +170,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
     params: use these parameters instead of loading a checkpoint (tests, notebooks).
 
   Returns:
-    the dict written to ``predictions.json``: ``images`` (one entry per image read:
+    the dict written to ``predictions.json``: ``checkpoint_step`` and ``ema`` (whether the
+    parameters are the moving average), ``images`` (one entry per image read:
     ``file``, ``width``, ``height``, ``scores`` {class: score after score_transform},
     ``raw_scores``, ``top`` [[class, score], ...], ``predicted`` (top-k with score >=
     threshold), RMA only: ``label_regions`` {class: step of the region that gave its score}
@@ -181,16 +186,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   else:
     names = context.trained_class_names(config, workdir)
     loaded = trained.TrainedRun(config, build.build_model(config, len(names)), params, names)
-  model, params, names, step = loaded.model, loaded.params, loaded.class_names, loaded.step
+  model, params, names = loaded.model, loaded.params, loaded.class_names
+  step, ema = loaded.step, loaded.ema
   size = config.data.crop_size
   batch_size = batch_size or config.eval.batch_size
   top_k = top_k or config.eval.get("top_k") or 3
-  transform = config.eval.score_transform
+  transform = evaluate.ap_transform(config)
   max_pixels = config.data.get("max_pixels") or None
 
   paths_lib.path(out_dir).mkdir(parents=True, exist_ok=True)  # local or gs://
   result: dict[str, Any] = {
       "workdir": paths_lib.absolute(workdir) if workdir else None, "checkpoint_step": step,
+      "ema": ema,
       "model": config.model.name, "class_names": list(names), "score_transform": transform,
       "input_size": size, "images": [], "skipped": []}
   fn = views.make_scores_fn(model, crop_size=None)

@@ -4,7 +4,8 @@
 single axis ``data`` spans every device of every host: the batch is sharded along it,
 parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce
 because the loss is a mean over the global batch. ``LossConfig`` holds the loss settings
-the steps need. Nothing here imports TensorFlow.
+the steps need; ``TrainState`` holds, where ``optim.ema_decay > 0``, the exponential moving
+average of the parameters too, updated by the step. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ import optax
 
 from rma_jax import losses, optimizer, parallel
 
-TrainState = train_state.TrainState
+
+class TrainState(train_state.TrainState):
+  """flax's train state (step, params, opt_state) and ``ema_params``: the exponential moving
+  average of the parameters (``optimizer.update_ema``), a tree like ``params``, or None when
+  ``optim.ema_decay`` is 0 (then the state, and its checkpoints, are flax's own)."""
+  ema_params: Any = None
 
 
 @struct.dataclass
@@ -47,6 +53,11 @@ class LossConfig:
   use_scale: bool = True
   use_positive: bool = True
   min_scale: float = 0.0
+  # The asymmetric loss (classification='asl', losses.asymmetric_loss).
+  gamma_pos: float = 0.0
+  gamma_neg: float = 4.0
+  clip: float = 0.05
+  asl_detach_focus: bool = struct.field(pytree_node=False, default=True)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
@@ -84,7 +95,8 @@ class LossConfig:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: tuple[int, ...], mesh: Mesh | None = None) -> TrainState:
+                       image_shape: tuple[int, ...], mesh: Mesh | None = None,
+                       ema: bool = False) -> TrainState:
   """Initialises parameters and optimizer state, born replicated over ``mesh``.
 
   Args:
@@ -93,15 +105,23 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
     rng: a typed PRNG key.
     image_shape: (H, W, 3) of a training image.
     mesh: device mesh; default all devices on one ``data`` axis.
+    ema: keep the moving average of the parameters (``ema_params``, starting at them).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
 
   def init(key):
     params = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             ema_params=optimizer.copy_tree(params) if ema else None)
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
 
+
+
+def saved_arrays(state: TrainState) -> tuple[Any, Any, Any]:
+  """The state's floating-point trees a checkpoint must hold finite: parameters, optimizer
+  state, moving average (None when off)."""
+  return state.params, state.opt_state, state.ema_params
 
 
 def count_nonfinite(tree: Any) -> jax.Array:
@@ -121,8 +141,10 @@ def _micro_batches(x: jax.Array, num: int) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossConfig,
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a (global) batch.
+               grad_accum_steps: int = 1, ema_decay: float = 0.0,
+               ema_warmup_steps: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a (global) batch, then the moving average of the parameters
+  (where the state keeps one: ``optimizer.update_ema`` with ``optimizer.ema_decay_at``).
 
   With ``grad_accum_steps`` = n > 1 the batch is split into n micro-batches that run one
   after the other (``lax.scan``: activations of one micro-batch at a time) and their
@@ -135,12 +157,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
     batch: ``image`` uint8 (B, h, w, 3), ``labels`` (B, C), ``mask`` (B,) (sharded on B).
     loss_cfg: the loss settings (their numbers may be traced).
     grad_accum_steps: n, micro-batches per step (static; B / n a multiple of the devices).
+    ema_decay, ema_warmup_steps: ``optim.ema_decay`` and ``optim.ema_warmup_steps``
+      (static); used where ``state.ema_params`` is not None.
 
   Returns:
     The new state and scalar metrics: the loss terms of the whole batch, gradient and
     parameter norms, ``learning_rate`` (the rate this update applied), ``nonfinite`` (1 if
     the loss was not finite) and ``nonfinite_state`` (the number of non-finite values in the
-    new parameters and optimizer state).
+    new parameters, optimizer state and moving average).
   """
   labels = batch["labels"]
   mask = batch.get("mask")
@@ -169,11 +193,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
     (grads, terms), _ = jax.lax.scan(accumulate, zeros, micro)
     loss = terms["loss"]
   state = state.apply_gradients(grads=grads)
+  if state.ema_params is not None:  # state.step is now this update's number (1 for the first)
+    decay = optimizer.ema_decay_at(state.step, ema_decay, ema_warmup_steps)
+    state = state.replace(ema_params=optimizer.update_ema(state.ema_params, state.params, decay))
   metrics = dict(terms, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(state.params),
                  learning_rate=optimizer.applied_learning_rate(state.opt_state),
                  nonfinite=(~jnp.isfinite(loss)).astype(jnp.float32),
-                 nonfinite_state=count_nonfinite((state.params, state.opt_state)))
+                 nonfinite_state=count_nonfinite(saved_arrays(state)))
   return state, metrics
 
 
@@ -218,12 +245,14 @@ class JittedTrainStep:
     return self.jitted.lower(*self._args(state, batch, loss))
 
 
-def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1
-                   ) -> JittedTrainStep:
+def jit_train_step(loss_cfg: LossConfig, mesh: Mesh, grad_accum_steps: int = 1,
+                   ema_decay: float = 0.0, ema_warmup_steps: float = 0.0) -> JittedTrainStep:
   """``train_step`` jitted over ``mesh``: batch sharded on ``data``, state replicated and
   donated (updated in place), loss settings ``loss_cfg`` unless a call gives others."""
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  jitted = jax.jit(functools.partial(train_step, grad_accum_steps=max(1, grad_accum_steps)),
+  jitted = jax.jit(functools.partial(train_step, grad_accum_steps=max(1, grad_accum_steps),
+                                     ema_decay=float(ema_decay),
+                                     ema_warmup_steps=float(ema_warmup_steps)),
                    in_shardings=(replicated, sharded, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   return JittedTrainStep(jitted, loss_cfg)

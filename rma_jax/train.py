@@ -3,8 +3,10 @@
 ``train_stage`` builds the model and optimizer, starts from the state
 ``rma_jax.init.initial_state`` chooses (resume, stage-1 checkpoint, ImageNet weights or
 scratch), then steps: metrics every ``log_every_steps``, a validation pass every
-``eval_every_epochs`` (the best checkpoint by validation loss, paper §5.1), the latest
-checkpoint every ``checkpoint_every_steps``. The steps themselves are ``rma_jax.steps``,
+``eval_every_epochs`` (the best checkpoint by validation loss, paper §5.1; with
+``optim.ema_decay > 0`` the plain parameters and their moving average are both validated and
+the lower loss wins, ``select_on_validation``), the latest checkpoint every
+``checkpoint_every_steps``. The steps themselves are ``rma_jax.steps``,
 the validation pass ``rma_jax.evaluate.validation_fn``; ``train`` is one stage on its own,
 and both stages of the paper's recipe and the final evaluation are ``rma_jax.run``.
 
@@ -37,8 +39,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data and trains (``train_stage``).
 
   Returns:
-    {'step', 'best_val_loss', 'best_step', 'start_step'} (the step it started or resumed
-    from).
+    {'step', 'best_val_loss', 'best_step', 'best_ema', 'start_step'}: ``best_ema`` whether
+    the best checkpoint's selected parameters are the moving average; ``start_step`` the step
+    it started or resumed from.
   """
   config_checks.validate_config(config)
   with workdir_lib.hold(workdir), preemption.StopSignals() as stop:
@@ -76,7 +79,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
   tx = optimizer.make_optimizer(o, schedule)
   crop = config.data.crop_size
   state = steps.create_train_state(model, tx, jax.random.key(config.seed), (crop, crop, 3),
-                                   mesh)
+                                   mesh, ema=o.ema_decay > 0)
   latest = checkpointing.latest_manager(workdir, config.max_to_keep)
   best = checkpointing.best_manager(workdir)
   # A fresh initialisation's scale: what a checkpoint a NaN advice names is compared with.
@@ -96,7 +99,8 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
 
   loss_cfg = steps.LossConfig.from_config(config)
   anchor_weight = optimizer.anchor_weight_schedule(config.loss, plan.steps_per_epoch)
-  step_fn = steps.jit_train_step(loss_cfg, mesh, o.grad_accum_steps)
+  step_fn = steps.jit_train_step(loss_cfg, mesh, o.grad_accum_steps, o.ema_decay,
+                                 o.ema_warmup_steps)
   validate = evaluate.validation_fn(model, config, mesh)
   sharding = parallel.batch_sharding(mesh)
   batches = data_lib.device_put_batches(
@@ -157,16 +161,22 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
         flush_metrics(step)
         clock.step_done(step)
         started = time.monotonic()
-        val = validate(state.params, sources.val)
+        sel = select_on_validation(validate, state, sources.val)
+        val, ema_val = sel["plain"], sel["ema"]
         writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
-        improved = val["loss"] < best_val
+        if ema_val is not None:
+          writer.write_scalars(step, {f"val_ema/{k}": v for k, v in ema_val.items()})
+        improved = sel["val_loss"] < best_val
         if improved:
-          best_val = val["loss"]
-          checkpointing.save(best, step, state, {"val_loss": val["loss"]})
+          best_val = sel["val_loss"]
+          checkpointing.save(best, step, state, sel["record"])
         seconds = time.monotonic() - started
         clock.validation_done(seconds, len(sources.val))
-        logging.info("step %d: val loss %.5f, val mAP %.4f%s (%s)", step, val["loss"],
-                     val["mAP"], ", the best so far" if improved else "",
+        ema_words = "" if ema_val is None else (
+            f" (EMA: val loss {ema_val['loss']:.5f}, val mAP {ema_val['mAP']:.4f}; "
+            f"{'the EMA' if sel['ema_won'] else 'the plain parameters'} selected)")
+        logging.info("step %d: val loss %.5f, val mAP %.4f%s%s (%s)", step, val["loss"],
+                     val["mAP"], ", the best so far" if improved else "", ema_words,
                      console.duration(seconds))
       if step % config.checkpoint_every_steps == 0 or step == plan.total_steps:
         flush_metrics(step)
@@ -183,8 +193,10 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
                            f"{latest.directory}", workdir)
     checkpointing.wait(latest, best)
     clock.stage_done()
-    result = {"step": step, "best_val_loss": best_val, "best_step": best.best_step(),
-              "start_step": start_step}
+    best_step = best.best_step()
+    record = (best.metrics(best_step) or {}) if best_step is not None else {}
+    result = {"step": step, "best_val_loss": best_val, "best_step": best_step,
+              "best_ema": bool(record.get("ema", False)), "start_step": start_step}
     # close() waits for the asynchronous saves on every host, so that no host leaves while
     # another still waits for it at a checkpoint barrier.
     latest.close()
@@ -192,6 +204,28 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
   finally:  # what was logged reaches the event files (on a bucket: is uploaded)
     writer.close()
   return result
+
+
+def select_on_validation(validate: Any, state: steps.TrainState, source: Any
+                         ) -> dict[str, Any]:
+  """One validation of a run: the plain parameters and, where the state keeps one, their
+  moving average, each scored by ``validate(params, source) -> {'loss', 'mAP', ...}``
+  (``evaluate.validation_fn``). The run's selection criterion, the lower validation loss
+  (the paper's, §5.1; docs/training.md), picks one; the plain parameters on a tie.
+
+  Returns:
+    ``plain`` and ``ema`` (None without an average): the two validations; ``ema_won``;
+    ``val_loss``: the selected one's loss; ``record``: the best checkpoint's metrics
+    (``val_loss``, and with an average ``ema``, ``val_loss_plain``, ``val_loss_ema``).
+  """
+  plain = validate(state.params, source)
+  ema = None if state.ema_params is None else validate(state.ema_params, source)
+  won = ema is not None and ema["loss"] < plain["loss"]
+  loss = ema["loss"] if won else plain["loss"]
+  record = {"val_loss": loss}
+  if ema is not None:
+    record.update(ema=won, val_loss_plain=plain["loss"], val_loss_ema=ema["loss"])
+  return {"plain": plain, "ema": ema, "ema_won": won, "val_loss": loss, "record": record}
 
 
 class NonFiniteError(errors.UserError, FloatingPointError):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rma_jax import build, checkpointing, context, errors, metrics, ops, views
+from rma_jax import build, checkpointing, context, errors, evaluate, metrics, ops, views
 from rma_jax import workdir as workdir_lib
 from rma_jax.data import preprocess
 
@@ -77,10 +77,12 @@ class TrainedRun:
   Attributes:
     config: the run's config (the one recorded in its workdir unless one was given).
     model: the model the checkpoint holds (``build.build_model``).
-    params: its parameters (the best checkpoint's unless asked otherwise).
+    params: its parameters (the best checkpoint's selected ones unless asked otherwise).
     class_names: the C class names in the model's order.
     step: the checkpoint's step (None for parameters handed in).
     workdir: the workdir it was loaded from (None for parameters handed in).
+    ema: whether ``params`` is the moving average of the parameters (the run's validation
+      chose it; ``checkpointing.load_selected_params``).
   """
   config: ml_collections.ConfigDict
   model: nn.Module
@@ -88,6 +90,7 @@ class TrainedRun:
   class_names: tuple[str, ...]
   step: int | None = None
   workdir: str | None = None
+  ema: bool = False
 
   @property
   def input_size(self) -> int:
@@ -101,8 +104,9 @@ class TrainedRun:
 
   @property
   def score_transform(self) -> str:
-    """The transform from raw scores to the report's probabilities."""
-    return str(self.config.eval.score_transform)
+    """The transform from raw scores to the report's probabilities (``eval.score_transform``,
+    'auto' resolved from the run's loss: ``evaluate.ap_transform``)."""
+    return evaluate.ap_transform(self.config)
 
   def preprocess(self, image: np.ndarray, ten_view: bool = False) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (S, S, 3) uint8, resized as evaluation resizes (bilinear,
@@ -155,7 +159,8 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     config = ml_collections.ConfigDict(recorded)
   else:
     workdir_lib.check_architecture(config, workdir, purpose)
-  params, step = checkpointing.load_params(workdir, which, fallback)
+  selected = checkpointing.load_selected_params(workdir, which, fallback)
   names = context.trained_class_names(config, workdir)
-  return TrainedRun(config=config, model=build.build_model(config, len(names)), params=params,
-                    class_names=names, step=step, workdir=workdir)
+  return TrainedRun(config=config, model=build.build_model(config, len(names)),
+                    params=selected.params, class_names=names, step=selected.step,
+                    workdir=workdir, ema=selected.ema)

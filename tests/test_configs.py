@@ -148,6 +148,13 @@ def test_paper_settings_in_voc_and_coco():
     ("eval.prf_score_transform", "max", "eval.prf_score_transform='max'"),
     ("eval.top_k", -1, r"eval.top_k=-1 must be an integer >= 0"),
     ("eval.threshold", float("nan"), "eval.threshold=nan must be a finite"),
+    # The moving average and the asymmetric loss:
+    ("optim.ema_decay", 1.0, r"optim.ema_decay=1.0 must be in \[0, 1\)"),
+    ("optim.ema_decay", -0.5, r"optim.ema_decay=-0.5 must be in \[0, 1\)"),
+    ("optim.ema_warmup_steps", -1, r"optim.ema_warmup_steps=-1 must be a number >= 0"),
+    ("loss.gamma_neg", -4.0, r"loss.gamma_neg=-4.0 must be a finite number >= 0"),
+    ("loss.gamma_pos", float("inf"), r"loss.gamma_pos=inf must be a finite number >= 0"),
+    ("loss.clip", 1.0, r"loss.clip=1.0 must be in \[0, 1\)"),
 ])
 def test_invalid_values_are_clear_errors(field, value, message):
   config = _module("voc").get_config()

@@ -26,7 +26,7 @@ import sklearn.datasets
 from sklearn.datasets import load_sample_image
 
 import rma_jax
-from rma_jax import build, export, trained, visualize
+from rma_jax import build, checkpointing, export, trained, visualize
 from rma_jax.configs import demo as demo_config
 from rma_jax.data import demo
 import hidden  # tests/hidden.py
@@ -77,6 +77,8 @@ def test_stablehlo_artifact_equals_the_model_at_two_batch_sizes(exported):
   run = rma_jax.load_run(wd)  # the config the workdir recorded
   assert manifest["class_names"] == list(run.class_names)
   assert manifest["checkpoint_step"] == run.step == 4  # the best checkpoint (validated at 4)
+  # The parameters its validation selected (the moving average where it won).
+  assert manifest["ema"] == run.ema == checkpointing.load_selected_params(wd).ema
   for name, entry in manifest["files"].items():
     with open(os.path.join(out, name), "rb") as f:
       assert hashlib.sha256(f.read()).hexdigest() == entry["sha256"], name

@@ -110,3 +110,76 @@ def test_sigmoid_cross_entropy_matches_formula():
   y = jnp.asarray([[1.0, 0.0]])
   want = -math.log(1 / (1 + math.exp(-2))) - math.log(1 - 1 / (1 + math.exp(1)))
   np.testing.assert_allclose(float(losses.sigmoid_cross_entropy_loss(s, y)), want, rtol=1e-5)
+
+
+def _asl_by_the_paper(s, y, gamma_pos, gamma_neg, m, detach):
+  """ASL (Ridnik et al., ICCV 2021) as the paper writes it: p = sigmoid(s), the shifted
+  probability p_m = max(p - m, 0) (Eq. 4), L+ = (1 - p)^gamma+ log(p) and
+  L- = p_m^gamma- log(1 - p_m) (Eq. 5), L = -sum_c (y L+ + (1 - y) L-), mean over images; the
+  focusing weights held constant where ``detach`` (ASL's disable_torch_grad_focal_loss)."""
+  p = 1.0 / (1.0 + jnp.exp(-s))
+  p_m = jnp.maximum(p - m, 0.0)
+  w_pos, w_neg = (1.0 - p) ** gamma_pos, p_m ** gamma_neg
+  if detach:
+    w_pos, w_neg = jax.lax.stop_gradient(w_pos), jax.lax.stop_gradient(w_neg)
+  per_class = y * w_pos * jnp.log(p) + (1.0 - y) * w_neg * jnp.log(1.0 - p_m)
+  return -jnp.mean(jnp.sum(per_class, axis=-1))
+
+
+ASL_SETTINGS = ((0.0, 4.0, 0.05), (1.0, 2.5, 0.2))  # (gamma+, gamma-, m): ASL's, and others
+
+
+def test_asymmetric_loss_and_its_gradient_are_the_papers_formula():
+  """Value and gradient, with the focusing weights detached (as ASL trains) and
+  differentiated, equal the paper's formula written out, in float64 to 1e-6, for ASL's
+  settings and others; row 0 has no positive label, row 1 only positives, and two negatives
+  fall under either margin (p <= m: no loss, no gradient)."""
+  rng = np.random.default_rng(0)
+  scores = 3.0 * rng.normal(size=(6, 7))
+  scores[2, :3] = (-4.0, -3.5, 8.0)  # p = 0.018, 0.029 (under either margin), 0.9997
+  labels = (rng.random((6, 7)) < 0.4).astype(np.float64)
+  labels[0], labels[1], labels[2, :3] = 0.0, 1.0, 0.0
+  cases = [(g_pos, g_neg, m, detach) for g_pos, g_neg, m in ASL_SETTINGS
+           for detach in (True, False)]
+
+  @jax.jit
+  def both(s, y):  # one compilation for every case
+    out = []
+    for g_pos, g_neg, m, detach in cases:
+      settings = dict(gamma_pos=g_pos, gamma_neg=g_neg, clip=m, asl_detach_focus=detach)
+      out.append((jax.value_and_grad(lambda s: losses.asymmetric_loss(s, y, **settings))(s),
+                  jax.value_and_grad(
+                      lambda s: _asl_by_the_paper(s, y, g_pos, g_neg, m, detach))(s),
+                  losses.total_loss(s, y, classification="asl", **settings)))
+    return out
+
+  with jax.enable_x64(True):
+    results = both(jnp.asarray(scores, jnp.float64), jnp.asarray(labels, jnp.float64))
+  for case, ((value, grad), (want, want_grad), total) in zip(cases, results):
+    assert value.dtype == jnp.float64
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6, atol=0, err_msg=case)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-6, atol=1e-12,
+                               err_msg=str(case))
+    np.testing.assert_allclose(float(total), float(want), rtol=1e-6, err_msg=case)
+    assert float(grad[2, 0]) == 0.0 and float(grad[2, 1]) == 0.0, case
+  # Detaching changes the gradient, not the value.
+  for detached, differentiated in (results[0:2], results[2:4]):
+    assert float(detached[0][0]) == pytest.approx(float(differentiated[0][0]), rel=1e-12)
+    assert np.abs(np.asarray(detached[0][1]) - np.asarray(differentiated[0][1])).max() > 1e-3
+
+
+def test_asymmetric_loss_without_focus_or_margin_is_the_sigmoid_cross_entropy():
+  s = jnp.asarray([[2.0, -1.0, 30.0], [-40.0, 0.5, 0.0]])
+  y = jnp.asarray([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+
+  @jax.jit
+  def check(s):
+    plain = losses.asymmetric_loss(s, y, gamma_pos=0.0, gamma_neg=0.0, clip=0.0)
+    # Finite in float32, also where a sigmoid underflows and under a fractional exponent.
+    grad = jax.grad(lambda s: losses.asymmetric_loss(
+        s, y, gamma_pos=0.5, gamma_neg=0.5, asl_detach_focus=False))(s)
+    return plain, losses.sigmoid_cross_entropy_loss(s, y), grad
+
+  plain, bce, grad = check(s)
+  np.testing.assert_allclose(float(plain), float(bce), rtol=1e-6)
+  assert np.all(np.isfinite(np.asarray(grad)))

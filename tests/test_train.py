@@ -77,10 +77,11 @@ def _finite_everywhere(workdir, step):
              if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
-# Without gradient clipping (which scales an overflowing gradient to zero) a resume of the
-# finished run can blow up (test_nonfinite_state_is_never_checkpointed); every resume of it
-# passes the same flag (clipping on or off changes the optimizer state's structure).
-NO_CLIP = "--config.optim.grad_clip_norm=0"
+# The finished run's own flags, which every resume of it passes too (they change the state's
+# structure). Without gradient clipping (which scales an overflowing gradient to zero) a
+# resume of it can blow up (test_nonfinite_state_is_never_checkpointed). It keeps a moving
+# average of its parameters, so the exact-restart tests check the average too.
+SHARED_FLAGS = ("--config.optim.grad_clip_norm=0", "--config.optim.ema_decay=0.5")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def finished_run(shared_once):
   as a log file would (not a terminal): ``result.stderr`` is that file's text."""
   def build(root):
     with open(root / "stderr.txt", "w") as err:
-      result = subprocess.run(_cmd(str(root / "run"), "--config.max_steps=4", NO_CLIP),
+      result = subprocess.run(_cmd(str(root / "run"), "--config.max_steps=4", *SHARED_FLAGS),
                               cwd=ROOT, env=_ENV, stdout=subprocess.PIPE, stderr=err,
                               text=True, timeout=600)
     stderr = (root / "stderr.txt").read_text()
@@ -231,13 +232,25 @@ def test_main_job_resumes_and_writes_checkpoints_and_events(finished_run, tmp_pa
   wd = _copy(finished_run, tmp_path)
   assert _steps(wd) == [2, 4]
   latest = checkpointing.latest_manager(wd)
+  # Format 2: the run keeps a moving average of its parameters (SHARED_FLAGS).
   assert [checkpointing.checkpoint_format(latest, s) for s in (2, 4)] == [
-      checkpointing.FORMAT] * 2 == [1, 1]
+      checkpointing.FORMAT] * 2 == [2, 2]
+  # The best checkpoint records which of the two validated the better (the lower loss), and
+  # the report evaluated that one and says so.
+  best = checkpointing.best_manager(wd)
+  record = best.metrics(best.best_step())
+  assert record["ema"] == (record["val_loss_ema"] < record["val_loss_plain"])
+  assert record["val_loss"] == min(record["val_loss_ema"], record["val_loss_plain"])
+  report = json.load(open(os.path.join(wd, "report", "report.json")))
+  assert report["results"]["ema"] == record["ema"] and report["results"]["has_ema"]
+  assert ("moving average" in report["metric_card"]["parameters"]) and (
+      report["metric_card"]["parameters"].startswith(
+          "the exponential" if record["ema"] else "the plain"))
   assert glob.glob(os.path.join(wd, "events.out.tfevents.*"))
   assert os.path.exists(os.path.join(wd, "report", "report.json"))
   with open(os.path.join(wd, "config.json")) as f:
     first_record = f.read()
-  second = _main(wd, "--config.max_steps=8", NO_CLIP, timeout=600)
+  second = _main(wd, "--config.max_steps=8", *SHARED_FLAGS, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resumed from" in second.stderr and "at step 4" in second.stderr
   assert "Initialised" not in second.stderr  # no re-initialisation
@@ -250,6 +263,29 @@ def test_main_job_resumes_and_writes_checkpoints_and_events(finished_run, tmp_pa
   assert [h["resumed_from_step"] for h in history] == [None, 4]
   assert history[1]["changed"] == {"max_steps": [4, 8]}
   assert history[1]["config"]["max_steps"] == 8
+
+
+@pytest.mark.slow
+def test_the_moving_average_and_the_asymmetric_loss_through_the_cli(tmp_path):
+  """--config.optim.ema_decay=0.999 --config.loss.classification=asl trains the tiny demo
+  with both: each validation scores the parameters and their moving average, the report's
+  metric card names the loss and which parameters it scored, and the scores are read with
+  the sigmoid (eval.score_transform='auto')."""
+  wd = str(tmp_path / "run")
+  result = _main(wd, "--config.optim.ema_decay=0.999", "--config.loss.classification=asl",
+                 timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r"step 4: val loss [\d.]+, val mAP [\d.]+, the best so far \(EMA: val "
+                   r"loss [\d.]+, val mAP [\d.]+; the (EMA|plain parameters) selected\)",
+                   result.stderr), result.stderr[-3000:]
+  payload = json.load(open(os.path.join(wd, "report", "report.json")))
+  card = payload["metric_card"]
+  assert card["classification_loss"].startswith("asl: the asymmetric loss (ASL"), card
+  assert "gamma_pos=0.0, gamma_neg=4.0, clip=0.05" in card["classification_loss"]
+  assert "exponential moving average (EMA)" in card["parameters"], card
+  assert card["score_transform"] == card["prf_score_transform"] == "sigmoid"
+  md = open(os.path.join(wd, "report", "report.md")).read()
+  assert "- **classification_loss**: asl: " in md and "- **parameters**: the " in md
 
 
 @pytest.mark.slow
@@ -295,7 +331,7 @@ def test_nonfinite_state_is_never_checkpointed(finished_run, tmp_path):
   finite (a huge loss weight: the squared gradients overflow in Adam's second moment): the
   run stops before saving that state and names the newest checkpoint, which is finite."""
   wd = _copy(finished_run, tmp_path)
-  result = _main(wd, "--config.max_steps=8", "--config.loss.gamma=1e30", NO_CLIP,
+  result = _main(wd, "--config.max_steps=8", "--config.loss.gamma=1e30", *SHARED_FLAGS,
                  "--config.checkpoint_every_steps=1", "--config.allow_config_change=True",
                  timeout=600)
   assert result.returncode != 0
@@ -321,7 +357,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_restores(finish
   shutil.copytree(os.path.join(latest_dir, "2"), os.path.join(latest_dir, "3"))
   os.remove(os.path.join(latest_dir, "3", "default", "_METADATA"))  # metadata missing
   os.mkdir(os.path.join(latest_dir, "5"))  # an empty step folder
-  result = _main(wd, "--config.max_steps=6", NO_CLIP, timeout=600)
+  result = _main(wd, "--config.max_steps=6", *SHARED_FLAGS, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "at step 2" in result.stderr
   unusable = os.path.join(wd, "checkpoints", "unusable")
@@ -689,6 +725,49 @@ def test_train_step_differentiates_losses_total_loss(monkeypatch):
   np.testing.assert_allclose(scaled["grad_norm"], 3 * plain["grad_norm"], rtol=1e-5)
 
 
+def _fixed_step(learning_rate):
+  """An optimizer that ignores the gradient and adds -learning_rate to every parameter: a run
+  whose gradient is fixed at 1 (under SGD with that rate)."""
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (
+          jax.tree.map(lambda u: jnp.full_like(u, -learning_rate), updates), state))
+
+
+def test_moving_average_after_n_steps_of_a_fixed_gradient_is_the_closed_form():
+  """The train step updates the moving average after each optimizer step: with p_k = p_0 - k
+  (a fixed update) and decay d it is p_0 - (n - d (1 - d^n) / (1 - d)) after n steps; with
+  the warm-up (w steps) the same recursion with d_k = d (1 - exp(-k / w)), here summed in
+  float64. The parameters themselves are those of the same run without an average."""
+  n, d, w = 5, 0.8, 3.0
+  loss_cfg = steps.LossConfig.from_config(tiny_config())
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model = _ScoresAndTheta()
+  batch = _uneven_batch()
+  tx = optax.inject_hyperparams(_fixed_step)(learning_rate=1.0)
+  for warmup in (0.0, w):
+    state = steps.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh, ema=True)
+    p0 = jax.device_get(state.params)
+    for e, init in zip(jax.tree.leaves(jax.device_get(state.ema_params)), jax.tree.leaves(p0)):
+      np.testing.assert_array_equal(e, init)  # the average starts at the parameters
+    step = steps.jit_train_step(loss_cfg, mesh, ema_decay=d, ema_warmup_steps=warmup)
+    for _ in range(n):
+      state, _ = step(state, batch)
+    if warmup == 0:
+      shift = n - d * (1 - d ** n) / (1 - d)
+    else:
+      shift = 0.0
+      for k in range(1, n + 1):
+        dk = d * (1 - np.exp(-k / warmup))
+        shift = dk * shift + (1 - dk) * k
+    for p, e, init in zip(jax.tree.leaves(jax.device_get(state.params)),
+                          jax.tree.leaves(jax.device_get(state.ema_params)),
+                          jax.tree.leaves(p0)):
+      np.testing.assert_allclose(p, init - n, rtol=1e-6, atol=1e-5)
+      np.testing.assert_allclose(e, init - shift, rtol=1e-6, atol=1e-5)
+  assert n - d * (1 - d ** n) / (1 - d) < shift < n  # the warm-up follows the parameters faster
+
+
 # --------------------------------------------------------------------------- checkpoint format
 
 FIXTURE_WORKDIR = os.path.join(ROOT, "tests", "fixtures", "workdir_dd9a62e")
@@ -868,7 +947,7 @@ def test_nan_advice_names_only_a_sane_checkpoint(finished_run, tmp_path):
   already diverged: the advice names the newest sane one (step 4, the finished run's) and
   says what was checked, never a blown-up one."""
   wd = _copy(finished_run, tmp_path)
-  result = _main(wd, "--config.max_steps=10", "--config.optim.learning_rate=1e6", NO_CLIP,
+  result = _main(wd, "--config.max_steps=10", "--config.optim.learning_rate=1e6", *SHARED_FLAGS,
                  "--config.checkpoint_every_steps=1", "--config.max_to_keep=10",
                  "--config.allow_config_change=True", timeout=600)
   assert result.returncode == 2, result.stderr[-3000:]
@@ -893,7 +972,7 @@ def test_a_deleted_manifest_is_named_in_one_line_without_tracebacks(finished_run
   wd = _copy(finished_run, tmp_path)
   latest_dir = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
   os.remove(os.path.join(latest_dir, "4", "default", "manifest.ocdbt"))
-  result = _main(wd, NO_CLIP, timeout=600)
+  result = _main(wd, *SHARED_FLAGS, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   said = [line for line in result.stderr.splitlines() if "latest/4" in line]
   assert len(said) == 1 and "is unusable (its OCDBT manifest default/manifest.ocdbt is " \
@@ -940,9 +1019,10 @@ def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run,
   """SIGTERM while training (checkpoints every 1,000 steps): the step in flight is saved, the
   run says where it stopped and exits 143 within 30 s; SIGINT during the final evaluation
   stops it before any report file is written (exit 130); the restart finishes both, and its
-  parameters, optimizer state and scores equal the uninterrupted run's bitwise."""
+  parameters, optimizer state, moving average of the parameters and scores equal the
+  uninterrupted run's bitwise."""
   wd = str(tmp_path / "run")
-  rc, stderr, seconds = _run_until(wd, r"\] Training 4 steps", signal.SIGTERM, NO_CLIP,
+  rc, stderr, seconds = _run_until(wd, r"\] Training 4 steps", signal.SIGTERM, *SHARED_FLAGS,
                                    "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
   assert rc == 143 and seconds < 30, stderr[-3000:]
   saved = checkpointing.latest_manager(wd).all_steps()
@@ -953,7 +1033,7 @@ def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run,
       f"command to continue in {wd} (exit status 143: requeue the job)")
   assert "Traceback" not in stderr
 
-  rc, stderr, seconds = _run_until(wd, r"Evaluating best checkpoint", signal.SIGINT, NO_CLIP,
+  rc, stderr, seconds = _run_until(wd, r"Evaluating best checkpoint", signal.SIGINT, *SHARED_FLAGS,
                                    "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
   assert rc == 130 and seconds < 30, stderr[-3000:]
   assert f"at step {saved[0]}" in stderr and "Traceback" not in stderr
@@ -961,11 +1041,11 @@ def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run,
   assert not os.path.exists(os.path.join(wd, "report"))
   reference = finished_run[0]
   ours, theirs = _arrays(wd, 4), _arrays(reference, 4)
-  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs) and checkpointing.EMA in ours
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_array_equal(a, b)
 
-  done = _main(wd, NO_CLIP, "--config.max_steps=4", "--config.checkpoint_every_steps=1000",
+  done = _main(wd, *SHARED_FLAGS, "--config.max_steps=4", "--config.checkpoint_every_steps=1000",
                timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   with np.load(os.path.join(wd, "report", "scores.npz")) as a, \
@@ -1013,7 +1093,7 @@ def test_a_full_disk_stops_the_run_in_one_message_and_the_restart_is_exact(
   disk.mkdir()
   mounts("-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk))
   wd = str(disk / "run")
-  args = (NO_CLIP, "--config.checkpoint_every_steps=1", "--config.max_to_keep=100")
+  args = (*SHARED_FLAGS, "--config.checkpoint_every_steps=1", "--config.max_to_keep=100")
   full = _main(wd, *args, timeout=300)
   assert full.returncode == 2, full.stderr[-3000:]
   tail = _stderr_after_training_started(full.stderr)
@@ -1081,7 +1161,7 @@ def test_a_second_sigterm_during_the_save_leaves_a_restorable_workdir(finished_r
   the save of the first had got to. The checkpoint is complete or absent, never partial, and
   the same command then finishes with the uninterrupted run's parameters."""
   wd = str(tmp_path / "run")
-  args = (NO_CLIP, "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
+  args = (*SHARED_FLAGS, "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
   proc = subprocess.Popen(_cmd(wd, *args), cwd=ROOT, env=_ENV, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   lines = []

@@ -1,5 +1,7 @@
-"""The workdir lock and config record (rma_jax.workdir) and the checkpoint fallback
-(checkpointing.restore_newest), in-process on tiny states; the CLI cases are in test_train."""
+"""The workdir lock and config record (rma_jax.workdir), the checkpoint fallback
+(checkpointing.restore_newest) and the moving average's checkpoints (restored with or without
+one, the best checkpoint's winner), in-process on tiny states; the CLI cases are in
+test_train."""
 
 import glob
 import json
@@ -15,7 +17,7 @@ import pytest
 from flax.training import train_state
 
 from rma_jax.configs import default
-from rma_jax import checkpointing
+from rma_jax import checkpointing, steps, train
 from rma_jax import workdir as workdir_lib
 
 # --------------------------------------------------------------------------- the lock
@@ -202,3 +204,71 @@ def test_restore_newest_into_another_model_is_a_mismatch_not_a_corruption(tmp_pa
   assert manager.all_steps() == [2]
   assert checkpointing.restore_newest(checkpointing.latest_manager(str(tmp_path / "none")),
                                       _state()) is None
+
+
+# --------------------------------------------------------------------------- the moving average
+
+
+def _with_ema(state, value):
+  """``state`` (flax's TrainState) as rma_jax's, keeping a moving average of ``value``."""
+  return steps.TrainState.create(apply_fn=None, params=state.params, tx=optax.adam(1e-3),
+                                 ema_params=jax.tree.map(lambda x: x * 0 + value,
+                                                         state.params)).replace(
+                                                             opt_state=state.opt_state)
+
+
+def test_a_checkpoint_without_a_moving_average_restores_with_one_started_at_its_parameters(
+    tmp_path):
+  """A step saved by flax's TrainState (before the average existed, format 1) restores into a
+  state that keeps one: parameters and optimizer state as saved, the average equal to the
+  parameters (in buffers of its own). A step with an average (format 2) restores it, and
+  into a state without one drops it."""
+  wd = str(tmp_path)
+  old = _state(2.0)
+  folder = _saved(wd, {2: old, 4: _with_ema(_state(4.0), 0.5)})
+  manager = checkpointing.latest_manager(wd, max_to_keep=5)
+  assert [checkpointing.checkpoint_format(manager, s) for s in (2, 4)] == [1, 2]
+  target = _with_ema(_state(), 0.0)
+  restored = checkpointing.restore(manager, target, step=2)
+  kernel = old.params["dense"]["kernel"]
+  np.testing.assert_array_equal(restored.params["dense"]["kernel"], kernel)
+  np.testing.assert_array_equal(restored.ema_params["dense"]["kernel"], kernel)
+  assert restored.ema_params["dense"]["kernel"] is not restored.params["dense"]["kernel"]
+  for a, b in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(old.opt_state)):
+    np.testing.assert_array_equal(a, b)
+  state, step = checkpointing.restore_newest(manager, target)
+  assert step == 4 and float(state.ema_params["dense"]["bias"][0]) == 0.5
+  plain, _ = checkpointing.restore_newest(manager, _state())
+  assert not hasattr(plain, "ema_params")
+  np.testing.assert_array_equal(plain.params["dense"]["kernel"],
+                                _state(4.0).params["dense"]["kernel"])
+  assert os.listdir(folder) and manager.all_steps() == [2, 4]
+
+
+def test_the_best_checkpoint_records_which_parameters_won_and_they_are_the_ones_loaded(
+    tmp_path):
+  """train.select_on_validation keeps the lower validation loss (the plain parameters on a
+  tie); the best checkpoint records it, and checkpointing.load_selected_params returns the
+  winner and says which."""
+  losses_by_value = {}
+  validate = lambda params, source: {"loss": losses_by_value[  # noqa: E731
+      float(params["dense"]["bias"][0])], "mAP": 0.5}
+  state = _with_ema(_state(0.0), 1.0)  # plain bias 0, average bias 1
+  for plain_loss, ema_loss, ema_wins in ((0.3, 0.2, True), (0.2, 0.3, False),
+                                         (0.2, 0.2, False)):
+    losses_by_value.update({0.0: plain_loss, 1.0: ema_loss})
+    sel = train.select_on_validation(validate, state, None)
+    assert sel["ema_won"] == ema_wins and sel["val_loss"] == min(plain_loss, ema_loss)
+    assert sel["record"] == {"val_loss": min(plain_loss, ema_loss), "ema": ema_wins,
+                             "val_loss_plain": plain_loss, "val_loss_ema": ema_loss}
+    wd = str(tmp_path / f"{plain_loss}_{ema_loss}")
+    best = checkpointing.best_manager(wd)
+    checkpointing.save(best, 3, state, sel["record"])
+    best.wait_until_finished()
+    selected = checkpointing.load_selected_params(wd)
+    assert (selected.step, selected.which, selected.ema, selected.has_ema) == (
+        3, "best", ema_wins, True)
+    assert float(selected.params["dense"]["bias"][0]) == (1.0 if ema_wins else 0.0)
+  # Without an average: the plain parameters, and a record as before.
+  no_ema = train.select_on_validation(validate, state.replace(ema_params=None), None)
+  assert no_ema["record"] == {"val_loss": 0.2} and no_ema["ema"] is None

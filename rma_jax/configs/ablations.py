@@ -31,6 +31,9 @@ Tables (keys of ``TABLES``):
   'regions': attempts to make the learned regions find the labelled objects, each one
      option of the paper's A+S+P, K = 5 model (default off), judged by the pointing game;
      single view at N.
+  'peers': the paper's A+S+P, K = 5 model, and with what ASL, ML-Decoder and Query2Label
+     train with: the moving average of the parameters (decay 0.9997), the asymmetric loss
+     (gamma+ 0, gamma- 4, m 0.05), both; ten views at N.
 
 Every row reports mAP, C-F1, O-F1, the pointing hit rate of the run's regions and of its
 chance control (``rma_jax.metrics.pointing_chance``), and the run's wall time.
@@ -66,6 +69,13 @@ _CONSTRAINTS = {  # name -> (use_anchor, use_scale, use_positive)
 }
 
 
+# ASL's settings (Ridnik et al., ICCV 2021; docs/training.md): its decay, and its loss with
+# gamma+ = 0, gamma- = 4, m = 0.05, focusing weights detached.
+_EMA = {"optim.ema_decay": 0.9997}
+_ASL = {"loss.classification": "asl", "loss.gamma_pos": 0.0, "loss.gamma_neg": 4.0,
+        "loss.clip": 0.05, "loss.asl_detach_focus": True}
+
+
 def _constraints(name: str) -> dict[str, Any]:
   a, s, p = _CONSTRAINTS[name]
   return {"loss.use_anchor": a, "loss.use_scale": s, "loss.use_positive": p}
@@ -84,18 +94,15 @@ RUNS: dict[str, dict[str, Any]] = {
     "rma_ASP_K1": {**_constraints("A+S+P"), "model.num_regions": 1},
     "rma_ASP_K3": {**_constraints("A+S+P"), "model.num_regions": 3},
     "rma_ASP_K9": {**_constraints("A+S+P"), "model.num_regions": 9},
-    # Scores of a sigmoid model are ranked per class with the sigmoid (a per-image softmax
-    # would mix the classes and change each class's ranking).
-    "baseline_softmax": {"model.name": "baseline", "loss.classification": "softmax_euclidean",
-                         "eval.score_transform": "softmax"},
-    "baseline_sigmoid": {"model.name": "baseline", "loss.classification": "sigmoid_bce",
-                         "eval.score_transform": "sigmoid"},
+    # Scores are transformed as the loss reads them (eval.score_transform='auto'): a sigmoid
+    # model's are ranked per class with the sigmoid (a per-image softmax would mix the classes
+    # and change each class's ranking).
+    "baseline_softmax": {"model.name": "baseline", "loss.classification": "softmax_euclidean"},
+    "baseline_sigmoid": {"model.name": "baseline", "loss.classification": "sigmoid_bce"},
     # The equal-budget baselines (BUDGET_RUNS): see run_config.
-    "baseline_sigmoid_budget": {"model.name": "baseline", "loss.classification": "sigmoid_bce",
-                                "eval.score_transform": "sigmoid"},
+    "baseline_sigmoid_budget": {"model.name": "baseline", "loss.classification": "sigmoid_bce"},
     "baseline_softmax_budget": {"model.name": "baseline",
-                                "loss.classification": "softmax_euclidean",
-                                "eval.score_transform": "softmax"},
+                                "loss.classification": "softmax_euclidean"},
     # Attempts to make the regions point at the objects (table 'regions'), each one option
     # on top of the paper's A+S+P, K = 5 model:
     # (a) lambda_anchor 1.0 in epoch 0, decaying geometrically to the paper's 0.01 at epoch 4;
@@ -111,6 +118,11 @@ RUNS: dict[str, dict[str, Any]] = {
                                "model.region_init": "anchors"},
     # (d) a larger sampled grid S: twice the base config's.
     "rma_ASP_K5_S2x": {**_constraints("A+S+P"), "model.num_regions": 5},
+    # What the strongest peers' training loops add (table 'peers'; ASL's settings): the
+    # moving average of the parameters, the asymmetric loss, both.
+    "rma_ASP_K5_ema": {**_constraints("A+S+P"), "model.num_regions": 5, **_EMA},
+    "rma_ASP_K5_asl": {**_constraints("A+S+P"), "model.num_regions": 5, **_ASL},
+    "rma_ASP_K5_ema_asl": {**_constraints("A+S+P"), "model.num_regions": 5, **_EMA, **_ASL},
 }
 
 STAGE1 = "stage1"
@@ -208,6 +220,10 @@ TABLES: dict[Any, list[Variant]] = {
                         SINGLE_N),
                 Variant("(d) S = {s2x} (twice the base S)", "rma_ASP_K5_S2x", SINGLE_N),
                 Variant("fixed regions (anchor boxes)", "fixed_anchors_K5", SINGLE_N)],
+    "peers": [Variant("the paper's recipe (softmax-Euclidean, no EMA)", "rma_ASP_K5", TEN_N),
+              Variant("+ EMA of the parameters (decay 0.9997)", "rma_ASP_K5_ema", TEN_N),
+              Variant("+ asymmetric loss (ASL)", "rma_ASP_K5_asl", TEN_N),
+              Variant("+ EMA + asymmetric loss", "rma_ASP_K5_ema_asl", TEN_N)],
 }
 
 # Which metrics each table shows: a protocol's metrics (mAP, CF1, OF1) or a run-level one:
@@ -220,7 +236,7 @@ REGION_METRICS = COMMON_METRICS[:5] + ("pointing_iou", "attention_recall", "wall
 TABLE_METRICS: dict[Any, tuple[str, ...]] = {
     3: REGION_METRICS, 4: COMMON_METRICS, 5: COMMON_METRICS, 6: COMMON_METRICS,
     "loss": COMMON_METRICS, "budget": COMMON_METRICS + ("wall_min_total",),
-    "K": REGION_METRICS, "regions": REGION_METRICS,
+    "K": REGION_METRICS, "regions": REGION_METRICS, "peers": COMMON_METRICS,
 }
 # Metrics whose per-seed values get their own column (the JSON has every metric per seed).
 PER_SEED_METRICS = ("mAP", "pointing")
@@ -237,18 +253,20 @@ TABLE_TITLES: dict[Any, str] = {
     "K": "Number of regions K (ten crops at N)",
     "regions": "Making the regions find the objects: the pointing game of each attempt "
                "(single crop at N)",
+    "peers": "What the strongest peers' training adds: the moving average of the parameters "
+             "and the asymmetric loss (ten crops at N)",
 }
 
 # The data set whose published numbers each table carries.
 TABLE_PAPER_DATASETS: dict[Any, tuple[str, ...]] = {
     3: ("voc2007",), 4: ("voc2007",), 5: ("coco2014",), 6: ("voc2007", "coco2014"),
-    "loss": (), "budget": (), "K": (), "regions": (),
+    "loss": (), "budget": (), "K": (), "regions": (), "peers": (),
 }
 
 
 def table_keys() -> list[Any]:
   """Every table key, in a fixed order (the cheap, shared runs first)."""
-  return [3, 4, 5, 6, "loss", "budget", "K", "regions"]
+  return [3, 4, 5, 6, "loss", "budget", "K", "regions", "peers"]
 
 
 def parse_table(value: str) -> list[Any]:
@@ -354,8 +372,6 @@ def run_config(base: ml_collections.ConfigDict, run: str, *, stage1_dir: str = "
       c = apply_overrides(c, RUNS[run])
     else:
       c = run_lib.stage1_config(base)
-      c.eval.score_transform = (
-          "sigmoid" if base.stage1.classification == "sigmoid_bce" else "softmax")
     return apply_overrides(c, all_protocols_overrides(base))
   c = apply_overrides(base, all_protocols_overrides(base))
   c = apply_overrides(c, RUNS[run])

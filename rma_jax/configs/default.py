@@ -76,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.baseline_pool = "avg"  # the baseline's global pooling: avg | max
   c.model.trunk_init = "he"  # from-scratch conv init: he | dirac (identity where C_in = C_out)
 
-  # Loss (docs/design.md §2). classification: softmax_euclidean (Eq. 7-8) | sigmoid_bce.
+  # Loss (docs/design.md §2). classification: softmax_euclidean (Eq. 7-8) | sigmoid_bce | asl
+  # (the asymmetric loss of ASL, docs/training.md).
   c.loss = ml_collections.ConfigDict()
   c.loss.classification = "softmax_euclidean"
   c.loss.gamma = 0.1
@@ -95,6 +96,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # lambda_anchor_start to lambda_anchor over the first anchor_schedule_epochs (0 = off).
   c.loss.anchor_schedule_epochs = 0
   c.loss.lambda_anchor_start = 1.0
+  # The asymmetric loss (classification='asl'; ASL's settings): the focusing exponents of the
+  # positives and negatives, the probability margin of the negatives, and whether the
+  # focusing weights are constants of the gradient (as ASL trains).
+  c.loss.gamma_pos = 0.0
+  c.loss.gamma_neg = 4.0
+  c.loss.clip = 0.05
+  c.loss.asl_detach_focus = True
 
   # Optimisation (docs/design.md §3): Adam, lr 1e-5 divided by 10 after 30 epochs, 45 epochs.
   c.optim = ml_collections.ConfigDict()
@@ -113,6 +121,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # and sums their gradients. Every step count here (schedule, warmup_steps, max_steps,
   # log_every_steps, checkpoint_every_steps) counts optimizer steps, not micro-batches.
   c.optim.grad_accum_steps = 1
+  # The exponential moving average of the parameters (0 = off; ASL: 0.9997), validated beside
+  # them: the lower validation loss is kept. ema_warmup_steps > 0: a warm-up of the decay,
+  # decay * (1 - exp(-step / ema_warmup_steps)) (YOLOv5's: 2000; ASL's average has none).
+  c.optim.ema_decay = 0.0
+  c.optim.ema_warmup_steps = 0
 
   # Initialisation. pretrained: an orbax checkpoint of ImageNet VGG-16 weights
   # (python -m rma_jax.pretrained). stage1: the paper's two-step recipe inside one command:
@@ -134,9 +147,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.ap_mode = "voc07"  # voc07 (11-point) | all
   c.eval.top_k = 3
   c.eval.threshold = 0.5
-  c.eval.score_transform = "softmax"  # softmax | sigmoid | none: applied before AP
+  # auto (softmax after softmax_euclidean, sigmoid after sigmoid_bce and asl) | softmax |
+  # sigmoid | none: applied before AP.
+  c.eval.score_transform = "auto"
   # CP…OF1 threshold scale: auto = softmax_max for the softmax-Euclidean loss (a label counts
-  # when it has >= threshold x the top label's probability), sigmoid for sigmoid_bce.
+  # when it has >= threshold x the top label's probability), sigmoid for sigmoid_bce and asl.
   c.eval.prf_score_transform = "auto"
   c.eval.svm = False
   c.eval.allow_small_val = False  # True: accept a validation split smaller than one eval batch

@@ -67,8 +67,8 @@ def _define_flags() -> None:
                       "WORKDIR/results.")
   flags.DEFINE_string("page", "", "A Markdown page (e.g. docs/ablations.md) whose generated "
                       "section is rewritten from the tables; with --check, the page checked.")
-  flags.DEFINE_string("table", "all", "3, 4, 5, 6, loss, budget, K, regions, a comma list, "
-                      "or all.")
+  flags.DEFINE_string("table", "all", "3, 4, 5, 6, loss, budget, K, regions, peers, a comma "
+                      "list, or all.")
   flags.DEFINE_integer("seeds", 3, "Number of seeds (first_seed, first_seed + 1, ...).")
   flags.DEFINE_integer("first_seed", 0, "The first seed.")
   flags.DEFINE_bool("share_stage1", False, "Train stage 1 once for all seeds (the seed "

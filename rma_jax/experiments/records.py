@@ -124,9 +124,9 @@ def run_record(*, run: str, seed: int, config: ml_collections.ConfigDict,
       "comparable": resumed == 0 and concurrent_trainings == 1,
       "concurrent_trainings": int(concurrent_trainings),
   }
-  keep = ("headline", "class_names", "num_images", "step", "checkpoint", "split", "data",
-          "model", "score_transform", "prf_score_transform", "ap_mode", "top_k", "threshold",
-          "svm")
+  keep = ("headline", "class_names", "num_images", "step", "checkpoint", "ema", "split", "data",
+          "model", "classification_loss", "score_transform", "prf_score_transform", "ap_mode",
+          "top_k", "threshold", "svm")
   rec: dict[str, Any] = {"format": RECORD_FORMAT, "status": "complete", "run": run,
                          "seed": int(seed), "kind": ablations.run_kind(run)}
   rec.update({k: results[k] for k in keep if k in results})
