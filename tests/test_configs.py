@@ -187,7 +187,7 @@ def test_help_exits_0_with_the_modes_and_every_config_field():
 
   out = main("--help")
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "--mode: <train|evaluate|predict|fuse|show_config>" in out.stdout
+  assert "--mode: <train|evaluate|predict|export|fuse|show_config>" in out.stdout
   assert "Library INFO lines (Orbax, clu, JAX): --verbosity=1" in out.stdout
   defaults = default.get_config()
   for key in _flat_keys(defaults.to_dict()):

@@ -8,6 +8,7 @@ extra. The writer's event files are also read back on their own (``rma_jax.metri
 """
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -53,13 +54,30 @@ def _logged_scalars(stderr: str) -> dict[str, dict[int, float]]:
 
 @pytest.mark.slow
 def test_tiny_demo_trains_and_writes_tensorboard_files_without_tensorflow(tmp_path):
+  """The tiny demo trains and writes TensorBoard files without TensorFlow, here with the
+  peers' options --config.optim.ema_decay=0.999 --config.loss.classification=asl (their CLI
+  run, shared to save the suite's time): each validation scores the parameters and their moving
+  average, the report's metric card names the loss and which parameters it scored, and the
+  scores are read with the sigmoid (eval.score_transform='auto')."""
   wd = str(tmp_path / "wd")
   # One stage (no stage-1 baseline) and single-view evaluation keep it short.
   out = _run_without_tf("--config=configs/demo.py:tiny", f"--workdir={wd}", "--verbosity=1",
-                        "--config.stage1.num_epochs=0", "--config.eval.ten_view=False")
+                        "--config.stage1.num_epochs=0", "--config.eval.ten_view=False",
+                        "--config.optim.ema_decay=0.999", "--config.loss.classification=asl")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "LEAKED" not in out.stderr, out.stderr[-3000:]
-  assert os.path.isfile(os.path.join(wd, "report", "report.md"))
+  assert re.search(r"step 4: val loss [\d.]+, val mAP [\d.]+, the best so far \(EMA: val "
+                   r"loss [\d.]+, val mAP [\d.]+; the (EMA|plain parameters) selected\)",
+                   out.stderr), out.stderr[-3000:]
+  with open(os.path.join(wd, "report", "report.json")) as f:
+    card = json.load(f)["metric_card"]
+  assert card["classification_loss"].startswith("asl: the asymmetric loss (ASL"), card
+  assert "gamma_pos=0.0, gamma_neg=4.0, clip=0.05" in card["classification_loss"]
+  assert "exponential moving average (EMA)" in card["parameters"], card
+  assert card["score_transform"] == card["prf_score_transform"] == "sigmoid"
+  with open(os.path.join(wd, "report", "report.md")) as f:
+    md = f.read()
+  assert "- **classification_loss**: asl: " in md and "- **parameters**: the " in md
   files = glob.glob(os.path.join(wd, "events.out.tfevents.*"))
   assert files, os.listdir(wd)
   acc = event_accumulator.EventAccumulator(wd)

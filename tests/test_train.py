@@ -266,29 +266,6 @@ def test_main_job_resumes_and_writes_checkpoints_and_events(finished_run, tmp_pa
 
 
 @pytest.mark.slow
-def test_the_moving_average_and_the_asymmetric_loss_through_the_cli(tmp_path):
-  """--config.optim.ema_decay=0.999 --config.loss.classification=asl trains the tiny demo
-  with both: each validation scores the parameters and their moving average, the report's
-  metric card names the loss and which parameters it scored, and the scores are read with
-  the sigmoid (eval.score_transform='auto')."""
-  wd = str(tmp_path / "run")
-  result = _main(wd, "--config.optim.ema_decay=0.999", "--config.loss.classification=asl",
-                 timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert re.search(r"step 4: val loss [\d.]+, val mAP [\d.]+, the best so far \(EMA: val "
-                   r"loss [\d.]+, val mAP [\d.]+; the (EMA|plain parameters) selected\)",
-                   result.stderr), result.stderr[-3000:]
-  payload = json.load(open(os.path.join(wd, "report", "report.json")))
-  card = payload["metric_card"]
-  assert card["classification_loss"].startswith("asl: the asymmetric loss (ASL"), card
-  assert "gamma_pos=0.0, gamma_neg=4.0, clip=0.05" in card["classification_loss"]
-  assert "exponential moving average (EMA)" in card["parameters"], card
-  assert card["score_transform"] == card["prf_score_transform"] == "sigmoid"
-  md = open(os.path.join(wd, "report", "report.md")).read()
-  assert "- **classification_loss**: asl: " in md and "- **parameters**: the " in md
-
-
-@pytest.mark.slow
 def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
   """Killed at any moment (its lock is stale then), the run resumes; a resume with another
   learning rate is refused and leaves the record as it was."""
