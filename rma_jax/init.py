@@ -105,7 +105,7 @@ def initial_params(config: ml_collections.ConfigDict, params: Any) -> tuple[Any,
   else:
     if config.model.trunk != "vgg16" and config.model.get("bn", "frozen") == "frozen":
       raise errors.ConfigError(
-          f"model.bn='frozen' keeps the batch-norm statistics as loaded, but this "
+          "model.bn='frozen' keeps the batch-norm statistics as loaded, but this "
           f"{config.model.trunk} starts from scratch: set init.pretrained (python -m "
           "rma_jax.pretrained) or model.bn='finetune'")
     note = f"from scratch ({_scratch_init_note(config)})"

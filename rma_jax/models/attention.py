@@ -4,8 +4,8 @@
 samples a region with the spatial transformer (``ops.sample_regions``), updates the LSTM,
 scores the region and predicts the next transform. Parameter tree of ``RecurrentAttention``:
 ``cell`` with ``fc6`` (W_fx, the shape of VGG fc6 on a 7x7x512 input, flattened in (h, w, c)
-order; (C, x_dim) with ``region_pool='avg'``), ``lstm_x``, ``lstm_h`` (gates in the order i, g (forget), o, m), ``hz``, ``zs`` and
-``zm`` (and ``zm_step`` with ``step_theta_init``).
+order; (C, x_dim) with ``region_pool='avg'``), ``lstm_x``, ``lstm_h`` (gates in the order i,
+g (forget), o, m), ``hz``, ``zs`` and ``zm`` (and ``zm_step`` with ``step_theta_init``).
 """
 
 from __future__ import annotations

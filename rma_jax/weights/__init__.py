@@ -1,5 +1,6 @@
 """ImageNet weights (VGG-16; torchvision's ResNet-50/101): the Keras and torchvision readers
-and the conversion to an Orbax checkpoint for ``config.init.pretrained`` (``python -m rma_jax.pretrained`` is the command).
+and the conversion to an Orbax checkpoint for ``config.init.pretrained`` (``python -m
+rma_jax.pretrained`` is the command).
 
 Modules: ``keras_h5`` and ``torch_pth`` (the readers, which never run pickled code),
 ``convert`` (names, layouts and shapes; the checkpoint), ``files`` (one-line errors about
