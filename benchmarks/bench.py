@@ -267,7 +267,7 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
     # As every evaluation pass: the evaluation-only parameter forms once, then the calls.
     start = time.perf_counter()
     variables = jax.block_until_ready(
-        kernels.prepare_fn(config.model.conv_impl, mesh)(variables))
+        kernels.prepare_fn(config.model.conv_impl, mesh, trunk=config.model.trunk)(variables))
     prepare_s = time.perf_counter() - start
     jitted = jax.jit(fn)
     timing.reset_peak_memory()

@@ -31,12 +31,29 @@ def vgg16(m: ml_collections.ConfigDict) -> nn.Module:
                       block=kernels.vgg_block(m.get("conv_impl", "auto")))
 
 
+def _resnet(m: ml_collections.ConfigDict, depth: int) -> nn.Module:
+  return models.ResNet(depth=depth, output_stride=m.get("resnet_stride", 32), width=m.width,
+                       bn=m.get("bn", "frozen"), dtype=DTYPES[m.dtype], remat=m.remat)
+
+
+def resnet50(m: ml_collections.ConfigDict) -> nn.Module:
+  """``model.trunk='resnet50'``: torchvision's ResNet-50 to layer4 (``model.resnet_stride``,
+  ``model.bn``); plain Flax on every platform (the CPU kernels are VGG's)."""
+  return _resnet(m, 50)
+
+
+def resnet101(m: ml_collections.ConfigDict) -> nn.Module:
+  """``model.trunk='resnet101'``: as ``resnet50``, ResNet-101."""
+  return _resnet(m, 101)
+
+
 def rma(m: ml_collections.ConfigDict, trunk: nn.Module, num_classes: int,
         pixel_convention: str) -> nn.Module:
   """``model.name='rma'``: the paper's model on ``trunk``."""
   k = m.num_regions
   return models.RMA(
       trunk=trunk, num_classes=num_classes, num_regions=k, sample_size=m.sample_size,
+      region_pool=m.get("region_pool", "flatten"),
       x_dim=m.x_dim, hidden_dim=m.hidden_dim, z_dim=m.z_dim, standard_lstm=m.standard_lstm,
       theta_bias=tuple(m.theta_bias), theta_kernel_scale=m.theta_kernel_scale,
       fixed_regions=(_rows(models.fixed_region_thetas(k)) if m.fixed_regions == "anchors"
@@ -54,7 +71,8 @@ def baseline(m: ml_collections.ConfigDict, trunk: nn.Module, num_classes: int,
                          pixel_convention=pixel_convention)
 
 
-TRUNKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"vgg16": vgg16}
+TRUNKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "vgg16": vgg16, "resnet50": resnet50, "resnet101": resnet101}
 """``model.trunk`` -> its builder."""
 
 HEADS: dict[str, Callable[..., nn.Module]] = {"rma": rma, "baseline": baseline}

@@ -59,6 +59,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     errors.append(f"model.conv_impl={m.conv_impl!r}: one of {kernels.IMPLS}")
   if m.baseline_pool not in models.POOLS:
     errors.append(f"model.baseline_pool={m.baseline_pool!r}: one of {models.POOLS}")
+  if m.get("resnet_stride", 32) not in models.OUTPUT_STRIDES:
+    errors.append(f"model.resnet_stride={m.resnet_stride!r}: one of {models.OUTPUT_STRIDES}")
+  if m.get("bn", "frozen") not in models.BN_MODES:
+    errors.append(f"model.bn={m.bn!r}: one of {models.BN_MODES}")
+  if m.get("region_pool", "flatten") not in models.REGION_POOLS:
+    errors.append(f"model.region_pool={m.region_pool!r}: one of {models.REGION_POOLS}")
   if m.get("trunk_init", "he") not in models.TRUNK_INITS:
     errors.append(f"model.trunk_init={m.trunk_init!r}: one of {models.TRUNK_INITS}")
   if m.fixed_regions not in ("", "anchors"):

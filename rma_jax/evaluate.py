@@ -141,7 +141,7 @@ def validation_fn(model: Any, config: ml_collections.ConfigDict, mesh: Mesh
   """
   loss_cfg = steps.LossConfig.from_config(config)
   eval_fn = steps.jit_eval_step(model.apply, loss_cfg, mesh)
-  prepare = kernels.prepare_fn(config.model.conv_impl, mesh)
+  prepare = kernels.prepare_fn(config.model.conv_impl, mesh, trunk=config.model.trunk)
   sharding = parallel.batch_sharding(mesh)
 
   def validate(params: Any, source: Any) -> dict[str, float]:
@@ -291,7 +291,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str, *,
   model = build.build_model(config, len(class_names))
   variables = jax.device_put({"params": params}, parallel.replicated(mesh))
   # Once for every pass below: the parameters in the forms the CPU kernels want.
-  variables = kernels.prepare_fn(config.model.conv_impl, mesh)(variables)
+  variables = kernels.prepare_fn(config.model.conv_impl, mesh,
+                                 trunk=config.model.trunk)(variables)
   want_features = bool(ev.get("svm", False))
   common = dict(batch_size=ev.batch_size, mesh=mesh, num_workers=config.data.num_workers,
                 prefetch=config.data.prefetch, stop=stop)

@@ -16,7 +16,8 @@ validation selected: the moving average where it won; ``trained.load_run``), in
 * ``single_view.onnx``, ``ten_view.onnx`` (``--formats=onnx``, the ``.[export]`` extra):
   the same functions through jax2onnx, the weights inside, for ONNX Runtime and TensorRT.
   Traced from the plain model (XLA's convolutions: an ONNX graph has no platform choice) with
-  the recurrence unrolled (K+1 steps; jax2onnx takes no ``nn.scan``).
+  the recurrence unrolled (K+1 steps; jax2onnx takes no ``nn.scan``), and a ResNet trunk's
+  blocks too (``ResNet(unroll=True)``).
 * ``export.json``, written last (a folder without it is not an export): the class names, the
   inputs (size, layout, how to resize), the normalisation, the outputs, the score transform,
   threshold and top-k of the report, the parameter order, the rma_jax and JAX versions, the
@@ -111,6 +112,8 @@ def onnx_model(run: trained.TrainedRun, view: str) -> Any:
   model = build.build_model(config, len(run.class_names))
   if isinstance(model, models.RMA):
     model = model.clone(unroll=True)
+  if isinstance(model.trunk, models.ResNet):  # its scanned blocks, one after the other
+    model = model.clone(trunk=model.trunk.clone(unroll=True))
   variables, crop, size = {"params": run.params}, _crop(run, view), _size(run, view)
 
   def outputs(images):

@@ -103,13 +103,19 @@ def initial_params(config: ml_collections.ConfigDict, params: Any) -> tuple[Any,
     params = _from_imagenet(config, params)
     note = f"trunk from ImageNet weights {init.pretrained}"
   else:
+    if config.model.trunk != "vgg16" and config.model.get("bn", "frozen") == "frozen":
+      raise errors.ConfigError(
+          "model.bn='frozen' keeps the batch-norm statistics as loaded, but this "
+          f"{config.model.trunk} starts from scratch: set init.pretrained (python -m "
+          "rma_jax.pretrained) or model.bn='finetune'")
     note = f"from scratch ({_scratch_init_note(config)})"
   return params, note
 
 
 def _from_imagenet(config: ml_collections.ConfigDict, params: Any) -> Any:
   imagenet, _ = load_pretrained(config.init.pretrained,
-                                pixel_convention=config.data.pixel_convention)
+                                pixel_convention=config.data.pixel_convention,
+                                trunk=config.model.trunk)
   return init_trunk_from_pretrained(params, imagenet, width=config.model.width)
 
 
@@ -120,7 +126,7 @@ def _nonfinite_reason(state: steps.TrainState) -> str | None:
 
 def _scratch_init_note(config: ml_collections.ConfigDict) -> str:
   """What a from-scratch initialisation does, for the log."""
-  if config.model.get("trunk_init", "he") == "dirac":
+  if config.model.trunk == "vgg16" and config.model.get("trunk_init", "he") == "dirac":
     trunk = ("trunk convs Dirac: identity + 0.1 x He normal where C_in = C_out, He normal "
              "where the channel count changes")
   else:
@@ -177,6 +183,23 @@ def _fit(name: str, src: Any, old: Any, width: int, errors: list[str]) -> Any:
   return old
 
 
+def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:
+  """The paths of a nested dict's leaves (a VGG layer's ``(kernel,)``, a ResNet block's
+  ``(conv1, kernel)``, …)."""
+  if not isinstance(tree, Mapping):
+    return [()]
+  return [(k,) + rest for k, v in tree.items() for rest in _leaf_paths(v)]
+
+
+def _get(tree: Any, path: Sequence[str]) -> Any:
+  """``tree[path[0]][path[1]]…``, or None where a key is missing."""
+  for key in path:
+    if not isinstance(tree, Mapping) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
 def _copy_layers(params: Mapping[str, Any], prefix: tuple[str, ...],
                  source: Mapping[str, Any], names: Sequence[str], width: int,
                  what: str) -> dict[str, Any]:
@@ -188,13 +211,13 @@ def _copy_layers(params: Mapping[str, Any], prefix: tuple[str, ...],
     if name not in source:
       errors.append(f"{name}: missing from the {what}")
       continue
-    for leaf in target.get(name) or ("kernel", "bias"):
-      full = "/".join(prefix + (name, leaf))
-      if leaf not in source[name] or leaf not in target.get(name, {}):
+    for leaf in _leaf_paths(target.get(name) or {"kernel": 0, "bias": 0}):
+      full = "/".join(prefix + (name, *leaf))
+      src, old = _get(source[name], leaf), _get(target.get(name), leaf)
+      if src is None or old is None:
         errors.append(f"{full}: missing")
         continue
-      params = _replace(params, prefix + (name, leaf),
-                        _fit(full, source[name][leaf], target[name][leaf], width, errors))
+      params = _replace(params, prefix + (name, *leaf), _fit(full, src, old, width, errors))
   if errors:
     raise WeightsMismatchError(f"cannot initialise from the {what}:\n  " + "\n  ".join(errors))
   return dict(params)
@@ -202,16 +225,18 @@ def _copy_layers(params: Mapping[str, Any], prefix: tuple[str, ...],
 
 def init_trunk_from_pretrained(params: Mapping[str, Any], pretrained_params: Mapping[str, Any],
                                *, width: int = 1) -> dict[str, Any]:
-  """Copies ImageNet (or any VGG-16) conv weights into a baseline or RMA parameter tree.
+  """Copies ImageNet (or stage-1) trunk weights into a baseline or RMA parameter tree: every
+  layer of the model's trunk (VGG-16's ``conv1_1 … conv5_3``; a ResNet's ``conv1``, ``bn1``,
+  ``layer1_0`` …, batch-norm statistics included).
 
   The RMA's ``attention/cell/fc6`` (``W_fx``) is also copied from ``fc6`` when the shapes
-  match (width 1, S = 7, x_dim = 4096) and left as initialised otherwise (logged).
+  match (VGG-16, width 1, S = 7, x_dim = 4096) and left as initialised otherwise (logged).
 
   Args:
-    params: a ``VGG16`` tree (``conv1_1`` … at the top, maybe ``head``) or an ``RMA`` tree
-      (``trunk/…``, ``attention/…``), bare or as ``{'params': …}``.
-    pretrained_params: ``{'conv1_1': …, 'conv5_3': …, ['fc6', 'fc7']}`` (``load_pretrained``),
-      or another VGG16/RMA tree (e.g. a stage-1 baseline).
+    params: a baseline tree (the trunk's layers at the top, maybe ``head``) or an ``RMA``
+      tree (``trunk/…``, ``attention/…``), bare or as ``{'params': …}``.
+    pretrained_params: ``{'conv1_1': …, 'conv5_3': …, ['fc6', 'fc7']}`` (``load_pretrained``;
+      a ResNet's layers), or another baseline/RMA tree (e.g. a stage-1 baseline).
     width: the model's channel divisor. With width > 1, pretrained kernels wider than the
       model are cut to their leading channels: a cheap stand-in for smoke tests, not a
       faithful network.
@@ -226,8 +251,8 @@ def init_trunk_from_pretrained(params: Mapping[str, Any], pretrained_params: Map
   tree, wrapped = _unwrap(params)
   source, _ = _unwrap(pretrained_params)
   source_trunk, _ = models.trunk_params(source)
-  _, prefix = models.trunk_params(tree)
-  new = _copy_layers(tree, prefix, source_trunk, models.vgg16_layer_names(), width,
+  trunk, prefix = models.trunk_params(tree)
+  new = _copy_layers(tree, prefix, source_trunk, sorted(trunk), width,
                      "pretrained parameters")
   cell = new.get("attention", {}).get("cell", {})
   if "fc6" in cell and "fc6" in source:

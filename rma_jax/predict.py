@@ -246,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   files, skipped = list_inputs(inputs)
   result["skipped"] = skipped
   if -(-len(files) // batch_size) >= kernels.MIN_CALLS:
-    variables = kernels.prepare_fn(config.model.conv_impl)(variables)
+    variables = kernels.prepare_fn(config.model.conv_impl, trunk=config.model.trunk)(variables)
   for s in skipped:
     print(f"skipped {s['file']}: {s['reason']}")
   try:

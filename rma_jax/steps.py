@@ -5,7 +5,10 @@ single axis ``data`` spans every device of every host: the batch is sharded alon
 parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce
 because the loss is a mean over the global batch. ``LossConfig`` holds the loss settings
 the steps need; ``TrainState`` holds, where ``optim.ema_decay > 0``, the exponential moving
-average of the parameters too, updated by the step. Nothing here imports TensorFlow.
+average of the parameters too, updated by the step. Batch-norm statistics are
+parameters that receive no gradient (``models.BatchNorm``): fine-tuned, the step computes
+them over the global batch (synchronised batch norm, with no code of its own) and writes
+their running averages into the parameters. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rma_jax import losses, optimizer, parallel
+from rma_jax import losses, models, optimizer, parallel
 
 
 class TrainState(train_state.TrainState):
@@ -152,6 +155,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
   images (``losses.total_loss(denominators=...)``), so the sum is exactly the gradient of
   the whole batch's loss, also when the label-less images are unevenly spread.
 
+  Fine-tuned batch norm (``model.bn='finetune'``, ``models.BatchNorm``) normalises by the
+  statistics of the global batch (of each micro-batch) and its running averages, kept among
+  the parameters, are replaced after the update (``models.merge_batch_stats``).
+
   Args:
     state: the train state (replicated).
     batch: ``image`` uint8 (B, h, w, 3), ``labels`` (B, C), ``mask`` (B,) (sharded on B).
@@ -175,24 +182,32 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_cfg: LossCon
       labels, mask, loss_cfg.classification).items()}
 
   def loss_fn(params, micro):
-    outputs = state.apply_fn({"params": params}, micro["image"])
-    return loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators)
+    # Fine-tuned batch norm normalises by the batch and reports its running averages in
+    # BN_STATS (models.resnet); a model without it returns none.
+    outputs, mutated = state.apply_fn({"params": params}, micro["image"],
+                                      mutable=[models.BN_STATS])
+    loss, terms = loss_cfg.total_loss(outputs, micro["labels"], micro["mask"], denominators)
+    return loss, (terms, mutated.get(models.BN_STATS, {}))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps <= 1:
-    (loss, terms), grads = grad_fn(state.params, batch)
+    (loss, (terms, stats)), grads = grad_fn(state.params, batch)
   else:
     def accumulate(carry, micro):
-      (_, terms), grads = grad_fn(state.params, micro)
-      return jax.tree.map(jnp.add, carry, (grads, terms)), None
+      (_, aux), grads = grad_fn(state.params, micro)
+      return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
     micro = jax.tree.map(lambda x: _micro_batches(x, grad_accum_steps), batch)
-    (_, terms_shape), grads_shape = jax.eval_shape(
+    (_, aux_shape), grads_shape = jax.eval_shape(
         grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, terms_shape))
-    (grads, terms), _ = jax.lax.scan(accumulate, zeros, micro)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, aux_shape))
+    (grads, (terms, stats)), _ = jax.lax.scan(accumulate, zeros, micro)
+    # Each micro-batch's running average starts from the same statistics: their mean is one
+    # update by the mean of the micro-batches' statistics.
+    stats = jax.tree.map(lambda s: s / grad_accum_steps, stats)
     loss = terms["loss"]
   state = state.apply_gradients(grads=grads)
+  state = state.replace(params=models.merge_batch_stats(state.params, stats))
   if state.ema_params is not None:  # state.step is now this update's number (1 for the first)
     decay = optimizer.ema_decay_at(state.step, ema_decay, ema_warmup_steps)
     state = state.replace(ema_params=optimizer.update_ema(state.ema_params, state.params, decay))

@@ -83,7 +83,9 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
   latest = checkpointing.latest_manager(workdir, config.max_to_keep)
   best = checkpointing.best_manager(workdir)
   # A fresh initialisation's scale: what a checkpoint a NaN advice names is compared with.
-  fresh_norm = float(optax.global_norm(state.params))
+  # Jitted: eagerly, each of its per-array operations compiles on its own (seconds for a
+  # ResNet's arrays).
+  fresh_norm = float(jax.jit(optax.global_norm)(state.params))
   state, resumed = init.initial_state(config, state, tx, mesh, latest, changes)
   start_step = int(state.step)
   workdir_lib.record_start(config, workdir, changes, start_step if resumed else None)

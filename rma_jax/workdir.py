@@ -50,9 +50,9 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 
 ARCHITECTURE_FIELDS = (
-    "data.name", "model.name", "model.trunk", "model.width", "model.num_regions",
-    "model.sample_size", "model.x_dim", "model.hidden_dim", "model.z_dim",
-    "model.standard_lstm", "model.fixed_regions")
+    "data.name", "model.name", "model.trunk", "model.width", "model.resnet_stride",
+    "model.num_regions", "model.sample_size", "model.region_pool", "model.x_dim",
+    "model.hidden_dim", "model.z_dim", "model.standard_lstm", "model.fixed_regions")
 """Fields that define the model a checkpoint holds (data.name: the number of classes)."""
 
 FREE_FIELDS = (

@@ -80,7 +80,7 @@ def shared_once(tmp_path_factory, worker_id):
   return get
 
 
-SHARED = ("finished_run", "stage1", "runs", "exported")
+SHARED = ("finished_run", "stage1", "runs", "exported", "resnet_run")
 """The module fixtures built by ``shared_once``: the first test of each starts early, the
 others run last, when the thing is built (not waiting on it while the other worker builds)."""
 

@@ -48,14 +48,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.demo.num_test = 500
   c.data.demo.canvas_size = 96
 
-  # Model (docs/design.md §1). name: rma | baseline (rma_jax.build.HEADS); trunk: vgg16
-  # (rma_jax.build.TRUNKS).
+  # Model (docs/design.md §1). name: rma | baseline (rma_jax.build.HEADS); trunk: vgg16 |
+  # resnet50 | resnet101 (rma_jax.build.TRUNKS).
   c.model = ml_collections.ConfigDict()
   c.model.name = "rma"
   c.model.trunk = "vgg16"
   c.model.width = 1
+  # ResNet trunks only (docs/design.md §7): layer4's output stride, 32 | 16 (layer4 dilated),
+  # and batch norm: frozen (statistics and affine as loaded) | finetune (scale and bias
+  # trained, each batch normalised by the global batch's statistics, running averages kept).
+  c.model.resnet_stride = 32
+  c.model.bn = "frozen"
   c.model.num_regions = 5  # K
   c.model.sample_size = 7  # S
+  # W_fx's input: flatten (the paper: the S x S x C region) | avg (its mean over the S x S
+  # samples, C values: the ResNet configs').
+  c.model.region_pool = "flatten"
   c.model.x_dim = 4096
   c.model.hidden_dim = 512
   c.model.z_dim = 512
@@ -188,11 +196,16 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   64 px images (48 px crops, conv5_3 3 x 3), one evaluation scale, batches of 8 (they divide
   over 1, 2, 4 or 8 devices), the demo's splits 64 / 16 / 16 (the validation split holds two
   evaluation batches), and at most 4 optimizer steps per stage with checkpoints at 2 and 4.
+  A ResNet trunk (stride 32) crops 32 px (a 1 x 1 map; 2 x 2 at 64 px) and, trained from
+  scratch, fine-tunes its batch norm (frozen statistics would stay at their initial values).
   Tests start from it and override only what they test.
   """
   c = config
   c.model.update(width=16, x_dim=32, hidden_dim=16, z_dim=16)
   c.data.update(image_size=64, crop_size=48)
+  if c.model.trunk != "vgg16":
+    c.data.crop_size = 32
+    c.model.bn = "finetune"
   c.data.demo.update(num_train=64, num_val=16, num_test=16, canvas_size=64)
   c.optim.batch_size = 8
   c.eval.batch_size = 8

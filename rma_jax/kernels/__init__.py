@@ -59,12 +59,15 @@ def dense(conv_impl: str) -> ModuleDef:
   return nn.Dense if conv_impl == "xla" else cpu.Dense
 
 
-def prepare_fn(conv_impl: str, mesh: Mesh | None = None
+def prepare_fn(conv_impl: str, mesh: Mesh | None = None, *, trunk: str = "vgg16"
                ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
   """``variables -> variables``, with the evaluation-only forms of their ``params`` added
   where the evaluation runs on the CPU (the platform of ``mesh``'s devices, default JAX's
   devices) and the model has the CPU kernels; elsewhere ``variables`` unchanged. Call it
   once per parameter version and pass the result to every scores call of a pass.
+
+  ``trunk`` (``model.trunk``): only VGG-16's blocks are the CPU kernels'; another trunk
+  gets the forms of the attention's dense layers alone.
 
   The forms are computed by one jitted function (replicated over ``mesh``); the parameters
   are passed through, not copied.
@@ -74,7 +77,8 @@ def prepare_fn(conv_impl: str, mesh: Mesh | None = None
   if conv_impl == "xla" or next(iter(devices)).platform != "cpu":
     return dict
   jit_kwargs = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-  jitted = jax.jit(functools.partial(cpu.evaluation_forms, conv_impl=conv_impl), **jit_kwargs)
+  jitted = jax.jit(functools.partial(cpu.evaluation_forms, conv_impl=conv_impl,
+                                     conv_forms=trunk == "vgg16"), **jit_kwargs)
 
   def prepare(variables: Mapping[str, Any]) -> dict[str, Any]:
     extra = jitted(variables["params"])

@@ -4,8 +4,8 @@
 samples a region with the spatial transformer (``ops.sample_regions``), updates the LSTM,
 scores the region and predicts the next transform. Parameter tree of ``RecurrentAttention``:
 ``cell`` with ``fc6`` (W_fx, the shape of VGG fc6 on a 7x7x512 input, flattened in (h, w, c)
-order), ``lstm_x``, ``lstm_h`` (gates in the order i, g (forget), o, m), ``hz``, ``zs`` and
-``zm`` (and ``zm_step`` with ``step_theta_init``).
+order; (C, x_dim) with ``region_pool='avg'``), ``lstm_x``, ``lstm_h`` (gates in the order i,
+g (forget), o, m), ``hz``, ``zs`` and ``zm`` (and ``zm_step`` with ``step_theta_init``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from rma_jax import losses, ops
 
 Dtype = Any
 ModuleDef = Any
+
+REGION_POOLS = ("flatten", "avg")
+"""``AttentionSettings.region_pool``: how a sampled region becomes ``W_fx``'s input."""
 
 # Default start box of every predicted region: centred, half the map's width and height,
 # i.e. exactly on the scale constraint's threshold alpha = 0.5 (docs/design.md §2). The anchor
@@ -48,6 +51,10 @@ class AttentionSettings(nn.Module):
     num_classes: C.
     num_regions: K, the number of attentional regions (the module runs K+1 steps).
     sample_size: S, regions are sampled to S x S (7 matches VGG fc6 for ``W_fx``).
+    region_pool: what ``W_fx`` sees of a sampled S x S x C region (``REGION_POOLS``):
+      'flatten' (the paper: all of it, S*S*C inputs, VGG fc6's shape) or 'avg' (its mean
+      over the S x S samples, C inputs: the pooling a ResNet's own classifier applies, for
+      wide maps where flattening would make W_fx huge; docs/design.md §7).
     x_dim, hidden_dim, z_dim: sizes of x_k (4096 = fc6), the LSTM state and z_k.
     standard_lstm: ``h = o * tanh(c)`` instead of the paper's ``h = o * c``.
     theta_bias: initial ``b_m`` = (sx, sy, tx, ty) every predicted region starts near.
@@ -68,6 +75,7 @@ class AttentionSettings(nn.Module):
   num_classes: int
   num_regions: int = 5
   sample_size: int = 7
+  region_pool: str = "flatten"
   x_dim: int = 4096
   hidden_dim: int = 512
   z_dim: int = 512
@@ -116,6 +124,8 @@ class AttentionCell(AttentionSettings):
     dense = functools.partial(self.dense, dtype=self.dtype, param_dtype=jnp.float32,
                               kernel_init=nn.initializers.xavier_uniform())
     region = ops.sample_regions(features, theta[:, None, :], self.sample_size)[:, 0]
+    if self.region_pool == "avg":
+      region = jnp.mean(region.astype(out_dtype), axis=(1, 2)).astype(region.dtype)
     x = nn.relu(dense(self.x_dim, name="fc6")(region.reshape(region.shape[0], -1)))
     gates = dense(4 * self.hidden_dim, name="lstm_x")(x) + dense(
         4 * self.hidden_dim, use_bias=False, name="lstm_h")(h.astype(self.dtype))
@@ -151,6 +161,8 @@ class RecurrentAttention(AttentionSettings):
     """Args: features (B, H, W, C). Returns the dict described in ``models.RMA.__call__``."""
     if self.num_regions < 1:
       raise ValueError(f"num_regions (K) must be >= 1, got {self.num_regions}")
+    if self.region_pool not in REGION_POOLS:
+      raise ValueError(f"region_pool must be one of {REGION_POOLS}, got {self.region_pool!r}")
     batch = features.shape[0]
     out_dtype = output_dtype(self.dtype)
     zeros = jnp.zeros((batch, self.hidden_dim), out_dtype)

@@ -39,7 +39,8 @@ def relu(x: jax.Array) -> jax.Array:
       x, cpu=lambda v: nn.relu(v.astype(jnp.float32)).astype(v.dtype), default=nn.relu)
 
 
-_HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+"""He normal of the fan-out, as torchvision initialises its convolutions."""
 
 
 def dirac_init(noise: float = 0.1) -> nn.initializers.Initializer:
@@ -56,7 +57,7 @@ def dirac_init(noise: float = 0.1) -> nn.initializers.Initializer:
     if cin != cout:
       raise ValueError(f"dirac_init needs equal input and output channels, got {shape}")
     identity = jnp.zeros(shape, dtype).at[kh // 2, kw // 2].set(jnp.eye(cin, dtype=dtype))
-    return identity + noise * _HE_INIT(key, shape, dtype)
+    return identity + noise * HE_INIT(key, shape, dtype)
   return init
 
 
@@ -139,7 +140,7 @@ class VGG16(nn.Module):
       features = tuple(c // self.width for c in widths)
       # He init (as torchvision's VGG) keeps activations O(1) through 13 ReLU layers on
       # average; ImageNet or stage-1 weights replace it.
-      inits = tuple(dirac_init() if self.init_scheme == "dirac" and i == o else _HE_INIT
+      inits = tuple(dirac_init() if self.init_scheme == "dirac" and i == o else HE_INIT
                     for i, o in zip((cin,) + features[:-1], features))
       names = tuple(f"conv{b + 1}_{i + 1}" for i in range(len(widths)))
       # Blocks 1-4 end in a 2x2 max pool; no pool5: conv5_3 keeps stride 16.

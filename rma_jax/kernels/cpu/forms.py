@@ -67,12 +67,15 @@ def _entry(kernel: jax.Array, min_channels: int | None) -> dict[str, jax.Array]:
   return {}
 
 
-def evaluation_forms(params: Mapping[str, Any], conv_impl: str = "auto") -> dict[str, Any]:
+def evaluation_forms(params: Mapping[str, Any], conv_impl: str = "auto",
+                     conv_forms: bool = True) -> dict[str, Any]:
   """The ``COLLECTION`` tree of ``params``: the evaluation-only forms, at the paths of the
   modules that use them (for 'patches', only the dense layers' copies). Jittable.
 
   Args:
     params: the ``params`` of a model built with the CPU kernels (``rma_jax.kernels``).
     conv_impl: the model's ``conv_impl``.
+    conv_forms: whether its 3x3 convolutions are the kernels' (VGG-16's blocks); False
+      (a ResNet trunk, plain Flax): the dense layers' copies only.
   """
-  return _forms_tree(params, min_winograd_channels(conv_impl))
+  return _forms_tree(params, min_winograd_channels(conv_impl) if conv_forms else None)

@@ -1,0 +1,3 @@
+"""Loads rma_jax/configs/voc_resnet101.py, the shipped config (see there)."""
+
+from rma_jax.configs.voc_resnet101 import get_config  # noqa: F401
