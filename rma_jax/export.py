@@ -26,6 +26,7 @@ validation selected: the moving average where it won; ``trained.load_run``), in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -69,8 +70,12 @@ def _size(run: trained.TrainedRun, view: str) -> int:
   return run.ten_view_size if view == "ten_view" else run.input_size
 
 
-def _crop(run: trained.TrainedRun, view: str) -> int | None:
-  return run.input_size if view == "ten_view" else None
+def _serving_fn(run: trained.TrainedRun, view: str, model: Any = None) -> Callable:
+  """``fn(variables, images) -> trained.serving_outputs(...)`` of ``view`` for ``model``
+  (default the run's)."""
+  return functools.partial(trained.serving_outputs, model or run.model,
+                           score_transform=run.score_transform,
+                           crop_size=run.input_size if view == "ten_view" else None)
 
 
 def stablehlo(run: trained.TrainedRun, view: str, platforms: Sequence[str] = PLATFORMS
@@ -82,12 +87,10 @@ def stablehlo(run: trained.TrainedRun, view: str, platforms: Sequence[str] = PLA
   its blocks are the plain model's on every platform (``rma_jax.kernels.cpu.modules``).
   """
   treedef = jax.tree_util.tree_structure(run.params)
-  crop = _crop(run, view)
+  outputs = _serving_fn(run, view)
 
   def fn(leaves, images):
-    variables = {"params": jax.tree_util.tree_unflatten(treedef, leaves)}
-    return trained.serving_outputs(run.model, variables, images,
-                                   score_transform=run.score_transform, crop_size=crop)
+    return outputs({"params": jax.tree_util.tree_unflatten(treedef, leaves)}, images)
 
   (batch,) = jax.export.symbolic_shape("batch")
   size = _size(run, view)
@@ -114,16 +117,12 @@ def onnx_model(run: trained.TrainedRun, view: str) -> Any:
     model = model.clone(unroll=True)
   if isinstance(model.trunk, models.ResNet):  # its scanned blocks, one after the other
     model = model.clone(trunk=model.trunk.clone(unroll=True))
-  variables, crop, size = {"params": run.params}, _crop(run, view), _size(run, view)
-
-  def outputs(images):
-    return trained.serving_outputs(model, variables, images,
-                                   score_transform=run.score_transform, crop_size=crop)
-
-  names = sorted(jax.eval_shape(outputs, jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)))
+  outputs, size = _serving_fn(run, view, model), _size(run, view)
+  variables = {"params": run.params}
+  names = sorted(_output_shapes(run, view))
 
   def ordered(images):
-    out = outputs(images)
+    out = outputs(variables, images)
     return tuple(out[n] for n in names)
 
   logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # a line per shape it cannot type
@@ -135,10 +134,8 @@ def onnx_model(run: trained.TrainedRun, view: str) -> Any:
 
 def _output_shapes(run: trained.TrainedRun, view: str) -> dict[str, list[Any]]:
   size = _size(run, view)
-  shapes = jax.eval_shape(
-      lambda v, x: trained.serving_outputs(run.model, v, x, score_transform=run.score_transform,
-                                           crop_size=_crop(run, view)),
-      {"params": run.params}, jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+  shapes = jax.eval_shape(_serving_fn(run, view), {"params": run.params},
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
   return {k: ["batch", *v.shape[1:]] for k, v in shapes.items()}
 
 

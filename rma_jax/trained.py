@@ -8,9 +8,9 @@ and preprocessing, ready to score images in another JAX program.
     out = run.outputs(images)      # probabilities (1, C), scores, boxes (1, K, 4), ...
 
 ``serving_outputs`` defines what a scored batch returns (the probabilities as the report
-computes them, the raw scores, the regions as boxes); ``--mode=predict`` and
-``--mode=export`` (``rma_jax.export``) use it and this loader, so an exported artifact
-computes exactly what ``load_run(W).outputs`` does.
+computes them, the raw scores, the regions as boxes); ``--mode=export`` (``rma_jax.export``)
+serialises it, so an exported artifact computes exactly what ``load_run(W).outputs`` does.
+``--mode=predict`` and export load a run through ``load_run``.
 """
 
 from __future__ import annotations
