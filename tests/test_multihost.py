@@ -5,12 +5,17 @@ steps, exactly as ``python -m rma_jax.main`` does on the hosts of a pod slice (e
 decodes only its half of every global batch). Beside them a single process with 4 devices
 runs the same command. Both see the same global batches, so they must end with the same
 parameters; the checkpoint the 2-process run wrote collectively must restore in one process.
+A third 2-process job is preempted (issue 27): one of its processes gets SIGTERM mid-run, both
+save the same step and exit 143, and the same command then finishes it exactly as the
+uninterrupted 2-process job.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,12 +34,14 @@ pytestmark = pytest.mark.slow  # three JAX processes start and compile: ~1-2 min
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420  # a hung collective must fail the test, not hang the suite
-STEPS = 3
+STEPS = 6
 
 # configs/demo.py:tiny (64 training images, global batch 8: 2 per device, a width/16 trunk on
-# 48 px crops), one stage of STEPS steps, single-view evaluation.
+# 48 px crops), one stage of STEPS steps, single-view evaluation; the last step's checkpoint
+# is the only periodic one.
 OVERRIDES = {
     "max_steps": STEPS,
+    "checkpoint_every_steps": 1000,
     "stage1.num_epochs": 0,
     "data.num_workers": 0,
     "eval.ten_view": False,
@@ -43,11 +50,29 @@ OVERRIDES = {
 # The process entry point, run as ``python -c``: it records every copy of the parameters this
 # process holds (one per local device) each time a checkpoint is saved, then runs
 # rma_jax.main exactly as ``python -m rma_jax.main`` would (same argv, run as __main__).
+# RMA_TEST_STEP_SECONDS slows every training step (the preemption sync point needs a few of
+# them to come round); RMA_TEST_SIGTERM_AFTER=n sends this process SIGTERM after its n-th.
 _RECORDING_MAIN = r"""
-import os, runpy, sys
+import os, runpy, signal, sys, time
 import numpy as np
 import jax
-from rma_jax import checkpointing
+from rma_jax import checkpointing, steps
+
+_jit_train_step = steps.jit_train_step
+
+def jit_train_step(*args, **kwargs):
+  fn, taken = _jit_train_step(*args, **kwargs), [0]
+  def step(*a):
+    out = fn(*a)
+    jax.block_until_ready(out)
+    taken[0] += 1
+    if taken[0] == int(os.environ.get("RMA_TEST_SIGTERM_AFTER", "0")):
+      os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(float(os.environ.get("RMA_TEST_STEP_SECONDS", "0")))
+    return out
+  return step
+
+steps.jit_train_step = jit_train_step
 
 _save = checkpointing.save
 
@@ -74,15 +99,21 @@ def _config():
   return ablations.apply_overrides(demo.get_config("tiny"), OVERRIDES)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+  """n distinct free ports (held open together while chosen, so none is picked twice)."""
+  sockets = [socket.socket() for _ in range(n)]
+  try:
+    for s in sockets:
+      s.bind(("localhost", 0))
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
 
 
-def _start(args: list[str], workdir: str, devices: int, log: str, dump_dir: str | None = None
-           ) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+def _start(args: list[str], workdir: str, devices: int, log: str, dump_dir: str | None = None,
+           **test_env: str) -> subprocess.Popen:
+  env = dict(os.environ, **test_env, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
                         + os.environ.get("RMA_TEST_XLA_FLAGS", "")),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -98,7 +129,9 @@ def _start(args: list[str], workdir: str, devices: int, log: str, dump_dir: str 
                             start_new_session=True)
 
 
-def _wait_all(procs: dict[str, tuple[subprocess.Popen, str]]) -> None:
+def _wait_all(procs: dict[str, tuple[subprocess.Popen, str]], status: int = 0) -> None:
+  """Waits for every process; fails the test (with each failed log's end) unless all exit
+  with ``status``."""
   deadline = time.monotonic() + TIMEOUT_S
   failed = []
   for name, (p, log) in procs.items():
@@ -106,39 +139,62 @@ def _wait_all(procs: dict[str, tuple[subprocess.Popen, str]]) -> None:
       rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
       rc = "timeout"
-    if rc != 0:
+    if rc != status:
       failed.append((name, rc, log))
-  for p, _ in procs.values():
-    if p.poll() is None:
-      os.killpg(p.pid, signal.SIGKILL)
-      p.wait()
   if failed:
     report = []
     for name, rc, log in failed:
       with open(log) as f:
-        report.append(f"--- {name}: exit {rc}; last lines of {log}:\n"
+        report.append(f"--- {name}: exit {rc} (expected {status}); last lines of {log}:\n"
                       + "".join(f.readlines()[-30:]))
     pytest.fail("\n".join(report))
 
 
 @pytest.fixture(scope="module")
 def runs(shared_once):
-  """Runs the 2-process and the 1-process job side by side, once per session; returns their
-  folders."""
+  """Runs, once per session, side by side: the 2-process job, the 1-process job, and the
+  2-process job whose process 1 gets SIGTERM after its second step (steps slowed to 0.5 s
+  each), then the same command again to finish that one. Returns their folders."""
   def build(root):
-    multi, single, dumps = root / "two_processes", root / "one_process", root / "dumps"
-    dumps.mkdir()
-    port = _free_port()
-    procs = {}
-    for i in range(2):
-      log = str(root / f"process_{i}.log")
-      procs[f"process {i} of 2"] = (_start(
-          [f"--coordinator_address=localhost:{port}", "--num_processes=2",
-           f"--process_id={i}"], str(multi), devices=2, log=log, dump_dir=str(dumps)), log)
-    log = str(root / "single.log")
-    procs["single process"] = (_start([], str(single), devices=4, log=log), log)
-    _wait_all(procs)
-    return {"multi": str(multi), "single": str(single), "dumps": str(dumps), "root": str(root)}
+    folders = {name: root / name for name in (
+        "two_processes", "one_process", "dumps", "preempted", "preempted_dumps",
+        "resumed_dumps")}
+    for name in ("dumps", "preempted_dumps", "resumed_dumps"):
+      folders[name].mkdir()
+    started = []
+
+    def two_processes(workdir, dumps, tag, port, envs=({}, {})):
+      procs = {}
+      for i in range(2):
+        log = str(root / f"{tag}_{i}.log")
+        procs[f"{tag}: process {i} of 2"] = (_start(
+            [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+             f"--process_id={i}"], str(workdir), devices=2, log=log, dump_dir=str(dumps),
+            **envs[i]), log)
+      started.extend(p for p, _ in procs.values())
+      return procs
+
+    try:
+      ports = _free_ports(3)
+      reference = two_processes(folders["two_processes"], folders["dumps"], "process", ports[0])
+      log = str(root / "single.log")
+      reference["single process"] = (_start([], str(folders["one_process"]), devices=4,
+                                            log=log), log)
+      started.append(reference["single process"][0])
+      slow = {"RMA_TEST_STEP_SECONDS": "0.5"}
+      _wait_all(two_processes(folders["preempted"], folders["preempted_dumps"], "preempted",
+                              ports[1], envs=(slow, dict(slow, RMA_TEST_SIGTERM_AFTER="2"))),
+                status=143)
+      reference.update(two_processes(folders["preempted"], folders["resumed_dumps"], "resumed",
+                                     ports[2]))
+      _wait_all(reference)
+    finally:  # a failure leaves no process behind
+      for p in started:
+        if p.poll() is None:
+          os.killpg(p.pid, signal.SIGKILL)
+          p.wait()
+    return {"multi": str(folders["two_processes"]), "single": str(folders["one_process"]),
+            "root": str(root), **{k: str(v) for k, v in folders.items()}}
   return shared_once("multihost_runs", build)
 
 
@@ -254,3 +310,48 @@ def test_load_params_reads_a_two_process_checkpoint_in_one_process(runs, restore
   assert step == STEPS
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored["multi"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _saved_steps(dumps: str) -> dict[int, set[int]]:
+  """{process: the steps of its saves to checkpoints/latest}, from the recorded copies."""
+  saved: dict[int, set[int]] = {0: set(), 1: set()}
+  for name in os.listdir(dumps):
+    m = re.fullmatch(r"latest_step(\d+)_process(\d)\.npz", name)
+    if m:
+      saved[int(m.group(2))].add(int(m.group(1)))
+  return saved
+
+
+def test_a_sigterm_to_one_process_saves_the_same_step_on_both(runs):
+  """Process 1 alone got SIGTERM after its second step: through JAX's preemption sync point
+  both processes saved the same later step (no periodic checkpoint was due), both exited 143
+  (the fixture checks it), and process 0 said where the run stopped and how to go on."""
+  saved = _saved_steps(runs["preempted_dumps"])
+  assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+  (step,) = saved[0]
+  assert 2 <= step < STEPS, step
+  latest_dir = checkpointing.checkpoint_dir(runs["preempted"], checkpointing.LATEST)
+  with open(os.path.join(runs["root"], "preempted_0.log")) as f:
+    lines = f.read().strip().splitlines()
+  assert lines[-1] == (
+      f"SIGTERM: stopped after step {step} of {STEPS}, saved in {latest_dir}. Run the same "
+      f"command to continue in {runs['preempted']} (exit status 143: requeue the job)"), lines[-5:]
+  with open(os.path.join(runs["root"], "resumed_0.log")) as f:
+    resumed = f.read()
+  assert re.search(rf"Training {STEPS} steps .* from step {step}\n", resumed), resumed[-2000:]
+  assert _saved_steps(runs["resumed_dumps"]) == {0: {STEPS}, 1: {STEPS}}
+
+
+def test_the_preempted_job_resumes_exactly(runs):
+  """The preempted-and-resumed job ends with the uninterrupted 2-process job's parameters,
+  Adam state and step, bitwise, and the same test scores."""
+  ours = checkpointing.restore_replicated(checkpointing.latest_manager(runs["preempted"]), STEPS)
+  theirs = checkpointing.restore_replicated(checkpointing.latest_manager(runs["multi"]), STEPS)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  results = []
+  for k in ("preempted", "multi"):
+    with open(os.path.join(runs[k], "report", "report.json")) as f:
+      results.append({k: v for k, v in json.load(f)["results"].items() if k != "workdir"})
+  assert results[0] == results[1] and results[0]["protocols"][results[0]["headline"]]["mAP"] > 0

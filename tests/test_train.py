@@ -28,7 +28,7 @@ import pytest
 from benchmarks.timing import CompileCounter
 from rma_jax.configs import ablations, demo
 from rma_jax import (build, checkpointing, config_checks, evaluate, losses, metric_writer,
-                     models, optimizer, parallel, pixels, steps, train)
+                     models, optimizer, parallel, pixels, preemption, steps, train)
 from rma_jax import init as init_lib
 from rma_jax import workdir as workdir_lib
 from rma_jax import data as data_lib
@@ -994,8 +994,8 @@ def _arrays(workdir, step):
 
 def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run, tmp_path):
   """SIGTERM while training (checkpoints every 1,000 steps): the step in flight is saved, the
-  run says where it stopped and exits 143 within 30 s; SIGINT during the final evaluation
-  stops it before any report file is written (exit 130); the restart finishes both, and its
+  run says where it stopped and exits 143 within 30 s; SIGTERM during the final evaluation
+  stops it before any report file is written (exit 143); the restart finishes both, and its
   parameters, optimizer state, moving average of the parameters and scores equal the
   uninterrupted run's bitwise."""
   wd = str(tmp_path / "run")
@@ -1010,11 +1010,12 @@ def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run,
       f"command to continue in {wd} (exit status 143: requeue the job)")
   assert "Traceback" not in stderr
 
-  rc, stderr, seconds = _run_until(wd, r"Evaluating best checkpoint", signal.SIGINT, *SHARED_FLAGS,
-                                   "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
-  assert rc == 130 and seconds < 30, stderr[-3000:]
+  rc, stderr, seconds = _run_until(wd, r"Evaluating best checkpoint", signal.SIGTERM,
+                                   *SHARED_FLAGS, "--config.max_steps=4",
+                                   "--config.checkpoint_every_steps=1000")
+  assert rc == 143 and seconds < 30, stderr[-3000:]
   assert f"at step {saved[0]}" in stderr and "Traceback" not in stderr
-  assert stderr.strip().splitlines()[-1].startswith("SIGINT: stopped during the evaluation")
+  assert stderr.strip().splitlines()[-1].startswith("SIGTERM: stopped during the evaluation")
   assert not os.path.exists(os.path.join(wd, "report"))
   reference = finished_run[0]
   ours, theirs = _arrays(wd, 4), _arrays(reference, 4)
@@ -1030,6 +1031,24 @@ def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run,
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigint_is_recorded_once_and_a_second_one_interrupts_at_once():
+  """Ctrl-C: the first SIGINT is recorded (the run stops after saving, exit status 130), the
+  second raises KeyboardInterrupt at once; leaving restores the previous handler."""
+  before = signal.getsignal(signal.SIGINT)
+  with preemption.StopSignals() as stop:
+    assert not stop.requested
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested and stop.signum == signal.SIGINT
+    error = stop.stopped("stopped after step 3 of 4, saved in C", "W")
+    assert error.exit_status == 130 and str(error) == (
+        "SIGINT: stopped after step 3 of 4, saved in C. Run the same command to continue in W "
+        "(exit status 130: requeue the job)")
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs at once; this is never reached
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 # --------------------------------------------------------------------------- storage faults
