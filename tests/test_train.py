@@ -1152,27 +1152,53 @@ def test_a_read_only_checkpoint_folder_stops_the_run_at_once(tmp_path, mounts):
     pass
 
 
+# The main job with every checkpoint's last act (Orbax's rename of the finished temporary
+# folder to its step's name) put off by RMA_TEST_FINALIZE_SECONDS: a save is then surely in
+# progress while its temporary folder exists.
+_SLOW_SAVE_MAIN = r"""
+import asyncio, os, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self):
+  await asyncio.sleep(float(os.environ["RMA_TEST_FINALIZE_SECONDS"]))
+  await _finalize(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv = ["rma_jax.main"] + sys.argv[1:]
+runpy.run_module("rma_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_a_second_sigterm_during_the_save_leaves_a_restorable_workdir(finished_run, tmp_path):
-  """Two SIGTERMs in a row: the second ends the process at once (default action), wherever
-  the save of the first had got to. The checkpoint is complete or absent, never partial, and
-  the same command then finishes with the uninterrupted run's parameters."""
+  """Two SIGTERMs: the second comes while the first one's save is being written (its
+  temporary folder exists; the save is slowed) and ends the process at once (default
+  action). The checkpoint is absent, not partial, and the same command then finishes with
+  the uninterrupted run's parameters."""
   wd = str(tmp_path / "run")
   args = (*SHARED_FLAGS, "--config.max_steps=4", "--config.checkpoint_every_steps=1000")
-  proc = subprocess.Popen(_cmd(wd, *args), cwd=ROOT, env=_ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE_MAIN, *_cmd(wd, *args)[3:]],
+                          cwd=ROOT, env=dict(_ENV, RMA_TEST_FINALIZE_SECONDS="5"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   lines = []
   for line in proc.stderr:
     lines.append(line)
     if re.search(r"\] Training 4 steps", line):
       proc.send_signal(signal.SIGTERM)
-    elif "SIGTERM received" in line:  # the handler ran and gave the signal back
-      time.sleep(0.05)
-      proc.send_signal(signal.SIGTERM)
       break
+  latest = checkpointing.checkpoint_dir(wd, checkpointing.LATEST)
+  deadline = time.time() + 60
+  while not glob.glob(os.path.join(latest, "*.orbax-checkpoint-tmp*")):
+    assert time.time() < deadline and proc.poll() is None, "".join(lines[-20:])
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
   proc.communicate(timeout=60)
-  assert proc.returncode in (-signal.SIGTERM, 143), "".join(lines[-20:])
+  assert proc.returncode == -signal.SIGTERM, "".join(lines[-20:])
+  assert _steps(wd) == [] and glob.glob(os.path.join(latest, "*.orbax-checkpoint-tmp*"))
   done = _main(wd, *args, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert "from step 0" in done.stderr
   for a, b in zip(jax.tree.leaves(_arrays(wd, 4)), jax.tree.leaves(_arrays(finished_run[0], 4)),
                   strict=True):
     np.testing.assert_array_equal(a, b)
