@@ -41,7 +41,9 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 # Library warnings that are not: Orbax warns whenever a manager is opened read-only, which
 # is how checkpoints are read for evaluation and initialisation.
-_NOT_WARNINGS = ("Given directory is read only",)
+# Library warnings a run reports in its own words: Orbax's read-only manager notice, and its
+# "Reached preemption sync point" (several per host; rma_jax.preemption logs one line).
+_NOT_WARNINGS = ("Given directory is read only", "Reached preemption sync point")
 
 
 class LibraryChatterFilter(logging.Filter):
@@ -58,7 +60,7 @@ class LibraryChatterFilter(logging.Filter):
     message = record.getMessage()
     if "\n" in message:
       record.msg, record.args = message.splitlines()[0] + " [...]", None
-    return record.levelno >= logging.WARNING and not str(record.msg).startswith(_NOT_WARNINGS)
+    return record.levelno >= logging.WARNING and not any(w in message for w in _NOT_WARNINGS)
 
 
 def _quiet_unraisable(unraisable) -> None:

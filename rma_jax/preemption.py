@@ -81,6 +81,10 @@ class StopSignals:
     every process after every step). ``manager``: the checkpoint manager whose
     ``reached_preemption`` is JAX's sync point."""
     if jax.process_count() > 1 and manager.reached_preemption(step):
+      if self.signum is None:
+        logging.warning("SIGTERM reached a process of %d: every process stops after step %d "
+                        "once it is saved (JAX's preemption sync point)", jax.process_count(),
+                        step)
       self.signum = self.signum or signal.SIGTERM
       return True
     return self.signum is not None and jax.process_count() == 1

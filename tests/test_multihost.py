@@ -333,6 +333,10 @@ def test_a_sigterm_to_one_process_saves_the_same_step_on_both(runs):
   latest_dir = checkpointing.checkpoint_dir(runs["preempted"], checkpointing.LATEST)
   with open(os.path.join(runs["root"], "preempted_0.log")) as f:
     lines = f.read().strip().splitlines()
+  said = [line for line in lines if "preemption sync point" in line]
+  assert len(said) == 1 and said[0].endswith(
+      f"SIGTERM reached a process of 2: every process stops after step {step} once it is "
+      "saved (JAX's preemption sync point)"), said
   assert lines[-1] == (
       f"SIGTERM: stopped after step {step} of {STEPS}, saved in {latest_dir}. Run the same "
       f"command to continue in {runs['preempted']} (exit status 143: requeue the job)"), lines[-5:]

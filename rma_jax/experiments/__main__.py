@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import logging  # noqa: E402
 
-from rma_jax import configs  # noqa: E402
+from rma_jax import configs, console  # noqa: E402
 from rma_jax.configs import ablations  # noqa: E402
 from rma_jax.experiments import check, runner  # noqa: E402
 from rma_jax.experiments import tables as tables_lib  # noqa: E402  (`tables`: the keys)
@@ -21,6 +21,7 @@ def main(argv: Sequence[str]) -> None:
   from absl import app
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  console.quiet_library_logs()  # library INFO lines as in the main job: --verbosity=1
   import jax
   if FLAGS.compilation_cache:
     # Seeds (and runs with the same architecture and loss) compile identical programs:
