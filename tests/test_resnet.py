@@ -7,6 +7,7 @@ torchvision is not needed (nor installed here): the torch reference
 written out with its module names, so its ``state_dict()`` has torchvision's keys.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -326,3 +327,12 @@ def test_a_resnet_run_exports_and_the_artifact_equals_the_model(resnet_run, tmp_
                      for i in ids])
   got = exp.call(leaves, images)
   np.testing.assert_allclose(got["scores"], want, rtol=1e-5, atol=1e-5)
+  if all(importlib.util.find_spec(m) for m in ("jax2onnx", "onnxruntime")):  # .[export]
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+    # The ONNX leg: jax2onnx's max_pool once dropped the stem pool's padding (a 0.44 error).
+    export.export_run(run, str(tmp_path / "onnx"), formats=("onnx",), progress=lambda _: 0)
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "single_view.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    onnx_scores = session.run(None, {"images": images})[names.index("scores")]
+    np.testing.assert_allclose(onnx_scores, want, rtol=1e-4, atol=1e-4)
