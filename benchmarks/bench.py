@@ -3,6 +3,7 @@ r"""Speed benchmarks of the model, with an independent PyTorch implementation si
     python -m benchmarks.bench --smoke                    # seconds: tiny model, all cases
     python -m benchmarks.bench --config=configs/default.py --image_size=512 --crop_size=448 \
         --batch=2 --dtype=float32 --repeats=3 --markdown_out=/tmp/bench.md
+    python -m benchmarks.bench --config=configs/voc_resnet101.py --batch=2 ...  # ResNet-101
 
 Run from the repository root (``benchmarks`` is a folder of the repository, not of the
 installed package). For one model configuration it measures, each as one JSON line on stdout
@@ -17,10 +18,15 @@ installed package). For one model configuration it measures, each as one JSON li
   flips of conv5_3 batched into ONE attention call — images/s;
 * ``latency_single_view``, ``latency_ten_view``: the same at batch 1, milliseconds per image.
 
-With PyTorch importable (and ``--torch``), ``benchmarks/torch_rma.py`` runs the same network
-with the same weights, shapes, batch and thread count in the same process; every record then
-carries the PyTorch figure and ``ratio`` = rma_jax images/s / PyTorch images/s (> 1: rma_jax
-is faster). Times are medians over ``--repeats`` calls after ``--warmup`` calls; in the
+The trunk is the config's (``model.trunk``: VGG-16, or a ResNet with its stride, batch norm
+and ``region_pool``). With PyTorch importable (and ``--torch``), ``benchmarks/torch_rma.py``
+runs the same network with the same weights, shapes, batch and thread count in the same
+process (a ResNet's weights by torchvision's names, its batch norm given non-trivial
+statistics first, ``randomise_batch_norm``, so that the check below covers them); every
+record then carries the PyTorch figure and ``ratio`` = rma_jax images/s / PyTorch images/s
+(> 1: rma_jax is faster). Before an evaluation case is timed, the two frameworks' scores of
+the same images are compared (``torch_max_rel_diff``, max|Δ| / max|torch|); above
+``AGREEMENT`` the run stops: timing two different networks compares nothing. Times are medians over ``--repeats`` calls after ``--warmup`` calls; in the
 evaluation cases the two frameworks' timed calls alternate (``timing.interleaved_times``), so
 that a shared machine's drift reaches both sides of the ratio alike. Compare the two
 columns of one run rather than runs of different days.
@@ -31,8 +37,8 @@ time. Every record names the CPU (``cpu_model``) and its vector extensions
 (``cpu_extensions``): a ratio measured on one CPU kind does not hold on another.
 
 FLOPs are the model's: XLA's cost analysis of the same step with ``model.conv_impl='xla'``
-(direct convolutions, no loops: the cost analysis counts a loop body once), whichever
-``conv_impl`` runs. The Winograd forward (``rma_jax.kernels.cpu.winograd``) does 4x fewer
+and the loops written out (``build.unrolled``: the cost analysis counts a loop body once),
+whichever ``conv_impl`` runs. The Winograd forward (``rma_jax.kernels.cpu.winograd``) does 4x fewer
 multiplications
 in the convolutions, so its achieved FLOP/s, and % of matmul peak, are effective figures
 that can exceed the peak.
@@ -68,6 +74,9 @@ from rma_jax.data import classes as data_classes
 from benchmarks import bench_records, bench_torch, timing
 
 CASES = ("train", "single_view", "ten_view", "latency")
+AGREEMENT = {"float32": 1e-3, "bfloat16": 5e-2}
+"""The largest max|Δ| / max|torch| of the scores at which the two sides count as one network
+(float32: rounding of two convolution libraries; bfloat16 rounds at 2^-8)."""
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
   """What to benchmark. ``image_size`` is N (ten-view input), ``crop_size`` N - 64. The sizes
@@ -84,6 +93,10 @@ class BenchSettings:
   hidden_dim: int
   z_dim: int
   num_classes: int
+  trunk: str = "vgg16"
+  resnet_stride: int = 32
+  bn: str = "frozen"
+  region_pool: str = "flatten"
   cases: tuple[str, ...] = CASES
   repeats: int = 3
   warmup: int = 1
@@ -121,8 +134,8 @@ def settings_from_config(config: ml_collections.ConfigDict, **overrides) -> Benc
   values = dict(image_size=d.image_size, crop_size=d.crop_size, batch=config.optim.batch_size,
                 dtype=m.dtype, width=m.width, num_regions=m.num_regions,
                 sample_size=m.sample_size, x_dim=m.x_dim, hidden_dim=m.hidden_dim,
-                z_dim=m.z_dim,
-                num_classes=len(data_classes.BUILTIN_CLASSES.get(d.name, range(20))))
+                z_dim=m.z_dim, trunk=m.trunk, resnet_stride=m.resnet_stride, bn=m.bn,
+                region_pool=m.region_pool, num_classes=len(data_classes.BUILTIN_CLASSES.get(d.name, range(20))))
   values.update({k: v for k, v in overrides.items() if v is not None})
   return BenchSettings(**values)
 
@@ -133,7 +146,7 @@ def bench_config(settings: BenchSettings,
   config = ml_collections.ConfigDict((base if base is not None else load_config()).to_dict())
   config.model.name = "rma"
   for field in ("width", "num_regions", "sample_size", "x_dim", "hidden_dim", "z_dim",
-                "dtype"):
+                "dtype", "trunk", "resnet_stride", "bn", "region_pool"):
     config.model[field] = getattr(settings, field)
   config.data.image_size = settings.image_size
   config.data.crop_size = settings.crop_size
@@ -142,6 +155,22 @@ def bench_config(settings: BenchSettings,
   # Random pixels, not a data set: no TFDS (nor TensorFlow) needed to benchmark the model.
   config.data.update(name="demo", source="demo")
   return config
+
+
+def randomise_batch_norm(params: Any, seed: int) -> Any:
+  """``params`` with every batch norm's ``scale``, ``bias``, ``mean`` and ``var`` drawn at
+  random (a fresh one is the identity, which would hide a mix-up of the four), scaled so
+  that activations stay O(1) through a ResNet's residual sums; other parameters as given."""
+  rng = np.random.default_rng(seed)
+  draw = {"scale": lambda s: 0.2 + 0.6 * rng.random(s), "bias": lambda s: 0.1 * rng.standard_normal(s),
+          "mean": lambda s: 0.2 * rng.standard_normal(s), "var": lambda s: 0.5 + rng.random(s)}
+
+  def leaf(path, value):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if len(names) > 1 and "bn" in names[-2] and names[-1] in draw:
+      return jnp.asarray(draw[names[-1]](value.shape), value.dtype)
+    return value
+  return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def mesh_for_batch(batch: int, devices: Sequence[jax.Device] | None = None):
@@ -172,6 +201,18 @@ def random_batch(rng: np.random.Generator, batch: int, size: int, num_classes: i
 # ----------------------------------------------------------------------------- the cases
 
 
+def agreement(calls: dict[str, Callable[[], Any]], dtype: str, case: str) -> float:
+  """max|Δ| / max|torch| of the two sides' scores (one untimed call each); raises above
+  ``AGREEMENT[dtype]``."""
+  ours = np.asarray(jax.device_get(calls["rma_jax"]()), np.float64)
+  theirs = np.asarray(calls["torch"](), np.float64)
+  rel = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+  if not rel <= AGREEMENT[dtype]:
+    raise RuntimeError(f"{case}: rma_jax and PyTorch scores differ by {rel:.3g} of their "
+                       f"largest (> {AGREEMENT[dtype]}): not the same network")
+  return rel
+
+
 def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDict | None = None,
                    emit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
   """Runs every case of ``settings`` and returns one record each (``bench_records``).
@@ -193,7 +234,7 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
   model = build.build_model(config, settings.num_classes)
   flops_config = ml_collections.ConfigDict(config.to_dict())
   flops_config.model.conv_impl = "xla"
-  flops_model = build.build_model(flops_config, settings.num_classes)  # the FLOPs to count
+  flops_model = build.unrolled(build.build_model(flops_config, settings.num_classes))
   convention = config.data.pixel_convention
   loss_cfg = steps.LossConfig.from_config(config)
   rng = np.random.default_rng(settings.seed)
@@ -219,9 +260,10 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
     return rec
 
   records = []
-  params = jax.jit(model.init)(
+  params = randomise_batch_norm(jax.jit(model.init)(
       jax.random.key(settings.seed),
-      jnp.zeros((1, settings.crop_size, settings.crop_size, 3), jnp.float32))["params"]
+      jnp.zeros((1, settings.crop_size, settings.crop_size, 3), jnp.float32))["params"],
+                                 settings.seed)
   torch_runner = (bench_torch.TorchRunner(settings, params, threads, convention)
                   if run_torch else None)
 
@@ -255,6 +297,7 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
       torch_times = timing.time_calls(torch_runner.train_step_fn(host_batch),
                                       warmup=settings.warmup, repeats=settings.repeats)
       torch_peak = timing.peak_rss_bytes()
+      torch_runner.reset_weights()  # the evaluation cases compare against the JAX weights
     records.append(finish(rec, flops, compile_s, counter.count, mesh.size, torch_times,
                           torch_peak))
 
@@ -287,6 +330,7 @@ def run_benchmarks(settings: BenchSettings, base_config: ml_collections.ConfigDi
         for _ in range(settings.warmup):
           calls["torch"]()
         torch_peak = timing.peak_rss_bytes()
+        extra["torch_max_rel_diff"] = agreement(calls, settings.dtype, case)
       # Round-robin, one call of each framework in turn: a shared machine's speed drifts
       # over minutes, and both sides of the ratio then see the same drift.
       times = timing.interleaved_times(calls, settings.repeats, warmup=False)

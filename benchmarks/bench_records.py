@@ -11,22 +11,26 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from rma_jax.weights import TRUNK_NAMES
+
 RECORD_KEYS = (
-    "case", "framework", "backend", "device", "num_devices", "input_size", "image_size",
+    "case", "trunk", "framework", "backend", "device", "num_devices", "input_size", "image_size",
     "crop_size", "batch", "dtype", "width", "num_regions", "sample_size", "images_per_s",
     "latency_ms", "step_s", "step_s_all", "compile_s", "compiles_after_first_call",
     "flops_per_image", "achieved_flops_per_s", "peak_flops_per_s", "flops_utilization",
     "peak_memory_bytes", "memory_source", "threads", "repeats",
     "torch_images_per_s", "torch_latency_ms", "torch_step_s", "torch_peak_memory_bytes",
     "torch_flops_utilization", "ratio", "prepare_s", "prepared_bytes", "load_average",
-    "glibc_tunables", "cpu_model", "cpu_extensions")
+    "glibc_tunables", "cpu_model", "cpu_extensions", "torch_max_rel_diff")
 """Keys of every JSON record (torch_* and ratio are None when PyTorch is not run;
 ``prepare_s``/``prepared_bytes``, of the evaluation cases only: the time and size of
 ``rma_jax.kernels.prepare_fn``'s function, run once before the timed calls as an evaluation
 pass does; ``load_average``: the 1-minute load average after the case; ``glibc_tunables``:
 the environment's ``GLIBC_TUNABLES``, which changes how both frameworks' buffers are paged;
 ``cpu_model``, ``cpu_extensions``: the CPU and its vector extensions (``timing.cpu_description``):
-ratios hold for one CPU kind only)."""
+ratios hold for one CPU kind only); ``trunk``: the config's ``model.trunk``;
+``torch_max_rel_diff``, of the evaluation cases with PyTorch: max|Δ| / max|torch| of the two
+sides' scores, checked before timing (``bench.agreement``))."""
 
 
 def record(settings: Any, case: str, input_size: int, batch: int, times: list[float],
@@ -34,7 +38,7 @@ def record(settings: Any, case: str, input_size: int, batch: int, times: list[fl
   """The record of one case from its step times (``extra`` fills further keys)."""
   step = statistics.median(times)
   rec = {k: None for k in RECORD_KEYS}
-  rec.update(case=case, framework="rma_jax", input_size=input_size,
+  rec.update(case=case, trunk=settings.trunk, framework="rma_jax", input_size=input_size,
              image_size=settings.image_size, crop_size=settings.crop_size, batch=batch,
              dtype=settings.dtype, width=settings.width, num_regions=settings.num_regions,
              sample_size=settings.sample_size, images_per_s=batch / step,
@@ -67,13 +71,14 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
 
 def markdown_table(records: Iterable[dict[str, Any]]) -> str:
   """A Markdown table of the records, one row per case, PyTorch and the ratio beside."""
-  header = ("| case | input | batch | dtype | rma_jax img/s | PyTorch img/s | ratio | "
+  header = ("| trunk | case | input | batch | dtype | rma_jax img/s | PyTorch img/s | ratio | "
             "latency ms (jax / torch) | compile s | recompiles | GFLOP/img | "
             "achieved GFLOP/s | % of matmul peak | peak mem MiB (jax / torch) |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for r in records:
     lines.append("| " + " | ".join([
-        r["case"], f"{r['input_size']}²", str(r["batch"]), r["dtype"],
+        # Records from before the trunk was recorded are VGG-16's.
+        TRUNK_NAMES.get(r.get("trunk") or "vgg16", str(r.get("trunk"))), r["case"], f"{r['input_size']}²", str(r["batch"]), r["dtype"],
         _fmt(r["images_per_s"], ".3g"), _fmt(r["torch_images_per_s"], ".3g"),
         _fmt(r["ratio"], ".2f"),
         f"{_fmt(r['latency_ms'], '.4g')} / {_fmt(r['torch_latency_ms'], '.4g')}",

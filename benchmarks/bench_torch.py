@@ -27,11 +27,23 @@ class TorchRunner:
     self.settings = settings
     self.model = self.tr.TorchRMA(
         settings.num_classes, settings.num_regions, settings.sample_size, settings.width,
-        settings.x_dim, settings.hidden_dim, settings.z_dim)
-    self.tr.load_flax_params(self.model, jax.device_get(params))
-    self.model = self.model.to(memory_format=torch.channels_last)
+        settings.x_dim, settings.hidden_dim, settings.z_dim, trunk=settings.trunk,
+        resnet_stride=settings.resnet_stride, region_pool=settings.region_pool)
+    self.params = params
+    self.reset_weights()
+    self.model = self.model.to(memory_format=torch.channels_last).eval()
+    # Batch norm as the JAX side's model.bn: frozen (statistics and affine fixed, as
+    # detection codebases' FrozenBatchNorm) or fine-tuned (a training batch's statistics).
+    self.finetune_bn = settings.bn == "finetune"
+    for m in self.model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d) and not self.finetune_bn:
+        m.requires_grad_(False)
     self.convention = convention
     self.bf16 = settings.dtype == "bfloat16"
+
+  def reset_weights(self) -> None:
+    """The JAX side's weights again (after the train case's steps changed them)."""
+    self.tr.load_flax_params(self.model, jax.device_get(self.params))
 
   def _images(self, images_uint8: np.ndarray):
     torch = self.torch
@@ -49,17 +61,20 @@ class TorchRunner:
 
   def train_step_fn(self, batch: dict[str, np.ndarray], lr: float = 1e-5) -> Callable:
     torch = self.torch
-    opt = torch.optim.Adam(self.model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=lr,
+                           betas=(0.9, 0.999), eps=1e-8)
     images = batch["image"]
     labels = torch.from_numpy(batch["labels"])
 
     def step():
       opt.zero_grad(set_to_none=True)
+      self.model.train(self.finetune_bn)
       with self._autocast():
         out = self.model(self._images(images))
       loss, _, _ = self.tr.total_loss(out, labels)
       loss.backward()
       opt.step()
+      self.model.eval()
       return loss.item()
     return step
 

@@ -6,9 +6,13 @@ re-derives the network from the paper (and docs/design.md §1–2) in plain PyTo
 implementation shows up as a mismatch against the other:
 
 * VGG-16 conv1_1 … conv5_3 (3x3, ReLU, 2x2 max-pool after blocks 1–4, no pool5), NCHW, run
-  in ``channels_last`` memory format by default (oneDNN's fast path on CPU).
+  in ``channels_last`` memory format by default (oneDNN's fast path on CPU); or
+  torchvision's ResNet-50/101 (v1.5 bottleneck) to layer4 with torchvision's module names
+  (``TorchResNet``; torchvision itself is not needed).
 * The scale-and-translate sampler, either separable (tent-weight matrices and two matmuls)
   or generic (``F.affine_grid`` + ``F.grid_sample``, bilinear, zeros, align_corners=False).
+* W_fx on the flattened S x S x C region (the paper) or on its mean over the S x S samples
+  (``region_pool='avg'``, the ResNet configs'; docs/design.md §7).
 * The paper's LSTM (Eq. 4: gates i, g (forget), o, m; ``h = o * c``), K+1 steps, step 0
   unscored, category-wise max over the K region scores (Eq. 6).
 * The losses: softmax + squared distance to the normalised labels (Eq. 7–8) and the
@@ -16,12 +20,15 @@ implementation shows up as a mismatch against the other:
 
 ``load_flax_params`` copies a Flax ``RMA``/``VGG16`` parameter tree into these modules
 (conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in)); fc6 flattens the sampled
-region in (h, w, c) order, as the Flax model does.
+region in (h, w, c) order, as the Flax model does. A ResNet trunk's parameters go by
+torchvision's state-dict names, the ones ``python -m rma_jax.pretrained`` reads
+(``rma_jax.weights.convert``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -68,6 +75,71 @@ class TorchVGG16(nn.Module):
     if self.head is None:
       return x
     return self.head(x.to(_float(x.dtype)).mean(dim=(2, 3)))
+
+
+RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+class TorchBottleneck(nn.Module):
+  """torchvision's ``Bottleneck`` (v1.5: the stride on the 3x3 convolution), its names."""
+
+  def __init__(self, inplanes: int, planes: int, stride: int, dilation: int,
+               downsample: nn.Module | None):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation,
+                           bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU()
+    self.downsample = downsample
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = self.relu(self.bn1(self.conv1(x)))
+    y = self.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet(nn.Module):
+  """torchvision's ``ResNet`` with ``Bottleneck``: its module names (``conv1``, ``bn1``,
+  ``layer1.0.downsample.0`` …, and ``fc``, which ``forward`` does not use), every channel
+  count divided by ``width``; ``forward`` is the layer4 map (no pooling). ``dilate_layer4``:
+  torchvision's ``replace_stride_with_dilation=[False, False, True]`` (stride 16)."""
+
+  def __init__(self, depth: int = 50, dilate_layer4: bool = False, width: int = 1):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64 // width, 7, 2, 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64 // width)
+    self.relu = nn.ReLU()
+    self.maxpool = nn.MaxPool2d(3, 2, 1)
+    self.inplanes, self.dilation = 64 // width, 1
+    for i, blocks in enumerate(RESNET_DEPTHS[depth]):
+      setattr(self, f"layer{i + 1}", self._make_layer(
+          64 * 2**i // width, blocks, 1 if i == 0 else 2, dilate=dilate_layer4 and i == 3))
+    self.out_channels = self.inplanes
+    self.stride = 16 if dilate_layer4 else 32
+    self.fc = nn.Linear(self.inplanes, 1000)
+
+  def _make_layer(self, planes: int, blocks: int, stride: int, dilate: bool) -> nn.Module:
+    previous = self.dilation
+    if dilate:  # torchvision's _make_layer(dilate=True)
+      self.dilation *= stride
+      stride = 1
+    downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                               nn.BatchNorm2d(planes * 4))
+    out = [TorchBottleneck(self.inplanes, planes, stride, previous, downsample)]
+    self.inplanes = planes * 4
+    out += [TorchBottleneck(self.inplanes, planes, 1, self.dilation, None)
+            for _ in range(1, blocks)]
+    return nn.Sequential(*out)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 2048 / width, H / stride, W / stride) layer4."""
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 def interpolation_matrix(scale: torch.Tensor, shift: torch.Tensor, out_size: int,
@@ -118,9 +190,10 @@ class TorchAttentionCell(nn.Module):
   """Eq. 2, 4, 5: region features -> LSTM -> (s_k, next transform, z_k)."""
 
   def __init__(self, channels: int, num_classes: int, sample_size: int = 7, x_dim: int = 4096,
-               hidden_dim: int = 512, z_dim: int = 512):
+               hidden_dim: int = 512, z_dim: int = 512, region_pool: str = "flatten"):
     super().__init__()
-    self.fc6 = nn.Linear(sample_size * sample_size * channels, x_dim)
+    inputs = channels if region_pool == "avg" else sample_size * sample_size * channels
+    self.fc6 = nn.Linear(inputs, x_dim)
     self.lstm_x = nn.Linear(x_dim, 4 * hidden_dim)
     self.lstm_h = nn.Linear(hidden_dim, 4 * hidden_dim, bias=False)
     self.hz = nn.Linear(hidden_dim, z_dim)
@@ -129,15 +202,23 @@ class TorchAttentionCell(nn.Module):
 
 
 class TorchRMA(nn.Module):
-  """VGG-16 trunk + the recurrent memorized-attention module."""
+  """A trunk (VGG-16, or ResNet-50/101: ``trunk='resnet50'`` …, ``resnet_stride`` 32 or 16)
+  + the recurrent memorized-attention module."""
 
   def __init__(self, num_classes: int, num_regions: int = 5, sample_size: int = 7,
                width: int = 1, x_dim: int = 4096, hidden_dim: int = 512, z_dim: int = 512,
-               standard_lstm: bool = False, sampler: str = "separable"):
+               standard_lstm: bool = False, sampler: str = "separable",
+               trunk: str = "vgg16", resnet_stride: int = 32, region_pool: str = "flatten"):
     super().__init__()
-    self.trunk = TorchVGG16(width)
+    if trunk == "vgg16":
+      self.trunk = TorchVGG16(width)
+      self.stride = 16
+    else:
+      self.trunk = TorchResNet(int(trunk[len("resnet"):]), resnet_stride == 16, width)
+      self.stride = self.trunk.stride
+    self.region_pool = region_pool
     self.cell = TorchAttentionCell(self.trunk.out_channels, num_classes, sample_size, x_dim,
-                                   hidden_dim, z_dim)
+                                   hidden_dim, z_dim, region_pool)
     self.num_regions = num_regions
     self.sample_size = sample_size
     self.hidden_dim = hidden_dim
@@ -158,8 +239,11 @@ class TorchRMA(nn.Module):
     scores, thetas = [], []
     for _ in range(self.num_regions + 1):
       region = self.sampler(fmap, theta[:, None], self.sample_size)[:, 0]  # B, C, S, S
-      # Flatten in (h, w, c) order like the Flax model, so fc6 weights are shared 1:1.
-      flat = region.permute(0, 2, 3, 1).reshape(b, -1)
+      if self.region_pool == "avg":
+        flat = region.to(dtype).mean(dim=(2, 3)).to(region.dtype)
+      else:
+        # Flatten in (h, w, c) order like the Flax model, so fc6 weights are shared 1:1.
+        flat = region.permute(0, 2, 3, 1).reshape(b, -1)
       x = F.relu(cell.fc6(flat))
       gates = (cell.lstm_x(x) + cell.lstm_h(h.to(x.dtype))).to(dtype)
       i, g, o, m = gates.chunk(4, dim=-1)
@@ -178,10 +262,10 @@ class TorchRMA(nn.Module):
 
 
 def ten_view(model: TorchRMA, images: torch.Tensor, crop_size: int) -> torch.Tensor:
-  """(B, 3, N, N) images -> (B, C') ten-view scores: trunk once, 5 crops x 2 flips of conv5_3
-  (patch (N-64)/16 ... here ``crop_size / 16``), one batched attention call, view mean."""
+  """(B, 3, N, N) images -> (B, C') ten-view scores: trunk once, 5 crops x 2 flips of the map
+  (patch ``crop_size / stride``), one batched attention call, view mean."""
   fmap = model.features(images)
-  n, p = fmap.shape[-1], crop_size // 16
+  n, p = fmap.shape[-1], crop_size // model.stride
   offsets = [(0, 0), (0, n - p), (n - p, 0), (n - p, n - p), ((n - p) // 2, (n - p) // 2)]
   crops = [fmap[:, :, y:y + p, x:x + p] for y, x in offsets]
   views = torch.stack(crops + [cr.flip(-1) for cr in crops], dim=1)  # B, 10, C, p, p
@@ -247,12 +331,63 @@ def _copy_dense(linear: nn.Linear, p: Mapping[str, Any]) -> None:
     linear.bias.copy_(_t(p["bias"]))
 
 
+def torchvision_resnet_names(trunk: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """A Flax ``models.ResNet`` tree -> {torchvision's state-dict name: array in torch's
+  layout}: ``layerL_rest`` unstacked to ``layerL.1`` …, kernels HWIO -> OIHW, batch norm's
+  ``scale``/``bias``/``mean``/``var`` -> ``weight``/``bias``/``running_mean``/``running_var``
+  (the names ``rma_jax.weights.convert`` reads, spelt out independently here)."""
+  leaf_names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+                "var": "running_var"}
+  modules = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+  out = {}
+
+  def walk(tree, names):
+    if not isinstance(tree, Mapping):
+      a = np.asarray(tree, np.float32)
+      out[".".join(names[:-1] + [leaf_names[names[-1]]])] = (
+          a.transpose(3, 2, 0, 1) if names[-1] == "kernel" else a)
+      return
+    for key, sub in tree.items():
+      rest = re.fullmatch(r"(layer\d)_rest", key)
+      first = re.fullmatch(r"(layer\d)_0", key)
+      if rest:
+        count = np.shape(next(iter(_leaves(sub))))[0]
+        for i in range(count):
+          walk(_index(sub, i), names + [f"{rest[1]}.{i + 1}"])
+      else:
+        walk(sub, names + [f"{first[1]}.0" if first else modules.get(key, key)])
+  walk(trunk, [])
+  return out
+
+
+def _leaves(tree):
+  if isinstance(tree, Mapping):
+    for v in tree.values():
+      yield from _leaves(v)
+  else:
+    yield tree
+
+
+def _index(tree, i):
+  if isinstance(tree, Mapping):
+    return {k: _index(v, i) for k, v in tree.items()}
+  return np.asarray(tree)[i]
+
+
 @torch.no_grad()
 def load_flax_params(model: nn.Module, params: Mapping[str, Any]) -> nn.Module:
-  """Copies a Flax ``RMA`` or ``VGG16`` parameter tree into ``TorchRMA``/``TorchVGG16``."""
+  """Copies a Flax ``RMA`` or ``VGG16`` parameter tree into ``TorchRMA``/``TorchVGG16`` (an
+  RMA on a ResNet: its trunk by torchvision's names, ``torchvision_resnet_names``)."""
   trunk_model = model.trunk if isinstance(model, TorchRMA) else model
   trunk = params["trunk"] if isinstance(model, TorchRMA) else params
-  for name in layer_names():
+  if isinstance(trunk_model, TorchResNet):
+    state = {k: _t(v) for k, v in torchvision_resnet_names(trunk).items()}
+    missing, unexpected = trunk_model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("fc.")
+                      and not k.endswith("num_batches_tracked")]:
+      raise KeyError(f"ResNet names: missing {missing}, unexpected {unexpected}")
+    trunk = None
+  for name in layer_names() if trunk is not None else ():
     conv = trunk_model.convs[name]
     conv.weight.copy_(_t(trunk[name]["kernel"]).permute(3, 2, 0, 1))  # HWIO -> OIHW
     conv.bias.copy_(_t(trunk[name]["bias"]))

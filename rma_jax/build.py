@@ -86,3 +86,15 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   m = config.model
   trunk = TRUNKS[m.get("trunk", "vgg16")](m)
   return HEADS[m.name](m, trunk, num_classes, config.data.pixel_convention)
+
+
+def unrolled(model: nn.Module) -> nn.Module:
+  """``model`` with its loops written out: the attention's K+1 steps (``RMA.unroll``) and a
+  ResNet trunk's scanned blocks (``ResNet.unroll``); the same parameters and numbers. For
+  what takes no loop: jax2onnx (``rma_jax.export``), and XLA's cost analysis, which counts a
+  loop's body once (``benchmarks.bench``)."""
+  if isinstance(model, models.RMA):
+    model = model.clone(unroll=True)
+  if isinstance(getattr(model, "trunk", None), models.ResNet):
+    model = model.clone(trunk=model.trunk.clone(unroll=True))
+  return model

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 import rma_jax
-from rma_jax import build, errors, models, trained
+from rma_jax import build, errors, trained
 from rma_jax import paths as paths_lib
 
 FORMATS = ("stablehlo", "onnx")
@@ -112,11 +112,7 @@ def onnx_model(run: trained.TrainedRun, view: str) -> Any:
         f"({e}); or export --formats=stablehlo alone") from e
   config = ml_collections.ConfigDict(run.config.to_dict())
   config.model.conv_impl = "xla"
-  model = build.build_model(config, len(run.class_names))
-  if isinstance(model, models.RMA):
-    model = model.clone(unroll=True)
-  if isinstance(model.trunk, models.ResNet):  # its scanned blocks, one after the other
-    model = model.clone(trunk=model.trunk.clone(unroll=True))
+  model = build.unrolled(build.build_model(config, len(run.class_names)))
   outputs, size = _serving_fn(run, view, model), _size(run, view)
   variables = {"params": run.params}
   names = sorted(_output_shapes(run, view))

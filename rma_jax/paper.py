@@ -1,5 +1,6 @@
-"""The paper's published numbers (Wang et al., ICCV 2017, Tables 1-6, in percent), which
-the reports print beside the measured ones.
+"""The paper's published numbers (Wang et al., ICCV 2017, Tables 1-6, in percent), and the
+peers' published mAP on the same data sets (``PEERS_MAP``), which the reports print beside the
+measured ones.
 """
 
 from __future__ import annotations
@@ -76,10 +77,23 @@ PAPER_TABLE6_MAP = {
 }
 
 
+# Peers' published mAP (%) on VOC 2007 test and MS-COCO 2014 val, each row named with its
+# backbone and input size; sources (what was read) in docs/evaluation.md, "The peers' rows".
+# Figures that could not be confirmed there are left out (ADD-GCN on VOC 2007).
+PEERS_MAP = {
+    "ML-GCN, ResNet-101, 448²": {"voc2007": 94.0, "coco2014": 83.0},
+    "ADD-GCN, ResNet-101, 448²": {"coco2014": 84.2},
+    "ADD-GCN, ResNet-101, 576²": {"coco2014": 85.2},
+    "ASL, TResNet-L, 448²": {"coco2014": 86.6},
+    "ASL, TResNet-XL, 448²": {"voc2007": 96.0},
+}
+
+
 def paper_rows(dataset_name: str, class_names: Sequence[str] | None = None
                ) -> dict[str, Any]:
-  """The paper's published numbers for a data set (empty for others, and for trees of the
-  user's own under the same name: ``class_names`` differ), in %."""
+  """The paper's published numbers for a data set, and the peers' mAP (``peers_map``); empty
+  for other data sets, and for trees of the user's own under the same name (``class_names``
+  differ); in %."""
   dataset = paper_dataset(dataset_name, class_names)
   if dataset == "voc2007":
     return {"table1_ap": {"classes": list(VOC_CLASSES),
@@ -87,9 +101,16 @@ def paper_rows(dataset_name: str, class_names: Sequence[str] | None = None
                                    for k, v in PAPER_VOC2007_AP.items()}},
             "table3_map": dict(PAPER_TABLE3_VOC2007_MAP),
             "table4_map": dict(PAPER_TABLE4_VOC2007_MAP),
-            "table6_map": {k: v["voc2007"] for k, v in PAPER_TABLE6_MAP.items()}}
+            "table6_map": {k: v["voc2007"] for k, v in PAPER_TABLE6_MAP.items()},
+            "peers_map": peers_map("voc2007")}
   if dataset == "coco2014":
     return {"table2_prf": {k: dict(v) for k, v in PAPER_COCO2014_PRF.items()},
             "table5": {k: dict(v) for k, v in PAPER_TABLE5_COCO2014.items()},
-            "table6_map": {k: v["coco2014"] for k, v in PAPER_TABLE6_MAP.items()}}
+            "table6_map": {k: v["coco2014"] for k, v in PAPER_TABLE6_MAP.items()},
+            "peers_map": peers_map("coco2014")}
   return {}
+
+
+def peers_map(dataset: str) -> dict[str, float]:
+  """``PEERS_MAP``'s rows that have a figure for ``dataset`` ('voc2007' or 'coco2014')."""
+  return {name: v[dataset] for name, v in PEERS_MAP.items() if dataset in v}

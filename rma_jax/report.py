@@ -21,7 +21,7 @@ from rma_jax import paths
 from rma_jax.data.classes import paper_dataset
 from rma_jax.metric_card import evaluation_card, metric_card, metric_card_from_config
 from rma_jax.paper import (PAPER_COCO2014_PRF, PAPER_TABLE6_MAP, PAPER_VOC2007_AP, PRF_HEADERS,
-                           PRF_KEYS, VOC_SHORT_NAMES, paper_rows)
+                           PRF_KEYS, VOC_SHORT_NAMES, paper_rows, peers_map)
 
 
 def pct(x: Any) -> str:
@@ -135,8 +135,9 @@ def markdown_report(results: Mapping[str, Any], class_names: Sequence[str], data
 
   if "mAP" in m and (voc or coco):
     key = "voc2007" if voc else "coco2014"
-    lines += ["## mAP beside the paper's Table 6, %", ""]
+    lines += ["## mAP beside the paper's Table 6 and the peers' published mAP, %", ""]
     rows = [[f"Paper: {name}", _paper(v[key])] for name, v in PAPER_TABLE6_MAP.items()]
+    rows += [[f"Peer: {name}", _paper(v)] for name, v in peers_map(key).items()]
     rows.append([f"{label}, {card.get('views', '')}, scales {card.get('scales', '')}",
                  pct(m["mAP"])])
     lines += _table(["Setting", "mAP"], rows)

@@ -68,8 +68,8 @@ def test_markdown_table_rows_and_ratio():
   n = table[0].count("|")
   assert all(line.count("|") == n for line in table)
   row = [c.strip() for c in table[2].strip("|").split("|")]
-  assert row[:7] == ["train", "448²", "2", "float32", "3", "2", "1.50"]
-  assert row[10] == "200" and row[12] == "50.0" and row[13] == "1024 / –"
+  assert row[:8] == ["VGG-16", "train", "448²", "2", "float32", "3", "2", "1.50"]
+  assert row[11] == "200" and row[13] == "50.0" and row[14] == "1024 / –"
 
 
 @pytest.mark.slow
@@ -102,6 +102,8 @@ def test_cli_smoke_records_every_case_as_json_and_markdown(tmp_path):
         r["flops_per_image"] * r["images_per_s"] / (r["peak_flops_per_s"] * r["num_devices"]))
     if torch:
       assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
+      # The evaluation cases compared the two sides' scores before timing them.
+      assert (r["torch_max_rel_diff"] is None) == (r["case"] == "train")
     else:
       assert r["ratio"] is None and r["torch_images_per_s"] is None
   train, single, ten = records
@@ -136,3 +138,57 @@ def test_gpu_check_smoke_runs_on_cpu():
   assert any(r["case"] == "ten_view" for r in records)
   assert "| train | 96 | 2 | bfloat16 |" in proc.stdout
   assert "TITAN X" in proc.stdout
+
+
+def test_torch_resnet_names_are_the_ones_the_converter_reads():
+  """``torch_rma.torchvision_resnet_names`` (the benchmark's JAX -> torch copy) is the inverse
+  of ``rma_jax.weights.convert.to_flax`` (torch -> JAX) on a ResNet-50 tree of random
+  arrays: every name, layout and stacked block back where it was."""
+  pytest.importorskip("torch")
+  from benchmarks import torch_rma  # pylint: disable=g-import-not-at-top  # needs torch
+  from rma_jax import models  # pylint: disable=g-import-not-at-top
+  from rma_jax import weights  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(models.ResNet(depth=50).init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+  back = weights.to_flax(torch_rma.torchvision_resnet_names(params), "torch")
+  assert back["trunk"] == "resnet50"
+  flat = jax.tree_util.tree_leaves_with_path(back["params"])
+  assert len(flat) == len(jax.tree.leaves(params))
+  for path, value in flat:
+    want = params
+    for key in path:
+      want = want[key.key]
+    np.testing.assert_array_equal(value, want, err_msg=jax.tree_util.keystr(path))
+
+
+def test_resnet_bench_torch_side_is_the_same_network():
+  """A ResNet config's torch side (configs/voc_resnet101.py:tiny as ResNet-50 at stride 16:
+  average-pooled regions, a dilated layer4) gives the JAX side's single-view and ten-view
+  scores to within ``bench.AGREEMENT``, batch norm statistics drawn at random; the check
+  that ``run_benchmarks`` makes before timing refuses scores further apart."""
+  pytest.importorskip("torch")
+  from rma_jax import build  # pylint: disable=g-import-not-at-top
+  from rma_jax.configs import voc_resnet101  # pylint: disable=g-import-not-at-top
+  config = voc_resnet101.get_config("tiny")
+  config.model.update(trunk="resnet50", resnet_stride=16)
+  settings = bench.settings_from_config(config, batch=2)
+  assert (settings.trunk, settings.region_pool, settings.bn) == ("resnet50", "avg", "finetune")
+  n, crop = settings.image_size, settings.crop_size  # 64, 32: 4 x 4 and 2 x 2 maps
+  model = build.build_model(bench.bench_config(settings, config), settings.num_classes)
+  params = bench.randomise_batch_norm(jax.jit(model.init)(
+      jax.random.key(0), jnp.zeros((1, crop, crop, 3)))["params"], 0)
+  runner = bench_torch.TorchRunner(settings, params, 1, config.data.pixel_convention)
+  images = np.random.default_rng(0).integers(0, 256, (2, n, n, 3), np.uint8)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x)["scores"])
+  single = lambda: apply(params, images[:, :crop, :crop])
+  ten_fn = jax.jit(bench.ten_view_fn(model, crop))
+  ten = lambda: ten_fn({"params": params}, images)
+  for case, ours, theirs in (("single_view", single, runner.single_view_fn(images[:, :crop, :crop])),
+                             ("ten_view", ten, runner.ten_view_fn(images))):
+    rel = bench.agreement({"rma_jax": ours, "torch": theirs}, "float32", case)
+    assert 0 < rel <= bench.AGREEMENT["float32"], case
+  with pytest.raises(RuntimeError, match="not the same network"):
+    bench.agreement({"rma_jax": single, "torch": lambda: np.asarray(single()) * 1.01},
+                    "float32", "single_view")

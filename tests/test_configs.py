@@ -19,12 +19,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = configs.NAMES
 
 
-def _flat_keys(d, prefix=""):
+def _flat_items(d, prefix=""):
   for k, v in d.items():
     if isinstance(v, dict):
-      yield from _flat_keys(v, f"{prefix}{k}.")
+      yield from _flat_items(v, f"{prefix}{k}.")
     else:
-      yield f"{prefix}{k}"
+      yield f"{prefix}{k}", v
+
+
+def _flat_keys(d):
+  return (k for k, _ in _flat_items(d))
 
 
 def _module(name):
@@ -59,6 +63,28 @@ def test_tiny_shrinks_the_config_and_keeps_the_run(name):
     group, field = key.split(".")
     assert tiny[group][field] == full[group][field], key
   assert _module(name).get_config("") == full  # nothing after ':' = the config as it is
+
+
+def test_demo_resnet50_switch_changes_the_trunk_alone_and_keeps_the_map_sizes():
+  """``--config=configs/demo.py:resnet50``: the demo with a width/8 ResNet-50 trunk (stride
+  16, batch norm fine-tuned), every other field the VGG demo's; its map is VGG's conv5_3
+  size on the demo's 96 px crops (6 x 6) and 112 px evaluation images (7 x 7)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rma_jax import build  # pylint: disable=g-import-not-at-top
+  vgg, resnet = _module("demo").get_config(), _module("demo").get_config("resnet50")
+  config_checks.validate_config(resnet, num_devices=1)
+  flat_vgg, flat_resnet = (dict(_flat_items(c.to_dict())) for c in (vgg, resnet))
+  changed = {k for k in flat_vgg if flat_vgg[k] != flat_resnet[k]}
+  assert changed == {"model.trunk", "model.resnet_stride", "model.bn"}
+  assert (resnet.model.trunk, resnet.model.width, resnet.model.resnet_stride) == (
+      "resnet50", 8, 16)
+  for config in (vgg, resnet):
+    trunk = build.build_model(config, 10).trunk
+    for size, cells in ((resnet.data.crop_size, 6), (resnet.eval.scales[0], 7)):
+      fmap = jax.eval_shape(trunk.init_with_output, jax.random.key(0),
+                            jnp.zeros((1, size, size, 3)))[0]
+      assert fmap.shape[1:3] == (cells, cells), (config.model.trunk, size)
 
 
 def test_unknown_config_argument_is_a_clear_error():

@@ -58,6 +58,8 @@ def test_readme_demo_table_is_the_committed_reports():
   spec.loader.exec_module(module)
   assert len(module.rows()) >= 3, "one committed report per seed"
   assert module.table() in _read("README.md")
+  # The demo on a ResNet (configs/demo.py:resnet50): its committed report's table.
+  assert module.rows("resnet50_") and module.table("resnet50_") in _read("docs", "training.md")
 
 
 def _ablation_row(table, run):

@@ -84,6 +84,8 @@ def test_markdown_voc_has_paper_rows_measured_row_and_card():
   assert "WARP" not in md
   # Table 6 context and other measurements.
   assert "| Paper: two scales + ten-crop | 91.9 |" in md
+  # The peers' published VOC 2007 mAP after it (ML-GCN's README: 94.0), none of COCO's.
+  assert "| Peer: ML-GCN, ResNet-101, 448² | 94.0 |" in md and "ADD-GCN" not in md
   assert "- attention_recall: 65.4 %" in md and "- mAP_all: 77.8 %" in md
   assert "- loss: 1.234" in md and "- num_images: 4952" in md
   # The card as a list, stating the protocol.
@@ -106,12 +108,15 @@ def test_markdown_coco_has_table2_rows_and_long_ap_table():
   assert "| **RMA demo** | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | 60.0 |" in md
   assert "| toothbrush | 50.0 |" in md and "| **mAP** | 50.0 |" in md
   assert "| Paper: two scales + ten-crop | 73.4 |" in md
+  assert "| Peer: ML-GCN, ResNet-101, 448² | 83.0 |" in md
+  assert "| Peer: ADD-GCN, ResNet-101, 576² | 85.2 |" in md
   assert "CNN-SVM" not in md  # no VOC rows
   assert "48 images without any label were kept" in md
   assert "not applicable" in md  # no difficult labels on COCO
   # A COCO-format tree of one's own under the same name: its own classes, no paper rows.
   own = report.markdown_report(res, [f"class{i}" for i in range(80)], "coco2014", card)
   assert "| class79 | 50.0 |" in own and "Paper:" not in own and "CNN-RNN" not in own
+  assert "Peer:" not in own
   assert report.paper_rows("coco2014", names) and not report.paper_rows("coco2014", ["a"])
 
 

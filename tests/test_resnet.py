@@ -2,10 +2,12 @@
 torch's own forward, the parameter count, batch norm frozen and fine-tuned, and the
 ResNet-101 configs through the command line, ``load_run`` and the export.
 
-torchvision is not needed (nor installed here): the torch reference below is torchvision's
-ResNet written out with its module names, so its ``state_dict()`` has torchvision's keys.
+torchvision is not needed (nor installed here): the torch reference
+(``benchmarks.torch_rma.TorchResNet``, which the benchmark runs too) is torchvision's ResNet
+written out with its module names, so its ``state_dict()`` has torchvision's keys.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,62 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------- torch reference
-
-
-def _torch_resnet(torch, layers, dilate_layer4=False):
-  """torchvision's ``ResNet`` with ``Bottleneck`` (v1.5), the same module names."""
-  nn_t = torch.nn
-
-  class Bottleneck(nn_t.Module):
-    def __init__(self, inplanes, planes, stride, dilation, downsample):
-      super().__init__()
-      self.conv1 = nn_t.Conv2d(inplanes, planes, 1, bias=False)
-      self.bn1 = nn_t.BatchNorm2d(planes)
-      self.conv2 = nn_t.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation,
-                               bias=False)
-      self.bn2 = nn_t.BatchNorm2d(planes)
-      self.conv3 = nn_t.Conv2d(planes, planes * 4, 1, bias=False)
-      self.bn3 = nn_t.BatchNorm2d(planes * 4)
-      self.relu = nn_t.ReLU()
-      self.downsample = downsample
-
-    def forward(self, x):
-      y = self.relu(self.bn1(self.conv1(x)))
-      y = self.relu(self.bn2(self.conv2(y)))
-      y = self.bn3(self.conv3(y))
-      return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-  class ResNet(nn_t.Module):
-    def __init__(self):
-      super().__init__()
-      self.conv1 = nn_t.Conv2d(3, 64, 7, 2, 3, bias=False)
-      self.bn1 = nn_t.BatchNorm2d(64)
-      self.relu = nn_t.ReLU()
-      self.maxpool = nn_t.MaxPool2d(3, 2, 1)
-      self.inplanes, self.dilation = 64, 1
-      for i, blocks in enumerate(layers):
-        setattr(self, f"layer{i + 1}", self._make_layer(
-            64 * 2**i, blocks, 1 if i == 0 else 2, dilate=dilate_layer4 and i == 3))
-      self.fc = nn_t.Linear(2048, 1000)
-
-    def _make_layer(self, planes, blocks, stride, dilate):  # torchvision's
-      previous = self.dilation
-      if dilate:
-        self.dilation *= stride
-        stride = 1
-      downsample = nn_t.Sequential(nn_t.Conv2d(self.inplanes, planes * 4, 1, stride,
-                                               bias=False), nn_t.BatchNorm2d(planes * 4))
-      out = [Bottleneck(self.inplanes, planes, stride, previous, downsample)]
-      self.inplanes = planes * 4
-      out += [Bottleneck(self.inplanes, planes, 1, self.dilation, None)
-              for _ in range(1, blocks)]
-      return nn_t.Sequential(*out)
-
-    def forward(self, x):  # the layer4 map (no pooling, no fc)
-      x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-      return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-  return ResNet()
 
 
 def _randomise_batch_norm(torch, net, seed):
@@ -123,8 +69,9 @@ def test_torchvision_resnet50_converted_by_the_cli_gives_torchs_layer4_map(tmp_p
   stride 16 (layer4 dilated, torchvision's ``replace_stride_with_dilation``), batch norm
   frozen; the checkpoint records the trunk, and a VGG-16 config refuses it."""
   torch = pytest.importorskip("torch")
+  from benchmarks import torch_rma  # pylint: disable=g-import-not-at-top  # needs torch
   torch.manual_seed(0)
-  net = _torch_resnet(torch, models.RESNET_DEPTHS[50]).eval()
+  net = torch_rma.TorchResNet(50).eval()
   _randomise_batch_norm(torch, net, 1)
   path = tmp_path / "resnet50-random.pth"
   torch.save(net.state_dict(), path)  # as torchvision's file: fc and num_batches_tracked too
@@ -145,7 +92,7 @@ def test_torchvision_resnet50_converted_by_the_cli_gives_torchs_layer4_map(tmp_p
     for stride in (32, 16):
       trunk = models.ResNet(depth=50, output_stride=stride, dtype=jnp.float64)
       got = jax.jit(trunk.apply)({"params": params64}, jnp.asarray(x))
-      ref_net = net if stride == 32 else _torch_resnet(torch, models.RESNET_DEPTHS[50], True)
+      ref_net = net if stride == 32 else torch_rma.TorchResNet(50, dilate_layer4=True)
       if stride == 16:
         ref_net.load_state_dict(net.state_dict())
       with torch.no_grad():
@@ -380,3 +327,12 @@ def test_a_resnet_run_exports_and_the_artifact_equals_the_model(resnet_run, tmp_
                      for i in ids])
   got = exp.call(leaves, images)
   np.testing.assert_allclose(got["scores"], want, rtol=1e-5, atol=1e-5)
+  if all(importlib.util.find_spec(m) for m in ("jax2onnx", "onnxruntime")):  # .[export]
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+    # The ONNX leg: jax2onnx's max_pool once dropped the stem pool's padding (a 0.44 error).
+    export.export_run(run, str(tmp_path / "onnx"), formats=("onnx",), progress=lambda _: 0)
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "single_view.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    onnx_scores = session.run(None, {"images": images})[names.index("scores")]
+    np.testing.assert_allclose(onnx_scores, want, rtol=1e-4, atol=1e-4)

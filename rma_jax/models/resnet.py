@@ -235,7 +235,10 @@ class ResNet(nn.Module):
                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=HE_INIT,
                 name="conv1")(images.astype(self.dtype))
     x = relu(BatchNorm(mode=self.bn, dtype=self.dtype, name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # torchvision's MaxPool2d(3, 2, padding=1), the padding written out (jax2onnx's max_pool
+    # drops a pool's padding): zeros, which after the ReLU are as -inf (every value >= 0).
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2))
     block = nn.remat(Bottleneck) if self.remat else Bottleneck
     dilation = 1
     for layer, blocks in enumerate(RESNET_DEPTHS[self.depth]):
