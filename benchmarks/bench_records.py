@@ -91,6 +91,25 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def trunk_table(records: Iterable[dict[str, Any]]) -> str:
+  """The README's table: one row per trunk, each case's images/s of rma_jax / PyTorch (the
+  ratio), and the single view's GFLOP per image; a case a trunk's records lack is '–'."""
+  cases = ("train", "single_view", "ten_view")
+  by_trunk: dict[str, dict[str, dict[str, Any]]] = {}
+  for r in records:
+    by_trunk.setdefault(r.get("trunk") or "vgg16", {})[r["case"]] = r
+  lines = ["| trunk | train img/s: rma_jax / PyTorch (ratio) | single view | ten-view | "
+           "GFLOP/img, single view |", "|---|---|---|---|---|"]
+  for trunk, rec in by_trunk.items():
+    cells = [f"{_fmt(rec[c]['images_per_s'], '.3g')} / "
+             f"{_fmt(rec[c]['torch_images_per_s'], '.3g')} ({_fmt(rec[c]['ratio'], '.2f')})"
+             if c in rec else "–" for c in cases]
+    flops = rec.get("single_view", {}).get("flops_per_image")
+    lines.append(f"| {TRUNK_NAMES.get(trunk, trunk)} | " + " | ".join(cells)
+                 + f" | {_fmt(flops, '.1f', 1e-9)} |")
+  return "\n".join(lines)
+
+
 def _json_default(obj: Any) -> Any:
   if isinstance(obj, (np.floating, np.integer)):
     return obj.item()

@@ -5,8 +5,10 @@
 The ResNet-101 trunk (``models.ResNet``, frozen batch norm, as ``configs/voc_resnet101.py``)
 on ``--size``² images, batch ``--batch``: the forward pass and the gradient of
 ``sum(layer4 ** 2)`` with respect to the parameters, two ways in one process, the same
-parameters: ``scan`` (each layer's blocks after the first in one ``nn.scan``, how the model
-trains) and ``unrolled`` (``ResNet(unroll=True)``: the blocks one after the other). Compile
+parameters: ``scan`` (each layer's blocks after the first in one ``nn.scan``, its loop
+rolled: ``scan_unroll=False``), ``scan_unroll`` (the same scan compiled written out, how the
+model trains by default) and ``unrolled`` (``ResNet(unroll=True)``: the blocks one after the
+other). Compile
 time of each, then ``--rounds`` round-robin calls (wall seconds, medians), and the largest
 difference of the two gradients.
 """
@@ -37,12 +39,13 @@ flags.DEFINE_string("json_out", None, "write the results here")
 def scan_part(size: int, batch: int, rounds: int) -> list[dict]:
   x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)),
                   jnp.float32)
-  scanned = models.ResNet(depth=101)
+  scanned = models.ResNet(depth=101, scan_unroll=False)
   params = jax.jit(scanned.init)(jax.random.key(0), x)["params"]
   out = []
   for case in ("forward", "gradient"):
     fns, compile_s, results = {}, {}, {}
-    for name, trunk in (("scan", scanned), ("unrolled", scanned.clone(unroll=True))):
+    for name, trunk in (("scan", scanned), ("scan_unroll", scanned.clone(scan_unroll=True)),
+                        ("unrolled", scanned.clone(unroll=True))):
       def loss(p, x, trunk=trunk):
         return jnp.sum(trunk.apply({"params": p}, x) ** 2)
       fn = jax.grad(loss) if case == "gradient" else loss
@@ -53,16 +56,18 @@ def scan_part(size: int, batch: int, rounds: int) -> list[dict]:
     wall = timing.interleaved_times(
         {n: functools.partial(f, params, x) for n, f in fns.items()}, rounds, warmup=False)
     # Per array, max|Δ| / max|unrolled|; frozen batch norm's gradients are 0 on both sides.
-    diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
-               for a, b in zip(jax.tree.leaves(results["scan"]),
-                               jax.tree.leaves(results["unrolled"])))
+    def diff(name):
+      return max(float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+                 for a, b in zip(jax.tree.leaves(results[name]),
+                                 jax.tree.leaves(results["unrolled"])))
     rec = {"case": case, "input_size": size, "batch": batch, "rounds": rounds,
-           "max_rel_diff": diff}
+           "max_rel_diff": diff("scan"), "scan_unroll_max_rel_diff": diff("scan_unroll")}
     for name in fns:
       rec[f"{name}_s"] = statistics.median(wall[name])
       rec[f"{name}_s_all"] = wall[name]
       rec[f"{name}_compile_s"] = compile_s[name]
     rec["unrolled_speedup"] = rec["scan_s"] / rec["unrolled_s"]
+    rec["scan_unroll_speedup"] = rec["scan_s"] / rec["scan_unroll_s"]
     print(json.dumps({k: v for k, v in rec.items() if not k.endswith("_all")}), flush=True)
     out.append(rec)
   return out

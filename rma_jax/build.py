@@ -33,7 +33,8 @@ def vgg16(m: ml_collections.ConfigDict) -> nn.Module:
 
 def _resnet(m: ml_collections.ConfigDict, depth: int) -> nn.Module:
   return models.ResNet(depth=depth, output_stride=m.get("resnet_stride", 32), width=m.width,
-                       bn=m.get("bn", "frozen"), dtype=DTYPES[m.dtype], remat=m.remat)
+                       bn=m.get("bn", "frozen"), dtype=DTYPES[m.dtype], remat=m.remat,
+                       scan_unroll=m.get("resnet_scan_unroll", True))
 
 
 def resnet50(m: ml_collections.ConfigDict) -> nn.Module:

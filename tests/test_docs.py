@@ -92,11 +92,22 @@ def test_readme_demo_comparisons_are_the_committed_ablations():
 
 
 def test_readme_performance_table_is_the_committed_benchmark():
-  # The benchmark's own Markdown output (--markdown_out) is committed beside its JSON lines.
-  table = "\n".join(line for line in _read("docs", "benchmarks", "cpu_eval_train.md").splitlines()
-                    if line.startswith("|"))
-  assert table in _read("README.md")
-  assert len(_read("docs", "benchmarks", "cpu_eval_train.jsonl").splitlines()) == 3
+  """The README's table per trunk is ``bench_records.trunk_table`` of the committed records
+  (each a line of the benchmark's --json_out), which docs/performance.md shows in full."""
+  import json
+  from benchmarks import bench_records
+  folder = ("docs", "benchmarks", "2026-12-07-resnet")
+  records = [json.loads(line) for name in ("vgg16", "resnet101_eval", "resnet101_train")
+             for line in _read(*folder, f"{name}.jsonl").splitlines()]
+  assert [(r["trunk"], r["case"]) for r in records] == [
+      (t, c) for t in ("vgg16", "resnet101") for c in ("train", "single_view", "ten_view")
+      if (t, c) != ("resnet101", "train")] + [("resnet101", "train")]
+  assert bench_records.trunk_table(records) in _read("README.md")
+  performance = _read("docs", "performance.md")
+  for name in ("vgg16", "resnet101_eval", "resnet101_train"):
+    rows = [line for line in _read(*folder, f"{name}.md").splitlines()
+            if line.startswith("| ") and not line.startswith("| trunk")]
+    assert rows and all(row in performance for row in rows), rows
 
 
 def test_committed_benchmark_table_follows_from_its_json():

@@ -135,15 +135,18 @@ def _random_variables(trunk, shape, seed=0):
 
 def test_unrolled_blocks_equal_the_scanned_ones():
   """``ResNet(unroll=True)`` (what the ONNX export traces) runs the stacked parameters of the
-  scanned blocks one block after the other: the same map (at stride 16, where the blocks of
-  layer4 after its first are dilated)."""
+  scanned blocks one block after the other, and ``scan_unroll`` (the default: the scans'
+  loops compiled written out) runs the same scans: the same map (at stride 16, where the
+  blocks of layer4 after its first are dilated)."""
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  trunk = models.ResNet(depth=50, width=32, output_stride=16)
-  variables = _random_variables(trunk, x.shape)
-  want = jax.jit(trunk.apply)(variables, x)
-  got = jax.jit(trunk.clone(unroll=True).apply)(variables, x)
-  assert got.shape == (2, 2, 2, 64)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  rolled = models.ResNet(depth=50, width=32, output_stride=16, scan_unroll=False)
+  variables = _random_variables(rolled, x.shape)
+  want = jax.jit(rolled.apply)(variables, x)
+  tol = dict(rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  for trunk in (rolled.clone(scan_unroll=True), rolled.clone(unroll=True)):
+    got = jax.jit(trunk.apply)(variables, x)
+    assert got.shape == (2, 2, 2, 64)
+    np.testing.assert_allclose(got, want, **tol)
 
 
 # --------------------------------------------------------------------------- batch norm

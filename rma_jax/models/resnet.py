@@ -199,6 +199,10 @@ class ResNet(nn.Module):
     unroll: run each ``layerL_rest`` block by block instead of ``nn.scan``: the same
       parameters and numbers, for converters that take no scan (jax2onnx; ``rma_jax.export``).
       Applies trained parameters only (it cannot initialise them).
+    scan_unroll: compile each ``layerL_rest`` scan's loop written out (``nn.scan``'s
+      ``unroll``): the same parameters and numbers; XLA:CPU computes the gradient through
+      the rolled loop about 10x slower (docs/performance.md), at about twice the compile time
+      unrolled.
   """
   depth: int = 50
   output_stride: int = 32
@@ -207,6 +211,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   unroll: bool = False
+  scan_unroll: bool = True
 
   @property
   def stride(self) -> int:
@@ -255,6 +260,7 @@ class ResNet(nn.Module):
             rest, dict(dilation=dilation, **common), name=name)(x)
       else:
         scan = nn.scan(block, variable_axes={"params": 0, BN_STATS: 0},
-                       split_rngs={"params": True}, length=rest)
+                       split_rngs={"params": True}, length=rest,
+                       unroll=rest if self.scan_unroll else 1)
         x, _ = scan(dilation=dilation, scanned=True, **common, name=name)(x, None)
     return x
