@@ -279,20 +279,25 @@ def resnet_run(shared_once):
     examples = data_trees.voc_examples(list(VOC_CLASSES), ids["trainval"] + ids["test"])
     data_trees.write_files(root / "VOC2007", data_trees.voc_files(examples, ids))
     workdir = str(root / "run")
-    cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/voc_resnet101.py:tiny",
-           f"--workdir={workdir}", "--config.data.source=local",
-           f"--config.data.data_dir={root / 'VOC2007'}", "--config.data.num_workers=0",
-           "--config.data.class_names=" + ",".join(VOC_CLASSES),  # 3 have no image here
-           "--config.eval.allow_small_val=True", "--config.eval.ten_view=False",
-           "--config.max_steps=2"]  # a step and a validation per stage: a third of the saves
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=(
-        "--xla_force_host_platform_device_count=1 " + os.environ.get("RMA_TEST_XLA_FLAGS", "")))
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _train_voc_resnet101_tiny(root / "VOC2007", workdir, "--config.max_steps=2")
     return {"workdir": workdir, "stderr": result.stderr}
   run = shared_once("resnet_run", build)
   return run["workdir"], run["stderr"]
+
+
+def _train_voc_resnet101_tiny(data_dir, workdir: str, *flags: str):
+  """``python -m rma_jax.main --config=configs/voc_resnet101.py:tiny`` on the VOC tree in
+  ``data_dir``, both stages; fails the test unless it exits 0."""
+  cmd = [sys.executable, "-m", "rma_jax.main", "--config=configs/voc_resnet101.py:tiny",
+         f"--workdir={workdir}", "--config.data.source=local",
+         f"--config.data.data_dir={data_dir}", "--config.data.num_workers=0",
+         "--config.data.class_names=" + ",".join(VOC_CLASSES),  # 3 have no image here
+         "--config.eval.allow_small_val=True", "--config.eval.ten_view=False", *flags]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=1 " + os.environ.get("RMA_TEST_XLA_FLAGS", "")))
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
 
 
 @pytest.mark.slow
@@ -309,6 +314,22 @@ def test_voc_resnet101_tiny_trains_both_stages_and_reports(resnet_run):
   trunk = run.params["trunk"]
   assert float(np.abs(np.asarray(trunk["layer3_rest"]["bn2"]["mean"])).max()) > 0
   assert run.params["attention"]["cell"]["fc6"]["kernel"].shape == (128, 32)  # avg-pooled
+
+
+@pytest.mark.slow
+def test_voc_resnet101_tiny_at_stride_16_trains_both_stages_and_reports(resnet_run, tmp_path):
+  """The same command with ``model.resnet_stride=16`` (layer4 dilated): both stages, one step
+  each, the report; the attention samples a 2 x 2 map (stride 32's is 1 x 1 at 32 px)."""
+  workdir = str(tmp_path / "run16")
+  data_dir = os.path.join(os.path.dirname(resnet_run[0]), "VOC2007")
+  result = _train_voc_resnet101_tiny(data_dir, workdir, "--config.max_steps=1",
+                                     "--config.model.resnet_stride=16")
+  assert "Stage 2 of 2: the attention model" in result.stderr
+  assert os.path.exists(os.path.join(workdir, "report", "report.md"))
+  run = rma_jax.load_run(workdir)
+  assert run.model.trunk.output_stride == 16
+  fmap = run.model.trunk.apply({"params": run.params["trunk"]}, jnp.zeros((1, 32, 32, 3)))
+  assert fmap.shape == (1, 2, 2, 128)
 
 
 def test_a_resnet_run_exports_and_the_artifact_equals_the_model(resnet_run, tmp_path):
