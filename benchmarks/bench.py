@@ -26,9 +26,10 @@ statistics first, ``randomise_batch_norm``, so that the check below covers them)
 record then carries the PyTorch figure and ``ratio`` = rma_jax images/s / PyTorch images/s
 (> 1: rma_jax is faster). Before an evaluation case is timed, the two frameworks' scores of
 the same images are compared (``torch_max_rel_diff``, max|Δ| / max|torch|); above
-``AGREEMENT`` the run stops: timing two different networks compares nothing. Times are medians over ``--repeats`` calls after ``--warmup`` calls; in the
-evaluation cases the two frameworks' timed calls alternate (``timing.interleaved_times``), so
-that a shared machine's drift reaches both sides of the ratio alike. Compare the two
+``AGREEMENT`` the run stops: timing two different networks compares nothing. Times are
+medians over ``--repeats`` calls after ``--warmup`` calls; in the evaluation cases the two
+frameworks' timed calls alternate (``timing.interleaved_times``), so that a shared machine's
+drift reaches both sides of the ratio alike. Compare the two
 columns of one run rather than runs of different days.
 
 The evaluation cases first prepare the evaluation-only parameter forms once
@@ -77,6 +78,8 @@ CASES = ("train", "single_view", "ten_view", "latency")
 AGREEMENT = {"float32": 1e-3, "bfloat16": 5e-2}
 """The largest max|Δ| / max|torch| of the scores at which the two sides count as one network
 (float32: rounding of two convolution libraries; bfloat16 rounds at 2^-8)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
   """What to benchmark. ``image_size`` is N (ten-view input), ``crop_size`` N - 64. The sizes
@@ -135,7 +138,8 @@ def settings_from_config(config: ml_collections.ConfigDict, **overrides) -> Benc
                 dtype=m.dtype, width=m.width, num_regions=m.num_regions,
                 sample_size=m.sample_size, x_dim=m.x_dim, hidden_dim=m.hidden_dim,
                 z_dim=m.z_dim, trunk=m.trunk, resnet_stride=m.resnet_stride, bn=m.bn,
-                region_pool=m.region_pool, num_classes=len(data_classes.BUILTIN_CLASSES.get(d.name, range(20))))
+                region_pool=m.region_pool,
+                num_classes=len(data_classes.BUILTIN_CLASSES.get(d.name, range(20))))
   values.update({k: v for k, v in overrides.items() if v is not None})
   return BenchSettings(**values)
 
@@ -162,8 +166,10 @@ def randomise_batch_norm(params: Any, seed: int) -> Any:
   random (a fresh one is the identity, which would hide a mix-up of the four), scaled so
   that activations stay O(1) through a ResNet's residual sums; other parameters as given."""
   rng = np.random.default_rng(seed)
-  draw = {"scale": lambda s: 0.2 + 0.6 * rng.random(s), "bias": lambda s: 0.1 * rng.standard_normal(s),
-          "mean": lambda s: 0.2 * rng.standard_normal(s), "var": lambda s: 0.5 + rng.random(s)}
+  draw = {"scale": lambda s: 0.2 + 0.6 * rng.random(s),
+          "bias": lambda s: 0.1 * rng.standard_normal(s),
+          "mean": lambda s: 0.2 * rng.standard_normal(s),
+          "var": lambda s: 0.5 + rng.random(s)}
 
   def leaf(path, value):
     names = [str(getattr(k, "key", k)) for k in path]

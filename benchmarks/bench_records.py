@@ -78,7 +78,8 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
   for r in records:
     lines.append("| " + " | ".join([
         # Records from before the trunk was recorded are VGG-16's.
-        TRUNK_NAMES.get(r.get("trunk") or "vgg16", str(r.get("trunk"))), r["case"], f"{r['input_size']}²", str(r["batch"]), r["dtype"],
+        TRUNK_NAMES.get(r.get("trunk") or "vgg16", str(r.get("trunk"))), r["case"],
+        f"{r['input_size']}²", str(r["batch"]), r["dtype"],
         _fmt(r["images_per_s"], ".3g"), _fmt(r["torch_images_per_s"], ".3g"),
         _fmt(r["ratio"], ".2f"),
         f"{_fmt(r['latency_ms'], '.4g')} / {_fmt(r['torch_latency_ms'], '.4g')}",

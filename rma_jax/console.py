@@ -39,10 +39,9 @@ from rma_jax import optimizer
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-# Library warnings that are not: Orbax warns whenever a manager is opened read-only, which
-# is how checkpoints are read for evaluation and initialisation.
-# Library warnings a run reports in its own words: Orbax's read-only manager notice, and its
-# "Reached preemption sync point" (several per host; rma_jax.preemption logs one line).
+# Library warnings that are not, or that a run says in its own words: Orbax warns whenever a
+# manager is opened read-only (how checkpoints are read for evaluation and initialisation),
+# and several times per host at JAX's preemption sync point (rma_jax.preemption logs one line).
 _NOT_WARNINGS = ("Given directory is read only", "Reached preemption sync point")
 
 
