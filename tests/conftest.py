@@ -1,9 +1,10 @@
 """Test-session setup, before JAX is imported anywhere.
 
 * 4 forced host CPU devices, so multi-device sharding is exercised in-process, as in Flax's
-  own examples; XLA:CPU's backend optimisation level 0 (``TEST_OPTIMIZATION_LEVEL``) in
-  every process of the session. Processes the tests start add ``$RMA_TEST_XLA_FLAGS`` to
-  their own XLA_FLAGS (a user's flags, e.g. ``--xla_cpu_max_isa=AVX2``, reach them too).
+  own examples; XLA:CPU compiling faster (``TEST_COMPILE_FLAGS``: backend optimisation level
+  0, the older fusion emitters) in every process of the session. Processes the tests start
+  add ``$RMA_TEST_XLA_FLAGS`` to their own XLA_FLAGS (a user's flags, e.g.
+  ``--xla_cpu_max_isa=AVX2``, reach them too).
 * One XLA compilation cache for the whole session (``JAX_COMPILATION_CACHE_DIR``): the
   pytest-xdist workers and every ``python -m rma_jax.main`` the tests start inherit it, so a
   step that many tests compile (the tiny demo model's train and evaluation steps) is compiled
@@ -28,24 +29,47 @@ import pytest
 
 def _xla_flags() -> tuple[str, str]:
   """(the in-process XLA_FLAGS, the flags every process the tests start adds to its own):
-  the user's XLA flags (e.g. --xla_cpu_max_isa=AVX2), XLA:CPU's backend optimisation level 0
-  unless the user sets one, and 4 forced host devices in-process unless the user sets a
-  count."""
+  the user's XLA flags (e.g. --xla_cpu_max_isa=AVX2), each of ``TEST_COMPILE_FLAGS`` that
+  the user does not set and this XLA knows, and 4 forced host devices in-process unless the
+  user sets a count."""
   user = os.environ.get("XLA_FLAGS", "").split()
   count = [f for f in user if f.startswith("--xla_force_host_platform_device_count")]
   extra = [f for f in user if f not in count]
-  if not any(f.startswith("--xla_backend_optimization_level") for f in extra):
-    extra.append(f"--xla_backend_optimization_level={TEST_OPTIMIZATION_LEVEL}")
+  for flag in TEST_COMPILE_FLAGS:
+    name = flag.split("=")[0]
+    if not any(f.split("=")[0] == name for f in extra) and _xla_knows(flag):
+      extra.append(flag)
   return " ".join((count or ["--xla_force_host_platform_device_count=4"]) + extra), " ".join(
       extra)
 
 
-TEST_OPTIMIZATION_LEVEL = 0
-"""XLA:CPU's backend (LLVM) optimisation level of the tests' programs. The suite's time is
-mostly compilation of small programs: level 0 compiles the same HLO with fewer passes, in 40 %
-less CPU time, and what the tests check (behaviour, numbers to a tolerance, equalities
-between runs of one session) does not depend on it. Runs as users compile them, at the
-default level: the CPU kernels' fixture (tests/test_kernels.py) and the benchmarks."""
+TEST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+"""XLA:CPU flags of the tests' programs. The suite's time is mostly compilation of small
+programs, and both flags compile the same HLO in less CPU time: backend (LLVM) optimisation
+level 0 runs fewer passes (40 % less), and XLA:CPU's older fusion emitters (its default before
+the new ones) emit the many small fusions of a train step faster than the new ones. What the
+tests check (behaviour, numbers to a tolerance, equalities between runs of one session) does
+not depend on them. Runs as users compile them, with XLA's defaults: the CPU kernels' fixture
+(tests/test_kernels.py) and the benchmarks."""
+
+_KNOWN_FLAGS = "RMA_TEST_XLA_KNOWN_FLAGS"
+"""The test flags this XLA was found to know, for the xdist workers (they inherit it)."""
+
+
+def _xla_knows(flag: str) -> bool:
+  """Whether XLA takes ``flag`` (it stops at an unknown one: a flag a later XLA drops must
+  not stop the suite). Asked once per session, in a process of its own."""
+  if flag == "--xla_backend_optimization_level=0":  # a flag of every XLA
+    return True
+  if _KNOWN_FLAGS not in os.environ:
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    known = [f for f in TEST_COMPILE_FLAGS[1:] if subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+        env=dict(os.environ, XLA_FLAGS=f, JAX_PLATFORMS="cpu")).returncode == 0]
+    os.environ[_KNOWN_FLAGS] = " ".join(known)
+  return flag in os.environ[_KNOWN_FLAGS].split()
+
 
 os.environ["XLA_FLAGS"], os.environ["RMA_TEST_XLA_FLAGS"] = _xla_flags()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

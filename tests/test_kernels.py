@@ -913,8 +913,10 @@ def test_cpu_outputs_equal_those_before_the_kernels_became_a_building_block():
   differently) equal to 1e-4."""
   with open(os.path.join(FIXTURES, "kernels_dd9a62e.json")) as f:
     fx = json.load(f)
+  # The user's XLA flags, not the suite's faster-compiling ones (conftest.TEST_COMPILE_FLAGS).
   flags = [f for f in os.environ.get("RMA_TEST_XLA_FLAGS", "").split()
-           if not f.startswith("--xla_backend_optimization_level")]
+           if not f.startswith(("--xla_backend_optimization_level",
+                                "--xla_cpu_use_fusion_emitters"))]
   root = os.path.dirname(FIXTURES)
   proc = subprocess.run(
       [sys.executable, "-c", "import json, test_kernels; "
