@@ -14,8 +14,8 @@
 * An expensive thing several tests only read (a trained workdir, a multi-process run) is
   built once per session, by whichever xdist worker asks first, and reused by the other
   (``shared_once``).
-* The slow tests (marked ``slow``) start first, so that no long test is left to finish alone
-  on one worker at the end of the session.
+* The slow tests (marked ``slow``) start first, handed to the workers one or two at a time,
+  so that no long test is left to finish alone on one worker at the end of the session.
 """
 
 import fcntl
@@ -104,9 +104,25 @@ def shared_once(tmp_path_factory, worker_id):
   return get
 
 
-SHARED = ("finished_run", "stage1", "runs", "exported", "resnet_run")
-"""The module fixtures built by ``shared_once``: the first test of each starts early, the
-others run last, when the thing is built (not waiting on it while the other worker builds)."""
+def _shared_fixtures(item) -> set:
+  """The fixtures of ``item`` (its own and those they use) that ``shared_once`` builds: the
+  first test of each starts early, the others run last, when the thing is built (not waiting
+  on it while the other worker builds). Their definitions, not their names: another module
+  may have a fixture of the same name (tests/test_fuse.py's per-test ``runs``)."""
+  info = getattr(item, "_fixtureinfo", None)
+  if info is None:
+    return set()
+  return {defs[-1] for defs in info.name2fixturedefs.values()
+          if defs and "shared_once" in defs[-1].argnames}
+
+
+def pytest_configure(config):
+  # pytest-xdist's load scheduling hands each worker its first quarter of the tests at once:
+  # one worker would get every slow test (they come first) and the other the short ones,
+  # and the session would wait for the first at its end. At most 2 at a time instead: a free
+  # worker takes the next slow test.
+  if not hasattr(config, "workerinput") and getattr(config.option, "maxschedchunk", 0) is None:
+    config.option.maxschedchunk = 2
 
 
 def pytest_collection_modifyitems(config, items):
@@ -115,7 +131,7 @@ def pytest_collection_modifyitems(config, items):
   seen = set()
 
   def tier(item):
-    shared = set(getattr(item, "fixturenames", ())) & set(SHARED)
+    shared = _shared_fixtures(item)
     if shared and shared <= seen:
       return 2
     seen.update(shared)
