@@ -1,5 +1,9 @@
 """Preprocessing and the batch iterators: shapes, dtypes, ranges, crop/flip (train only),
-determinism and resume, process sharding, eval coverage and padding, device placement."""
+determinism and resume (in the main process and in Grain worker processes), process
+sharding, bad examples, eval coverage and padding, device placement.
+
+Worker processes take seconds to start: one 2-worker pipeline (``resumed_in_workers``) serves
+every test that checks them."""
 
 import os
 import subprocess
@@ -14,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rma_jax.pixels import normalize
 from rma_jax.data import (BadExampleError, RecordSource, device_put_batches, eval_batches,
-                          eval_transform, train_batches, train_transform)
+                          epoch_permutation, eval_transform, train_batches, train_transform)
 from rma_jax.data.source import make_record
 
 N, CROP, C = 32, 24, 5
@@ -104,12 +108,13 @@ def _take(it, k):
 def test_train_batches_shapes_crops_flips_and_epochs():
   src = _source(22)
   it = train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP, seed=0,
-                     num_workers=2, process_index=0, process_count=1)
+                     process_index=0, process_count=1)
   batches = _take(it, 10)  # 5 steps per epoch (22 // 4); 2 examples dropped per epoch
   seen_flip = set()
   for b in batches:
     assert b["image"].shape == (4, CROP, CROP, 3) and b["image"].dtype == np.uint8
     assert b["labels"].shape == (4, C) and b["labels"].dtype == np.float32
+    assert set(b) == {"image", "labels", "mask"}
     assert set(np.unique(b["labels"])) <= {0.0, 1.0}
     np.testing.assert_array_equal(b["mask"], np.ones(4, np.float32))
     for img, lab in zip(b["image"], b["labels"]):
@@ -126,25 +131,63 @@ def test_train_batches_shapes_crops_flips_and_epochs():
   epoch0 = [int(v) for b in batches[:5] for v in b["image"][:, 0, 0, 2]]
   epoch1 = [int(v) for b in batches[5:] for v in b["image"][:, 0, 0, 2]]
   assert len(set(epoch0)) == 20 and len(set(epoch1)) == 20  # without replacement
-  assert epoch0 != epoch1  # reshuffled
+  # The project's order: epoch e's first 20 of permutation(seed, e), 4 per step.
+  assert epoch0 == epoch_permutation(0, 0, 22)[:20].tolist()
+  assert epoch1 == epoch_permutation(0, 1, 22)[:20].tolist()
   # Label-less images are kept.
   assert any(b["labels"][r].sum() == 0 for b in batches for r in range(4))
 
 
-def test_train_batches_deterministic_resumable_and_thread_independent():
+def test_per_example_augmentation_is_drawn_from_seed_epoch_and_index():
+  """Each row is train_transform of its image with the generator (seed, epoch, index)."""
   src = _source(22)
-  kw = dict(global_batch_size=4, image_size=N, crop_size=CROP, process_index=0,
-            process_count=1)
-  full = _take(train_batches(src, seed=7, num_workers=2, **kw), 9)
-  again = _take(train_batches(src, seed=7, num_workers=0, **kw), 9)
-  resumed = _take(train_batches(src, seed=7, start_step=4, num_workers=3, **kw), 5)
-  other = _take(train_batches(src, seed=8, num_workers=2, **kw), 9)
-  for a, b in zip(full, again):
-    np.testing.assert_array_equal(a["image"], b["image"])
-  for a, b in zip(full[4:], resumed):  # across the epoch boundary at step 5
+  batches = _take(train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP,
+                                seed=3, start_step=3, process_index=0, process_count=1), 4)
+  for step, b in enumerate(batches, 3):
+    epoch = step // 5
+    for img, i in zip(b["image"], epoch_permutation(3, epoch, 22)[step % 5 * 4:][:4]):
+      want = train_transform(_coord_image(i), np.random.default_rng([3, epoch, i]), N, CROP)
+      np.testing.assert_array_equal(img, want)
+
+
+BAD = (3, 7)
+KW = dict(global_batch_size=4, image_size=N, crop_size=CROP, process_index=0, process_count=1)
+
+
+@pytest.fixture(scope="module")
+def resumed_in_workers():
+  """Steps 4-9 (across the epoch boundary at 5) of seed 7 over a source with unreadable
+  examples, from 2 Grain worker processes, resumed at step 4: (source, batches)."""
+  src = _source(22, bad=BAD)
+  it = train_batches(src, seed=7, start_step=4, num_workers=2, **KW)
+  batches = _take(it, 6)
+  it.close()  # stops the workers
+  return src, batches
+
+
+def test_train_batches_resumed_in_worker_processes_equal_an_uninterrupted_run(
+    resumed_in_workers):
+  _, resumed = resumed_in_workers
+  full = _take(train_batches(_source(22, bad=BAD), seed=7, num_workers=0, **KW), 10)
+  other = _take(train_batches(_source(22, bad=BAD), seed=8, num_workers=0, **KW), 10)
+  for a, b in zip(full[4:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["labels"], b["labels"])
   assert any((a["image"] != b["image"]).any() for a, b in zip(full, other))
+
+
+def test_unreadable_examples_read_in_workers_are_replaced_and_counted(resumed_in_workers):
+  src, batches = resumed_in_workers
+  seen = [int(v) for b in batches for v in b["image"][:, 0, 0, 2]]
+  # By hand: the examples drawn at steps 4-9; a bad one is replaced by the next index.
+  drawn = [int(i) for step in range(4, 10)
+           for i in epoch_permutation(7, step // 5, 22)[step % 5 * 4:][:4]]
+  assert seen == [i + 1 if i in BAD else i for i in drawn]
+  # Recorded in this process's source, though read in the workers.
+  assert sorted(src.skipped.at_read) == sorted(set(BAD) & set(drawn)) != []
+  assert src.skipped.count == len(set(BAD) & set(drawn))
+  with pytest.raises(BadExampleError):
+    src[3]
 
 
 def test_train_batches_processes_read_disjoint_halves():
@@ -160,30 +203,21 @@ def test_train_batches_processes_read_disjoint_halves():
     next(train_batches(src, process_index=0, process_count=3, **kw))
 
 
-def test_train_batches_replace_unreadable_examples_and_count_them():
-  src = _source(12, bad=(3, 7))
-  it = train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP, seed=0,
-                     num_workers=2, process_index=0, process_count=1)
-  seen = {int(v) for b in _take(it, 9) for v in b["image"][:, 0, 0, 2]}
-  assert not seen & {3, 7} and src.skipped.count == 2
-  assert sorted(src.skipped.at_read) == [3, 7]
-  with pytest.raises(BadExampleError):
-    src[3]
-
-
 # ------------------------------------------------------------------------------- eval batches
 
 def test_eval_batches_cover_every_example_once_with_padding():
   src = _source(11, bad=(5,))
-  batches = list(eval_batches(src, global_batch_size=4, image_size=N, num_workers=2,
-                              max_boxes=3, process_index=0, process_count=1))
+  # In 2 worker processes (the second and last pipeline of this file that starts them).
+  batches = list(eval_batches(src, global_batch_size=4, image_size=N, max_boxes=3,
+                              num_workers=2, process_index=0, process_count=1))
   assert len(batches) == 3
   idx = np.concatenate([b["index"] for b in batches])
   mask = np.concatenate([b["mask"] for b in batches])
-  # Example 5 is unreadable: masked like padding (and counted); the last row is padding.
+  # Example 5 is unreadable: masked like padding (and counted here, though read in a
+  # worker); the last row is padding.
   np.testing.assert_array_equal(idx, [0, 1, 2, 3, 4, -1, 6, 7, 8, 9, 10, -1])
   np.testing.assert_array_equal(mask, (idx >= 0).astype(np.float32))
-  assert src.skipped.count == 1
+  assert src.skipped.count == 1 and list(src.skipped.at_read) == [5]
   for b in batches:
     assert b["image"].shape == (4, N, N, 3) and b["image"].dtype == np.uint8
     assert b["difficult"].dtype == bool and b["index"].dtype == np.int32
