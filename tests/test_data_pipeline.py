@@ -207,9 +207,9 @@ def test_train_batches_processes_read_disjoint_halves():
 
 def test_eval_batches_cover_every_example_once_with_padding():
   src = _source(11, bad=(5,))
-  # In 2 worker processes (the second and last pipeline of this file that starts them).
+  # In a worker process (the second and last pipeline of this file that starts one).
   batches = list(eval_batches(src, global_batch_size=4, image_size=N, max_boxes=3,
-                              num_workers=2, process_index=0, process_count=1))
+                              num_workers=1, process_index=0, process_count=1))
   assert len(batches) == 3
   idx = np.concatenate([b["index"] for b in batches])
   mask = np.concatenate([b["mask"] for b in batches])
