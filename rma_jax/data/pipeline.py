@@ -27,7 +27,10 @@ import collections
 import ctypes
 import itertools
 import logging
+import os
+import signal
 import sys
+import threading
 from typing import Any, Iterable, Iterator
 
 from absl import flags
@@ -87,6 +90,7 @@ def _iterate(fn: "_TrainBatch | _EvalBatch", batch_numbers: range, source: Sourc
   it = iter(ds)
   try:
     for batch in it:
+      _unlink_received(batch)
       for index, reason in batch.pop(_BAD).items():
         source.skipped.add_read(index, reason)
       yield batch
@@ -95,17 +99,55 @@ def _iterate(fn: "_TrainBatch | _EvalBatch", batch_numbers: range, source: Sourc
       it.close()  # worker processes and their shared memory
 
 
+def _unlink_received(batch: dict[str, Any]) -> None:
+  """Removes the names of a batch's shared-memory blocks as soon as this process has them.
+
+  Grain unlinks a block when the array it hands over is garbage collected; a batch still
+  alive when the interpreter exits (held by a device array, a prefetch queue or a closure)
+  is then never unlinked, and Python's resource tracker warns of a leaked shared_memory
+  object. Unlinked at once, a block lives as long as its mapping in this process and the
+  OS frees it when the array (or the process) goes, whatever the order of the shutdown."""
+  for v in batch.values():
+    if isinstance(v, grain.multiprocessing.SharedMemoryArray) and v.shm is not None \
+        and getattr(v, "_unlink_on_del", False):
+      v._unlink_on_del = False  # pylint: disable=protected-access  # its __del__ only closes
+      try:
+        v.shm.unlink()
+      except FileNotFoundError:
+        pass
+
+
 def _init_worker(worker_index: int, worker_count: int) -> None:
-  """Keeps freed image buffers in a worker's heap. With glibc's defaults a fresh process
-  hands them back to the OS and faults them in again for every image, a third more CPU per
-  image than in a long-lived process (docs/performance.md, "Input pipeline")."""
+  """Runs in each worker process before its loop.
+
+  Signals: SIGTERM and SIGINT are ignored. A preemption or Ctrl-C often signals the whole
+  process group; the main process (``rma_jax.preemption.StopSignals``) finishes its step,
+  saves and exits, closing the pipeline, which stops the workers; a worker killed first
+  would fail that step. A worker still ends when the main process goes without closing the
+  pipeline (killed): a thread watches the parent and exits the worker.
+
+  Memory: keeps freed image buffers in a worker's heap. With glibc's defaults a fresh
+  process hands them back to the OS and faults them in again for every image, a third more
+  CPU per image than in a long-lived process (docs/performance.md, "Input pipeline")."""
   del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                   name="rma-parent-watch").start()
   try:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):  # not glibc: its allocator's defaults
     return
   mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MiB of freed memory
   mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers up to 32 MiB (a batch) from the heap
+
+
+def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
+  """Ends this worker once its parent has gone (re-parented: another parent id). Grain's
+  worker waits for the parent's stop event, which a killed parent never sets."""
+  while os.getppid() == parent:
+    threading.Event().wait(interval_s)
+  os._exit(0)  # pylint: disable=protected-access
 
 
 def _empty(shape: tuple[int, ...], dtype: Any, shared_memory: bool) -> np.ndarray:
