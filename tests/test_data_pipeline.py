@@ -154,20 +154,33 @@ BAD = (3, 7)
 KW = dict(global_batch_size=4, image_size=N, crop_size=CROP, process_index=0, process_count=1)
 
 
+def _mapped_blocks() -> set[str]:
+  """Names of the shared-memory blocks this process has mapped (Linux)."""
+  with open("/proc/self/maps") as f:
+    return {line.split("/dev/shm/")[1].strip() for line in f if "/dev/shm/psm_" in line}
+
+
 @pytest.fixture(scope="module")
 def resumed_in_workers():
   """Steps 4-9 (across the epoch boundary at 5) of seed 7 over a source with unreadable
-  examples, from 2 Grain worker processes, resumed at step 4: (source, batches)."""
+  examples, from 2 Grain worker processes, resumed at step 4 and kept, then 10 more steps
+  dropped as they come: the batches, the source's skipped examples after step 9, and the
+  shared-memory blocks this process mapped before and after the pipeline was closed."""
   src = _source(22, bad=BAD)
   it = train_batches(src, seed=7, start_step=4, num_workers=2, **KW)
   batches = _take(it, 6)
+  skipped = sorted(src.skipped.at_read), src.skipped.count
+  for _ in range(10):
+    next(it)
+  mapped = _mapped_blocks() if os.path.exists("/proc/self/maps") else None
   it.close()  # stops the workers
-  return src, batches
+  return dict(src=src, batches=batches, skipped=skipped, mapped=mapped,
+              mapped_after=_mapped_blocks() if mapped is not None else None)
 
 
 def test_train_batches_resumed_in_worker_processes_equal_an_uninterrupted_run(
     resumed_in_workers):
-  _, resumed = resumed_in_workers
+  resumed = resumed_in_workers["batches"]  # all held: no block was reused under them
   full = _take(train_batches(_source(22, bad=BAD), seed=7, num_workers=0, **KW), 10)
   other = _take(train_batches(_source(22, bad=BAD), seed=8, num_workers=0, **KW), 10)
   for a, b in zip(full[4:], resumed):
@@ -177,17 +190,28 @@ def test_train_batches_resumed_in_worker_processes_equal_an_uninterrupted_run(
 
 
 def test_unreadable_examples_read_in_workers_are_replaced_and_counted(resumed_in_workers):
-  src, batches = resumed_in_workers
-  seen = [int(v) for b in batches for v in b["image"][:, 0, 0, 2]]
+  seen = [int(v) for b in resumed_in_workers["batches"] for v in b["image"][:, 0, 0, 2]]
   # By hand: the examples drawn at steps 4-9; a bad one is replaced by the next index.
   drawn = [int(i) for step in range(4, 10)
            for i in epoch_permutation(7, step // 5, 22)[step % 5 * 4:][:4]]
   assert seen == [i + 1 if i in BAD else i for i in drawn]
   # Recorded in this process's source, though read in the workers.
-  assert sorted(src.skipped.at_read) == sorted(set(BAD) & set(drawn)) != []
-  assert src.skipped.count == len(set(BAD) & set(drawn))
+  at_read, count = resumed_in_workers["skipped"]
+  assert at_read == sorted(set(BAD) & set(drawn)) != []
+  assert count == len(set(BAD) & set(drawn))
   with pytest.raises(BadExampleError):
-    src[3]
+    resumed_in_workers["src"][3]
+
+
+def test_workers_reuse_their_shared_memory_blocks_and_remove_them(resumed_in_workers):
+  mapped = resumed_in_workers["mapped"]
+  if mapped is None:
+    pytest.skip("no /proc/self/maps")
+  # 16 batches came through a few blocks per worker, reused (fresh blocks: 16).
+  assert 2 <= len(mapped) <= 8, mapped
+  # Closed: unmapped here, and unlinked by the workers as they ended.
+  assert not resumed_in_workers["mapped_after"] & mapped
+  assert not [n for n in mapped if os.path.exists(os.path.join("/dev/shm", n))]
 
 
 def test_train_batches_processes_read_disjoint_halves():

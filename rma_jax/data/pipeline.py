@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import itertools
 import logging
+import math
+from multiprocessing import shared_memory
 import os
 import signal
 import sys
 import threading
 from typing import Any, Iterable, Iterator
+import weakref
 
 from absl import flags
 import grain
-import grain.multiprocessing
+import grain.experimental
 import jax
 import numpy as np
 
@@ -72,49 +76,125 @@ def _iterate(fn: "_TrainBatch | _EvalBatch", batch_numbers: range, source: Sourc
   if num_workers < 0:
     raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: decode in the main "
                      "process)")
-  # In workers a batch's images are written straight into shared memory, which Grain hands
-  # to this process without copying them again.
-  fn.shared_memory = num_workers > 0
+  fn.blocks = _WorkerBlocks() if num_workers else None
   # Each element is a whole batch: no reading threads inside a process (num_threads=0).
   ds = grain.MapDataset.range(batch_numbers.start, batch_numbers.stop).map(fn).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  received = _SharedArrays()
   if num_workers:
     if not flags.FLAGS.is_parsed():
       # mp_prefetch reads one of Grain's absl flags; library callers and pytest parse none.
       # Their defaults, as absl would parse an empty command line (a later app.run parses
       # its own command line as usual).
       flags.FLAGS(sys.argv[:1], known_only=True)
+    # The images come in the workers' own reused blocks (_WorkerBlocks); the small arrays
+    # (labels, boxes) are pickled rather than given a fresh shared-memory block each.
+    ds = grain.experimental.WithOptionsIterDataset(
+        ds, grain.experimental.DatasetOptions(min_shm_size=_PICKLED_BELOW))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER),
                         worker_init_fn=_init_worker)
   it = iter(ds)
   try:
     for batch in it:
-      _unlink_received(batch)
+      batch = received.open(batch)
       for index, reason in batch.pop(_BAD).items():
         source.skipped.add_read(index, reason)
       yield batch
   finally:
     if hasattr(it, "close"):
-      it.close()  # worker processes and their shared memory
+      it.close()  # stops the worker processes, which unlink their blocks as they exit
+    received.close()
 
 
-def _unlink_received(batch: dict[str, Any]) -> None:
-  """Removes the names of a batch's shared-memory blocks as soon as this process has them.
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+  """What travels from a worker instead of a batch array: the block that holds it."""
+  name: str
+  shape: tuple[int, ...]
+  dtype: str
 
-  Grain unlinks a block when the array it hands over is garbage collected; a batch still
-  alive when the interpreter exits (held by a device array, a prefetch queue or a closure)
-  is then never unlinked, and Python's resource tracker warns of a leaked shared_memory
-  object. Unlinked at once, a block lives as long as its mapping in this process and the
-  OS frees it when the array (or the process) goes, whatever the order of the shutdown."""
-  for v in batch.values():
-    if isinstance(v, grain.multiprocessing.SharedMemoryArray) and v.shm is not None \
-        and getattr(v, "_unlink_on_del", False):
-      v._unlink_on_del = False  # pylint: disable=protected-access  # its __del__ only closes
-      try:
-        v.shm.unlink()
-      except FileNotFoundError:
-        pass
+
+# A block's first byte says whether the main process still uses the batch in it; the
+# array starts at the next cache-line boundary.
+_HEADER = 64
+_PICKLED_BELOW = 1 << 20  # bytes: smaller arrays are pickled (min_shm_size)
+
+
+class _WorkerBlocks:
+  """A worker's shared-memory blocks for batch images, reused from batch to batch.
+
+  A fresh block per batch (Grain's ``SharedMemoryArray``) costs the kernel an allocation,
+  zeroing and freeing of every page, about as much CPU as a sixth of the decoding
+  (docs/performance.md, "Input pipeline"). A block here is reused once the main process has
+  copied its batch out (:class:`_SharedArrays` clears the block's flag); when all are in use
+  a new one is made, so a worker holds as many as its batches in flight. The worker unlinks
+  its blocks as it exits; a worker killed outright leaves them to Python's resource tracker,
+  which unlinks them when the main process ends.
+
+  Pickled empty: each worker process makes its own.
+  """
+
+  def __init__(self):
+    self._blocks: list[shared_memory.SharedMemory] = []
+    weakref.finalize(self, _unlink_blocks, self._blocks)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__()
+
+  def array(self, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, _Shared]:
+    """A writable array in a free block, and what the main process needs to map it."""
+    dtype = np.dtype(dtype)
+    size = _HEADER + math.prod(shape) * dtype.itemsize
+    shm = next((b for b in self._blocks if b.size == size and b.buf[0] == 0), None)
+    if shm is None:
+      shm = shared_memory.SharedMemory(create=True, size=size)
+      self._blocks.append(shm)
+    shm.buf[0] = 1
+    return (np.ndarray(shape, dtype, buffer=shm.buf, offset=_HEADER),
+            _Shared(shm.name, tuple(shape), dtype.str))
+
+
+def _unlink_blocks(blocks: list[shared_memory.SharedMemory]) -> None:
+  for shm in blocks:
+    try:
+      shm.close()
+    except BufferError:  # an array of it still alive here: the mapping goes with the process
+      pass
+    try:
+      shm.unlink()
+    except FileNotFoundError:
+      pass
+
+
+class _SharedArrays:
+  """The main process's side of :class:`_WorkerBlocks`: maps each block once, copies a
+  batch's array out and clears the block's flag at once.
+
+  The copy is what makes reuse safe: JAX on CPU aliases the host arrays it is given (no
+  copy, and no reference that would keep a view of the block alive), so a view handed on
+  could be overwritten by a later batch under a live ``jax.Array``."""
+
+  def __init__(self):
+    self._mapped: dict[str, shared_memory.SharedMemory] = {}
+
+  def open(self, batch: dict[str, Any]) -> dict[str, Any]:
+    for k, v in batch.items():
+      if isinstance(v, _Shared):
+        shm = self._mapped.get(v.name)
+        if shm is None:
+          shm = self._mapped[v.name] = shared_memory.SharedMemory(v.name)
+        batch[k] = np.ndarray(v.shape, v.dtype, buffer=shm.buf, offset=_HEADER).copy()
+        shm.buf[0] = 0
+    return batch
+
+  def close(self) -> None:
+    for shm in self._mapped.values():
+      shm.close()
+    self._mapped.clear()
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
@@ -150,10 +230,14 @@ def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
   os._exit(0)  # pylint: disable=protected-access
 
 
-def _empty(shape: tuple[int, ...], dtype: Any, shared_memory: bool) -> np.ndarray:
-  if shared_memory:
-    return grain.multiprocessing.SharedMemoryArray(shape, dtype)
-  return np.empty(shape, dtype)
+def _images(fn: "_TrainBatch | _EvalBatch", shape: tuple[int, ...]
+            ) -> tuple[np.ndarray, np.ndarray | _Shared]:
+  """(array to write a batch's images into, what the batch carries): a worker's reused
+  block, or a plain array when no worker processes run."""
+  if fn.blocks is None:
+    image = np.empty(shape, np.uint8)
+    return image, image
+  return fn.blocks.array(shape, np.uint8)
 
 
 def _read(source: Source, index: int, bad: dict[int, str]) -> dict[str, Any] | None:
@@ -176,7 +260,7 @@ class _TrainBatch:
     self.seed, self.image_size, self.crop_size = seed, image_size, crop_size
     self.random_flip = random_flip
     self.steps_per_epoch = len(source) // global_batch_size
-    self.shared_memory = False
+    self.blocks: _WorkerBlocks | None = None
     self._perm: tuple[int, np.ndarray] | None = None  # the current epoch's only (memory)
 
   def indices(self, step: int) -> tuple[int, np.ndarray]:
@@ -203,11 +287,12 @@ class _TrainBatch:
   def __call__(self, step: int) -> dict[str, Any]:
     epoch, idx = self.indices(int(step))
     bad: dict[int, str] = {}
-    image = _empty((self.b, self.crop_size, self.crop_size, 3), np.uint8, self.shared_memory)
+    image, carried = _images(self, (self.b, self.crop_size, self.crop_size, 3))
     labels = np.empty((self.b, self.source.num_classes), np.float32)
     for row, i in enumerate(idx):
       image[row], labels[row] = self._load(int(i), epoch, bad)
-    return {"image": image, "labels": labels, "mask": np.ones((self.b,), np.float32), _BAD: bad}
+    return {"image": carried, "labels": labels, "mask": np.ones((self.b,), np.float32),
+            _BAD: bad}
 
 
 def train_batches(source: Source, *, global_batch_size: int, image_size: int, crop_size: int,
@@ -262,13 +347,13 @@ class _EvalBatch:
     self.source, self.g, self.b, self.pi = source, global_batch_size, local_batch_size, \
         process_index
     self.image_size, self.max_boxes = image_size, max_boxes
-    self.shared_memory = False
+    self.blocks: _WorkerBlocks | None = None
 
   def __call__(self, g: int) -> dict[str, Any]:
     n, c, b, m_max = len(self.source), self.source.num_classes, self.b, self.max_boxes
     size = self.image_size
-    batch = dict(image=_empty((b, size, size, 3), np.uint8, self.shared_memory),
-                 labels=np.zeros((b, c), np.float32), difficult=np.zeros((b, c), bool),
+    image, carried = _images(self, (b, size, size, 3))
+    batch = dict(image=carried, labels=np.zeros((b, c), np.float32), difficult=np.zeros((b, c), bool),
                  mask=np.zeros((b,), np.float32), index=np.full((b,), -1, np.int32),
                  boxes=np.zeros((b, m_max, 4), np.float32),
                  box_labels=np.full((b, m_max), -1, np.int32), id=[""] * b)
@@ -277,10 +362,10 @@ class _EvalBatch:
     for row, pos in enumerate(range(first, min(first + b, n))):
       ex = _read(self.source, pos, bad)
       if ex is None:
-        batch["image"][row] = 0
+        image[row] = 0
         continue
       m = min(len(ex["box_labels"]), m_max)
-      batch["image"][row] = preprocess.eval_transform(ex["image"], size)
+      image[row] = preprocess.eval_transform(ex["image"], size)
       batch["labels"][row] = ex["labels"]
       batch["difficult"][row] = ex["difficult"]
       batch["mask"][row] = 1.0
@@ -288,7 +373,7 @@ class _EvalBatch:
       batch["boxes"][row, :m] = ex["boxes"][:m]
       batch["box_labels"][row, :m] = ex["box_labels"][:m]
       batch["id"][row] = ex["id"]
-    batch["image"][max(0, min(b, n - first)):] = 0  # padding
+    image[max(0, min(b, n - first)):] = 0  # padding
     batch[_BAD] = bad
     return batch
 
