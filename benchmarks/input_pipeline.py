@@ -7,7 +7,8 @@ decode, resize, crop, flip and batching. Side by side, alternating within each r
 pipeline as it was before Grain (a thread pool in the main process, ``--threads``) and
 ``train_batches`` on Grain at each of ``--workers`` worker processes. For each: images/s
 (wall), CPU seconds per image (the main process and its worker processes, from psutil) and
-the start-up (iterator built to first batch, not in the rates). Medians over ``--runs``.
+the start-up (iterator built to one batch per thread or worker, not in the rates). Medians
+over ``--runs``.
 
   python -m benchmarks.input_pipeline                       # N=512, batch 16, 512 JPEGs
   python -m benchmarks.input_pipeline --json=docs/benchmarks/input_pipeline.json
@@ -91,31 +92,36 @@ def thread_pool_batches(source, threads: int, lookahead: int = 2, **kw):
              "labels": np.stack([r[1] for r in rows]).astype(np.float32)}
 
 
-def _cpu_seconds(proc: psutil.Process) -> float:
-  """CPU time of this process and its live children (the Grain workers)."""
-  total = sum(proc.cpu_times()[:2])
+def _cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
+  """CPU time of this process, and of its live children (the Grain workers)."""
+  children = 0.0
   for child in proc.children(recursive=True):
     try:
-      total += sum(child.cpu_times()[:2])
+      children += sum(child.cpu_times()[:2])
     except psutil.NoSuchProcess:
       pass
-  return total
+  return sum(proc.cpu_times()[:2]), children
 
 
-def _time(make, steps: int, batch: int) -> dict[str, float]:
+def _time(make, steps: int, batch: int, warmup: int) -> dict[str, float]:
+  """Rates over ``steps`` batches after ``warmup`` (one per worker: each worker's start-up is
+  then outside the timed window, and in the start-up time)."""
   proc = psutil.Process()
   t0 = time.perf_counter()
   it = make()
   first = next(it)
+  for _ in range(warmup - 1):
+    next(it)
   start = time.perf_counter() - t0
-  c0, t1 = _cpu_seconds(proc), time.perf_counter()
+  (m0, w0), t1 = _cpu_seconds(proc), time.perf_counter()
   for _ in range(steps):
     last = next(it)
-  dt, cpu = time.perf_counter() - t1, _cpu_seconds(proc) - c0
+  dt, (m1, w1) = time.perf_counter() - t1, _cpu_seconds(proc)
   it.close()
   assert last["image"].shape == first["image"].shape
-  return {"images_per_s": steps * batch / dt, "cpu_s_per_image": cpu / (steps * batch),
-          "startup_s": start}
+  n = steps * batch
+  return {"images_per_s": n / dt, "cpu_s_per_image": (m1 - m0 + w1 - w0) / n,
+          "main_cpu_s_per_image": (m1 - m0) / n, "startup_s": start}
 
 
 def _cpu_info() -> dict[str, str]:
@@ -135,14 +141,14 @@ def main(argv):
   b, steps = _BATCH.value, _STEPS.value
   kw = dict(global_batch_size=b, image_size=_N.value, crop_size=_CROP.value, seed=0,
             random_flip=True)
-  pipelines = {}
+  pipelines = {}  # name: (iterator factory, warm-up batches)
   if _THREADS.value:
     pipelines[f"thread pool, {_THREADS.value} threads"] = (
-        lambda src: thread_pool_batches(src, _THREADS.value, **kw))
+        lambda src: thread_pool_batches(src, _THREADS.value, **kw), _THREADS.value)
   for w in map(int, _WORKERS.value):
     pipelines[f"grain, {w} worker{'s' * (w != 1)}"] = (
         lambda src, w=w: train_batches(src, num_workers=w, process_index=0, process_count=1,
-                                       **kw))
+                                       **kw), max(w, 1))
   load_before = os.getloadavg()
   results = collections.defaultdict(list)
   with tempfile.TemporaryDirectory() as tmp:
@@ -152,11 +158,13 @@ def main(argv):
         test_split="test", val_split="", val_fraction=0.0, max_pixels=89_478_485))
     train = get_sources(cfg, seed=0).train
     for run in range(_RUNS.value):  # alternating: every pipeline once per run
-      for name, make in pipelines.items():
-        r = _time(lambda make=make: make(train), steps, b)
+      for name, (make, warmup) in pipelines.items():
+        r = _time(lambda make=make: make(train), steps, b, warmup)
         results[name].append(r)
         print(f"run {run}: {name}: {r['images_per_s']:.1f} images/s, "
-              f"{1e3 * r['cpu_s_per_image']:.1f} CPU ms/image, start-up {r['startup_s']:.1f} s",
+              f"{1e3 * r['cpu_s_per_image']:.2f} CPU ms/image "
+              f"({1e3 * r['main_cpu_s_per_image']:.2f} in the main process), "
+              f"start-up {r['startup_s']:.1f} s",
               flush=True)
   table = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
            for name, rs in results.items()}
@@ -168,10 +176,11 @@ def main(argv):
   print(f"\nN={_N.value} crop={_CROP.value} batch={b}, {_NUM_IMAGES.value} JPEGs ~{kb:.0f} KB, "
         f"{out['setup']['cpu']} ({out['setup']['cores']} cores, "
         f"{out['setup']['vector_extensions']}), load {load_before} -> {os.getloadavg()}")
-  print("| pipeline | images/s | CPU ms / image | start-up (s) |\n| --- | ---: | ---: | ---: |")
+  print("| pipeline | images/s | CPU ms / image | of which main process | start-up (s) |\n"
+        "| --- | ---: | ---: | ---: | ---: |")
   for name, m in table.items():
-    print(f"| {name} | {m['images_per_s']:.1f} | {1e3 * m['cpu_s_per_image']:.1f} | "
-          f"{m['startup_s']:.1f} |")
+    print(f"| {name} | {m['images_per_s']:.1f} | {1e3 * m['cpu_s_per_image']:.2f} | "
+          f"{1e3 * m['main_cpu_s_per_image']:.2f} | {m['startup_s']:.1f} |")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(out, f, indent=1)
