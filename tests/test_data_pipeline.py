@@ -157,7 +157,7 @@ KW = dict(global_batch_size=4, image_size=N, crop_size=CROP, process_index=0, pr
 def _mapped_blocks() -> set[str]:
   """Names of the shared-memory blocks this process has mapped (Linux)."""
   with open("/proc/self/maps") as f:
-    return {line.split("/dev/shm/")[1].strip() for line in f if "/dev/shm/psm_" in line}
+    return {line.split("/dev/shm/")[1].strip() for line in f if "/dev/shm/rma" in line}
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +207,9 @@ def test_workers_reuse_their_shared_memory_blocks_and_remove_them(resumed_in_wor
   mapped = resumed_in_workers["mapped"]
   if mapped is None:
     pytest.skip("no /proc/self/maps")
-  # 16 batches came through a few blocks per worker, reused (fresh blocks: 16).
-  assert 2 <= len(mapped) <= 8, mapped
+  # 16 batches came through at most 5 blocks per worker, reused (fresh blocks: 16): a batch
+  # being written, 2 in the worker's queue, 2 in Grain's buffer in this process.
+  assert 2 <= len(mapped) <= 10, mapped
   # Closed: unmapped here, and unlinked by the workers as they ended.
   assert not resumed_in_workers["mapped_after"] & mapped
   assert not [n for n in mapped if os.path.exists(os.path.join("/dev/shm", n))]

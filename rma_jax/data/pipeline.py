@@ -31,11 +31,11 @@ import logging
 import math
 from multiprocessing import shared_memory
 import os
+import secrets
 import signal
 import sys
 import threading
 from typing import Any, Iterable, Iterator
-import weakref
 
 from absl import flags
 import grain
@@ -76,11 +76,12 @@ def _iterate(fn: "_TrainBatch | _EvalBatch", batch_numbers: range, source: Sourc
   if num_workers < 0:
     raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: decode in the main "
                      "process)")
-  fn.blocks = _WorkerBlocks() if num_workers else None
+  fn.blocks = (_WorkerBlocks(f"rma{os.getpid()}_{secrets.token_hex(3)}") if num_workers
+               else None)
   # Each element is a whole batch: no reading threads inside a process (num_threads=0).
   ds = grain.MapDataset.range(batch_numbers.start, batch_numbers.stop).map(fn).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  received = _SharedArrays()
+  received = _SharedArrays(fn.blocks)
   if num_workers:
     if not flags.FLAGS.is_parsed():
       # mp_prefetch reads one of Grain's absl flags; library callers and pytest parse none.
@@ -103,8 +104,8 @@ def _iterate(fn: "_TrainBatch | _EvalBatch", batch_numbers: range, source: Sourc
       yield batch
   finally:
     if hasattr(it, "close"):
-      it.close()  # stops the worker processes, which unlink their blocks as they exit
-    received.close()
+      it.close()  # stops the worker processes
+    received.close(num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,22 +129,23 @@ class _WorkerBlocks:
   zeroing and freeing of every page, about as much CPU as a sixth of the decoding
   (docs/performance.md, "Input pipeline"). A block here is reused once the main process has
   copied its batch out (:class:`_SharedArrays` clears the block's flag); when all are in use
-  a new one is made, so a worker holds as many as its batches in flight. The worker unlinks
-  its blocks as it exits; a worker killed outright leaves them to Python's resource tracker,
-  which unlinks them when the main process ends.
+  a new one is made, so a worker holds as many as its batches in flight.
 
-  Pickled empty: each worker process makes its own.
+  Block k of worker w is named ``{prefix}_{w}_{k}`` so that the main process can unlink every
+  block of the pipeline when it closes it, those whose batches never arrived included: a
+  worker cannot, since Grain ends a worker whose part of a pass is done while its last
+  batches still wait in the main process. Pickled with its prefix only.
   """
 
-  def __init__(self):
+  def __init__(self, prefix: str):
+    self.prefix = prefix
     self._blocks: list[shared_memory.SharedMemory] = []
-    weakref.finalize(self, _unlink_blocks, self._blocks)
 
   def __getstate__(self) -> dict[str, Any]:
-    return {}
+    return {"prefix": self.prefix}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__()
+    self.__init__(state["prefix"])
 
   def array(self, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, _Shared]:
     """A writable array in a free block, and what the main process needs to map it."""
@@ -151,34 +153,29 @@ class _WorkerBlocks:
     size = _HEADER + math.prod(shape) * dtype.itemsize
     shm = next((b for b in self._blocks if b.size == size and b.buf[0] == 0), None)
     if shm is None:
-      shm = shared_memory.SharedMemory(create=True, size=size)
+      name = f"{self.prefix}_{_worker['index']}_{_worker['blocks']}"
+      shm = shared_memory.SharedMemory(name, create=True, size=size)
+      _worker["blocks"] += 1
       self._blocks.append(shm)
     shm.buf[0] = 1
     return (np.ndarray(shape, dtype, buffer=shm.buf, offset=_HEADER),
             _Shared(shm.name, tuple(shape), dtype.str))
 
 
-def _unlink_blocks(blocks: list[shared_memory.SharedMemory]) -> None:
-  for shm in blocks:
-    try:
-      shm.close()
-    except BufferError:  # an array of it still alive here: the mapping goes with the process
-      pass
-    try:
-      shm.unlink()
-    except FileNotFoundError:
-      pass
+# In a worker process (set by _init_worker): its index, and the blocks it has made.
+_worker = {"index": 0, "blocks": 0}
 
 
 class _SharedArrays:
   """The main process's side of :class:`_WorkerBlocks`: maps each block once, copies a
-  batch's array out and clears the block's flag at once.
+  batch's array out and clears the block's flag at once; unlinks the blocks at the end.
 
   The copy is what makes reuse safe: JAX on CPU aliases the host arrays it is given (no
   copy, and no reference that would keep a view of the block alive), so a view handed on
   could be overwritten by a later batch under a live ``jax.Array``."""
 
-  def __init__(self):
+  def __init__(self, blocks: _WorkerBlocks | None):
+    self._prefix = blocks.prefix if blocks is not None else ""
     self._mapped: dict[str, shared_memory.SharedMemory] = {}
 
   def open(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -191,10 +188,19 @@ class _SharedArrays:
         shm.buf[0] = 0
     return batch
 
-  def close(self) -> None:
+  def close(self, num_workers: int) -> None:
+    """Unlinks every block of the pipeline (once its workers are stopped)."""
     for shm in self._mapped.values():
       shm.close()
     self._mapped.clear()
+    for w in range(num_workers):
+      for k in itertools.count():
+        try:
+          shm = shared_memory.SharedMemory(f"{self._prefix}_{w}_{k}")
+        except FileNotFoundError:
+          break
+        shm.close()
+        shm.unlink()
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
@@ -209,7 +215,8 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   Memory: keeps freed image buffers in a worker's heap. With glibc's defaults a fresh
   process hands them back to the OS and faults them in again for every image, a third more
   CPU per image than in a long-lived process (docs/performance.md, "Input pipeline")."""
-  del worker_index, worker_count
+  del worker_count
+  _worker["index"] = worker_index
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
@@ -353,7 +360,8 @@ class _EvalBatch:
     n, c, b, m_max = len(self.source), self.source.num_classes, self.b, self.max_boxes
     size = self.image_size
     image, carried = _images(self, (b, size, size, 3))
-    batch = dict(image=carried, labels=np.zeros((b, c), np.float32), difficult=np.zeros((b, c), bool),
+    batch = dict(image=carried, labels=np.zeros((b, c), np.float32),
+                 difficult=np.zeros((b, c), bool),
                  mask=np.zeros((b,), np.float32), index=np.full((b,), -1, np.int32),
                  boxes=np.zeros((b, m_max, 4), np.float32),
                  box_labels=np.full((b, m_max), -1, np.int32), id=[""] * b)
