@@ -27,6 +27,7 @@ import collections
 import ctypes
 import itertools
 import logging
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -142,6 +143,34 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers up to 32 MiB (a batch) from the heap
 
 
+# What a preemption or Ctrl-C sends to a whole process group.
+_GROUP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _start_unkillable(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+  """``batches`` (``_iterate`` with workers), its first batch fetched while this thread blocks
+  SIGTERM and SIGINT.
+
+  That first ``next`` creates the Grain threads that spawn the worker processes; a thread
+  inherits its creator's signal mask and a spawned process its spawning thread's, so each
+  worker starts with both signals blocked until ``_init_worker`` ignores them. A signal to the
+  whole process group while a worker starts (seconds of imports) cannot kill it: a worker that
+  died before it had read its arguments would block the pipeline for ever (CPython's spawn
+  writes them into a pipe whose read end it holds open itself until the write is done). The
+  signal still reaches this process: another thread takes it, or this one once the first
+  batch is in, and Python runs the handler in the main thread."""
+  # Started before: launching Python's resource tracker unblocks both in the launching thread.
+  multiprocessing.resource_tracker.ensure_running()
+  blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+  try:
+    first = next(batches, None)
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+  if first is not None:
+    yield first
+    yield from batches
+
+
 def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
   """Ends this worker once its parent has gone (re-parented: another parent id). Grain's
   worker waits for the parent's stop event, which a killed parent never sets."""
@@ -245,6 +274,8 @@ def train_batches(source: Source, *, global_batch_size: int, image_size: int, cr
                    random_flip=random_flip)
   reported = source.skipped.count
   batches = _iterate(fn, range(start_step, sys.maxsize), source, num_workers)
+  if num_workers:
+    batches = _start_unkillable(batches)
   for step, batch in enumerate(batches, start_step):
     if step > start_step and step % fn.steps_per_epoch == 0 and source.skipped.count > reported:
       logger.warning("end of epoch %d: %s", step // fn.steps_per_epoch - 1,
@@ -321,7 +352,8 @@ def eval_batches(source: Source, *, global_batch_size: int, image_size: int,
   num_batches = -(-len(source) // global_batch_size)
   fn = _EvalBatch(source, global_batch_size=global_batch_size, local_batch_size=b,
                   process_index=pi, image_size=image_size, max_boxes=max_boxes)
-  yield from _iterate(fn, range(num_batches), source, num_workers)
+  batches = _iterate(fn, range(num_batches), source, num_workers)
+  yield from _start_unkillable(batches) if num_workers else batches
   if source.skipped.count:
     logger.warning("end of evaluation pass: %s", source.skipped.summary())
 
