@@ -32,10 +32,11 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from absl import flags
 import grain
+import grain.experimental
 import grain.multiprocessing
 import jax
 import numpy as np
@@ -145,11 +146,12 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
 
 # What a preemption or Ctrl-C sends to a whole process group.
 _GROUP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_END = object()
 
 
-def _start_unkillable(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-  """``batches`` (``_iterate`` with workers), its first batch fetched while this thread blocks
-  SIGTERM and SIGINT.
+def _start_unkillable(batches: Iterator[Any]) -> Iterator[Any]:
+  """``batches`` (a pipeline with worker processes, not started yet), its first element
+  fetched while this thread blocks SIGTERM and SIGINT.
 
   That first ``next`` creates the Grain threads that spawn the worker processes; a thread
   inherits its creator's signal mask and a spawned process its spawning thread's, so each
@@ -163,10 +165,10 @@ def _start_unkillable(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, A
   multiprocessing.resource_tracker.ensure_running()
   blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
   try:
-    first = next(batches, None)
+    first = next(batches, _END)
   finally:
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-  if first is not None:
+  if first is not _END:
     yield first
     yield from batches
 
@@ -383,3 +385,28 @@ def device_put_batches(iterator: Iterable[dict[str, Any]],
   while queue:
     yield queue.popleft()
     queue.extend(put(x) for x in itertools.islice(it, 1))
+
+
+def map_in_workers(fn: Callable[[int], Any], n: int, num_workers: int = 0) -> Iterator[Any]:
+  """``fn(0), ..., fn(n - 1)``, in order, for inputs that are no :class:`Source` (the files
+  ``rma_jax.predict`` labels): in ``num_workers`` worker processes set up as the batch
+  iterators' (``fn`` is pickled into them; what it returns comes back pickled, without shared
+  memory), or in the calling thread with 0. Close the iterator to stop the workers early."""
+  if num_workers < 0:
+    raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: in the main process)")
+  ds = grain.MapDataset.range(n).map(fn).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  if not num_workers:
+    yield from ds
+    return
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv[:1], known_only=True)  # as in _iterate
+  ds = grain.experimental.WithOptionsIterDataset(
+      ds, grain.experimental.DatasetOptions(min_shm_size=sys.maxsize))
+  it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER),
+                           worker_init_fn=_init_worker))
+  try:
+    yield from _start_unkillable(it)
+  finally:
+    it.close()
