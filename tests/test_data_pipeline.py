@@ -1,9 +1,9 @@
 """Preprocessing and the batch iterators: shapes, dtypes, ranges, crop/flip (train only),
 determinism and resume (in the main process and in Grain worker processes), process
-sharding, bad examples, eval coverage and padding, device placement.
+sharding, bad examples, eval coverage and padding, device placement, a worker killed mid-pass.
 
 Worker processes take seconds to start: one 2-worker pipeline (``resumed_in_workers``) serves
-every test that checks them."""
+every test that checks them, but the one that kills a worker (in a process of its own)."""
 
 import os
 import subprocess
@@ -330,3 +330,41 @@ def test_random_flip_can_be_turned_off():
     np.testing.assert_array_equal(without, with_flip[:, ::-1] if flip else with_flip)
     flipped_any |= bool(flip)
   assert flipped_any
+
+
+def test_a_worker_killed_mid_pass_fails_the_pipeline_at_once():
+  """A worker process that dies while the pipeline runs (SIGKILL: the OOM killer's way) fails
+  it within seconds with Grain's error, which names the exit status, instead of a wait for
+  ever; the other worker is stopped. In a process of its own: the dead worker's batches in
+  flight are left to that process's resource tracker."""
+  code = textwrap.dedent("""
+      import time, psutil
+      from rma_jax.data import train_batches
+      from rma_jax.data.demo import make_demo_split
+      src = make_demo_split("train", 16, canvas_size=32)
+      it = train_batches(src, global_batch_size=4, image_size=32, crop_size=24, seed=0,
+                         num_workers=2)
+      next(it)
+      workers = [p for p in psutil.Process().children()
+                 if "spawn_main" in " ".join(p.cmdline())]
+      assert len(workers) == 2, workers
+      time.sleep(1)  # its buffers full: killed while it waits, not half-way through a block
+      workers[0].kill()
+      started = time.time()
+      try:
+        for _ in range(1000):
+          next(it)
+      except RuntimeError as e:
+        print(f"{time.time() - started:.1f}", e)
+      print(len(psutil.wait_procs(workers, timeout=30)[1]), "left")
+      """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  first, left = r.stdout.splitlines()
+  seconds, error = first.split(" ", 1)
+  assert float(seconds) < 10 and error.startswith(
+      "Worker process was terminated unexpectedly with exit code -9"), r.stdout
+  assert left == "0 left", r.stdout

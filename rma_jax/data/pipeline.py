@@ -30,12 +30,13 @@ import itertools
 import logging
 import math
 from multiprocessing import shared_memory
+import multiprocessing.resource_tracker
 import os
 import secrets
 import signal
 import sys
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from absl import flags
 import grain
@@ -69,42 +70,54 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
+def _map(fn: Callable[[int], Any], numbers: range, num_workers: int,
+         min_shm_size: int) -> Iterator[Any]:
+  """``fn(g)`` for each g of ``numbers``, in order: a Grain ``MapDataset`` in the calling
+  thread, or over ``num_workers`` worker processes (``mp_prefetch``; arrays of
+  ``min_shm_size`` bytes and more come back in fresh shared memory, smaller ones pickled).
+  Closing it stops the workers."""
+  if num_workers < 0:
+    raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: in the main process)")
+  # Each element is a whole batch: no reading threads inside a process (num_threads=0).
+  ds = grain.MapDataset.range(numbers.start, numbers.stop).map(fn).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  if not num_workers:
+    yield from ds
+    return
+  if not flags.FLAGS.is_parsed():
+    # mp_prefetch reads one of Grain's absl flags; library callers and pytest parse none.
+    # Their defaults, as absl would parse an empty command line (a later app.run parses its
+    # own command line as usual).
+    flags.FLAGS(sys.argv[:1], known_only=True)
+  ds = grain.experimental.WithOptionsIterDataset(
+      ds, grain.experimental.DatasetOptions(min_shm_size=min_shm_size))
+  it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER),
+                           worker_init_fn=_init_worker))
+  try:
+    yield from _start_unkillable(it)
+  finally:
+    it.close()
+
+
 def _iterate(fn: "_TrainBatch | _EvalBatch", batch_numbers: range, source: Source,
              num_workers: int) -> Iterator[dict[str, Any]]:
   """``fn(g)`` for each g of ``batch_numbers`` in order (in ``num_workers`` processes), with
   the unreadable examples recorded in ``source.skipped``."""
-  if num_workers < 0:
-    raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: decode in the main "
-                     "process)")
-  fn.blocks = (_WorkerBlocks(f"rma{os.getpid()}_{secrets.token_hex(3)}") if num_workers
+  fn.blocks = (_WorkerBlocks(f"rma{os.getpid()}_{secrets.token_hex(3)}") if num_workers > 0
                else None)
-  # Each element is a whole batch: no reading threads inside a process (num_threads=0).
-  ds = grain.MapDataset.range(batch_numbers.start, batch_numbers.stop).map(fn).to_iter_dataset(
-      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   received = _SharedArrays(fn.blocks)
-  if num_workers:
-    if not flags.FLAGS.is_parsed():
-      # mp_prefetch reads one of Grain's absl flags; library callers and pytest parse none.
-      # Their defaults, as absl would parse an empty command line (a later app.run parses
-      # its own command line as usual).
-      flags.FLAGS(sys.argv[:1], known_only=True)
-    # The images come in the workers' own reused blocks (_WorkerBlocks); the small arrays
-    # (labels, boxes) are pickled rather than given a fresh shared-memory block each.
-    ds = grain.experimental.WithOptionsIterDataset(
-        ds, grain.experimental.DatasetOptions(min_shm_size=_PICKLED_BELOW))
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER),
-                        worker_init_fn=_init_worker)
-  it = iter(ds)
+  # The images come in the workers' own reused blocks (_WorkerBlocks); the small arrays
+  # (labels, boxes) are pickled rather than given a fresh shared-memory block each.
+  batches = _map(fn, batch_numbers, num_workers, _PICKLED_BELOW)
   try:
-    for batch in it:
+    for batch in batches:
       batch = received.open(batch)
       for index, reason in batch.pop(_BAD).items():
         source.skipped.add_read(index, reason)
       yield batch
   finally:
-    if hasattr(it, "close"):
-      it.close()  # stops the worker processes
+    batches.close()  # stops the workers first
     received.close(num_workers)
 
 
@@ -227,6 +240,35 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     return
   mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MiB of freed memory
   mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers up to 32 MiB (a batch) from the heap
+
+
+# What a preemption or Ctrl-C sends to a whole process group.
+_GROUP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_END = object()
+
+
+def _start_unkillable(batches: Iterator[Any]) -> Iterator[Any]:
+  """``batches`` (a pipeline with worker processes, not started yet), its first element
+  fetched while this thread blocks SIGTERM and SIGINT.
+
+  That first ``next`` creates the Grain threads that spawn the worker processes; a thread
+  inherits its creator's signal mask and a spawned process its spawning thread's, so each
+  worker starts with both signals blocked until ``_init_worker`` ignores them. A signal to the
+  whole process group while a worker starts (seconds of imports) cannot kill it: a worker that
+  died before it had read its arguments would block the pipeline for ever (CPython's spawn
+  writes them into a pipe whose read end it holds open itself until the write is done). The
+  signal still reaches this process: another thread takes it, or this one once the first
+  batch is in, and Python runs the handler in the main thread."""
+  # Started before: launching Python's resource tracker unblocks both in the launching thread.
+  multiprocessing.resource_tracker.ensure_running()
+  blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+  try:
+    first = next(batches, _END)
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+  if first is not _END:
+    yield first
+    yield from batches
 
 
 def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
@@ -444,3 +486,11 @@ def device_put_batches(iterator: Iterable[dict[str, Any]],
   while queue:
     yield queue.popleft()
     queue.extend(put(x) for x in itertools.islice(it, 1))
+
+
+def map_in_workers(fn: Callable[[int], Any], n: int, num_workers: int = 0) -> Iterator[Any]:
+  """``fn(0), ..., fn(n - 1)``, in order, for inputs that are no :class:`Source` (the files
+  ``rma_jax.predict`` labels): in ``num_workers`` worker processes set up as the batch
+  iterators' (``fn`` is pickled into them; what it returns comes back pickled, without shared
+  memory), or in the calling thread with 0. Close the iterator to stop the workers early."""
+  return _map(fn, range(n), num_workers, min_shm_size=sys.maxsize)
