@@ -20,7 +20,6 @@ import concurrent.futures
 import itertools
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image
 import psutil
 
+from benchmarks import timing
 from rma_jax.data import get_sources, pipeline, train_batches
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 512, "JPEGs in the synthetic tree.")
@@ -125,15 +125,8 @@ def _time(make, steps: int, batch: int, warmup: int) -> dict[str, float]:
 
 
 def _cpu_info() -> dict[str, str]:
-  model, flags_ = platform.processor(), set()
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-      elif line.startswith("flags"):
-        flags_ = set(line.split(":", 1)[1].split())
-  return {"cpu": model, "cores": str(os.cpu_count()),
-          "vector_extensions": " ".join(x for x in ("avx2", "avx512f") if x in flags_)}
+  model, extensions = timing.cpu_description()
+  return {"cpu": model, "cores": str(os.cpu_count()), "vector_extensions": extensions}
 
 
 def main(argv):
