@@ -10,7 +10,8 @@ Layout of a workdir::
 Every step carries the checkpoint format it was written in (``FORMAT``, in Orbax's custom
 step metadata); a step without one was written before the format was recorded (format 0, the
 same parameter and optimizer trees) and restores; a step of a newer format is refused with
-the version that can read it.
+the version that can read it. A step saved by a stop before its validation says so
+(``validation_due``): the resume validates it first.
 
 A run with ``optim.ema_decay > 0`` keeps the moving average of its parameters in every
 checkpoint (``ema_params``, format 2), and its best checkpoint records whether the average or
@@ -52,6 +53,7 @@ write 1, which older versions read. 1: the train state (``steps.TrainState``: st
 opt_state) with the format in the step's custom metadata; 0 (no format recorded): the same
 trees, written before the format was recorded."""
 FORMAT_KEY = "rma_jax_checkpoint_format"
+VALIDATION_DUE_KEY = "rma_jax_validation_due"
 EMA = "ema_params"
 """The moving average's entry in a checkpoint (``steps.TrainState.ema_params``)."""
 
@@ -149,14 +151,16 @@ def _tree(state: Any) -> Any:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: dict[str, Any] | None = None) -> None:
+         metrics: dict[str, Any] | None = None, validation_due: bool = False) -> None:
   """Saves ``step`` (asynchronously); raises ``CheckpointSaveError`` when this save, or an
-  earlier one still in the background, failed."""
+  earlier one still in the background, failed. ``validation_due``: a stop skipped the step's
+  validation; a resume from the step runs it first (the function ``validation_due``)."""
   tree = _tree(state)
   version = FORMAT if isinstance(tree, dict) and EMA in tree else 1
+  custom = {FORMAT_KEY: version, **({VALIDATION_DUE_KEY: True} if validation_due else {})}
   try:
     manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics,
-                 custom_metadata={FORMAT_KEY: version})
+                 custom_metadata=custom)
   except Exception as e:  # pylint: disable=broad-except  # TensorStore/Orbax/OS errors
     raise _save_error(manager, f"checkpoint saving at step {step}", e) from e
 
@@ -193,6 +197,12 @@ def checkpoint_format(manager: ocp.CheckpointManager, step: int) -> int:
         f"{step_path(manager, step)} is a checkpoint of format {version}, written by a newer "
         f"rma_jax; this one reads formats up to {FORMAT}: upgrade rma_jax to use it")
   return version
+
+
+def validation_due(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether ``step`` was saved with its validation skipped (``save``'s ``validation_due``)."""
+  custom = getattr(manager.metadata(step), "custom_metadata", None) or {}
+  return bool(custom.get(VALIDATION_DUE_KEY, False))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:

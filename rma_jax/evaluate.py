@@ -67,8 +67,8 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
                  batch_size: int, mesh: Mesh, num_workers: int = 2, prefetch: int = 2,
                  desc: str = "eval", stop: Any = None) -> dict[str, np.ndarray]:
   """Runs a jitted ``make_scores_fn`` over a whole split; ``stop`` (a
-  ``preemption.StopSignals``), when it is signalled, ends the pass between two batches
-  (the ``Preempted`` error it makes).
+  ``preemption.StopSignals``), when it is signalled, ends the pass before it starts or between
+  two batches (the ``Preempted`` error it makes).
 
   Returns host arrays over the real (unpadded) images, in split order: the model outputs
   (``scores``, ``theta``, ``features``, ... as produced) and ``labels`` (N, C),
@@ -90,14 +90,22 @@ def score_source(fn: Callable, variables: Any, source: Any, *, image_size: int,
 
   total = math.ceil(len(source) / batch_size)
   chunks: dict[str, list[np.ndarray]] = {}
-  batches = data_lib.device_put_batches(images_only(), sharding, prefetch)
+  put = data_lib.device_put_batches(images_only(), sharding, prefetch)
   # A bar on a terminal only (disable=None): in a log file it would be a line per update.
-  batches = tqdm.tqdm(batches, total=total, desc=desc, leave=False,
+  batches = tqdm.tqdm(put, total=total, desc=desc, leave=False,
                       disable=None if jax.process_index() == 0 else True)
-  for i, batch in enumerate(batches):
+
+  def stop_if_requested() -> None:
     if stop is not None and stop.requested:
+      # The worker processes and the batches in flight end now, not when the interpreter
+      # exits (the error's traceback keeps this frame alive).
+      put.close()
       raise stop.stopped(f"stopped during the evaluation ({desc}), before its report was "
                          "written")
+
+  stop_if_requested()  # a stopped run starts no pass (nor its worker processes)
+  for i, batch in enumerate(batches):
+    stop_if_requested()
     out = fn(variables, batch["image"])
     host = {k: parallel.to_host(v) for k, v in out.items()}
     m = meta.popleft()

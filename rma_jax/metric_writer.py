@@ -6,7 +6,9 @@ writer frames ``Event`` protos (``tensorboard.compat.proto``) as TFRecords with 
 ``tensorboard`` package's own ``RecordWriter``, the way ``torch.utils.tensorboard`` does, and
 writes them through ``etils.epath``, so the workdir may be a bucket. (``tensorboard``'s
 ``EventFileWriter`` is not used: it opens files with ``tf.io.gfile`` and so imports
-TensorFlow whenever it is installed.)
+TensorFlow whenever it is installed. tensorboardX was measured and not taken: it imports
+PyTorch where installed, and its gs:// writer re-uploads the whole file at each flush;
+docs/performance.md.)
 
     WORKDIR/events.out.tfevents.<time>.<host>.<pid>.<n>
 

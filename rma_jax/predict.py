@@ -20,6 +20,13 @@ folders (not searched), missing paths and empty folders. ``predictions.json`` is
 when a run stops half-way, for the images labelled so far; ``--mode=predict`` exits non-zero
 when no image at all was labelled. The images are resized to the single-view size
 (``config.data.crop_size``) and scored in fixed-size batches by one jitted function.
+
+The files are read, decoded and resized in ``config.data.num_workers`` worker processes
+(``rma_jax.data.pipeline.map_in_workers``, in file order; each also sends the image's size and
+the copy its picture is drawn on, so the main process decodes nothing), as training and
+evaluation read theirs; with one batch of files or fewer they are read in the main process,
+where a worker's start (seconds) would cost more than it saves. The results are the same
+either way.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from PIL import Image
 from rma_jax import paths as paths_lib
 from rma_jax import (build, context, evaluate, kernels, metrics, regions, trained, views,
                      visualize)
-from rma_jax.data import decode, preprocess
+from rma_jax.data import decode, pipeline, preprocess
 
 _DRAW_MAX_SIDE = 1024  # pictures of larger images are drawn on a downscaled copy
 
@@ -120,18 +127,47 @@ def _unique_png(out_dir: str, path: str, used: set[str]) -> str:
   return os.path.join(out_dir, name)
 
 
-def _picture(image: np.ndarray, boxes_px: np.ndarray, labels: Sequence[str]) -> Image.Image:
-  h, w = image.shape[:2]
-  scale = min(1.0, _DRAW_MAX_SIDE / max(h, w))
-  pil = Image.fromarray(image)
-  if scale < 1.0:
-    pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-  return visualize.draw_regions(pil, np.asarray(boxes_px) * scale, labels)
+def _draw_scale(width: int, height: int) -> float:
+  return min(1.0, _DRAW_MAX_SIDE / max(height, width))
 
 
-def predict_arrays(fn: Any, variables: Any, images: Sequence[np.ndarray], *, size: int,
+class _ReadImage:
+  """File index -> what labelling it needs (a Grain map function, pickled into the worker
+  processes): ``input`` (size, size, 3) uint8, the image as the model sees it
+  (``preprocess.eval_transform``); ``width``, ``height``; ``drawn``, the image its picture
+  shows, downscaled to at most ``_DRAW_MAX_SIDE`` where regions are drawn on it (``regions``)
+  and whole otherwise. ``error``: why the file cannot be read (instead of the rest)."""
+
+  def __init__(self, files: Sequence[str], size: int, max_pixels: int | None, regions: bool):
+    self.files, self.size, self.max_pixels, self.regions = list(files), size, max_pixels, \
+        regions
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    try:
+      # The size is read from the header and checked against max_pixels before decoding.
+      image = decode.decode_image(self.files[int(index)], max_pixels=self.max_pixels)
+    except decode.BadImageError as e:
+      return {"error": str(e)}
+    h, w = image.shape[:2]
+    drawn, scale = image, _draw_scale(w, h)
+    if self.regions and scale < 1.0:
+      drawn = np.asarray(Image.fromarray(image).resize(
+          (max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR))
+    return {"input": preprocess.eval_transform(image, self.size), "width": w, "height": h,
+            "drawn": drawn}
+
+
+def _picture(drawn: np.ndarray, width: int, height: int, boxes_px: np.ndarray,
+             labels: Sequence[str]) -> Image.Image:
+  """The regions of a ``width`` x ``height`` image drawn on ``drawn`` (``_ReadImage``'s)."""
+  return visualize.draw_regions(Image.fromarray(drawn),
+                                np.asarray(boxes_px) * _draw_scale(width, height), labels)
+
+
+def predict_arrays(fn: Any, variables: Any, inputs: Sequence[np.ndarray], *,
                    batch_size: int) -> dict[str, np.ndarray]:
-  """Scores decoded RGB uint8 images of any size with a jitted single-view function.
+  """Scores images resized for the model (``preprocess.eval_transform``: (size, size, 3)
+  uint8 each) with a jitted single-view function.
 
   Every batch is padded to ``batch_size`` so ``fn`` compiles once.
 
@@ -140,9 +176,9 @@ def predict_arrays(fn: Any, variables: Any, images: Sequence[np.ndarray], *, siz
     ``theta`` (n, K+1, 4) for RMA.
   """
   chunks: dict[str, list[np.ndarray]] = {}
-  for start in range(0, len(images), batch_size):
-    part = [preprocess.eval_transform(im, size) for im in images[start:start + batch_size]]
-    batch = np.zeros((batch_size, size, size, 3), np.uint8)
+  for start in range(0, len(inputs), batch_size):
+    part = inputs[start:start + batch_size]
+    batch = np.zeros((batch_size, *part[0].shape), np.uint8)
     batch[:len(part)] = np.stack(part)
     out = jax.device_get(fn(variables, batch))
     for k, v in out.items():
@@ -204,12 +240,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   variables = {"params": params}
   used: set[str] = set()
 
-  def label(paths: list[str], images: list[np.ndarray]) -> None:
-    out = predict_arrays(fn, variables, images, size=size, batch_size=batch_size)
+  def label(paths: list[str], images: list[dict[str, Any]]) -> None:
+    out = predict_arrays(fn, variables, [im["input"] for im in images], batch_size=batch_size)
     probs = metrics.score_transform(out["scores"], transform)
     predicted = metrics.predicted_labels(probs, k=top_k, threshold=config.eval.threshold)
     for i, (path, image) in enumerate(zip(paths, images)):
-      h, w = image.shape[:2]
+      w, h = image["width"], image["height"]
       order = np.argsort(-probs[i], kind="stable")[:top_k]
       entry = {
           "file": path, "width": int(w), "height": int(h),
@@ -231,11 +267,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
               "step": k + 1, "box": [float(v) for v in box], "top_class": names[c],
               "score": float(out["region_scores"][i, k, c]),
               "gave": [n for n in entry["predicted"] if entry["label_regions"][n] == k + 1]})
-        picture = _picture(image, boxes, [
+        picture = _picture(image["drawn"], w, h, boxes, [
             f"{r['step']}: " + (", ".join(r["gave"]) if r["gave"] else f"({r['top_class']})")
             for r in entry["regions"]])
       else:
-        picture = Image.fromarray(image)
+        picture = Image.fromarray(image["drawn"])
       png = _unique_png(out_dir, path, used)
       with paths_lib.path(png).open("wb") as f:
         picture.save(f, format="PNG")
@@ -249,23 +285,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
     variables = kernels.prepare_fn(config.model.conv_impl, trunk=config.model.trunk)(variables)
   for s in skipped:
     print(f"skipped {s['file']}: {s['reason']}")
+  # Stream: one batch of images is held here, and a few in flight from the workers.
+  read = pipeline.map_in_workers(
+      _ReadImage(files, size, max_pixels, regions=config.model.name == "rma"), len(files),
+      config.data.num_workers if len(files) > batch_size else 0)
   try:
-    # Stream: at most one batch of decoded images is held in memory.
     paths, images = [], []
-    for path in files:
-      try:
-        # The size is read from the header and checked against max_pixels before decoding.
-        images.append(decode.decode_image(path, max_pixels=max_pixels))
+    for path, image in zip(files, read):
+      if "error" in image:
+        skipped.append({"file": path, "reason": image["error"]})
+        print(f"skipped {path}: {image['error']}")
+      else:
+        images.append(image)
         paths.append(path)
-      except decode.BadImageError as e:
-        skipped.append({"file": path, "reason": str(e)})
-        print(f"skipped {path}: {e}")
       if len(images) == batch_size:
         label(paths, images)
         paths, images = [], []
     if images:
       label(paths, images)
   finally:
+    read.close()  # the worker processes
     paths_lib.path(os.path.join(out_dir, "predictions.json")).write_text(
         json.dumps(result, indent=2))
   logging.info("predict: %d images labelled, %d inputs skipped; wrote %s",

@@ -6,8 +6,9 @@ loop asks it after every step (``stop_at``); when a stop is due it saves that st
 the save, writes the metrics and raises ``Preempted``, which ``rma_jax.main`` turns into one
 line and the exit status schedulers read as "requeue" (``EXIT_STATUS``: 143 for SIGTERM, 130
 for SIGINT, 128 + the signal as a shell reports a killed process). Running the same command
-again resumes from that step exactly. Evaluation stops between batches and writes no report;
-the restart evaluates again.
+again resumes from that step exactly. A stop starts no validation pass: a step's validation
+it skips is run by the restart first. Evaluation stops before it starts or between batches
+and writes no report; the restart evaluates again.
 
 * **One process**: a handler of ours records SIGTERM and SIGINT.
 * **Several processes**: every host must save the same step. ``jax.distributed.initialize``

@@ -138,7 +138,31 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
     return means
 
+  def validate_and_select(step: int) -> None:
+    nonlocal best_val
+    clock.step_done(step)
+    started = time.monotonic()
+    sel = select_on_validation(validate, state, sources.val)
+    val, ema_val = sel["plain"], sel["ema"]
+    writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
+    if ema_val is not None:
+      writer.write_scalars(step, {f"val_ema/{k}": v for k, v in ema_val.items()})
+    improved = sel["val_loss"] < best_val
+    if improved:
+      best_val = sel["val_loss"]
+      checkpointing.save(best, step, state, sel["record"])
+    seconds = time.monotonic() - started
+    clock.validation_done(seconds, len(sources.val))
+    ema_words = "" if ema_val is None else (
+        f" (EMA: val loss {ema_val['loss']:.5f}, val mAP {ema_val['mAP']:.4f}; "
+        f"{'the EMA' if sel['ema_won'] else 'the plain parameters'} selected)")
+    logging.info("step %d: val loss %.5f, val mAP %.4f%s%s (%s)", step, val["loss"],
+                 val["mAP"], ", the best so far" if improved else "", ema_words,
+                 console.duration(seconds))
+
   try:
+    if resumed and checkpointing.validation_due(latest, start_step):
+      validate_and_select(start_step)  # the one a stop skipped (below)
     while step < plan.total_steps:
       batch = next(batches)
       if anchor_weight is None:
@@ -159,36 +183,22 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
         logging.info("%s", clock.progress_line(means["loss"]))
       else:
         clock.step_done(step)
-      if plan.validates_at(step):
+      # Asked on every process after every step (JAX's sync point), before the validation:
+      # a stopping run starts no validation pass (a preemption's grace is short); its
+      # checkpoint says the validation is due, and the restart runs it first.
+      stopping = stop is not None and stop.stop_at(step, latest)
+      if plan.validates_at(step) and not stopping:
         flush_metrics(step)
-        clock.step_done(step)
-        started = time.monotonic()
-        sel = select_on_validation(validate, state, sources.val)
-        val, ema_val = sel["plain"], sel["ema"]
-        writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
-        if ema_val is not None:
-          writer.write_scalars(step, {f"val_ema/{k}": v for k, v in ema_val.items()})
-        improved = sel["val_loss"] < best_val
-        if improved:
-          best_val = sel["val_loss"]
-          checkpointing.save(best, step, state, sel["record"])
-        seconds = time.monotonic() - started
-        clock.validation_done(seconds, len(sources.val))
-        ema_words = "" if ema_val is None else (
-            f" (EMA: val loss {ema_val['loss']:.5f}, val mAP {ema_val['mAP']:.4f}; "
-            f"{'the EMA' if sel['ema_won'] else 'the plain parameters'} selected)")
-        logging.info("step %d: val loss %.5f, val mAP %.4f%s%s (%s)", step, val["loss"],
-                     val["mAP"], ", the best so far" if improved else "", ema_words,
-                     console.duration(seconds))
-      if step % config.checkpoint_every_steps == 0 or step == plan.total_steps:
+        validate_and_select(step)
+      if not stopping and (step % config.checkpoint_every_steps == 0
+                           or step == plan.total_steps):
         flush_metrics(step)
         checkpointing.save(latest, step, state)
         writer.flush()  # TensorBoard shows what the checkpoint holds (on a bucket: a new file)
       checkpointing.check_saves(latest, best)  # a failed save stops the run at once
-      if stop is not None and stop.stop_at(step, latest):
+      if stopping:
         flush_metrics(step)
-        if latest.latest_step() != step:
-          checkpointing.save(latest, step, state)
+        checkpointing.save(latest, step, state, validation_due=plan.validates_at(step))
         checkpointing.wait(latest, best)
         writer.flush()
         raise stop.stopped(f"stopped after step {step} of {plan.total_steps}, saved in "
@@ -203,8 +213,11 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, ctx: context.Ru
     # another still waits for it at a checkpoint barrier.
     latest.close()
     best.close()
-  finally:  # what was logged reaches the event files (on a bucket: is uploaded)
-    writer.close()
+  finally:
+    # The worker processes and the batches in flight end with the stage, whichever way it
+    # ends (an error's traceback would keep the pipeline alive until the interpreter exits).
+    batches.close()
+    writer.close()  # what was logged reaches the event files (on a bucket: is uploaded)
   return result
 
 

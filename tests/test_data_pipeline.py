@@ -1,5 +1,9 @@
 """Preprocessing and the batch iterators: shapes, dtypes, ranges, crop/flip (train only),
-determinism and resume, process sharding, eval coverage and padding, device placement."""
+determinism and resume (in the main process and in Grain worker processes), process
+sharding, bad examples, eval coverage and padding, device placement, a worker killed mid-pass.
+
+Worker processes take seconds to start: one 2-worker pipeline (``resumed_in_workers``) serves
+every test that checks them, but the one that kills a worker (in a process of its own)."""
 
 import os
 import subprocess
@@ -14,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rma_jax.pixels import normalize
 from rma_jax.data import (BadExampleError, RecordSource, device_put_batches, eval_batches,
-                          eval_transform, train_batches, train_transform)
+                          epoch_permutation, eval_transform, train_batches, train_transform)
 from rma_jax.data.source import make_record
 
 N, CROP, C = 32, 24, 5
@@ -104,12 +108,13 @@ def _take(it, k):
 def test_train_batches_shapes_crops_flips_and_epochs():
   src = _source(22)
   it = train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP, seed=0,
-                     num_workers=2, process_index=0, process_count=1)
+                     process_index=0, process_count=1)
   batches = _take(it, 10)  # 5 steps per epoch (22 // 4); 2 examples dropped per epoch
   seen_flip = set()
   for b in batches:
     assert b["image"].shape == (4, CROP, CROP, 3) and b["image"].dtype == np.uint8
     assert b["labels"].shape == (4, C) and b["labels"].dtype == np.float32
+    assert set(b) == {"image", "labels", "mask"}
     assert set(np.unique(b["labels"])) <= {0.0, 1.0}
     np.testing.assert_array_equal(b["mask"], np.ones(4, np.float32))
     for img, lab in zip(b["image"], b["labels"]):
@@ -126,25 +131,88 @@ def test_train_batches_shapes_crops_flips_and_epochs():
   epoch0 = [int(v) for b in batches[:5] for v in b["image"][:, 0, 0, 2]]
   epoch1 = [int(v) for b in batches[5:] for v in b["image"][:, 0, 0, 2]]
   assert len(set(epoch0)) == 20 and len(set(epoch1)) == 20  # without replacement
-  assert epoch0 != epoch1  # reshuffled
+  # The project's order: epoch e's first 20 of permutation(seed, e), 4 per step.
+  assert epoch0 == epoch_permutation(0, 0, 22)[:20].tolist()
+  assert epoch1 == epoch_permutation(0, 1, 22)[:20].tolist()
   # Label-less images are kept.
   assert any(b["labels"][r].sum() == 0 for b in batches for r in range(4))
 
 
-def test_train_batches_deterministic_resumable_and_thread_independent():
+def test_per_example_augmentation_is_drawn_from_seed_epoch_and_index():
+  """Each row is train_transform of its image with the generator (seed, epoch, index)."""
   src = _source(22)
-  kw = dict(global_batch_size=4, image_size=N, crop_size=CROP, process_index=0,
-            process_count=1)
-  full = _take(train_batches(src, seed=7, num_workers=2, **kw), 9)
-  again = _take(train_batches(src, seed=7, num_workers=0, **kw), 9)
-  resumed = _take(train_batches(src, seed=7, start_step=4, num_workers=3, **kw), 5)
-  other = _take(train_batches(src, seed=8, num_workers=2, **kw), 9)
-  for a, b in zip(full, again):
-    np.testing.assert_array_equal(a["image"], b["image"])
-  for a, b in zip(full[4:], resumed):  # across the epoch boundary at step 5
+  batches = _take(train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP,
+                                seed=3, start_step=3, process_index=0, process_count=1), 4)
+  for step, b in enumerate(batches, 3):
+    epoch = step // 5
+    for img, i in zip(b["image"], epoch_permutation(3, epoch, 22)[step % 5 * 4:][:4]):
+      want = train_transform(_coord_image(i), np.random.default_rng([3, epoch, i]), N, CROP)
+      np.testing.assert_array_equal(img, want)
+
+
+BAD = (3, 7)
+KW = dict(global_batch_size=4, image_size=N, crop_size=CROP, process_index=0, process_count=1)
+
+
+def _mapped_blocks() -> set[str]:
+  """Names of the shared-memory blocks this process has mapped (Linux)."""
+  with open("/proc/self/maps") as f:
+    return {line.split("/dev/shm/")[1].strip() for line in f if "/dev/shm/rma" in line}
+
+
+@pytest.fixture(scope="module")
+def resumed_in_workers():
+  """Steps 4-9 (across the epoch boundary at 5) of seed 7 over a source with unreadable
+  examples, from 2 Grain worker processes, resumed at step 4 and kept, then 10 more steps
+  dropped as they come: the batches, the source's skipped examples after step 9, and the
+  shared-memory blocks this process mapped before and after the pipeline was closed."""
+  src = _source(22, bad=BAD)
+  it = train_batches(src, seed=7, start_step=4, num_workers=2, **KW)
+  batches = _take(it, 6)
+  skipped = sorted(src.skipped.at_read), src.skipped.count
+  for _ in range(10):
+    next(it)
+  mapped = _mapped_blocks() if os.path.exists("/proc/self/maps") else None
+  it.close()  # stops the workers
+  return dict(src=src, batches=batches, skipped=skipped, mapped=mapped,
+              mapped_after=_mapped_blocks() if mapped is not None else None)
+
+
+def test_train_batches_resumed_in_worker_processes_equal_an_uninterrupted_run(
+    resumed_in_workers):
+  resumed = resumed_in_workers["batches"]  # all held: no block was reused under them
+  full = _take(train_batches(_source(22, bad=BAD), seed=7, num_workers=0, **KW), 10)
+  other = _take(train_batches(_source(22, bad=BAD), seed=8, num_workers=0, **KW), 10)
+  for a, b in zip(full[4:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["labels"], b["labels"])
   assert any((a["image"] != b["image"]).any() for a, b in zip(full, other))
+
+
+def test_unreadable_examples_read_in_workers_are_replaced_and_counted(resumed_in_workers):
+  seen = [int(v) for b in resumed_in_workers["batches"] for v in b["image"][:, 0, 0, 2]]
+  # By hand: the examples drawn at steps 4-9; a bad one is replaced by the next index.
+  drawn = [int(i) for step in range(4, 10)
+           for i in epoch_permutation(7, step // 5, 22)[step % 5 * 4:][:4]]
+  assert seen == [i + 1 if i in BAD else i for i in drawn]
+  # Recorded in this process's source, though read in the workers.
+  at_read, count = resumed_in_workers["skipped"]
+  assert at_read == sorted(set(BAD) & set(drawn)) != []
+  assert count == len(set(BAD) & set(drawn))
+  with pytest.raises(BadExampleError):
+    resumed_in_workers["src"][3]
+
+
+def test_workers_reuse_their_shared_memory_blocks_and_remove_them(resumed_in_workers):
+  mapped = resumed_in_workers["mapped"]
+  if mapped is None:
+    pytest.skip("no /proc/self/maps")
+  # 16 batches came through at most 5 blocks per worker, reused (fresh blocks: 16): a batch
+  # being written, 2 in the worker's queue, 2 in Grain's buffer in this process.
+  assert 2 <= len(mapped) <= 10, mapped
+  # Closed: unmapped here, and unlinked by the workers as they ended.
+  assert not resumed_in_workers["mapped_after"] & mapped
+  assert not [n for n in mapped if os.path.exists(os.path.join("/dev/shm", n))]
 
 
 def test_train_batches_processes_read_disjoint_halves():
@@ -160,30 +228,21 @@ def test_train_batches_processes_read_disjoint_halves():
     next(train_batches(src, process_index=0, process_count=3, **kw))
 
 
-def test_train_batches_replace_unreadable_examples_and_count_them():
-  src = _source(12, bad=(3, 7))
-  it = train_batches(src, global_batch_size=4, image_size=N, crop_size=CROP, seed=0,
-                     num_workers=2, process_index=0, process_count=1)
-  seen = {int(v) for b in _take(it, 9) for v in b["image"][:, 0, 0, 2]}
-  assert not seen & {3, 7} and src.skipped.count == 2
-  assert sorted(src.skipped.at_read) == [3, 7]
-  with pytest.raises(BadExampleError):
-    src[3]
-
-
 # ------------------------------------------------------------------------------- eval batches
 
 def test_eval_batches_cover_every_example_once_with_padding():
   src = _source(11, bad=(5,))
-  batches = list(eval_batches(src, global_batch_size=4, image_size=N, num_workers=2,
-                              max_boxes=3, process_index=0, process_count=1))
+  # In a worker process (the second and last pipeline of this file that starts one).
+  batches = list(eval_batches(src, global_batch_size=4, image_size=N, max_boxes=3,
+                              num_workers=1, process_index=0, process_count=1))
   assert len(batches) == 3
   idx = np.concatenate([b["index"] for b in batches])
   mask = np.concatenate([b["mask"] for b in batches])
-  # Example 5 is unreadable: masked like padding (and counted); the last row is padding.
+  # Example 5 is unreadable: masked like padding (and counted here, though read in a
+  # worker); the last row is padding.
   np.testing.assert_array_equal(idx, [0, 1, 2, 3, 4, -1, 6, 7, 8, 9, 10, -1])
   np.testing.assert_array_equal(mask, (idx >= 0).astype(np.float32))
-  assert src.skipped.count == 1
+  assert src.skipped.count == 1 and list(src.skipped.at_read) == [5]
   for b in batches:
     assert b["image"].shape == (4, N, N, 3) and b["image"].dtype == np.uint8
     assert b["difficult"].dtype == bool and b["index"].dtype == np.int32
@@ -271,3 +330,41 @@ def test_random_flip_can_be_turned_off():
     np.testing.assert_array_equal(without, with_flip[:, ::-1] if flip else with_flip)
     flipped_any |= bool(flip)
   assert flipped_any
+
+
+def test_a_worker_killed_mid_pass_fails_the_pipeline_at_once():
+  """A worker process that dies while the pipeline runs (SIGKILL: the OOM killer's way) fails
+  it within seconds with Grain's error, which names the exit status, instead of a wait for
+  ever; the other worker is stopped. In a process of its own: the dead worker's batches in
+  flight are left to that process's resource tracker."""
+  code = textwrap.dedent("""
+      import time, psutil
+      from rma_jax.data import train_batches
+      from rma_jax.data.demo import make_demo_split
+      src = make_demo_split("train", 16, canvas_size=32)
+      it = train_batches(src, global_batch_size=4, image_size=32, crop_size=24, seed=0,
+                         num_workers=2)
+      next(it)
+      workers = [p for p in psutil.Process().children()
+                 if "spawn_main" in " ".join(p.cmdline())]
+      assert len(workers) == 2, workers
+      time.sleep(1)  # its buffers full: killed while it waits, not half-way through a block
+      workers[0].kill()
+      started = time.time()
+      try:
+        for _ in range(1000):
+          next(it)
+      except RuntimeError as e:
+        print(f"{time.time() - started:.1f}", e)
+      print(len(psutil.wait_procs(workers, timeout=30)[1]), "left")
+      """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  first, left = r.stdout.splitlines()
+  seconds, error = first.split(" ", 1)
+  assert float(seconds) < 10 and error.startswith(
+      "Worker process was terminated unexpectedly with exit code -9"), r.stdout
+  assert left == "0 left", r.stdout

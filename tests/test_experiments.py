@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 64; one step per stage.
 TINY = {
     "data.demo.canvas_size": 48, "data.image_size": 48, "data.crop_size": 32,
-    "eval.scales": (48,), "max_steps": 1, "data.num_workers": 1,
+    "eval.scales": (48,), "max_steps": 1, "data.num_workers": 0,
 }
 TINY_FLAGS = [f"--config.{k}={v}" for k, v in TINY.items()]
 
@@ -160,7 +160,7 @@ def demo_batch(stage1):
   base, _ = stage1
   sources = data_lib.get_sources(base.data, seed=0)
   batch = next(data_lib.train_batches(sources.train, global_batch_size=8, image_size=48,
-                                      crop_size=32, seed=0, num_workers=1))
+                                      crop_size=32, seed=0))
   return {k: batch[k] for k in ("image", "labels", "mask")}
 
 

@@ -76,8 +76,8 @@ steps.jit_train_step = jit_train_step
 
 _save = checkpointing.save
 
-def save(manager, step, state, metrics=None):
-  _save(manager, step, state, metrics)
+def save(manager, step, state, metrics=None, **kwargs):
+  _save(manager, step, state, metrics, **kwargs)
   copies = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
     for shard in leaf.addressable_shards:

@@ -1,6 +1,6 @@
 """predict.run on generated images of several sizes and modes, a corrupt file and an image over
-the pixel limit; the CLI on a named pipe, ignored files, a missing path and an empty folder;
-theta_to_pixel_boxes and draw_regions by hand."""
+the pixel limit, in the main process and in worker processes; the CLI on a named pipe, ignored
+files, a missing path and an empty folder; theta_to_pixel_boxes and draw_regions by hand."""
 
 import json
 import os
@@ -90,6 +90,8 @@ def run_dir(tmp_path_factory):
       "P").save(inputs / "e_palette.gif")
   (inputs / "f_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
   Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(root / "big.png")
+  # Wider than a picture is drawn (1,024 px), under max_pixels: drawn on a downscaled copy.
+  Image.fromarray(rng.integers(0, 256, (50, 1100, 3), dtype=np.uint8)).save(root / "wide.png")
   (inputs / "notes.txt").write_text("not an image; a folder listing skips it")
   return root
 
@@ -115,13 +117,14 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
 
   monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
   out_dir = str(tmp_path / "out")
-  inputs = [str(run_dir / "inputs"), str(run_dir / "big.png")]
+  inputs = [str(run_dir / "inputs"), str(run_dir / "big.png"), str(run_dir / "wide.png")]
   result = predict.run(config, wd, inputs, out_dir)
   monkeypatch.undo()
 
   assert result["checkpoint_step"] == 3
   names = [os.path.basename(e["file"]) for e in result["images"]]
-  assert names == ["a_rgb.jpg", "b_gray.png", "c_rgba.png", "d_cmyk.jpg", "e_palette.gif"]
+  assert names == ["a_rgb.jpg", "b_gray.png", "c_rgba.png", "d_cmyk.jpg", "e_palette.gif",
+                   "wide.png"]
   skipped = {os.path.basename(s["file"]): s["reason"] for s in result["skipped"]}
   assert set(skipped) == {"f_corrupt.jpg", "big.png", "notes.txt"}
   assert "f_corrupt.jpg" in skipped["f_corrupt.jpg"]
@@ -132,7 +135,7 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
   with open(os.path.join(out_dir, "predictions.json")) as f:
     assert json.load(f) == json.loads(json.dumps(result))
   sizes = {"a_rgb.jpg": (120, 90), "b_gray.png": (50, 70), "c_rgba.png": (64, 64),
-           "d_cmyk.jpg": (200, 40), "e_palette.gif": (47, 33)}
+           "d_cmyk.jpg": (200, 40), "e_palette.gif": (47, 33), "wide.png": (1100, 50)}
   for e in result["images"]:
     w, h = sizes[os.path.basename(e["file"])]
     assert (e["width"], e["height"]) == (w, h)
@@ -166,6 +169,26 @@ def test_predict_end_to_end(run_dir, monkeypatch, tmp_path):
         0, :, names.index(n)]))
   for r in e["regions"]:
     assert r["gave"] == [n for n in e["predicted"] if e["label_regions"][n] == r["step"]]
+  with Image.open(result["images"][-1]["picture"]) as pic:
+    # wide.png drawn on a 1,024 x 47 copy, whose short side draw_regions enlarges to 384.
+    assert pic.size == (round(1024 * 384 / 47), 384)
+
+  # The files read in 2 worker processes (8 files: more than one batch), as data.num_workers
+  # says: the same predictions and the same pictures, byte for byte.
+  config.data.num_workers = 2
+  workers = []
+  read = predict.pipeline.map_in_workers
+  monkeypatch.setattr(predict.pipeline, "map_in_workers",
+                      lambda fn, n, num_workers: workers.append(num_workers) or read(
+                          fn, n, num_workers))
+  again = predict.run(config, wd, inputs, str(tmp_path / "out_workers"))
+  assert workers == [2]
+  pictures = [(e.pop("picture"), f.pop("picture"))
+              for e, f in zip(result["images"], again["images"])]
+  assert again == result
+  for ours, theirs in pictures:
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+      assert a.read() == b.read(), ours
 
 
 def test_list_inputs_keeps_named_files_and_filters_folders(run_dir):

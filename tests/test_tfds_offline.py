@@ -1,8 +1,9 @@
 """The real TFDS path, offline: a tiny VOC 2007 written as the two real archives
 (VOCtrainval_06-Nov-2007.tar, VOCtest_06-Nov-2007.tar: VOCdevkit/VOC2007/...), prepared by
 TFDS's own ``voc/2007`` builder as TFRecord and as ArrayRecord, read back through
-``data.source=tfds`` and compared with the local reader on the same files; then a training
-run on the TFRecord copy and an evaluation of it on the ArrayRecord copy, through the CLI.
+``data.source=tfds`` and compared with the local reader on the same files, also in Grain
+worker processes; then a training run on the TFRecord copy and an evaluation of it on the
+ArrayRecord copy, through the CLI.
 
 Where TFDS refuses to run offline, and what the test does instead: the builder downloads its
 two archives and checks them against the checksums it ships (``url_checksums/voc.txt``).
@@ -14,6 +15,7 @@ under the names TFDS gives the registered checksums (``resource.get_dl_fname``),
 ``.INFO`` record a download leaves: TFDS then extracts and builds from them itself.
 """
 
+import itertools
 import json
 import os
 
@@ -24,7 +26,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from tensorflow_datasets.core.download import resource as tfds_resource  # noqa: E402
 
-from rma_jax.data import classes, tfds_source, voc  # noqa: E402
+from rma_jax.data import classes, tfds_source, train_batches, voc  # noqa: E402
 
 import data_trees as trees  # noqa: E402
 
@@ -107,6 +109,24 @@ def test_tfds_reads_what_the_local_reader_reads(prepared, fmt):
   local = voc.load_voc_split(prepared["local"], "trainval")
   assert any(local[i]["difficult"].any() for i in range(len(local)))
   assert any(local[i]["labels"].sum() > 1 for i in range(len(local)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tfds_sources_read_in_worker_processes(prepared, fmt):
+  """A TFDS source travels into Grain's worker processes (pickled with the map function that
+  holds it): 2 workers read the batches the main process reads, bitwise, across an epoch."""
+  source = tfds_source.load_tfds_split("voc2007", "trainval", data_dir=prepared["dirs"][fmt])
+  kw = dict(global_batch_size=4, image_size=32, crop_size=24, seed=3, process_index=0,
+            process_count=1)  # 12 images: 3 steps per epoch
+  want = list(itertools.islice(train_batches(source, num_workers=0, **kw), 4))
+  it = train_batches(source, num_workers=2, **kw)
+  got = list(itertools.islice(it, 4))
+  it.close()
+  assert len(got) == len(want) == 4
+  for a, b in zip(want, got):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.slow

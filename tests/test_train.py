@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 from typing import ClassVar
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from PIL import Image
+import psutil
 import pytest
 
 from benchmarks.timing import CompileCounter
@@ -1031,6 +1033,94 @@ def test_sigterm_saves_the_step_in_flight_and_the_restart_is_exact(finished_run,
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _dev_shm():
+  return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_sigterm_to_the_process_group_with_worker_processes_saves_and_leaves_nothing(
+    tmp_path, monkeypatch):
+  """SIGTERM to the whole process group (a scheduler's way, or Ctrl-C's), with 2 Grain worker
+  processes, as the training starts them: they survive it (a worker killed while it started
+  used to hang the run for ever), the step in flight is saved, the run starts no validation
+  though every step validates (8 training images: 1 step per epoch; its checkpoint says the
+  validation is due), exits 143 within 60 s and leaves no process, no /dev/shm entry and no
+  leaked-shared-memory warning. The restart runs the due validation first: the best
+  checkpoint is that step, with the loss the restart logs."""
+  wd = str(tmp_path / "run")
+  flags = ("--config.data.num_workers=2", "--config.data.demo.num_train=8",
+           "--config.eval_every_epochs=1", "--config.checkpoint_every_steps=1000")
+  shm_before = _dev_shm()
+  proc = subprocess.Popen(_cmd(wd, *flags), cwd=ROOT, env=_ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  run, seen, lines = psutil.Process(proc.pid), {}, []  # seen: pid -> (process, command line)
+  reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+  reader.start()
+  sent, deadline = None, time.time() + 300
+  try:
+    while proc.poll() is None and time.time() < deadline:
+      for child in run.children(recursive=True):  # every process of the run, while it runs
+        if child.pid not in seen:
+          try:
+            seen[child.pid] = (child, " ".join(child.cmdline()))
+          except psutil.Error:
+            pass
+      if sent is None and any("] Training 4 steps" in line for line in lines):
+        os.killpg(proc.pid, signal.SIGTERM)
+        sent, deadline = time.time(), time.time() + 60
+      time.sleep(0.05)
+  finally:
+    if proc.poll() is None:  # hung: nothing is left behind, and the test fails below
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  reader.join(30)  # the end of stderr: every process of the run has closed it
+  stderr = "".join(lines)
+  assert sent is not None and proc.returncode == 143, stderr[-3000:]  # else killed at 60 s
+  assert sum("spawn_main" in cmd for _, cmd in seen.values()) >= 2, seen  # the workers
+  assert not [p for p, _ in seen.values() if _alive(p)]
+  # New entries of another test's pipelines come and go; the run's would stay.
+  left = _dev_shm() - shm_before
+  for _ in range(100):
+    left &= _dev_shm()
+    if not left:
+      break
+    time.sleep(0.2)
+  assert not left
+  assert "leaked" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+
+  latest = checkpointing.latest_manager(wd)
+  saved = latest.all_steps()
+  assert len(saved) == 1 and 1 <= saved[0] < 4, saved
+  step = saved[0]
+  assert checkpointing.validation_due(latest, step)
+  assert "val loss" not in stderr and not checkpointing.best_manager(wd).all_steps()
+  assert stderr.strip().splitlines()[-1] == (
+      f"SIGTERM: stopped after step {step} of 4, saved in {latest.directory}. Run the same "
+      f"command to continue in {wd} (exit status 143: requeue the job)")
+
+  # The restart, in this process and up to that step only: the due validation alone.
+  writer = _RecordingWriter()
+  monkeypatch.setattr(metric_writer, "create_writer", lambda *a, **k: writer)
+  config = tiny_config(**{"data.demo.num_train": 8, "eval_every_epochs": 1,
+                          "checkpoint_every_steps": 1000, "max_steps": step})
+  assert train.train(config, wd)["best_step"] == step
+  best = checkpointing.best_manager(wd)
+  assert best.all_steps() == [step] and list(writer.scalars["val/loss"]) == [step]
+  assert best.metrics(step)["val_loss"] == pytest.approx(writer.scalars["val/loss"][step])
+
+
+def _alive(process, wait_s=10.0):
+  """Whether ``process`` still runs ``wait_s`` seconds on (a zombie is not running)."""
+  deadline = time.time() + wait_s
+  while time.time() < deadline:
+    try:
+      if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+        return False
+    except psutil.NoSuchProcess:
+      return False
+    time.sleep(0.1)
+  return True
 
 
 def test_sigint_is_recorded_once_and_a_second_one_interrupts_at_once():

@@ -40,6 +40,9 @@ def get_config(arg=None):
   c.data.demo.num_val = 200
   c.data.demo.num_test = 500
   c.data.demo.canvas_size = 96
+  # The canvases are in memory (nothing to decode, 96 px): starting worker processes, and
+  # pickling the data set into them, costs more than they save.
+  c.data.num_workers = 0
 
   c.model.width = 8
   # Identity-initialised equal-width convs: a width/8 VGG trained from scratch otherwise sits

@@ -1,7 +1,6 @@
 """The paper's preprocessing (docs/design.md §3): host-side geometry in numpy/Pillow, pixels on device.
 
-Geometry runs on the host per image (Pillow releases the GIL, so a thread pool decodes and
-resizes in parallel): training resizes to N x N ignoring the aspect ratio, takes a random
+Geometry runs on the host per image (in the input pipeline's worker processes): training resizes to N x N ignoring the aspect ratio, takes a random
 (N - 64) x (N - 64) crop and a random horizontal flip; evaluation resizes to ``size`` x
 ``size`` with no crop. Images stay uint8: the model normalises them to its pixel convention
 (``rma_jax.pixels``) inside the jitted step on the accelerator, so the host ships 4x fewer

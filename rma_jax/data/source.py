@@ -16,7 +16,9 @@ Every example is a dict of numpy values::
 
 Bad data is never silent: an example that cannot be read is recorded in ``source.skipped``
 (with the file, the reason and a short cause), logged as a warning, and ``source[i]`` raises
-:class:`BadExampleError`; the iterators catch it and report the count at the end of a pass.
+:class:`BadExampleError`. The batch iterators read with ``source.read(i)`` (which records
+nothing: it may run in a worker process), carry the failures back with the batch and record
+them in the main process's ``source.skipped``; the count is reported at the end of a pass.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ class SkipReport:
     self.at_read: dict[int, str] = {}
     self.notes: list[tuple[str, str]] = []
     self._logged = 0
+
+  def __getstate__(self) -> dict[str, Any]:
+    # Sources are pickled into the loader's worker processes; a lock is not picklable.
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def _log(self, message: str, *args) -> None:
     # Called with the lock held.
@@ -162,15 +172,19 @@ class Source(abc.ABC):
     """(N, C) bool labels if they are known without decoding, else None."""
     return None
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def read(self, index: int) -> dict[str, Any]:
+    """Example ``index`` (negative counts from the end); raises :class:`BadImageError` if its
+    image cannot be decoded, recording nothing (``source[i]`` records it)."""
     n = len(self)
     if not -n <= index < n:
       raise IndexError(f"{self.name}: index {index} out of range for {n} examples")
-    index %= n
+    return self._load(index % n)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
     try:
-      return self._load(index)
+      return self.read(index)
     except BadImageError as e:
-      self.skipped.add_read(index, str(e))
+      self.skipped.add_read(index % len(self), str(e))
       raise BadExampleError(str(e)) from e
 
   def __repr__(self) -> str:
