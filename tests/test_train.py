@@ -1126,6 +1126,17 @@ def _alive(process, wait_s=10.0):
 def test_sigint_is_recorded_once_and_a_second_one_interrupts_at_once():
   """Ctrl-C: the first SIGINT is recorded (the run stops after saving, exit status 130), the
   second raises KeyboardInterrupt at once; leaving restores the previous handler."""
+  # Python's own SIGINT handler, as in a terminal: a process started in the background by a
+  # shell without job control (`cmd &` in a script) inherits SIGINT ignored, and the second
+  # signal then goes to that (ignoring) handler.
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _sigint_twice()
+  finally:
+    signal.signal(signal.SIGINT, outer)
+
+
+def _sigint_twice():
   before = signal.getsignal(signal.SIGINT)
   with preemption.StopSignals() as stop:
     assert not stop.requested
